@@ -1,0 +1,112 @@
+"""Salt's session cipher ("Crypticle"): AES-192-CBC + HMAC-SHA256, with nonce and serial guards.
+
+Wire form: ``IV (16) || AES-CBC(PKCS#7(plaintext)) || HMAC-SHA256(hmac_key, IV || ciphertext)``.
+The plaintext is ``b"pickle::"`` + an optional 32-character nonce + msgpack(obj). Pure code.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import os
+from hashlib import sha256
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from hamaster.bus import codec
+
+PICKLE_PREFIX = b"pickle::"
+AES_KEY_SIZE = 24
+HMAC_KEY_SIZE = 32
+SIG_SIZE = 32
+NONCE_SIZE = 32
+
+
+class CrypticleError(ValueError):
+    """Ciphertext that fails authentication, padding, prefix or nonce checks."""
+
+
+def generate_key_string() -> str:
+    """A fresh key string: base64 of 24 AES bytes followed by 32 HMAC bytes."""
+    return base64.b64encode(os.urandom(AES_KEY_SIZE + HMAC_KEY_SIZE)).decode()
+
+
+class Crypticle:
+    """Encrypt/decrypt Salt session and publication payloads with one key string."""
+
+    __slots__ = ("key_string", "_aes_key", "_hmac_key")
+
+    def __init__(self, key_string: str | bytes) -> None:
+        if isinstance(key_string, bytes):
+            key_string = key_string.decode("ascii")
+        try:
+            raw = base64.b64decode(key_string, validate=True)
+        except (ValueError, TypeError) as exc:
+            raise CrypticleError("key string is not base64") from exc
+        if len(raw) != AES_KEY_SIZE + HMAC_KEY_SIZE:
+            raise CrypticleError(f"key string decodes to {len(raw)} bytes, expected 56")
+        self.key_string = key_string
+        self._aes_key = raw[:AES_KEY_SIZE]
+        self._hmac_key = raw[AES_KEY_SIZE:]
+
+    def encrypt(self, data: bytes, iv: bytes | None = None) -> bytes:
+        """Encrypt and authenticate ``data``; ``iv`` is for byte-exact tests only."""
+        iv = os.urandom(16) if iv is None else iv
+        pad = 16 - len(data) % 16
+        enc = Cipher(algorithms.AES(self._aes_key), modes.CBC(iv)).encryptor()
+        body = iv + enc.update(data + bytes([pad]) * pad) + enc.finalize()
+        return body + hmac.new(self._hmac_key, body, sha256).digest()
+
+    def decrypt(self, data: bytes) -> bytes:
+        """Check the HMAC (constant time) and padding, and return the plaintext."""
+        if len(data) < 16 + 16 + SIG_SIZE or (len(data) - SIG_SIZE) % 16:
+            raise CrypticleError("ciphertext has an impossible length")
+        body, mac = data[:-SIG_SIZE], data[-SIG_SIZE:]
+        if not hmac.compare_digest(hmac.new(self._hmac_key, body, sha256).digest(), mac):
+            raise CrypticleError("HMAC check failed (wrong key or tampered data)")
+        dec = Cipher(algorithms.AES(self._aes_key), modes.CBC(body[:16])).decryptor()
+        plain = dec.update(body[16:]) + dec.finalize()
+        pad = plain[-1]
+        if not 1 <= pad <= 16 or plain[-pad:] != bytes([pad]) * pad:
+            raise CrypticleError("bad padding")
+        return plain[:-pad]
+
+    def dumps(self, obj: Any, nonce: str | None = None, iv: bytes | None = None) -> bytes:
+        """Serialise and encrypt ``obj``, with ``nonce`` after the prefix when given."""
+        prefix = PICKLE_PREFIX + (nonce.encode("ascii") if nonce else b"")
+        return self.encrypt(prefix + codec.dumps(obj), iv=iv)
+
+    def loads(self, data: bytes, nonce: str | None = None) -> Any:
+        """Decrypt and deserialise; when ``nonce`` is given it must follow the prefix."""
+        plain = self.decrypt(codec.to_bytes(data))
+        if not plain.startswith(PICKLE_PREFIX):
+            raise CrypticleError("plaintext lacks the pickle:: prefix")
+        plain = plain[len(PICKLE_PREFIX) :]
+        if nonce is not None:
+            got = plain[:NONCE_SIZE]
+            if not hmac.compare_digest(got, nonce.encode("ascii")):
+                raise CrypticleError("nonce mismatch (replayed or misrouted reply)")
+            plain = plain[NONCE_SIZE:]
+        try:
+            return codec.loads(plain)
+        except codec.DecodeError as exc:
+            raise CrypticleError(str(exc)) from None
+
+
+class SerialGuard:
+    """Replay guard for publications: serials must increase, per publish key."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last: dict[str, int] = {}
+
+    def accept(self, key_string: str, serial: Any) -> bool:
+        """True if ``serial`` is newer than the last one seen under ``key_string``."""
+        if not isinstance(serial, int) or isinstance(serial, bool):
+            return False
+        if serial <= self._last.get(key_string, 0):
+            return False
+        self._last[key_string] = serial
+        return True

@@ -1,0 +1,1 @@
+"""The minion daemon: one connection per master, targeting, execution modules."""

@@ -1,0 +1,1 @@
+"""Minion key states and transitions, and the master keypair, kept on a store."""

@@ -1,0 +1,113 @@
+"""The shared-state contract every backend (fs, rsync, etcd) implements, and its change events.
+
+Keys are '/'-separated relative paths that mirror Salt's on-disk layout (``pki/master/minions/web1``,
+``jobs/<jid>/load``); values are bytes. Changes made by any process or master are delivered to
+``watch`` callbacks in batches. Backends keep working (and report ``healthy() is False``) when the
+storage behind them goes away; they never crash their watcher thread.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change seen under a watched prefix; ``value is None`` means the key was deleted."""
+
+    key: str
+    value: bytes | None
+
+
+class StoreError(Exception):
+    """A store operation failed."""
+
+
+class StoreUnavailable(StoreError):
+    """The backend is unreachable (I/O error, unmounted share, permission denied, no quorum)."""
+
+
+WatchCallback = Callable[[list[Change]], None]
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it is a valid store key, else raise ``ValueError``.
+
+    A key is a relative '/'-separated path: no leading '/', no empty, '.' or '..' segments,
+    no NUL byte.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"invalid store key {key!r}: must be a non-empty string")
+    if key.startswith("/"):
+        raise ValueError(f"invalid store key {key!r}: must not start with '/'")
+    if "\0" in key or "\\" in key:
+        raise ValueError(f"invalid store key {key!r}: must not contain NUL or backslash")
+    for seg in key.split("/"):
+        if seg in ("", ".", ".."):
+            raise ValueError(f"invalid store key {key!r}: empty, '.' or '..' path segment")
+    return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """Return a normalised prefix ('' for everything, else ``key`` without a trailing '/')."""
+    if prefix in ("", "/"):
+        return ""
+    return validate_key(prefix.rstrip("/"))
+
+
+class Store(ABC):
+    """Abstract shared key/value store with watches and a membership heartbeat."""
+
+    @abstractmethod
+    def get(self, key: str) -> bytes | None:
+        """Return the value of ``key`` or None if absent."""
+
+    @abstractmethod
+    def put(self, key: str, value: bytes) -> None:
+        """Store ``value`` at ``key``; readers see either the old or the new value, never a mix."""
+
+    @abstractmethod
+    def delete(self, key: str) -> bool:
+        """Delete ``key``; True if it existed."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Return all keys under ``prefix`` (recursive), sorted."""
+
+    @abstractmethod
+    def compare_and_put(self, key: str, expected: bytes | None, value: bytes | None) -> bool:
+        """Set ``key`` to ``value`` (None deletes) only if its current value is ``expected``.
+
+        ``expected is None`` means the key must be absent. Returns False if the precondition
+        failed (nothing written).
+        """
+
+    @abstractmethod
+    def watch(self, prefix: str, callback: WatchCallback) -> None:
+        """Register ``callback`` for batches of changes under ``prefix`` made by anyone."""
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start the background watcher (idempotent)."""
+
+    @abstractmethod
+    def poll_now(self) -> list[Change]:
+        """Run one watch pass synchronously, dispatch to callbacks, return the changes."""
+
+    @abstractmethod
+    def heartbeat(self, member_id: str, info: bytes, ttl: float) -> None:
+        """Announce ``member_id`` as alive for ``ttl`` seconds, with opaque ``info``."""
+
+    @abstractmethod
+    def members(self) -> dict[str, bytes]:
+        """Return live members (heartbeat younger than its ttl) → their info."""
+
+    @abstractmethod
+    def healthy(self) -> bool:
+        """True if the last operation or poll reached the backend."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the watcher and release resources."""
