@@ -62,6 +62,8 @@ def loads(data: bytes, *, max_size: int = MAX_FRAME) -> Any:
         return _decode_tree(obj)
     except TypeError as exc:  # e.g. an unhashable map key after decoding
         raise DecodeError(f"malformed msgpack: {exc}") from None
+    except RecursionError:  # msgpack allows ~1000 levels; _decode_tree recurses per level
+        raise DecodeError("malformed msgpack: nested too deeply") from None
 
 
 def to_bytes(value: Any) -> bytes:

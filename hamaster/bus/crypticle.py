@@ -38,9 +38,9 @@ class Crypticle:
     __slots__ = ("key_string", "_aes_key", "_hmac_key")
 
     def __init__(self, key_string: str | bytes) -> None:
-        if isinstance(key_string, bytes):
-            key_string = key_string.decode("ascii")
         try:
+            if isinstance(key_string, bytes):
+                key_string = key_string.decode("ascii")
             raw = base64.b64decode(key_string, validate=True)
         except (ValueError, TypeError) as exc:
             raise CrypticleError("key string is not base64") from exc

@@ -235,6 +235,7 @@ def auth_accepted_reply(
     enc_algo: str = crypto.DEFAULT_ENC_ALGO,
     sig_algo: str = crypto.DEFAULT_SIG_ALGO,
     aes_sig: bytes | None = None,
+    extra: dict | None = None,
 ) -> bytes:
     """The signed accepted reply: publish key, session key, X9.31 ``sig``, token round trip.
 
@@ -253,6 +254,8 @@ def auth_accepted_reply(
     inner["sig"] = aes_sig if aes_sig is not None else aes_key_signature(master_priv, aes_key)
     if nonce is not None:
         inner["nonce"] = nonce
+    if extra:
+        inner.update(extra)
     return _signed_clear(master_priv, inner, sig_algo)
 
 
@@ -369,9 +372,9 @@ def parse_auth_reply(
         load = env["load"]
         ret = load.get("ret") if isinstance(load, dict) else None
         raise AuthReplyError(f"unsigned auth reply: {ret!r}")
-    body = codec.to_bytes(env["load"])
-    sig = codec.to_bytes(env["sig"])
     try:
+        body = codec.to_bytes(env["load"])
+        sig = codec.to_bytes(env["sig"])
         inner = codec.loads(body)
     except codec.DecodeError as exc:
         raise AuthReplyError(f"undecodable signed auth load: {exc}") from None
@@ -382,6 +385,12 @@ def parse_auth_reply(
         verify_text = pinned_master_pub
     elif isinstance(offered, str):
         verify_text = offered
+    elif "ret" in inner and "aes" not in inner:
+        # First contact and not accepted: there is no key to check the signature with yet,
+        # and a pending/rejected status grants nothing, so it is taken at face value.
+        if inner.get("nonce") != nonce:
+            raise AuthReplyError("auth reply nonce does not match ours (replayed reply?)")
+        return AuthResult(status="pending" if inner["ret"] is True else "rejected")
     else:
         raise AuthReplyError("no master key to verify the auth reply with")
     if master_finger and crypto.pem_fingerprint(verify_text) != master_finger.lower():
@@ -495,16 +504,20 @@ def parse_pillar_reply(
         raise BadLoadReply(env)
     if not isinstance(env, dict) or "key" not in env or "pillar" not in env:
         raise AuthReplyError("pillar reply is not {key, pillar}")
-    outer_key = codec.to_bytes(env["key"])
     try:
+        outer_key = codec.to_bytes(env["key"])
         key_str = crypto.oaep_decrypt(minion_priv, outer_key, enc_algo).decode()
         sealed = Crypticle(key_str).loads(codec.to_bytes(env["pillar"]))
-    except (crypto.CryptoError, CrypticleError, UnicodeDecodeError) as exc:
+    except (crypto.CryptoError, CrypticleError, codec.DecodeError, UnicodeDecodeError) as exc:
         raise AuthReplyError(f"cannot open pillar reply: {exc}") from None
     if not isinstance(sealed, dict) or "data" not in sealed or "sig" not in sealed:
         raise AuthReplyError("pillar payload lacks data/sig")
-    data = codec.to_bytes(sealed["data"])
-    if not crypto.verify(master_pub, data, codec.to_bytes(sealed["sig"]), sig_algo):
+    try:
+        data = codec.to_bytes(sealed["data"])
+        pillar_sig = codec.to_bytes(sealed["sig"])
+    except codec.DecodeError as exc:
+        raise AuthReplyError(f"pillar payload malformed: {exc}") from None
+    if not crypto.verify(master_pub, data, pillar_sig, sig_algo):
         raise AuthReplyError("pillar signature does not verify with the master key")
     inner = codec.loads(data)
     if not isinstance(inner, dict) or inner.get("nonce") != nonce:
@@ -532,12 +545,15 @@ def open_publication(frame: bytes, pub_cipher: Crypticle, master_pub: rsa.RSAPub
         raise PublicationError(str(exc)) from None
     if not isinstance(env, dict) or env.get("enc") != "aes" or "load" not in env:
         raise PublicationError("not an aes publication")
-    load = codec.to_bytes(env["load"])
-    if "sig" in env:
-        if not crypto.verify(master_pub, load, codec.to_bytes(env["sig"]), str(env.get("sig_algo", crypto.DEFAULT_SIG_ALGO))):
-            raise PublicationError("publication signature does not verify with the master key")
-    else:
+    if "sig" not in env:
         raise PublicationError("unsigned publication")
+    try:
+        load = codec.to_bytes(env["load"])
+        sig = codec.to_bytes(env["sig"])
+    except codec.DecodeError as exc:
+        raise PublicationError(str(exc)) from None
+    if not crypto.verify(master_pub, load, sig, str(env.get("sig_algo", crypto.DEFAULT_SIG_ALGO))):
+        raise PublicationError("publication signature does not verify with the master key")
     inner = pub_cipher.loads(load)
     if not isinstance(inner, dict):
         raise PublicationError("publication load is not a map")

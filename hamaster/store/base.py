@@ -76,6 +76,11 @@ class Store(ABC):
     def list(self, prefix: str) -> list[str]:
         """Return all keys under ``prefix`` (recursive), sorted."""
 
+    def delete_tree(self, prefix: str) -> int:
+        """Delete every key under ``prefix``; returns how many. Backends may do it faster."""
+        keys = self.list(prefix)
+        return sum(1 for key in keys if self.delete(key))
+
     @abstractmethod
     def compare_and_put(self, key: str, expected: bytes | None, value: bytes | None) -> bool:
         """Set ``key`` to ``value`` (None deletes) only if its current value is ``expected``.

@@ -1,0 +1,90 @@
+"""``hamaster-minion``: run a minion (or a swarm of minion identities in one process)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import logging
+import os
+import signal
+
+from hamaster.cli.common import add_config_args, die
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used for ``--help``)."""
+    p = argparse.ArgumentParser(
+        prog="hamaster-minion",
+        description="Run a hamaster minion. It connects to every master in its `master:` list at "
+        "once and runs the jobs any of them publishes.",
+        epilog="Examples:\n  hamaster-minion -c /etc/hamaster\n"
+        "  hamaster-minion -c /tmp/swarm --swarm 1000 --swarm-prefix load-   # bench/test only",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_args(p)
+    p.add_argument("--swarm", type=int, default=0, metavar="N",
+                   help="run N minion identities in this process (each with its own keys and connections)")
+    p.add_argument("--swarm-prefix", default=None, help="id prefix for swarm identities (default: <id>-)")
+    return p
+
+
+async def _serve(opts: dict, swarm: int, prefix: str | None) -> None:
+    import zmq.asyncio
+
+    from hamaster.minion.daemon import Minion
+    from hamaster.minion.grains_core import collect_grains
+    from hamaster.minion.identity import MinionIdentity, resolve_minion_id
+    from hamaster.minion.modules.registry import FunctionRegistry
+
+    ctx = zmq.asyncio.Context()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=int(opts.get("worker_threads_minion", 32)), thread_name_prefix="job")
+    registry = FunctionRegistry()
+    base_id = resolve_minion_id(opts)
+    minions: list[Minion] = []
+    if swarm > 0:
+        pfx = prefix if prefix is not None else f"{base_id}-"
+        base_grains = collect_grains(dict(opts, id=base_id))
+        for i in range(swarm):
+            mid = f"{pfx}{i:05d}"
+            ident = MinionIdentity(opts, mid, os.path.join(opts["pki_dir"], "swarm", mid))
+            minions.append(Minion(opts, ident, ctx, pool, registry, dict(base_grains)))
+    else:
+        ident = MinionIdentity(opts, base_id)
+        minions.append(Minion(opts, ident, ctx, pool, registry))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    for m in minions:
+        m.start()
+    log.info("minion %s started (%d identities, masters %s)", base_id, len(minions), opts.get("master_list"))
+    await stop.wait()
+    await asyncio.gather(*(m.stop() for m in minions), return_exceptions=True)
+    pool.shutdown(wait=False, cancel_futures=True)
+    ctx.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    args = build_parser().parse_args(argv)
+    from hamaster.config import ConfigError, load_minion_config, setup_logging
+
+    try:
+        opts = load_minion_config(args.config_dir)
+        setup_logging(opts, args.log_level)
+    except ConfigError as exc:
+        return die(str(exc))
+    swarm = args.swarm or int(opts.get("swarm_count") or 0)
+    try:
+        asyncio.run(_serve(opts, swarm, args.swarm_prefix))
+    except Exception as exc:  # noqa: BLE001
+        log.exception("minion failed")
+        return die(f"minion failed: {exc}", 1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

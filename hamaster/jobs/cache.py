@@ -1,0 +1,141 @@
+"""The job cache: each job's load and every minion's return, kept on a store under ``jobs/``.
+
+Layout: ``jobs/<jid>/load`` and ``jobs/<jid>/returns/<minion_id>``, values msgpack. On a shared
+store any master can answer ``jobs.lookup_jid`` for a job published by another.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from typing import Any
+
+import msgpack
+
+from hamaster.jobs.jid import is_jid, jid_to_time
+from hamaster.store.base import Store
+
+log = logging.getLogger(__name__)
+
+JOBS_PREFIX = "jobs"
+#: Single-master job cache directory, relative to ``cachedir``.
+JOBS_STORE_DIRNAME = "jobs_store"
+
+
+def _check_jid(jid: str) -> str:
+    if not is_jid(jid):
+        raise ValueError(f"invalid jid {jid!r}: expected 20 digits YYYYMMDDhhmmssffffff")
+    return jid
+
+
+def _check_minion(mid: str) -> str:
+    # Same rule as hamaster.pki_sync.keys.valid_minion_id (jobs must not import pki_sync).
+    if (not isinstance(mid, str) or not 0 < len(mid) <= 255 or mid.startswith(".")
+            or any(bad in mid for bad in ("/", "\\", "\0", ".."))):
+        raise ValueError(f"invalid minion id {mid!r}: must be 1-255 chars without '/', "
+                         "'\\', '..', NUL and not start with '.'")
+    return mid
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(raw: bytes, what: str) -> Any:
+    try:
+        return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        log.warning("job cache: %s is not valid msgpack (%s); ignoring it", what, exc)
+        return None
+
+
+class JobCache:
+    """Job loads and returns on a :class:`Store`."""
+
+    def __init__(self, store: Store, prefix: str = JOBS_PREFIX):
+        """Use ``store`` with keys under ``prefix`` (default ``jobs``)."""
+        self.store = store
+        self.prefix = prefix.strip("/")
+
+    def _load_key(self, jid: str) -> str:
+        return f"{self.prefix}/{_check_jid(jid)}/load"
+
+    def _ret_key(self, jid: str, mid: str) -> str:
+        return f"{self.prefix}/{_check_jid(jid)}/returns/{_check_minion(mid)}"
+
+    def save_load(self, jid: str, load: dict[str, Any]) -> None:
+        """Record the job's load (fun, arg, tgt, tgt_type, user, minions …)."""
+        self.store.put(self._load_key(jid), _pack(load))
+
+    def save_return(self, jid: str, minion_id: str, ret: dict[str, Any]) -> None:
+        """Record one minion's return for ``jid`` (a later return replaces an earlier one)."""
+        self.store.put(self._ret_key(jid, minion_id), _pack(ret))
+
+    def save_returns(self, items: list[tuple[str, str, dict[str, Any]]]) -> None:
+        """Record a batch of ``(jid, minion_id, ret)`` returns."""
+        for jid, mid, ret in items:
+            self.save_return(jid, mid, ret)
+
+    def get_load(self, jid: str) -> dict[str, Any] | None:
+        """The job's load, or None if unknown."""
+        key = self._load_key(jid)
+        raw = self.store.get(key)
+        return None if raw is None else _unpack(raw, key)
+
+    def get_returns(self, jid: str) -> dict[str, dict[str, Any]]:
+        """Minion id → return for ``jid``."""
+        base = f"{self.prefix}/{_check_jid(jid)}/returns"
+        out: dict[str, dict[str, Any]] = {}
+        for key in self.store.list(base):
+            mid = key[len(base) + 1:]
+            raw = self.store.get(key)
+            if raw is None or "/" in mid:
+                continue
+            ret = _unpack(raw, key)
+            if ret is not None:
+                out[mid] = ret
+        return out
+
+    def list_jids(self) -> list[str]:
+        """All jids with a load or a return, sorted."""
+        jids = {k[len(self.prefix) + 1:].split("/", 1)[0] for k in self.store.list(self.prefix)}
+        return sorted(j for j in jids if is_jid(j))
+
+    def list_jobs(self) -> dict[str, dict[str, Any]]:
+        """jid → summary like Salt's ``jobs.list_jobs`` (Function, Arguments, Target …)."""
+        out: dict[str, dict[str, Any]] = {}
+        for jid in self.list_jids():
+            load = self.get_load(jid)
+            if not isinstance(load, dict):
+                continue
+            out[jid] = {
+                "Function": load.get("fun", "unknown-function"),
+                "Arguments": list(load.get("arg", [])),
+                "Target": load.get("tgt", "unknown-target"),
+                "Target-type": load.get("tgt_type", "glob"),
+                "User": load.get("user", "root"),
+                "StartTime": jid_to_time(jid).strftime("%Y, %b %d %H:%M:%S.%f"),
+            }
+        return out
+
+    def clean_old(self, keep_hours: float) -> int:
+        """Delete jobs whose jid is older than ``keep_hours``; returns how many jobs."""
+        cutoff = datetime.datetime.now() - datetime.timedelta(hours=keep_hours)
+        removed = 0
+        for jid in self.list_jids():
+            if jid_to_time(jid) < cutoff:
+                self.store.delete_tree(f"{self.prefix}/{jid}")
+                removed += 1
+        if removed:
+            log.info("job cache: removed %d jobs older than %s hours", removed, keep_hours)
+        return removed
+
+
+def open_job_cache(opts: dict[str, Any]) -> JobCache:
+    """Single-master job cache: an FsStore at ``<cachedir>/jobs_store`` (keys ``jobs/<jid>/…``)."""
+    from hamaster.store.fs import FsStore
+
+    store = FsStore(os.path.join(opts["cachedir"], JOBS_STORE_DIRNAME),
+                    poll_interval=opts.get("ha_poll_interval", 0.5))
+    return JobCache(store)

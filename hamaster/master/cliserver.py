@@ -1,0 +1,154 @@
+"""Serves the local CLIs (``hamaster``, ``hamaster-run``) on a Unix socket in ``sock_dir``.
+
+Who may connect is decided by file permissions: the directory is 0700 and the socket 0600.
+Requests: ``{"cmd": "publish", ...}`` streams the job's returns as they arrive, then a final
+``{"done": True, "missing": [...]}``; ``{"cmd": "runner", "fun", "arg"}`` answers once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+import time
+from typing import TYPE_CHECKING, Any
+
+from hamaster.localapi import MAX_LOCAL_FRAME, pack, socket_path, unpack_body
+
+if TYPE_CHECKING:
+    from hamaster.master.daemon import Master
+
+log = logging.getLogger(__name__)
+
+
+class CliServer:
+    """The asyncio Unix-socket server for local clients."""
+
+    def __init__(self, master: Master) -> None:
+        self.master = master
+        self.path = socket_path(master.opts["sock_dir"])
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        """Create the socket with safe permissions and start serving."""
+        sock_dir = os.path.dirname(self.path)
+        os.makedirs(sock_dir, mode=0o700, exist_ok=True)
+        os.chmod(sock_dir, 0o700)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o177)
+        try:
+            self.server = await asyncio.start_unix_server(self._client, path=self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        """Stop serving and remove the socket."""
+        if self.server is not None:
+            self.server.close()
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), timeout=2)
+            except TimeoutError:
+                pass
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    async def _read(self, reader: asyncio.StreamReader) -> Any:
+        hdr = await reader.readexactly(4)
+        (size,) = struct.unpack(">I", hdr)
+        if size > MAX_LOCAL_FRAME:
+            raise ValueError("oversized frame")
+        return unpack_body(await reader.readexactly(size))
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    req = await self._read(reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                if not isinstance(req, dict):
+                    writer.write(pack({"error": "request must be a map"}))
+                    await writer.drain()
+                    continue
+                cmd = req.get("cmd")
+                if cmd == "publish":
+                    await self._publish(req, writer)
+                elif cmd == "runner":
+                    await self._runner(req, writer)
+                else:
+                    writer.write(pack({"error": f"unknown local command {cmd!r}"}))
+                    await writer.drain()
+        except Exception:
+            log.exception("local client failed")
+        finally:
+            writer.close()
+
+    async def _publish(self, req: dict, writer: asyncio.StreamWriter) -> None:
+        m = self.master
+        arg = req.get("arg") or []
+        if not isinstance(arg, list) or not isinstance(req.get("fun"), str):
+            writer.write(pack({"error": "publish needs fun (str) and arg (list)"}))
+            await writer.drain()
+            return
+        wait = bool(req.get("wait", True))
+        timeout = float(req.get("timeout") or m.opts.get("timeout", 5))
+        jid_hint = req.get("jid") or None
+        q = None
+        pub = m.publish(
+            req.get("tgt", "*"),
+            req["fun"],
+            arg,
+            tgt_type=req.get("tgt_type", "glob"),
+            ret=req.get("ret", ""),
+            user=req.get("user", "root"),
+            jid=jid_hint,
+        )
+        if pub.get("jid") and wait:
+            q = m.tracker.subscribe(pub["jid"])
+        writer.write(pack(pub))
+        await writer.drain()
+        if q is None:
+            return
+        jid = pub["jid"]
+        expected = set(pub["minions"])
+        seen: set[str] = set()
+        deadline = time.monotonic() + timeout
+        try:
+            while expected - seen:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    mid, ret = await asyncio.wait_for(q.get(), timeout=left)
+                except TimeoutError:
+                    break
+                if mid in seen:
+                    continue
+                seen.add(mid)
+                writer.write(pack({"ret": {mid: ret}}))
+                await writer.drain()
+        finally:
+            m.tracker.unsubscribe(jid, q)
+        writer.write(pack({"done": True, "jid": jid, "missing": sorted(expected - seen)}))
+        await writer.drain()
+
+    async def _runner(self, req: dict, writer: asyncio.StreamWriter) -> None:
+        from hamaster.master.runners import RunnerError, run_runner
+
+        try:
+            result = await run_runner(self.master, str(req.get("fun")), list(req.get("arg") or []), dict(req.get("kwarg") or {}))
+            reply = {"return": result}
+        except RunnerError as exc:
+            reply = {"error": str(exc)}
+        except Exception as exc:
+            log.exception("runner %s failed", req.get("fun"))
+            reply = {"error": f"runner failed: {exc}"}
+        writer.write(pack(reply))
+        await writer.drain()

@@ -1,0 +1,367 @@
+"""The master daemon: binds the ZeroMQ sockets and the CLI socket, and wires the parts together.
+
+``Master.run()`` serves until ``stop()``: the ROUTER socket (``ret_port``) goes through
+:class:`~hamaster.master.reqhandler.RequestHandler`; publications go out on the PUB socket
+(``publish_port``); the CLI talks over :mod:`hamaster.master.cliserver`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from hamaster import __version__, crypto
+from hamaster.bus import codec, messages
+from hamaster.jobs.cache import open_job_cache
+from hamaster.jobs.jid import gen_jid
+from hamaster.master.jobs import JobTracker, JobWriter
+from hamaster.master.pubkey import PublishKey
+from hamaster.master.reqhandler import RequestHandler
+from hamaster.metrics import MasterMetrics
+from hamaster.minion.matcher import check_minions
+from hamaster.pki_sync.keys import KeyRegistry, KeyState, load_or_create_master_keypair, open_key_registry
+
+log = logging.getLogger(__name__)
+
+CONNECTED_WINDOW = 30.0
+MAX_REQUEST_FRAME = 64 * 1024 * 1024
+
+
+class Master:
+    """One hamaster master process."""
+
+    def __init__(self, opts: dict, keys: KeyRegistry | None = None) -> None:
+        self.opts = opts
+        self.master_id = opts.get("master_id") or socket.gethostname()
+        self.metrics = MasterMetrics(self.master_id)
+        self.keys = keys or open_key_registry(opts)
+        priv_pem, pub_pem = load_or_create_master_keypair(
+            self.keys.store, self.keys.prefix, int(opts.get("keysize", 2048))
+        )
+        self.master_priv = crypto.load_private_key(priv_pem)
+        self.master_pub_text = crypto.normalize_pem(pub_pem)
+        self.publish_key = PublishKey(self.master_priv)
+        self.job_cache = open_job_cache(opts)
+        self.job_writer = JobWriter(self.job_cache)
+        self.tracker = JobTracker()
+        self.grains: dict[str, dict] = {}
+        self.handler = RequestHandler(
+            opts,
+            self.keys,
+            self.master_priv,
+            self.master_pub_text,
+            self.publish_key,
+            self.metrics,
+            self._commands(),
+        )
+        self.handler.pillar_provider = self._pillar
+        self.keys.on_change(self._on_key_change)
+        self.ctx: zmq.asyncio.Context | None = None
+        self.pub_sock: zmq.asyncio.Socket | None = None
+        self.router: zmq.asyncio.Socket | None = None
+        self._stop = asyncio.Event()
+        self.started_at = time.time()
+        self.ready = asyncio.Event()
+        self._load_grains_cache()
+
+    # -- wiring ---------------------------------------------------------------------------------
+
+    def _commands(self) -> dict[str, Any]:
+        return {
+            "_return": self._on_return,
+            "_syndic_return": lambda load: None,
+            "_minion_event": self._on_minion_event,
+            "_mine": lambda load: True,
+            "_mine_get": lambda load: {},
+            "_mine_delete": lambda load: True,
+            "_mine_flush": lambda load: True,
+            "_register_resources": lambda load: True,
+            "_master_tops": lambda load: {},
+            "_ext_nodes": lambda load: {},
+            "_master_opts": lambda load: {"file_roots": self.opts.get("file_roots", {})},
+            "_file_list": lambda load: [],
+            "_file_list_emptydirs": lambda load: [],
+            "_dir_list": lambda load: [],
+            "_symlink_list": lambda load: {},
+            "_file_hash": lambda load: "",
+            "_file_hash_and_stat": lambda load: ("", None),
+            "_file_find": lambda load: {},
+            "_file_envs": lambda load: list(self.opts.get("file_roots", {"base": []})),
+            "_serve_file": lambda load: {"data": "", "dest": ""},
+            "_hamaster_ping": self._on_ping,
+        }
+
+    def _on_key_change(self, mid: str, old: KeyState | None, new: KeyState | None) -> None:
+        if old is KeyState.ACCEPTED and new is not KeyState.ACCEPTED:
+            self.handler.forget(mid)
+            if self.opts.get("rotate_aes_key", True):
+                self.publish_key.rotate(f"key of {mid} left the accepted state ({new.value if new else 'deleted'})")
+        self._update_key_metrics()
+
+    def _update_key_metrics(self) -> None:
+        try:
+            for state, ids in self.keys.list_keys().items():
+                self.metrics.keys.labels(self.master_id, state.value).set(len(ids))
+        except Exception:  # metrics never break the master
+            log.debug("key metrics update failed", exc_info=True)
+
+    # -- grains cache ---------------------------------------------------------------------------
+
+    def _grains_path(self) -> str:
+        return os.path.join(self.opts["cachedir"], "minions")
+
+    def _load_grains_cache(self) -> None:
+        base = self._grains_path()
+        try:
+            names = os.listdir(base)
+        except OSError:
+            return
+        for mid in names:
+            try:
+                with open(os.path.join(base, mid, "grains"), "rb") as fh:
+                    data = codec.loads(fh.read())
+                if isinstance(data, dict):
+                    self.grains[mid] = data
+            except (OSError, codec.DecodeError):
+                continue
+
+    def _save_grains(self, mid: str, grains: dict) -> None:
+        path = os.path.join(self._grains_path(), mid, "grains")
+        try:
+            crypto.write_secret_file(path, codec.dumps(grains))
+        except OSError as exc:
+            log.warning("cannot cache grains of %s: %s", mid, exc)
+
+    def _pillar(self, mid: str, load: dict) -> dict:
+        grains = load.get("grains")
+        if isinstance(grains, dict):
+            if self.grains.get(mid) != grains:
+                self.grains[mid] = grains
+                self._save_grains(mid, grains)
+        return {}
+
+    # -- request commands -------------------------------------------------------------------------
+
+    def _on_return(self, load: dict) -> None:
+        jid = load.get("jid")
+        mid = load["id"]
+        if not isinstance(jid, str) or not (jid.isdigit() and len(jid) == 20):
+            if jid != "req":
+                log.warning("return from %s with invalid jid %r dropped", mid, jid)
+                self.metrics.reject("bad_jid")
+            return None
+        ret = {
+            "return": load.get("return"),
+            "retcode": load.get("retcode", 0),
+            "success": load.get("success", True),
+            "fun": load.get("fun"),
+            "fun_args": load.get("fun_args", []),
+            "jid": jid,
+            "id": mid,
+            "master_id": load.get("master_id") or self.master_id,
+            "received_by": self.master_id,
+        }
+        if "out" in load:
+            ret["out"] = load["out"]
+        self.metrics.returns_received.labels(self.master_id).inc()
+        latency = self.tracker.add_return(jid, mid, ret)
+        if latency is not None:
+            self.metrics.return_latency.labels(self.master_id).observe(latency)
+        self.job_writer.put_return(jid, mid, ret)
+        return None
+
+    def _on_minion_event(self, load: dict) -> None:
+        tag = load.get("tag")
+        if tag:
+            log.debug("event %s from %s", tag, load.get("id"))
+        return None
+
+    def _on_ping(self, load: dict) -> dict:
+        sess = self.handler.sessions.get(load["id"])
+        if sess is not None:
+            sess.hamaster = True
+        return {"master_id": self.master_id, "version": __version__, "aes_generation": self.publish_key.generation}
+
+    # -- publishing ---------------------------------------------------------------------------------
+
+    def resolve_targets(self, tgt: Any, tgt_type: str) -> list[str]:
+        """Accepted minions matching the target, judged on cached grains."""
+        return check_minions(tgt, tgt_type, self.keys.accepted_ids(), self.grains.get)
+
+    def publish(
+        self,
+        tgt: Any,
+        fun: str,
+        arg: list,
+        tgt_type: str = "glob",
+        ret: str = "",
+        user: str = "root",
+        jid: str | None = None,
+        extra: dict | None = None,
+    ) -> dict:
+        """Publish a job; returns ``{"jid", "minions"}`` or ``{"jid": None, "error"}``."""
+        try:
+            minions = self.resolve_targets(tgt, tgt_type)
+        except ValueError as exc:
+            return {"jid": None, "minions": [], "error": f"invalid target: {exc}"}
+        if not minions:
+            return {"jid": None, "minions": [], "error": "No minions matched the target. No command was sent, no jid was assigned."}
+        jid = jid or gen_jid()
+        inner: dict[str, Any] = {
+            "fun": fun,
+            "arg": list(arg),
+            "tgt": tgt,
+            "jid": jid,
+            "ret": ret,
+            "tgt_type": tgt_type,
+            "user": user,
+        }
+        if extra:
+            inner.update(extra)
+        inner["master_id"] = self.master_id
+        inner["serial"] = self.publish_key.next_serial()
+        frame = messages.wrap_publication(self.publish_key.cipher, self.master_priv, inner)
+        self._send_publication(frame, minions, tgt_type)
+        load = {k: v for k, v in inner.items() if k != "serial"}
+        load["minions"] = minions
+        load["_stamp"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.tracker.add(jid, load, minions)
+        self.job_writer.put_load(jid, load)
+        self.metrics.jobs_published.labels(self.master_id).inc()
+        return {"jid": jid, "minions": minions}
+
+    def _send_publication(self, frame: bytes, minions: list[str], tgt_type: str) -> None:
+        assert self.pub_sock is not None
+        if self.opts.get("zmq_filtering"):
+            if tgt_type == "list" or len(minions) == 1:
+                for mid in minions:
+                    topic = hashlib.sha1(mid.encode()).hexdigest().encode()
+                    self.pub_sock.send_multipart([topic, frame])
+            else:
+                self.pub_sock.send_multipart([b"broadcast", frame])
+        else:
+            self.pub_sock.send(frame)
+
+    # -- sockets ------------------------------------------------------------------------------------
+
+    def _bind(self) -> None:
+        self.ctx = zmq.asyncio.Context()
+        iface = self.opts["interface"]
+        host = f"[{iface}]" if ":" in iface else iface
+        self.pub_sock = self.ctx.socket(zmq.PUB)
+        self.pub_sock.setsockopt(zmq.LINGER, 0)
+        self.pub_sock.setsockopt(zmq.SNDHWM, 100000)
+        self.pub_sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
+        self.pub_sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+        if ":" in iface:
+            self.pub_sock.setsockopt(zmq.IPV6, 1)
+        self.pub_sock.bind(f"tcp://{host}:{self.opts['publish_port']}")
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_FRAME)
+        self.router.setsockopt(zmq.RCVHWM, 100000)
+        self.router.setsockopt(zmq.SNDHWM, 100000)
+        self.router.setsockopt(zmq.HEARTBEAT_IVL, 5000)
+        self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+        if ":" in iface:
+            self.router.setsockopt(zmq.IPV6, 1)
+        self.router.bind(f"tcp://{host}:{self.opts['ret_port']}")
+        log.info(
+            "master %s listening: publish %s:%s, requests %s:%s",
+            self.master_id, iface, self.opts["publish_port"], iface, self.opts["ret_port"],
+        )
+
+    async def _serve_requests(self) -> None:
+        assert self.router is not None
+        router = self.router
+        while not self._stop.is_set():
+            try:
+                frames = await router.recv_multipart(copy=True)
+            except zmq.ZMQError as exc:
+                if self._stop.is_set():
+                    return
+                log.warning("ROUTER receive error: %s", exc)
+                continue
+            except asyncio.CancelledError:
+                return
+            if len(frames) < 2:
+                self.metrics.reject("malformed")
+                continue
+            ident = frames[0]
+            payload = frames[-1]
+            envelope = frames[1:-1]
+            if envelope and envelope != [b""]:
+                self.metrics.reject("malformed")
+                self.handler.ratelog.warn("frames", ident.hex(), "dropped a request with %d frames from %s", len(frames), ident.hex())
+                continue
+            reply = self.handler.handle(payload, peer=ident.hex())
+            try:
+                await router.send_multipart([ident, *envelope, reply])
+            except zmq.ZMQError as exc:
+                log.debug("reply to %s not delivered: %s", ident.hex(), exc)
+
+    async def _housekeeping(self) -> None:
+        keep = float(self.opts.get("keep_jobs", 24))
+        last_clean = 0.0
+        while not self._stop.is_set():
+            self.metrics.minions_connected.labels(self.master_id).set(len(self.handler.connected(CONNECTED_WINDOW)))
+            self.metrics.store_up.labels(self.master_id).set(1 if self.keys.store.healthy() else 0)
+            now = time.time()
+            if keep and now - last_clean > 3600:
+                last_clean = now
+                try:
+                    await asyncio.to_thread(self.job_cache.clean_old, keep)
+                except Exception as exc:
+                    log.warning("job cache cleanup failed: %s", exc)
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=2.0)
+            except TimeoutError:
+                pass
+
+    async def run(self) -> None:
+        """Serve until :meth:`stop` is called."""
+        from hamaster.master.cliserver import CliServer
+
+        self._stop = asyncio.Event()
+        self.keys.load()
+        self.keys.attach_watch()
+        self.keys.store.start()
+        self._update_key_metrics()
+        self.job_writer.start()
+        self._bind()
+        cli = CliServer(self)
+        await cli.start()
+        tasks = [
+            asyncio.create_task(self._serve_requests(), name="requests"),
+            asyncio.create_task(self._housekeeping(), name="housekeeping"),
+        ]
+        self.ready.set()
+        log.info("master %s ready (hamaster %s)", self.master_id, __version__)
+        try:
+            await self._stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await cli.close()
+            self.job_writer.stop()
+            self.keys.store.close()
+            if self.router is not None:
+                self.router.close(0)
+            if self.pub_sock is not None:
+                self.pub_sock.close(0)
+            if self.ctx is not None:
+                self.ctx.term()
+            log.info("master %s stopped", self.master_id)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return."""
+        self._stop.set()

@@ -1,0 +1,141 @@
+"""Jobs as the master sees them: publish, collect returns, stream them to waiting CLIs.
+
+Returns are handed to waiters at once and written to the job cache by a background writer
+thread in batches, so a slow or unreachable store never delays the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from hamaster.jobs.cache import JobCache
+
+log = logging.getLogger(__name__)
+
+RECENT_JOBS = 2000
+
+
+@dataclass
+class JobRecord:
+    """A job published (or seen) by this master, kept in memory for fast lookups."""
+
+    jid: str
+    load: dict
+    minions: list[str]
+    published_at: float
+    returns: dict[str, dict] = field(default_factory=dict)
+
+
+class JobWriter(threading.Thread):
+    """Writes loads and returns to the job cache in batches, off the event loop."""
+
+    def __init__(self, cache: JobCache) -> None:
+        super().__init__(name="job-writer", daemon=True)
+        self.cache = cache
+        self.q: queue.Queue[tuple[str, Any] | None] = queue.Queue()
+        self.healthy = True
+
+    def put_load(self, jid: str, load: dict) -> None:
+        """Queue a job load for the cache."""
+        self.q.put(("load", (jid, load)))
+
+    def put_return(self, jid: str, minion_id: str, ret: dict) -> None:
+        """Queue one return for the cache."""
+        self.q.put(("ret", (jid, minion_id, ret)))
+
+    def stop(self) -> None:
+        """Flush what is queued and stop."""
+        self.q.put(None)
+        self.join(timeout=10)
+
+    def run(self) -> None:
+        pending: list[tuple[str, Any]] = []
+        while True:
+            item = self.q.get()
+            stop = item is None
+            if item is not None:
+                pending.append(item)
+            while not stop:
+                try:
+                    nxt = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                else:
+                    pending.append(nxt)
+            pending = self._flush(pending)
+            if stop:
+                return
+            if pending:  # store down: retry later, keep the data
+                time.sleep(1.0)
+
+    def _flush(self, items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        rets = [payload for kind, payload in items if kind == "ret"]
+        try:
+            for kind, payload in items:
+                if kind == "load":
+                    self.cache.save_load(*payload)
+            if rets:
+                self.cache.save_returns(rets)
+        except Exception as exc:
+            if self.healthy:
+                log.error("job cache write failed, keeping %d items in memory: %s", len(items), exc)
+            self.healthy = False
+            return items[-100000:]
+        if not self.healthy:
+            log.warning("job cache writable again")
+        self.healthy = True
+        return []
+
+
+class JobTracker:
+    """Recent jobs in memory, and the CLIs waiting for their returns."""
+
+    def __init__(self) -> None:
+        self.jobs: OrderedDict[str, JobRecord] = OrderedDict()
+        self.waiters: dict[str, list[asyncio.Queue]] = {}
+
+    def add(self, jid: str, load: dict, minions: list[str]) -> JobRecord:
+        """Remember a new job."""
+        rec = JobRecord(jid=jid, load=load, minions=minions, published_at=time.time())
+        self.jobs[jid] = rec
+        while len(self.jobs) > RECENT_JOBS:
+            self.jobs.popitem(last=False)
+        return rec
+
+    def add_return(self, jid: str, minion_id: str, ret: dict) -> float | None:
+        """Record a return and wake waiters; returns the latency when the job is known."""
+        rec = self.jobs.get(jid)
+        latency = None
+        if rec is not None:
+            rec.returns[minion_id] = ret
+            latency = time.time() - rec.published_at
+        for q in self.waiters.get(jid, ()):
+            q.put_nowait((minion_id, ret))
+        return latency
+
+    def subscribe(self, jid: str) -> asyncio.Queue:
+        """A queue receiving ``(minion_id, ret)`` for ``jid``."""
+        q: asyncio.Queue = asyncio.Queue()
+        self.waiters.setdefault(jid, []).append(q)
+        rec = self.jobs.get(jid)
+        if rec is not None:
+            for mid, ret in rec.returns.items():
+                q.put_nowait((mid, ret))
+        return q
+
+    def unsubscribe(self, jid: str, q: asyncio.Queue) -> None:
+        """Stop delivering to ``q``."""
+        lst = self.waiters.get(jid)
+        if lst and q in lst:
+            lst.remove(q)
+            if not lst:
+                del self.waiters[jid]

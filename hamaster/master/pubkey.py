@@ -1,0 +1,47 @@
+"""The master's publish key: the AES key string publications are encrypted with, and its serial.
+
+Each master has its own publish key (minions learn it per master at ``_auth``), rotated when an
+accepted key is deleted or rejected so that minion cannot read later publications. The serial
+restarts at 1 with every key, as Salt's does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from hamaster.bus.crypticle import Crypticle, generate_key_string
+from hamaster.bus.messages import aes_key_signature
+
+log = logging.getLogger(__name__)
+
+
+class PublishKey:
+    """Current publish key, its Crypticle, its X9.31 signature and the next serial."""
+
+    def __init__(self, master_priv: rsa.RSAPrivateKey) -> None:
+        self._priv = master_priv
+        self._lock = threading.Lock()
+        self.generation = 0
+        self._set(generate_key_string())
+
+    def _set(self, key: str) -> None:
+        self.key = key
+        self.cipher = Crypticle(key)
+        self.signature = aes_key_signature(self._priv, key)
+        self.serial = 0
+        self.generation += 1
+
+    def rotate(self, reason: str) -> None:
+        """Replace the key; minions holding the old one must re-authenticate to read jobs."""
+        with self._lock:
+            self._set(generate_key_string())
+        log.info("rotated the publish key (%s)", reason)
+
+    def next_serial(self) -> int:
+        """The serial for the next publication under the current key."""
+        with self._lock:
+            self.serial += 1
+            return self.serial

@@ -1,0 +1,134 @@
+"""Master-side runner functions for ``hamaster-run``: jobs.*, manage.*.
+
+Each runner is ``async def name(master, *args, **kwargs)``, registered in :data:`RUNNERS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hamaster.master.daemon import Master
+
+
+class RunnerError(Exception):
+    """A runner that does not exist or was called wrongly."""
+
+
+async def jobs_list_jobs(master: Master) -> dict:
+    """All jobs in the job cache, newest last, as Salt's ``jobs.list_jobs``."""
+    jobs = await asyncio.to_thread(master.job_cache.list_jobs)
+    for jid, rec in master.tracker.jobs.items():
+        if jid not in jobs:
+            jobs[jid] = _summary(rec.load)
+    return dict(sorted(jobs.items()))
+
+
+def _summary(load: dict) -> dict:
+    return {
+        "Function": load.get("fun"),
+        "Arguments": load.get("arg", []),
+        "Target": load.get("tgt"),
+        "Target-type": load.get("tgt_type"),
+        "User": load.get("user"),
+        "StartTime": load.get("_stamp"),
+    }
+
+
+async def jobs_lookup_jid(master: Master, jid: str, ext_source: str | None = None, missing: bool = False) -> dict:
+    """Returns of job ``jid``: ``{minion_id: return}``, from every master's returns."""
+    jid = str(jid)
+    rets = await asyncio.to_thread(master.job_cache.get_returns, jid)
+    rec = master.tracker.jobs.get(jid)
+    if rec is not None:
+        for mid, ret in rec.returns.items():
+            rets.setdefault(mid, ret)
+    out = {mid: r.get("return") if isinstance(r, dict) else r for mid, r in sorted(rets.items())}
+    if missing and rec is not None:
+        for mid in rec.minions:
+            out.setdefault(mid, "Minion did not return. [No response]")
+    return out
+
+
+async def jobs_print_job(master: Master, jid: str) -> dict:
+    """Load and returns of one job."""
+    jid = str(jid)
+    load = await asyncio.to_thread(master.job_cache.get_load, jid)
+    if load is None and jid in master.tracker.jobs:
+        load = master.tracker.jobs[jid].load
+    if load is None:
+        return {}
+    summary = _summary(load)
+    summary["Result"] = await jobs_lookup_jid(master, jid)
+    return {jid: summary}
+
+
+async def _ping_all(master: Master, timeout: float) -> tuple[list[str], list[str]]:
+    pub = master.publish("*", "test.ping", [], tgt_type="glob")
+    expected = set(pub.get("minions") or [])
+    if not pub.get("jid"):
+        return [], sorted(master.keys.accepted_ids())
+    q = master.tracker.subscribe(pub["jid"])
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    try:
+        while expected - seen:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                mid, _ = await asyncio.wait_for(q.get(), timeout=left)
+            except TimeoutError:
+                break
+            seen.add(mid)
+    finally:
+        master.tracker.unsubscribe(pub["jid"], q)
+    accepted = set(master.keys.accepted_ids())
+    return sorted(seen & accepted), sorted(accepted - seen)
+
+
+async def manage_status(master: Master, timeout: float | None = None) -> dict:
+    """Ping every accepted minion: ``{"up": [...], "down": [...]}``."""
+    up, down = await _ping_all(master, float(timeout or master.opts.get("timeout", 5)))
+    return {"up": up, "down": down}
+
+
+async def manage_up(master: Master, timeout: float | None = None) -> list[str]:
+    """Accepted minions that answered a ping."""
+    return (await manage_status(master, timeout))["up"]
+
+
+async def manage_down(master: Master, timeout: float | None = None) -> list[str]:
+    """Accepted minions that did not answer a ping."""
+    return (await manage_status(master, timeout))["down"]
+
+
+RUNNERS: dict[str, Callable[..., Awaitable[Any]]] = {
+    "jobs.list_jobs": jobs_list_jobs,
+    "jobs.lookup_jid": jobs_lookup_jid,
+    "jobs.print_job": jobs_print_job,
+    "manage.status": manage_status,
+    "manage.up": manage_up,
+    "manage.down": manage_down,
+}
+
+
+def register(name: str, fn: Callable[..., Awaitable[Any]]) -> None:
+    """Add a runner (used by the HA layer for ``cluster.*``)."""
+    RUNNERS[name] = fn
+
+
+async def run_runner(master: Master, fun: str, args: list, kwargs: dict) -> Any:
+    """Call runner ``fun`` with CLI-style args; raises :class:`RunnerError` on misuse."""
+    fn = RUNNERS.get(fun)
+    if fn is None:
+        raise RunnerError(f"'{fun}' is not available. Available runners: {', '.join(sorted(RUNNERS))}")
+    try:
+        inspect.signature(fn).bind(master, *args, **kwargs)
+    except TypeError as exc:
+        raise RunnerError(f"Passed invalid arguments to {fun}: {exc}") from None
+    return await fn(master, *args, **kwargs)

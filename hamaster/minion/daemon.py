@@ -1,0 +1,219 @@
+"""The minion daemon: connects to every configured master at once and runs their jobs.
+
+One :class:`Minion` per identity holds a :class:`MasterConnection` per master. Jobs run in a
+thread pool so they never block a connection; a jid that arrives from several masters runs
+once; the return goes back through the master that published the job, or through any other
+live master when that one is gone (the return keeps the origin ``master_id``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+import zmq.asyncio
+
+from hamaster.minion import matcher
+from hamaster.minion.connection import MasterConnection, RequestFailed
+from hamaster.minion.executor import execute
+from hamaster.minion.grains_core import collect_grains
+from hamaster.minion.identity import MinionIdentity
+from hamaster.minion.modules.context import ExecContext
+from hamaster.minion.modules.registry import FunctionRegistry
+
+log = logging.getLogger(__name__)
+
+SEEN_JIDS = 10000
+RETURN_RETRY_WINDOW = 60.0
+
+
+class Minion:
+    """One minion identity connected to all of its masters."""
+
+    def __init__(
+        self,
+        opts: dict,
+        ident: MinionIdentity,
+        ctx: zmq.asyncio.Context,
+        pool: concurrent.futures.ThreadPoolExecutor,
+        registry: FunctionRegistry | None = None,
+        grains: dict | None = None,
+    ) -> None:
+        self.opts = opts
+        self.ident = ident
+        self.ctx = ctx
+        self.pool = pool
+        self.registry = registry or FunctionRegistry()
+        self.grains = grains if grains is not None else collect_grains(dict(opts, id=ident.minion_id))
+        self.grains["id"] = ident.minion_id
+        self.seen: OrderedDict[str, float] = OrderedDict()
+        self.pillar: dict = {}
+        self.connections: list[MasterConnection] = []
+        for host, port in opts.get("master_list") or [(opts.get("master", "salt"), int(opts.get("master_port", 4506)))]:
+            self.connections.append(
+                MasterConnection(ident, ctx, host, int(port), self._on_publication, self._on_connected)
+            )
+        self.failover = opts.get("master_type") == "failover"
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def minion_id(self) -> str:
+        """This identity's id."""
+        return self.ident.minion_id
+
+    def start(self) -> None:
+        """Connect to all masters (or, with ``master_type: failover``, the first one up)."""
+        self._loop = asyncio.get_running_loop()
+        if self.failover:
+            self._spawn(self._failover_loop())
+        else:
+            for conn in self.connections:
+                conn.start()
+
+    async def stop(self) -> None:
+        """Close every master connection."""
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*(c.stop() for c in self.connections), return_exceptions=True)
+
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _failover_loop(self) -> None:
+        """Use one master at a time, in order; move on when it stops answering."""
+        interval = float(self.opts.get("master_alive_interval") or 0) or float(self.opts.get("master_heartbeat_interval", 2))
+        idx = 0
+        while True:
+            conn = self.connections[idx % len(self.connections)]
+            conn._stop.clear()
+            conn.start()
+            try:
+                await asyncio.wait_for(conn.connected_event.wait(), timeout=max(float(self.opts.get("auth_timeout", 5)) * 2, 5))
+            except TimeoutError:
+                await conn.stop()
+                idx += 1
+                continue
+            while conn.state == "connected" or conn.connected_event.is_set():
+                await asyncio.sleep(interval)
+                if not conn.alive:
+                    break
+            log.warning("%s: failover: master %s is gone, trying the next one", self.minion_id, conn.name)
+            await conn.stop()
+            idx += 1
+
+    # -- start-up calls ---------------------------------------------------------------------------------
+
+    async def _on_connected(self, conn: MasterConnection) -> None:
+        try:
+            self.pillar = await conn.request_pillar(self.grains)
+        except Exception as exc:
+            log.warning("%s: _pillar from %s failed: %s", self.minion_id, conn.name, exc)
+        for tag in ("minion_start", f"salt/minion/{self.minion_id}/start"):
+            try:
+                await conn.request(
+                    {
+                        "cmd": "_minion_event",
+                        "id": self.minion_id,
+                        "pretag": None,
+                        "data": f"Minion {self.minion_id} started at {time.ctime()}",
+                        "tag": tag,
+                    },
+                    retry_auth=False,
+                )
+            except RequestFailed as exc:
+                log.debug("%s: start event to %s failed: %s", self.minion_id, conn.name, exc)
+                break
+
+    # -- jobs -------------------------------------------------------------------------------------------
+
+    def _on_publication(self, conn: MasterConnection, load: dict) -> None:
+        jid = str(load.get("jid"))
+        if jid in self.seen:
+            return
+        try:
+            targeted = matcher.matches(
+                load["tgt"], str(load.get("tgt_type", "glob")), self.minion_id, self.grains,
+                str(load.get("delimiter", ":")),
+            )
+        except (ValueError, TypeError) as exc:
+            log.warning("%s: bad target in job %s: %s", self.minion_id, jid, exc)
+            return
+        if not targeted:
+            return
+        self.seen[jid] = time.time()
+        while len(self.seen) > SEEN_JIDS:
+            self.seen.popitem(last=False)
+        self._spawn(self._run_job(conn, load))
+
+    async def _run_job(self, origin: MasterConnection, load: dict) -> None:
+        fun = str(load.get("fun"))
+        arg = load.get("arg") or []
+        jid = str(load["jid"])
+        ctx = ExecContext(
+            opts=self.opts, grains=self.grains, minion_id=self.minion_id, jid=jid,
+            pillar=self.pillar, registry=self.registry,
+        )
+        ctx.fetch_file = self._fetch_file_sync
+        log.debug("%s: running %s for job %s", self.minion_id, fun, jid)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self.pool, execute, self.registry, ctx, fun, list(arg), load)
+        ret = {
+            "cmd": "_return",
+            "id": self.minion_id,
+            "success": result.success,
+            "return": result.ret,
+            "retcode": result.retcode,
+            "jid": jid,
+            "fun": fun,
+            "fun_args": list(arg),
+            "user": load.get("user", "root"),
+            "_stamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        if load.get("master_id"):
+            ret["master_id"] = load["master_id"]
+        await self._send_return(origin, ret)
+
+    async def _send_return(self, origin: MasterConnection, ret: dict) -> None:
+        """Return through the origin master; if it is gone, through any other live master."""
+        deadline = time.monotonic() + RETURN_RETRY_WINDOW
+        while True:
+            candidates = [origin] + [c for c in self.connections if c is not origin and c.alive]
+            for conn in candidates:
+                if conn is not origin and not conn.is_hamaster:
+                    continue  # a stock salt-master only knows jobs it published
+                if conn.session is None:
+                    continue
+                try:
+                    await conn.request(ret)
+                    if conn is not origin:
+                        log.info("%s: returned job %s through %s (origin %s unreachable)", self.minion_id, ret["jid"], conn.name, origin.name)
+                    return
+                except RequestFailed as exc:
+                    log.warning("%s: return of %s via %s failed: %s", self.minion_id, ret["jid"], conn.name, exc)
+            if time.monotonic() > deadline:
+                log.error("%s: could not deliver the return of job %s to any master", self.minion_id, ret["jid"])
+                return
+            await asyncio.sleep(1.0)
+
+    def _fetch_file_sync(self, path: str, saltenv: str) -> bytes | None:
+        """File client for cp.*: ask a live master for ``salt://`` content (called from a worker thread)."""
+        from hamaster.minion.fileclient import fetch_file
+
+        conns = [c for c in self.connections if c.alive]
+        if not conns:
+            return None
+        loop = self._loop
+        fut = asyncio.run_coroutine_threadsafe(fetch_file(conns, path, saltenv), loop)
+        return fut.result(timeout=300)
+
+    async def run_forever(self) -> None:
+        """Start and serve until cancelled."""
+        self.start()
+        await asyncio.Event().wait()

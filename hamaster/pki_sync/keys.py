@@ -1,0 +1,556 @@
+"""Minion key states (accepted, pending, rejected, denied) and the master keypair, on a store.
+
+The layout is Salt's pki layout under a store prefix: ``<prefix>minions/<id>``,
+``minions_pre/<id>``, ``minions_rejected/<id>``, ``minions_denied/<id>``, ``master.pem`` and
+``master.pub``. A single master uses ``FsStore(pki_dir)`` with prefix ``""`` so files land
+exactly where salt-master puts them; a cluster shares one store under ``pki/master/``.
+
+:class:`KeyRegistry` keeps an in-memory view (fed by the store's watch) so authentication of a
+known minion never waits on the backend, and makes Salt's ``_auth`` decision in
+:meth:`KeyRegistry.authorize`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fnmatch
+import hashlib
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from hamaster.store.base import Change, Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class KeyState(StrEnum):
+    """Where a minion key lives; the value is Salt's pki sub-directory name."""
+
+    ACCEPTED = "minions"
+    PENDING = "minions_pre"
+    REJECTED = "minions_rejected"
+    DENIED = "minions_denied"
+
+
+class AuthDecision(StrEnum):
+    """Outcome of a minion's authentication request."""
+
+    ACCEPTED = "accepted"
+    PENDING = "pending"
+    REJECTED = "rejected"
+    DENIED = "denied"
+
+
+class KeyRegistryError(Exception):
+    """A key operation cannot be done; the message says why and what to do."""
+
+
+KeyError_ = KeyRegistryError
+
+
+class UnknownMinion(KeyRegistryError):
+    """No key for this minion id in the requested state(s)."""
+
+    def __init__(self, mid: str, states: Iterable[KeyState] | None = None):
+        where = ", ".join(s.value for s in states) if states else "any state"
+        super().__init__(f"no key for minion {mid!r} in {where}; list keys with `hamaster-key -L`")
+        self.mid = mid
+
+
+ChangeCallback = Callable[[str, "KeyState | None", "KeyState | None"], None]
+
+# Precedence when one id has files in several states.
+_PRECEDENCE = (KeyState.ACCEPTED, KeyState.REJECTED, KeyState.DENIED, KeyState.PENDING)
+
+
+def normalize_pub(pem: str | bytes) -> str:
+    """Canonical text of a PEM key: stripped, ``\\n`` line endings, no trailing blanks."""
+    if isinstance(pem, bytes):
+        pem = pem.decode("utf-8", errors="replace")
+    lines = pem.replace("\r\n", "\n").replace("\r", "\n").strip().split("\n")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def valid_minion_id(mid: str) -> bool:
+    """True if ``mid`` is safe as a minion id and file name (Salt's rules)."""
+    return (
+        isinstance(mid, str)
+        and 0 < len(mid) <= 255
+        and "/" not in mid
+        and "\\" not in mid
+        and "\0" not in mid
+        and ".." not in mid
+        and not mid.startswith(".")
+        and mid.strip() == mid
+    )
+
+
+def is_public_key(pem: str) -> bool:
+    """True if ``pem`` parses as a PEM public key (SubjectPublicKeyInfo or PKCS#1)."""
+    try:
+        serialization.load_pem_public_key(pem.encode())
+    except (ValueError, TypeError, UnicodeEncodeError):
+        return False
+    return True
+
+
+def pem_finger(pem: str) -> str:
+    """Salt's fingerprint: sha256 of the DER inside the PEM, as ``ab:cd:...``."""
+    lines = normalize_pub(pem).split("\n")[1:-1]
+    try:
+        der = base64.b64decode("".join(lines))
+    except (binascii.Error, ValueError) as exc:
+        raise KeyRegistryError(f"key is not valid PEM: {exc}") from exc
+    digest = hashlib.sha256(der).hexdigest()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+def _read_pattern_file(path: str | None, what: str) -> list[str]:
+    if not path:
+        return []
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        log.debug("%s %s does not exist", what, path)
+        return []
+    except OSError as exc:
+        log.warning("cannot read %s %s: %s", what, path, exc)
+        return []
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def _matches(mid: str, patterns: list[str]) -> bool:
+    return any(mid == p or fnmatch.fnmatchcase(mid, p) for p in patterns)
+
+
+def _join_prefix(prefix: str) -> str:
+    prefix = prefix.strip("/")
+    return prefix + "/" if prefix else ""
+
+
+class KeyRegistry:
+    """Minion key states on a store, with an in-memory view kept current by the store's watch."""
+
+    def __init__(self, store: Store, prefix: str = "", *, auto_accept: bool = False,
+                 autosign_file: str | None = None, autoreject_file: str | None = None,
+                 open_mode: bool = False):
+        """Create a registry for keys under ``prefix`` of ``store``; call :meth:`load`."""
+        self.store = store
+        self.prefix = _join_prefix(prefix)
+        self.auto_accept = auto_accept
+        self.autosign_file = autosign_file
+        self.autoreject_file = autoreject_file
+        self.open_mode = open_mode
+        self._lock = threading.RLock()
+        self._view: dict[KeyState, dict[str, str]] = {s: {} for s in KeyState}
+        self._callbacks: list[ChangeCallback] = []
+        self._watching = False
+
+    # ------------------------------------------------------------------ memory view
+
+    def _key(self, state: KeyState, mid: str) -> str:
+        return f"{self.prefix}{state.value}/{mid}"
+
+    def _state_in_view(self, mid: str) -> KeyState | None:
+        for state in _PRECEDENCE:
+            if mid in self._view[state]:
+                return state
+        return None
+
+    def _set(self, mid: str, state: KeyState, pem: str | None,
+             events: list[tuple[str, KeyState | None, KeyState | None]]) -> None:
+        """Update the view for (mid, state); record an event when ``state_of`` changes."""
+        old = self._state_in_view(mid)
+        if pem is None:
+            self._view[state].pop(mid, None)
+        else:
+            self._view[state][mid] = normalize_pub(pem)
+        new = self._state_in_view(mid)
+        if old != new:
+            events.append((mid, old, new))
+
+    def _fire(self, events: list[tuple[str, KeyState | None, KeyState | None]]) -> None:
+        for mid, old, new in events:
+            log.info("minion key %s: %s -> %s", mid, old.name if old else None,
+                     new.name if new else None)
+            for cb in list(self._callbacks):
+                try:
+                    cb(mid, old, new)
+                except Exception:
+                    log.exception("key change callback failed for %s", mid)
+
+    def load(self) -> None:
+        """Fill the in-memory view from the store (raises StoreUnavailable if unreachable)."""
+        fresh: dict[KeyState, dict[str, str]] = {s: {} for s in KeyState}
+        for state in KeyState:
+            base = f"{self.prefix}{state.value}"
+            for key in self.store.list(base):
+                mid = key[len(base) + 1:]
+                if "/" in mid or not valid_minion_id(mid):
+                    continue
+                raw = self.store.get(key)
+                if raw is not None:
+                    fresh[state][mid] = normalize_pub(raw)
+        events: list[tuple[str, KeyState | None, KeyState | None]] = []
+        with self._lock:
+            ids = {m for s in KeyState for m in self._view[s]} | {
+                m for s in KeyState for m in fresh[s]}
+            for mid in ids:
+                for state in KeyState:
+                    new = fresh[state].get(mid)
+                    if self._view[state].get(mid) != new:
+                        self._set(mid, state, new, events)
+        self._fire(events)
+
+    def attach_watch(self) -> None:
+        """Keep the view current from the store's watch (then reload to close the gap)."""
+        if not self._watching:
+            self.store.watch(self.prefix.rstrip("/"), self._on_store_changes)
+            self._watching = True
+        try:
+            self.load()
+        except StoreUnavailable as exc:
+            log.warning("key store unavailable while loading keys: %s (using memory)", exc)
+
+    def _on_store_changes(self, changes: list[Change]) -> None:
+        events: list[tuple[str, KeyState | None, KeyState | None]] = []
+        with self._lock:
+            for change in changes:
+                if not change.key.startswith(self.prefix):
+                    continue
+                parts = change.key[len(self.prefix):].split("/")
+                if len(parts) != 2 or not valid_minion_id(parts[1]):
+                    continue
+                try:
+                    state = KeyState(parts[0])
+                except ValueError:
+                    continue
+                self._set(parts[1], state, change.value.decode("utf-8", "replace")
+                          if change.value is not None else None, events)
+        self._fire(events)
+
+    def on_change(self, cb: ChangeCallback) -> None:
+        """Register ``cb(minion_id, old_state, new_state)``, called when a key's state changes."""
+        self._callbacks.append(cb)
+
+    def state_of(self, mid: str) -> KeyState | None:
+        """The key's state from memory (ACCEPTED wins when files exist in several states)."""
+        with self._lock:
+            return self._state_in_view(mid)
+
+    def accepted_pub(self, mid: str) -> str | None:
+        """The accepted public key of ``mid`` from memory; None if absent or not a valid key."""
+        with self._lock:
+            pem = self._view[KeyState.ACCEPTED].get(mid)
+        if pem is None or not is_public_key(pem):
+            return None
+        return pem
+
+    def accepted_ids(self) -> list[str]:
+        """Sorted ids with an accepted key (from memory)."""
+        with self._lock:
+            return sorted(self._view[KeyState.ACCEPTED])
+
+    def list_keys(self) -> dict[KeyState, list[str]]:
+        """Ids per state (from memory), sorted."""
+        with self._lock:
+            return {s: sorted(self._view[s]) for s in KeyState}
+
+    def get_pub(self, mid: str, state: KeyState) -> str | None:
+        """The key text of ``mid`` in ``state`` (from memory), or None."""
+        with self._lock:
+            return self._view[state].get(mid)
+
+    # ------------------------------------------------------------------ transitions
+
+    def _move(self, mid: str, sources: Iterable[KeyState], target: KeyState,
+              events: list[tuple[str, KeyState | None, KeyState | None]]) -> bool:
+        """Move the key of ``mid`` from the first present source state to ``target``."""
+        for src in sources:
+            raw = self.store.get(self._key(src, mid))
+            if raw is None:
+                self._set(mid, src, None, events)
+                continue
+            self.store.put(self._key(target, mid), raw)
+            self._set(mid, target, raw.decode("utf-8", "replace"), events)
+            for other in sources:
+                if other != target:
+                    self.store.delete(self._key(other, mid))
+                    self._set(mid, other, None, events)
+            return True
+        return False
+
+    def accept(self, mid: str, include_rejected: bool = False,
+               include_denied: bool = False) -> bool:
+        """Accept the pending (optionally rejected/denied) key of ``mid``; False if none."""
+        sources = [KeyState.PENDING]
+        if include_rejected:
+            sources.append(KeyState.REJECTED)
+        if include_denied:
+            sources.append(KeyState.DENIED)
+        events: list[tuple[str, KeyState | None, KeyState | None]] = []
+        with self._lock:
+            moved = self._move(mid, sources, KeyState.ACCEPTED, events)
+        self._fire(events)
+        return moved
+
+    def reject(self, mid: str, include_accepted: bool = False,
+               include_denied: bool = False) -> bool:
+        """Reject the pending (optionally accepted/denied) key of ``mid``; False if none."""
+        sources = [KeyState.PENDING]
+        if include_accepted:
+            sources.append(KeyState.ACCEPTED)
+        if include_denied:
+            sources.append(KeyState.DENIED)
+        events: list[tuple[str, KeyState | None, KeyState | None]] = []
+        with self._lock:
+            moved = self._move(mid, sources, KeyState.REJECTED, events)
+        self._fire(events)
+        return moved
+
+    def delete(self, mid: str, state: KeyState | None = None) -> bool:
+        """Delete the key of ``mid`` in ``state`` (all states if None); True if one existed."""
+        states = [state] if state else list(KeyState)
+        events: list[tuple[str, KeyState | None, KeyState | None]] = []
+        found = False
+        with self._lock:
+            for st in states:
+                if self.store.delete(self._key(st, mid)):
+                    found = True
+                self._set(mid, st, None, events)
+        self._fire(events)
+        return found
+
+    def accept_all(self, include_rejected: bool = False,
+                   include_denied: bool = False) -> list[str]:
+        """Accept every pending (optionally rejected/denied) key; returns the ids accepted."""
+        keys = self.list_keys()
+        ids = set(keys[KeyState.PENDING])
+        if include_rejected:
+            ids |= set(keys[KeyState.REJECTED])
+        if include_denied:
+            ids |= set(keys[KeyState.DENIED])
+        return [m for m in sorted(ids) if self.accept(m, include_rejected, include_denied)]
+
+    def reject_all(self, include_accepted: bool = False,
+                   include_denied: bool = False) -> list[str]:
+        """Reject every pending (optionally accepted/denied) key; returns the ids rejected."""
+        keys = self.list_keys()
+        ids = set(keys[KeyState.PENDING])
+        if include_accepted:
+            ids |= set(keys[KeyState.ACCEPTED])
+        if include_denied:
+            ids |= set(keys[KeyState.DENIED])
+        return [m for m in sorted(ids) if self.reject(m, include_accepted, include_denied)]
+
+    def delete_all(self, state: KeyState | None = None) -> list[str]:
+        """Delete every key (in ``state`` if given); returns the ids deleted."""
+        keys = self.list_keys()
+        states = [state] if state else list(KeyState)
+        ids = {m for s in states for m in keys[s]}
+        return [m for m in sorted(ids) if self.delete(m, state)]
+
+    def finger(self, mid: str, state: KeyState | None = None) -> str:
+        """Salt-style fingerprint of the key of ``mid`` (in ``state`` or its current state)."""
+        with self._lock:
+            if state is None:
+                state = self._state_in_view(mid)
+            pem = self._view[state].get(mid) if state is not None else None
+        if pem is None:
+            raise UnknownMinion(mid, [state] if state else None)
+        return pem_finger(pem)
+
+    # ------------------------------------------------------------------ authentication
+
+    def _refresh(self, mid: str,
+                 events: list[tuple[str, KeyState | None, KeyState | None]]) -> None:
+        """Re-read all states of ``mid`` from the store into memory."""
+        fresh = {s: self.store.get(self._key(s, mid)) for s in KeyState}
+        for state, raw in fresh.items():
+            pem = raw.decode("utf-8", "replace") if raw is not None else None
+            cur = self._view[state].get(mid)
+            if (pem is None) != (cur is None) or (pem is not None and normalize_pub(pem) != cur):
+                self._set(mid, state, pem, events)
+
+    def authorize(self, mid: str, pub: str | bytes) -> AuthDecision:
+        """Salt's decision for a minion presenting (``mid``, ``pub``) at ``_auth``.
+
+        Writes pending/denied/rejected/accepted files as Salt does. Re-reads the store for
+        this id unless memory already holds the same accepted key; if the store is
+        unavailable, decides from memory and never accepts a key that is not accepted there.
+        """
+        if not valid_minion_id(mid):
+            log.warning("auth refused: invalid minion id %r", mid)
+            return AuthDecision.REJECTED
+        if self.open_mode:
+            return AuthDecision.ACCEPTED
+        pub_n = normalize_pub(pub)
+        events: list[tuple[str, KeyState | None, KeyState | None]] = []
+        try:
+            with self._lock:
+                return self._decide(mid, pub_n, events)
+        finally:
+            self._fire(events)
+
+    def _decide(self, mid: str, pub_n: str,
+                events: list[tuple[str, KeyState | None, KeyState | None]],
+                retry: bool = True) -> AuthDecision:
+        view = self._view
+        if (view[KeyState.ACCEPTED].get(mid) == pub_n and mid not in view[KeyState.REJECTED]
+                and is_public_key(pub_n)):
+            return AuthDecision.ACCEPTED
+        store_ok = True
+        try:
+            self._refresh(mid, events)
+        except StoreUnavailable as exc:
+            store_ok = False
+            log.warning("auth of %s decided from memory, key store unavailable: %s", mid, exc)
+        if mid in view[KeyState.REJECTED]:
+            return AuthDecision.REJECTED
+        accepted = view[KeyState.ACCEPTED].get(mid)
+        if accepted is not None:
+            if not is_public_key(accepted):
+                log.warning("accepted key file for %s is not a valid public key; ignoring it "
+                            "(delete it with `hamaster-key -d %s`)", mid, mid)
+            elif accepted == pub_n:
+                return AuthDecision.ACCEPTED
+            else:
+                log.warning("minion %s presented a key different from its accepted key; "
+                            "stored it as denied (check `hamaster-key -f %s`)", mid, mid)
+                self._write(mid, KeyState.DENIED, pub_n, events, store_ok)
+                return AuthDecision.DENIED
+        if _matches(mid, _read_pattern_file(self.autoreject_file, "autoreject_file")):
+            if store_ok:
+                self.store.put(self._key(KeyState.REJECTED, mid), (pub_n + "\n").encode())
+                self._set(mid, KeyState.REJECTED, pub_n, events)
+                if self.store.delete(self._key(KeyState.PENDING, mid)) or \
+                        mid in view[KeyState.PENDING]:
+                    self._set(mid, KeyState.PENDING, None, events)
+            return AuthDecision.REJECTED
+        auto = self.auto_accept or _matches(
+            mid, _read_pattern_file(self.autosign_file, "autosign_file"))
+        pending = view[KeyState.PENDING].get(mid)
+        if pending is not None:
+            if pending != pub_n:
+                log.warning("minion %s presented a key different from its pending key; "
+                            "stored it as denied", mid)
+                self._write(mid, KeyState.DENIED, pub_n, events, store_ok)
+                return AuthDecision.DENIED
+            if auto and store_ok and is_public_key(pub_n):
+                self._move(mid, [KeyState.PENDING], KeyState.ACCEPTED, events)
+                return AuthDecision.ACCEPTED
+            return AuthDecision.PENDING
+        if not store_ok:
+            return AuthDecision.PENDING
+        if not is_public_key(pub_n):
+            log.warning("minion %s presented something that is not a public key", mid)
+            return AuthDecision.REJECTED
+        target = KeyState.ACCEPTED if auto else KeyState.PENDING
+        if accepted is not None:  # a corrupted accepted file: replace it only when auto
+            if auto:
+                self.store.put(self._key(target, mid), (pub_n + "\n").encode())
+                self._set(mid, target, pub_n, events)
+                return AuthDecision.ACCEPTED
+            target = KeyState.PENDING
+        if self.store.compare_and_put(self._key(target, mid), None, (pub_n + "\n").encode()):
+            self._set(mid, target, pub_n, events)
+            if target is KeyState.ACCEPTED:
+                return AuthDecision.ACCEPTED
+            log.info("new minion key %s is pending: run `hamaster-key -a %s` to accept it",
+                     mid, mid)
+            return AuthDecision.PENDING
+        if retry:  # another master wrote this id meanwhile: decide again on fresh state
+            return self._decide(mid, pub_n, events, retry=False)
+        return AuthDecision.PENDING
+
+    def _write(self, mid: str, state: KeyState, pub_n: str,
+               events: list[tuple[str, KeyState | None, KeyState | None]],
+               store_ok: bool) -> None:
+        if not store_ok:
+            return
+        try:
+            self.store.put(self._key(state, mid), (pub_n + "\n").encode())
+        except StoreUnavailable as exc:
+            log.warning("could not record %s key of %s: %s", state.name.lower(), mid, exc)
+            return
+        self._set(mid, state, pub_n, events)
+
+
+# ---------------------------------------------------------------------- master keypair
+
+
+def generate_keypair(keysize: int = 2048) -> tuple[bytes, bytes]:
+    """A new RSA keypair: (PKCS#1 "RSA PRIVATE KEY" PEM, SubjectPublicKeyInfo PEM)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=keysize)
+    priv = key.private_bytes(serialization.Encoding.PEM,
+                             serialization.PrivateFormat.TraditionalOpenSSL,
+                             serialization.NoEncryption())
+    return priv, public_pem_of(priv)
+
+
+def public_pem_of(private_pem: bytes) -> bytes:
+    """The SubjectPublicKeyInfo PEM of a PEM private key."""
+    key = serialization.load_pem_private_key(private_pem, password=None)
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def load_or_create_master_keypair(store: Store, prefix: str,
+                                  keysize: int = 2048) -> tuple[bytes, bytes]:
+    """Return the master's (private PEM, public PEM), creating them once for the whole cluster.
+
+    Creation is create-if-absent (``compare_and_put(expected=None)``): a master that loses the
+    race adopts the winner's pair; an existing ``master.pem`` is never overwritten.
+    """
+    pre = _join_prefix(prefix)
+    pem_key, pub_key = f"{pre}master.pem", f"{pre}master.pub"
+    priv = store.get(pem_key)
+    if priv is None:
+        new_priv, _ = generate_keypair(keysize)
+        if store.compare_and_put(pem_key, None, new_priv):
+            log.info("created master keypair %s", pem_key)
+        priv = store.get(pem_key)
+        if priv is None:
+            raise KeyRegistryError(f"master key {pem_key} vanished right after creation; "
+                                   "is another process deleting it?")
+    try:
+        pub = public_pem_of(priv)
+    except (ValueError, TypeError) as exc:
+        raise KeyRegistryError(
+            f"master key {pem_key} is not a valid unencrypted PEM private key ({exc}); "
+            "restore it from backup (minions trust it) or remove master.pem and master.pub "
+            "to generate a new pair"
+        ) from exc
+    existing = store.get(pub_key)
+    if existing is None:
+        store.compare_and_put(pub_key, None, pub)
+    elif normalize_pub(existing) != normalize_pub(pub):
+        raise KeyRegistryError(
+            f"{pub_key} does not match {pem_key}; remove {pub_key} to have it regenerated "
+            "from the private key"
+        )
+    return priv, pub
+
+
+def open_key_registry(opts: dict[str, Any]) -> KeyRegistry:
+    """Single-master registry on ``opts['pki_dir']`` (Salt's layout), loaded from disk."""
+    from hamaster.store.fs import FsStore
+
+    store = FsStore(opts["pki_dir"], poll_interval=opts.get("ha_poll_interval", 0.5))
+    registry = KeyRegistry(
+        store, "",
+        auto_accept=bool(opts.get("auto_accept", False)),
+        autosign_file=opts.get("autosign_file"),
+        autoreject_file=opts.get("autoreject_file"),
+        open_mode=bool(opts.get("open_mode", False)),
+    )
+    registry.load()
+    return registry

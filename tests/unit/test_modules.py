@@ -1,0 +1,268 @@
+"""Execution modules: cmd, test, grains, sys, cp and the function registry."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from hamaster.minion.modules import cmd, cp, grains, test
+from hamaster.minion.modules import sys as sys_mod
+from hamaster.minion.modules.context import CommandExecutionError, ExecContext
+from hamaster.minion.modules.registry import FunctionRegistry
+
+
+@pytest.fixture
+def ctx() -> ExecContext:
+    grains_data = {"os": "Ubuntu", "pkg": {"apache": "httpd"}, "roles": ["web", "db"],
+                   "empty": ""}
+    return ExecContext(opts={}, grains=grains_data, minion_id="web1",
+                       registry=FunctionRegistry())
+
+
+# ------------------------------------------------------------------ cmd
+
+
+def test_cmd_run_returns_output_without_trailing_newline(ctx: ExecContext) -> None:
+    assert cmd.run(ctx, "echo hello") == "hello"
+    assert ctx.retcode == 0
+
+
+def test_cmd_run_merges_stderr_by_default(ctx: ExecContext) -> None:
+    assert cmd.run(ctx, "echo out; echo err >&2") == "out\nerr"
+    assert cmd.run(ctx, "echo out; echo err >&2", redirect_stderr=False) == "out"
+
+
+def test_cmd_run_uses_cwd_and_defaults_to_home(ctx: ExecContext, tmp_path: Path) -> None:
+    assert cmd.run(ctx, "pwd", cwd=str(tmp_path)) == str(tmp_path)
+    assert cmd.run(ctx, "pwd") == os.path.realpath(os.path.expanduser("~"))
+
+
+def test_cmd_run_missing_cwd_is_an_error(ctx: ExecContext, tmp_path: Path) -> None:
+    with pytest.raises(CommandExecutionError, match="cwd"):
+        cmd.run(ctx, "pwd", cwd=str(tmp_path / "nope"))
+
+
+def test_cmd_run_env_dict_and_salt_list_form(ctx: ExecContext) -> None:
+    assert cmd.run(ctx, "echo $FOO-$BAR", env={"FOO": "a", "BAR": 2}) == "a-2"
+    assert cmd.run(ctx, "echo $FOO-$BAR", env=[{"FOO": "x"}, {"BAR": "y"}]) == "x-y"
+    # merged over the minion's environment, not replacing it
+    assert cmd.run(ctx, "echo $PATH", env={"FOO": "a"}) == os.environ["PATH"]
+
+
+def test_cmd_run_nonzero_exit_sets_retcode(ctx: ExecContext) -> None:
+    assert cmd.run(ctx, "echo oops; exit 3") == "oops"
+    assert ctx.retcode == 3
+
+
+def test_cmd_run_ignore_retcode(ctx: ExecContext) -> None:
+    cmd.run(ctx, "exit 3", ignore_retcode=True)
+    assert ctx.retcode == 0
+
+
+def test_cmd_run_shell_selection(ctx: ExecContext) -> None:
+    assert cmd.run(ctx, "echo $0", shell="/bin/bash") == "/bin/bash"
+    assert cmd.run(ctx, "echo $0") == "/bin/sh"
+    # a list, or python_shell=False, runs without a shell: no expansion
+    assert cmd.run(ctx, ["echo", "$HOME"]) == "$HOME"
+    assert cmd.run(ctx, "echo '$HOME' two", python_shell=False) == "$HOME two"
+
+
+def test_cmd_run_stdin(ctx: ExecContext) -> None:
+    assert cmd.run(ctx, "cat", stdin="from stdin\n") == "from stdin"
+
+
+def _process_gone(pid: int) -> bool:
+    """True when ``pid`` has exited (no longer in /proc, or a zombie awaiting its reaper)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def test_cmd_run_timeout_kills_the_process_group(ctx: ExecContext, tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    started = time.monotonic()
+    # a background grandchild that records its pid; it must die with the group
+    out = cmd.run(ctx, f"sh -c 'echo $$ > {pidfile}; exec sleep 60' & sleep 60", timeout=1)
+    assert time.monotonic() - started < 10
+    assert out == "Timed out after 1 seconds"
+    assert ctx.retcode == 1
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while not _process_gone(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _process_gone(child)
+
+
+def test_cmd_run_all(ctx: ExecContext) -> None:
+    ret = cmd.run_all(ctx, "echo out; echo err >&2; exit 2")
+    assert ret["stdout"] == "out"
+    assert ret["stderr"] == "err"
+    assert ret["retcode"] == 2
+    assert isinstance(ret["pid"], int) and ret["pid"] > 0
+    assert ctx.retcode == 2
+
+
+def test_cmd_retcode_does_not_fail_the_job(ctx: ExecContext) -> None:
+    assert cmd.retcode(ctx, "exit 5") == 5
+    assert ctx.retcode == 0
+    assert cmd.retcode(ctx, "true") == 0
+
+
+def test_cmd_run_stdout_and_stderr(ctx: ExecContext) -> None:
+    assert cmd.run_stdout(ctx, "echo out; echo err >&2") == "out"
+    assert cmd.run_stderr(ctx, "echo out; echo err >&2") == "err"
+
+
+def test_cmd_missing_program(ctx: ExecContext) -> None:
+    with pytest.raises(CommandExecutionError, match="unable to run"):
+        cmd.run(ctx, ["/nonexistent/program"])
+
+
+# ------------------------------------------------------------------ test
+
+
+def test_test_module_basics(ctx: ExecContext) -> None:
+    assert test.ping(ctx) is True
+    assert test.echo(ctx, "hi") == "hi"
+    assert test.sleep(ctx, 0.01) is True
+    assert test.fib(ctx, 10)[0] == 55
+    assert test.retcode(ctx, 4) == 4 and ctx.retcode == 4
+    with pytest.raises(Exception, match="boom"):
+        test.exception(ctx, "boom")
+
+
+def test_test_arg_returns_args_and_kwargs(ctx: ExecContext) -> None:
+    ret = test.arg(ctx, 1, "two", txt="hello", __pub_fun="test.arg")
+    assert ret == {"args": [1, "two"], "kwargs": {"txt": "hello", "__pub_fun": "test.arg"}}
+
+
+# ------------------------------------------------------------------ grains
+
+
+def test_grains_get_nested_and_default(ctx: ExecContext) -> None:
+    assert grains.get(ctx, "os") == "Ubuntu"
+    assert grains.get(ctx, "pkg:apache") == "httpd"
+    assert grains.get(ctx, "pkg|apache", delimiter="|") == "httpd"
+    assert grains.get(ctx, "roles:1") == "db"
+    assert grains.get(ctx, "pkg:nginx") == ""
+    assert grains.get(ctx, "pkg:nginx", default="none") == "none"
+
+
+def test_grains_item_ls_has_value(ctx: ExecContext) -> None:
+    assert grains.item(ctx, "os", "nope") == {"os": "Ubuntu", "nope": ""}
+    assert grains.ls(ctx) == ["empty", "os", "pkg", "roles"]
+    assert grains.has_value(ctx, "pkg:apache")
+    assert grains.has_value(ctx, "empty")
+    assert not grains.has_value(ctx, "pkg:nginx")
+    assert grains.items(ctx) is ctx.grains
+
+
+# ------------------------------------------------------------------ sys and registry
+
+
+def test_registry_names_and_aliases() -> None:
+    reg = FunctionRegistry()
+    names = reg.names()
+    assert names == sorted(names)
+    for expected in ("test.ping", "test.true", "cmd.run", "grains.get", "sys.doc",
+                     "cp.get_file"):
+        assert expected in names
+    assert "test.true_" not in names
+    assert not any(n.split(".", 1)[1].startswith("_") for n in names)
+    assert reg.get("test.ping") is test.ping
+    assert reg.get("test.nope") is None
+    assert "Return True" in reg.doc("test.ping")
+
+
+def test_sys_list_functions(ctx: ExecContext) -> None:
+    assert sys_mod.list_functions(ctx, "grains") == [
+        "grains.get", "grains.has_value", "grains.item", "grains.items", "grains.ls"]
+    assert sys_mod.list_functions(ctx, "cmd.run_*") == [
+        "cmd.run_all", "cmd.run_stderr", "cmd.run_stdout"]
+    assert sys_mod.list_functions(ctx, "test.ping") == ["test.ping"]
+    assert "sys.list_functions" in sys_mod.list_functions(ctx)
+
+
+def test_sys_list_modules_and_doc(ctx: ExecContext) -> None:
+    assert sys_mod.list_modules(ctx) == ["cmd", "cp", "grains", "sys", "test"]
+    docs = sys_mod.doc(ctx, "test.echo")
+    assert list(docs) == ["test.echo"] and "unchanged" in docs["test.echo"]
+
+
+def test_sys_without_registry_is_an_error() -> None:
+    bare = ExecContext(opts={}, grains={}, minion_id="m")
+    with pytest.raises(CommandExecutionError):
+        sys_mod.list_functions(bare)
+
+
+# ------------------------------------------------------------------ cp
+
+
+class FakeMaster:
+    """A stand-in for the master's file server: a dict of (saltenv, path) -> content."""
+
+    def __init__(self, files: dict[tuple[str, str], bytes]) -> None:
+        self.files = files
+        self.calls: list[tuple[str, str]] = []
+
+    def fetch(self, path: str, saltenv: str) -> bytes | None:
+        self.calls.append((path, saltenv))
+        return self.files.get((saltenv, path))
+
+
+@pytest.fixture
+def master() -> FakeMaster:
+    return FakeMaster({("base", "salt://files/motd"): b"hello\n",
+                       ("dev", "salt://files/motd"): b"dev motd\n"})
+
+
+def test_cp_get_file_to_path_and_dir(ctx: ExecContext, master: FakeMaster,
+                                     tmp_path: Path) -> None:
+    ctx.fetch_file = master.fetch
+    dest = tmp_path / "motd.txt"
+    assert cp.get_file(ctx, "salt://files/motd", str(dest)) == str(dest)
+    assert dest.read_bytes() == b"hello\n"
+    # a directory destination keeps the source's basename
+    assert cp.get_file(ctx, "salt://files/motd", str(tmp_path)) == str(tmp_path / "motd")
+    assert (tmp_path / "motd").read_bytes() == b"hello\n"
+
+
+def test_cp_get_file_saltenv_and_query(ctx: ExecContext, master: FakeMaster,
+                                       tmp_path: Path) -> None:
+    ctx.fetch_file = master.fetch
+    cp.get_file(ctx, "salt://files/motd?saltenv=dev", str(tmp_path / "a"))
+    cp.get_file(ctx, "salt://files/motd", str(tmp_path / "b"), saltenv="dev")
+    assert (tmp_path / "a").read_bytes() == b"dev motd\n"
+    assert (tmp_path / "b").read_bytes() == b"dev motd\n"
+    assert master.calls == [("salt://files/motd", "dev")] * 2
+
+
+def test_cp_get_file_missing_and_makedirs(ctx: ExecContext, master: FakeMaster,
+                                          tmp_path: Path) -> None:
+    ctx.fetch_file = master.fetch
+    assert cp.get_file(ctx, "salt://nope", str(tmp_path / "x")) == ""
+    assert not (tmp_path / "x").exists()
+    deep = tmp_path / "a" / "b" / "motd"
+    assert cp.get_file(ctx, "salt://files/motd", str(deep)) == ""
+    assert cp.get_file(ctx, "salt://files/motd", str(deep), makedirs=True) == str(deep)
+    assert deep.read_bytes() == b"hello\n"
+
+
+def test_cp_get_file_str_and_hash(ctx: ExecContext, master: FakeMaster) -> None:
+    ctx.fetch_file = master.fetch
+    assert cp.get_file_str(ctx, "salt://files/motd") == "hello\n"
+    assert cp.get_file_str(ctx, "salt://nope") is False
+    assert cp.hash_file(ctx, "salt://files/motd") == {
+        "hsum": "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03",
+        "hash_type": "sha256"}
+    assert cp.hash_file(ctx, "salt://nope") == {}
+
+
+def test_cp_without_file_client(ctx: ExecContext, tmp_path: Path) -> None:
+    with pytest.raises(CommandExecutionError, match="no file client"):
+        cp.get_file(ctx, "salt://files/motd", str(tmp_path / "x"))
