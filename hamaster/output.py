@@ -152,3 +152,18 @@ def render(data: Mapping[str, Any], fmt: str, *, static: bool = False, color: bo
     if fmt == "quiet":
         return ""
     raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def render_value(value: Any, fmt: str = "nested") -> str:
+    """Render a single value (a runner's result) with no minion key around it."""
+    if fmt == "nested":
+        lines: list[str] = []
+        _nested_lines(to_plain(value), 0, "", lines, _Colors(False), "")
+        return "\n".join(lines)
+    if fmt == "json":
+        return _json(to_plain(value))
+    if fmt == "yaml":
+        return _yaml(to_plain(value))
+    if fmt == "txt":
+        return str(to_plain(value))
+    return repr(value)

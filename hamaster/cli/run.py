@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from hamaster.config import ConfigError, load_master_config
     from hamaster.localapi import LocalApiError, LocalClient
     from hamaster.minion.executor import parse_cli_args, split_args
-    from hamaster.output import render
+    from hamaster.output import render_value
 
     try:
         opts = load_master_config(args.config_dir)
@@ -46,17 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             reply = client.call({"cmd": "runner", "fun": args.fun, "arg": pos, "kwarg": kw})
     except LocalApiError as exc:
         return die(str(exc), 1)
-    result = reply.get("return")
-    if args.out in ("json", "yaml"):
-        from hamaster.output import to_plain
-        import json
-
-        import yaml
-
-        plain = to_plain(result)
-        print(json.dumps(plain, indent=4, sort_keys=True) if args.out == "json" else yaml.safe_dump(plain, default_flow_style=False).rstrip())
-    else:
-        print(render({"_": result}, args.out).split("\n", 1)[-1] if isinstance(result, (dict, list)) else result)
+    print(render_value(reply.get("return"), args.out))
     return 0
 
 

@@ -33,6 +33,11 @@ class CliServer:
     async def start(self) -> None:
         """Create the socket with safe permissions and start serving."""
         sock_dir = os.path.dirname(self.path)
+        if len(os.fsencode(self.path)) > 107:
+            raise OSError(
+                f"the CLI socket path {self.path} is longer than a Unix socket allows (107 bytes): "
+                "set a shorter sock_dir in the master config"
+            )
         os.makedirs(sock_dir, mode=0o700, exist_ok=True)
         os.chmod(sock_dir, 0o700)
         try:

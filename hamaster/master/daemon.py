@@ -27,7 +27,12 @@ from hamaster.master.pubkey import PublishKey
 from hamaster.master.reqhandler import RequestHandler
 from hamaster.metrics import MasterMetrics
 from hamaster.minion.matcher import check_minions
-from hamaster.pki_sync.keys import KeyRegistry, KeyState, load_or_create_master_keypair, open_key_registry
+from hamaster.pki_sync.keys import (
+    KeyRegistry,
+    KeyState,
+    load_or_create_master_keypair,
+    open_key_registry,
+)
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,11 @@ never keys.
 
 Changes made by other processes or hosts are found by polling: per watched prefix a snapshot
 ``{key: (mtime_ns, size, inode)}`` plus the mtime of every directory. A pass stats the
-directories and re-lists only those whose mtime changed (or changed very recently, to survive
-coarse mtimes), and every ``FULL_RESCAN_EVERY`` passes re-lists everything (stale NFS listings,
-in-place edits by non-atomic writers such as a real salt-master).
+directories and re-lists (stat'ing every entry) only those whose mtime changed or changed very
+recently (coarse mtimes). Every ``FULL_RESCAN_EVERY`` passes every directory is re-listed by name
+(stale NFS directory attributes), and every ``STAT_RESCAN_EVERY`` passes every file is stat'ed
+(in-place edits by non-atomic writers, renames hidden by a stale directory mtime). On NFS the
+client's attribute cache (``acdirmin``/``actimeo``) bounds how fast directory changes show.
 
 ``compare_and_put``: create-if-absent uses ``os.link`` of a fully written temp file, which fails
 if the target exists; that is atomic locally and on an NFS server, so it is safe across hosts.
@@ -55,8 +57,10 @@ log = logging.getLogger(__name__)
 MARKER_NAME = ".hamaster-store"
 TMP_PREFIX = ".tmp-"
 MEMBERS_PREFIX = "cluster/members"
-#: A full re-list of every watched directory happens once per this many passes.
+#: Every this many passes every watched directory is re-listed (names; new entries stat'ed).
 FULL_RESCAN_EVERY = 20
+#: Every this many passes every file is stat'ed too (finds in-place edits, stale mtimes).
+STAT_RESCAN_EVERY = 120
 #: A directory whose mtime is this close to now is re-listed again next pass (coarse mtimes).
 HOT_WINDOW_NS = 2_000_000_000
 
@@ -468,6 +472,7 @@ class FsStore(Store):
         with self._poll_lock:
             self._passes += 1
             full = self._passes % FULL_RESCAN_EVERY == 0
+            stat_all = self._passes % STAT_RESCAN_EVERY == 0
             try:
                 self._check_root()
             except StoreUnavailable as exc:
@@ -475,12 +480,14 @@ class FsStore(Store):
                 return []
             self._ok()
             if self._resync:
-                full = True
+                full = stat_all = True
                 self._resync = False
             for w in builtins.list(self._watches.values()):
                 changes: builtins.list[Change] = []
                 try:
-                    self._scan_watch(w, full=full or not w.synced, changes=changes)
+                    resync = not w.synced
+                    self._scan_watch(w, full=full or resync, changes=changes,
+                                     stat_all=stat_all or resync)
                     w.synced = True
                 except (_Outage, StoreUnavailable) as exc:
                     self._down(exc)
@@ -502,7 +509,8 @@ class FsStore(Store):
     # The scanning below mutates the snapshot as it goes; ``changes`` gets what was found.
 
     def _scan_watch(self, w: _Watch, full: bool,
-                    changes: builtins.list[Change] | None = None) -> None:
+                    changes: builtins.list[Change] | None = None,
+                    stat_all: bool = True) -> None:
         emit = changes if changes is not None else []
         base = self.root / w.prefix if w.prefix else self.root
         try:
@@ -531,8 +539,10 @@ class FsStore(Store):
                 continue
             except OSError as exc:
                 raise _Outage(str(exc)) from exc
-            if full or ds.hot or dst.st_mtime_ns != ds.mtime_ns:
-                self._relist(w, d, dst, now, emit)
+            if ds.hot or dst.st_mtime_ns != ds.mtime_ns:
+                self._relist(w, d, dst, now, emit, stat_all=True)
+            elif full:
+                self._relist(w, d, dst, now, emit, stat_all=stat_all)
 
     def _check_root_or_outage(self) -> None:
         try:
@@ -541,7 +551,7 @@ class FsStore(Store):
             raise _Outage(str(exc)) from exc
 
     def _relist(self, w: _Watch, d: str, dst: os.stat_result, now: int,
-                emit: builtins.list[Change]) -> None:
+                emit: builtins.list[Change], stat_all: bool = True) -> None:
         dpath = self.root / d if d else self.root
         ds = w.dirs[d]
         try:
@@ -562,6 +572,13 @@ class FsStore(Store):
                 continue
             key = _join(d, name)
             try:
+                if not stat_all:  # names only: d_type from the listing, no stat for known keys
+                    if key in w.files and entry.is_file(follow_symlinks=False):
+                        files.add(name)
+                        continue
+                    if key in w.dirs and entry.is_dir(follow_symlinks=False):
+                        subdirs.add(name)
+                        continue
                 est = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue

@@ -30,7 +30,19 @@ def c() -> Crypticle:
 
 @pytest.mark.parametrize(
     "obj",
-    [None, True, 0, 2**40, "x", "é", b"\xff\x00", [], {}, {"a": [1, "two", {"b": None}]}, "y" * 70000],
+    [
+        None,
+        True,
+        0,
+        2**40,
+        "x",
+        "é",
+        b"\xff\x00",
+        [],
+        {},
+        {"a": [1, "two", {"b": None}]},
+        "y" * 70000,
+    ],
 )
 def test_roundtrip(c, obj):
     assert c.loads(c.dumps(obj)) == obj

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from hamaster.minion.grains_core import collect_grains, os_grains, parse_os_release
 from hamaster.minion.modules import cmd, cp, grains, test
 from hamaster.minion.modules import sys as sys_mod
 from hamaster.minion.modules.context import CommandExecutionError, ExecContext
@@ -266,3 +267,50 @@ def test_cp_get_file_str_and_hash(ctx: ExecContext, master: FakeMaster) -> None:
 def test_cp_without_file_client(ctx: ExecContext, tmp_path: Path) -> None:
     with pytest.raises(CommandExecutionError, match="no file client"):
         cp.get_file(ctx, "salt://files/motd", str(tmp_path / "x"))
+
+
+def test_registry_skips_a_module_that_fails_to_import() -> None:
+    reg = FunctionRegistry(modules=[("bad", "hamaster.minion.modules.does_not_exist"),
+                                    ("test", "hamaster.minion.modules.test")])
+    assert reg.get("test.ping") is test.ping
+    assert not [n for n in reg.names() if n.startswith("bad.")]
+
+
+# ------------------------------------------------------------------ core grains
+
+
+def test_core_grains_shape() -> None:
+    g = collect_grains({"id": "m1"})
+    assert g["id"] == "m1"
+    assert g["kernel"] == "Linux"
+    assert g["hamaster"] is True and g["saltversion"] == g["hamaster_version"]
+    assert "127.0.0.1" in g["ipv4"]
+    assert isinstance(g["num_cpus"], int) and g["num_cpus"] >= 1
+    assert isinstance(g["mem_total"], int) and g["mem_total"] > 0
+    assert g["pythonversion"][0] == 3
+    assert g["pid"] == os.getpid()
+    assert "path" not in g
+
+
+def test_static_grains_file_then_config_deep_merged(tmp_path: Path) -> None:
+    (tmp_path / "grains").write_text("roles: [db]\nsite: {dc: one, rack: r1}\nos: FromFile\n")
+    opts = {"id": "m1", "config_dir": str(tmp_path),
+            "grains": {"site": {"rack": "r9"}, "os": "FromConfig"}}
+    g = collect_grains(opts)
+    assert g["roles"] == ["db"]
+    assert g["site"] == {"dc": "one", "rack": "r9"}
+    assert g["os"] == "FromConfig"
+
+
+def test_os_release_parsing() -> None:
+    text = ('NAME="Ubuntu"\nVERSION_ID="22.04"\nVERSION_CODENAME=jammy\nID=ubuntu\n'
+            "ID_LIKE=debian\n")
+    g = os_grains(parse_os_release(text))
+    assert g == {"os": "Ubuntu", "os_family": "Debian", "osfullname": "Ubuntu",
+                 "osrelease": "22.04", "oscodename": "jammy", "osmajorrelease": 22,
+                 "osfinger": "Ubuntu-22.04"}
+    rocky = os_grains(parse_os_release('NAME="Rocky Linux"\nID="rocky"\nVERSION_ID="9.3"\n'))
+    assert (rocky["os"], rocky["os_family"], rocky["osfinger"]) == (
+        "Rocky", "RedHat", "Rocky Linux-9")
+    debian = os_grains(parse_os_release('NAME="Debian GNU/Linux"\nID=debian\nVERSION_ID="12"\n'))
+    assert debian["osfullname"] == "Debian" and debian["osfinger"] == "Debian-12"

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from hamaster.store.base import Change, StoreUnavailable
-from hamaster.store.fs import MARKER_NAME, FsStore
+from hamaster.store.fs import MARKER_NAME, STAT_RESCAN_EVERY, FsStore
 
 
 def wait_for(cond, timeout: float = 5.0) -> bool:
@@ -124,8 +124,9 @@ def test_in_place_edit_found_by_full_rescan(pair, tmp_path):
         fh.write(b"new")
     os.utime(path.parent, ns=(old_ns, old_ns))
     assert b.poll_now() == []  # an incremental pass only stats the directory
+    assert b._passes < STAT_RESCAN_EVERY - 1
     found: list[Change] = []
-    for _ in range(20):
+    for _ in range(STAT_RESCAN_EVERY):
         found += b.poll_now()
     assert found == [Change("k/v", b"new")]
 

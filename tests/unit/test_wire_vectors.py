@@ -426,7 +426,14 @@ def test_aes_request_opens_with_session_key(seq):
     assert isinstance(req, messages.AesRequest)
     assert req.minion_id == "vecminion"
     assert (req.enc_algo, req.sig_algo) == ("OAEP-SHA1", "PKCS1v15-SHA1")
-    assert list(codec.loads(payload(seq))) == ["enc", "load", "version", "id", "enc_algo", "sig_algo"]
+    assert list(codec.loads(payload(seq))) == [
+        "enc",
+        "load",
+        "version",
+        "id",
+        "enc_algo",
+        "sig_algo",
+    ]
     session = Crypticle(session_key())
     minion_pub = minion_priv().public_key()
     if seq == WRONG_KEY_PROBE:
@@ -514,7 +521,9 @@ def test_aes_reply_wrong_nonce_or_key_refused(seq):
 
 
 def test_observed_aes_return_values():
-    returns = {DECODED[s]["kind"].split(":", 1)[1]: _from_json(DECODED[s]["inner"]) for s in AES_REPLIES}
+    returns = {
+        DECODED[s]["kind"].split(":", 1)[1]: _from_json(DECODED[s]["inner"]) for s in AES_REPLIES
+    }
     assert returns["_minion_event"] is None
     assert returns["_return"] is None
     assert returns["_mine"] is True
@@ -596,7 +605,10 @@ def test_own_pillar_reply_roundtrips_and_tampered_signature_refused():
     sig = bytearray(sealed["sig"])
     sig[10] ^= 1
     forged = codec.dumps(
-        {"key": env["key"], "pillar": Crypticle(k).dumps({"data": sealed["data"], "sig": bytes(sig)})}
+        {
+            "key": env["key"],
+            "pillar": Crypticle(k).dumps({"data": sealed["data"], "sig": bytes(sig)}),
+        }
     )
     with pytest.raises(messages.AuthReplyError, match="signature"):
         messages.parse_pillar_reply(
@@ -656,7 +668,9 @@ def test_publication_rewraps_identically(seq, monkeypatch):
 def test_rotated_publication_does_not_open_with_old_key():
     seq = ROTATION_SEQ
     with pytest.raises(CrypticleError):
-        messages.open_publication(payload(seq), Crypticle(publish_key(1)), master_priv().public_key())
+        messages.open_publication(
+            payload(seq), Crypticle(publish_key(1)), master_priv().public_key()
+        )
 
 
 def test_publication_signed_by_other_key_refused():

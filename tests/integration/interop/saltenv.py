@@ -238,9 +238,10 @@ def _build(version: str, root: Path, final: Path) -> None:
                 version,
                 ", ".join(sorted(bad)) or "no unsatisfiable requirement named",
             )
-            # Start again from a clean venv: a failed install may have left things behind.
-            shutil.rmtree(venv)
-            _make_venv(venv, blog)
+            if "Installing collected packages" in plain.stdout:
+                # It failed after installing something: start again from a clean venv.
+                shutil.rmtree(venv)
+                _make_venv(venv, blog)
             relaxed = _relaxed_install(version, py, work, blog, bad or {"certifi"})
         _check_scripts(venv, version, blog)
         freeze = blog.run([py, "-m", "pip", "freeze", "--all"]).stdout
