@@ -242,7 +242,7 @@ MINION_TYPES: dict[str, _Spec] = {
 
 #: Options holding a filesystem path that is re-rooted under ``root_dir``.
 PATH_OPTIONS = ("pki_dir", "cachedir", "sock_dir", "log_file", "autosign_file",
-                "autoreject_file", "ha_dir")
+                "autoreject_file")
 
 _LOG_URL_PREFIXES = ("file://", "udp://", "tcp://")
 

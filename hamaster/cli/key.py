@@ -20,7 +20,6 @@ from hamaster.pki_sync.keys import (
     KeyRegistryError,
     KeyState,
     generate_keypair,
-    open_key_registry,
 )
 from hamaster.store.base import StoreError
 
@@ -279,7 +278,9 @@ def _run(args: argparse.Namespace) -> int:
     opts = load_master_config(args.config_dir)
     # The CLI logs to the console only; the master daemon owns log_file.
     setup_logging({**opts, "log_file": None}, args.log_level)
-    reg = open_key_registry(opts)
+    from hamaster.master.shared import open_shared_state
+
+    reg = open_shared_state(opts).keys
     keys = reg.list_keys()
 
     if args.accept or args.accept_all:

@@ -34,6 +34,31 @@ async def _serve(opts: dict) -> None:
     await master.run()
 
 
+def _with_shared_config(opts: dict, confdir: str | None) -> dict:
+    """Apply the cluster's shared ``config/master.d/*.conf`` fragments (HA only)."""
+    from hamaster.config import ConfigError, load_master_config
+    from hamaster.master.shared import is_ha, open_store, shared_config
+    from hamaster.store.base import StoreError
+
+    if not is_ha(opts):
+        return opts
+    try:
+        store = open_store(opts)
+        fragment, names = shared_config(store)
+        store.close()
+    except StoreError as exc:
+        log.error("cannot read shared config fragments (%s); using the local config only", exc)
+        return opts
+    if not fragment:
+        return opts
+    try:
+        merged = load_master_config(confdir, overrides=fragment)
+    except ConfigError as exc:
+        raise ConfigError(f"shared config fragments {names}: {exc}") from None
+    log.info("applied shared config fragments: %s", ", ".join(names))
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
@@ -42,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = load_master_config(args.config_dir)
         setup_logging(opts, args.log_level)
+        opts = _with_shared_config(opts, args.config_dir)
     except ConfigError as exc:
         return die(str(exc))
     try:

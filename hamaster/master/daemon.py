@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -20,19 +21,14 @@ import zmq.asyncio
 
 from hamaster import __version__, crypto
 from hamaster.bus import codec, messages
-from hamaster.jobs.cache import open_job_cache
 from hamaster.jobs.jid import gen_jid
 from hamaster.master.jobs import JobTracker, JobWriter
 from hamaster.master.pubkey import PublishKey
 from hamaster.master.reqhandler import RequestHandler
+from hamaster.master.shared import MASTERS_PREFIX, SharedState, config_hash, open_shared_state
 from hamaster.metrics import MasterMetrics
 from hamaster.minion.matcher import check_minions
-from hamaster.pki_sync.keys import (
-    KeyRegistry,
-    KeyState,
-    load_or_create_master_keypair,
-    open_key_registry,
-)
+from hamaster.pki_sync.keys import KeyState, load_or_create_master_keypair
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +39,23 @@ MAX_REQUEST_FRAME = 64 * 1024 * 1024
 class Master:
     """One hamaster master process."""
 
-    def __init__(self, opts: dict, keys: KeyRegistry | None = None) -> None:
+    def __init__(self, opts: dict, state: SharedState | None = None) -> None:
         self.opts = opts
         self.master_id = opts.get("master_id") or socket.gethostname()
         self.metrics = MasterMetrics(self.master_id)
-        self.keys = keys or open_key_registry(opts)
+        self.state = state or open_shared_state(opts)
+        self.keys = self.state.keys
         priv_pem, pub_pem = load_or_create_master_keypair(
             self.keys.store, self.keys.prefix, int(opts.get("keysize", 2048))
         )
         self.master_priv = crypto.load_private_key(priv_pem)
         self.master_pub_text = crypto.normalize_pem(pub_pem)
         self.publish_key = PublishKey(self.master_priv)
-        self.job_cache = open_job_cache(opts)
+        self.job_cache = self.state.job_cache
+        self.config_hash = config_hash(opts)
+        from hamaster.fileroots.server import FileServer
+
+        self.files = FileServer.from_opts(opts, self.state.store)
         self.job_writer = JobWriter(self.job_cache)
         self.tracker = JobTracker()
         self.grains: dict[str, dict] = {}
@@ -74,6 +75,10 @@ class Master:
         self.router: zmq.asyncio.Socket | None = None
         self._stop = asyncio.Event()
         self.started_at = time.time()
+        self.member_ttl = float(opts.get("ha_member_ttl", 5.0))
+        self.fileroots_hash = ""
+        self._store_ok = True
+        self.metrics.config_info.labels(self.master_id).info({"hash": self.config_hash})
         self.ready = asyncio.Event()
         self._load_grains_cache()
 
@@ -92,17 +97,29 @@ class Master:
             "_master_tops": lambda load: {},
             "_ext_nodes": lambda load: {},
             "_master_opts": lambda load: {"file_roots": self.opts.get("file_roots", {})},
-            "_file_list": lambda load: [],
-            "_file_list_emptydirs": lambda load: [],
-            "_dir_list": lambda load: [],
-            "_symlink_list": lambda load: {},
-            "_file_hash": lambda load: "",
-            "_file_hash_and_stat": lambda load: ("", None),
-            "_file_find": lambda load: {},
-            "_file_envs": lambda load: list(self.opts.get("file_roots", {"base": []})),
-            "_serve_file": lambda load: {"data": "", "dest": ""},
+            "_file_list": self._files("file_list"),
+            "_file_list_emptydirs": self._files("file_list_emptydirs"),
+            "_dir_list": self._files("dir_list"),
+            "_symlink_list": self._files("symlink_list"),
+            "_file_hash": self._files("file_hash"),
+            "_file_hash_and_stat": self._files("file_hash_and_stat"),
+            "_file_find": self._files("file_find"),
+            "_file_envs": lambda load: self.files.envs(),
+            "_serve_file": self._serve_file,
             "_hamaster_ping": self._on_ping,
         }
+
+    def _files(self, name: str) -> Any:
+        def call(load: dict) -> Any:
+            return getattr(self.files, name)(load)
+
+        return call
+
+    def _serve_file(self, load: dict) -> Any:
+        before = self.files.bytes_served
+        ret = self.files.serve_file(load)
+        self.metrics.file_bytes_served.labels(self.master_id).inc(max(0, self.files.bytes_served - before))
+        return ret
 
     def _on_key_change(self, mid: str, old: KeyState | None, new: KeyState | None) -> None:
         if old is KeyState.ACCEPTED and new is not KeyState.ACCEPTED:
@@ -331,6 +348,99 @@ class Master:
             except TimeoutError:
                 pass
 
+    def cluster_record(self) -> dict:
+        """What this master says about itself in ``cluster/masters/<master_id>``."""
+        return {
+            "master_id": self.master_id,
+            "version": __version__,
+            "ts": time.time(),
+            "ttl": self.member_ttl,
+            "started": self.started_at,
+            "config_hash": self.config_hash,
+            "fileroots_hash": self.fileroots_hash,
+            "store_ok": self.keys.store.healthy(),
+            "minions_connected": len(self.handler.connected(CONNECTED_WINDOW)),
+            "address": f"{self.opts['interface']}:{self.opts['ret_port']}",
+        }
+
+    async def _cluster_heartbeat(self) -> None:
+        """Write our membership record every second; refresh the file_roots hash now and then."""
+        assert self.state.store is not None
+        store = self.state.store
+        last_hash = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now - last_hash > 10:
+                last_hash = now
+                try:
+                    self.fileroots_hash = await asyncio.to_thread(self.files.manifest_hash)
+                    self.metrics.fileroots_info.labels(self.master_id).info({"hash": self.fileroots_hash})
+                except Exception as exc:
+                    log.warning("cannot hash file_roots: %s", exc)
+            rec = self.cluster_record()
+            try:
+                await asyncio.to_thread(store.put, f"{MASTERS_PREFIX}{self.master_id}", json.dumps(rec).encode())
+                await asyncio.to_thread(store.heartbeat, self.master_id, json.dumps(rec).encode(), self.member_ttl)
+            except Exception as exc:
+                if self._store_ok:
+                    log.error("shared store unreachable, serving from memory: %s", exc)
+                self._store_ok = False
+            else:
+                if not self._store_ok:
+                    log.warning("shared store reachable again")
+                self._store_ok = True
+            try:
+                alive = await asyncio.to_thread(self.cluster_masters)
+                self.metrics.masters_alive.labels(self.master_id).set(sum(1 for r in alive.values() if r.get("alive")))
+            except Exception:
+                pass
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+
+    def cluster_masters(self) -> dict[str, dict]:
+        """Every master that ever registered, with ``alive`` and ``last_seen_s``."""
+        assert self.state.store is not None
+        store = self.state.store
+        out: dict[str, dict] = {}
+        now = time.time()
+        for key in store.list(MASTERS_PREFIX):
+            raw = store.get(key)
+            if raw is None:
+                continue
+            try:
+                rec = json.loads(raw)
+                age = now - float(rec["ts"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring malformed cluster record %s", key)
+                continue
+            rec["alive"] = age <= float(rec.get("ttl", self.member_ttl))
+            rec["last_seen_s"] = round(age, 2)
+            out[key.rsplit("/", 1)[-1]] = rec
+        return out
+
+    async def _sync_remote_returns(self) -> None:
+        """For jobs a CLI is waiting on, pick up returns that reached other masters."""
+        assert self.state.store is not None
+        interval = float(self.opts.get("ha_poll_interval", 0.5))
+        while not self._stop.is_set():
+            for jid in list(self.tracker.waiters):
+                rec = self.tracker.jobs.get(jid)
+                if rec is None or set(rec.returns) >= set(rec.minions):
+                    continue
+                try:
+                    rets = await asyncio.to_thread(self.job_cache.get_returns, jid)
+                except Exception:
+                    continue
+                for mid, ret in rets.items():
+                    if mid not in rec.returns:
+                        self.tracker.add_return(jid, mid, ret)
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+
     async def run(self) -> None:
         """Serve until :meth:`stop` is called."""
         from hamaster.master.cliserver import CliServer
@@ -348,6 +458,9 @@ class Master:
             asyncio.create_task(self._serve_requests(), name="requests"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
         ]
+        if self.state.ha:
+            tasks.append(asyncio.create_task(self._cluster_heartbeat(), name="cluster-heartbeat"))
+            tasks.append(asyncio.create_task(self._sync_remote_returns(), name="remote-returns"))
         self.ready.set()
         log.info("master %s ready (hamaster %s)", self.master_id, __version__)
         try:

@@ -132,3 +132,28 @@ async def run_runner(master: Master, fun: str, args: list, kwargs: dict) -> Any:
     except TypeError as exc:
         raise RunnerError(f"Passed invalid arguments to {fun}: {exc}") from None
     return await fn(master, *args, **kwargs)
+
+
+async def cluster_status(master: Master) -> dict:
+    """Masters of the cluster: alive, last seen, version, config and file_roots hashes, store health."""
+    if not master.state.ha:
+        return {
+            "masters": {master.master_id: {**master.cluster_record(), "alive": True, "last_seen_s": 0.0}},
+            "ha": False,
+            "drift": {"config": False, "fileroots": False},
+        }
+    masters = await asyncio.to_thread(master.cluster_masters)
+    alive = [r for r in masters.values() if r.get("alive")]
+    return {
+        "ha": True,
+        "backend": master.opts.get("ha_backend", "fs"),
+        "store_ok": master.keys.store.healthy(),
+        "masters": masters,
+        "drift": {
+            "config": len({r.get("config_hash") for r in alive}) > 1,
+            "fileroots": len({r.get("fileroots_hash") for r in alive}) > 1,
+        },
+    }
+
+
+RUNNERS["cluster.status"] = cluster_status

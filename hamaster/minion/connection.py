@@ -88,6 +88,9 @@ class MasterConnection:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._close_sockets()
+        if self._req is not None:
+            self._req.close(0)
+            self._req = None
 
     @property
     def alive(self) -> bool:
@@ -109,7 +112,9 @@ class MasterConnection:
         return sock
 
     def _close_sockets(self) -> None:
-        for attr in ("_req", "_sub"):
+        # The request socket is left to request(): closing it under an in-flight request
+        # would cancel that request's future instead of failing it over to another master.
+        for attr in ("_sub",):
             sock = getattr(self, attr)
             if sock is not None:
                 sock.close(0)
@@ -121,9 +126,14 @@ class MasterConnection:
         """Send one frame on a REQ socket and wait for the reply; a fresh socket if none given."""
         own = sock is None
         s = sock or self._new_req()
-        try:
+
+        async def exchange() -> bytes:
+            # A REQ socket blocks on send while no peer is connected: time the whole exchange.
             await s.send(frame)
-            return await asyncio.wait_for(s.recv(), timeout=timeout)
+            return await s.recv()
+
+        try:
+            return await asyncio.wait_for(exchange(), timeout=timeout)
         finally:
             if own:
                 s.close(0)
@@ -142,8 +152,12 @@ class MasterConnection:
                     self._req = self._new_req()
                 try:
                     reply = await self._roundtrip(frame, timeout or self.request_timeout, self._req)
-                except (TimeoutError, zmq.ZMQError) as exc:
-                    self._req.close(0)
+                except (TimeoutError, zmq.ZMQError, asyncio.CancelledError) as exc:
+                    task = asyncio.current_task()
+                    if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+                        raise  # we are being cancelled, not the socket
+                    if self._req is not None:
+                        self._req.close(0)
                     self._req = None
                     raise RequestFailed(f"{load.get('cmd')} to {self.name} failed: {exc or 'timeout'}") from None
             try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import fnmatch
+import functools
 import hashlib
 import logging
 import threading
@@ -93,8 +94,9 @@ def valid_minion_id(mid: str) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=65536)
 def is_public_key(pem: str) -> bool:
-    """True if ``pem`` parses as a PEM public key (SubjectPublicKeyInfo or PKCS#1)."""
+    """True if ``pem`` parses as a PEM public key (SubjectPublicKeyInfo or PKCS#1); cached."""
     try:
         serialization.load_pem_public_key(pem.encode())
     except (ValueError, TypeError, UnicodeEncodeError):

@@ -1,0 +1,646 @@
+"""The master's file server: Salt's minion file-server commands over file_roots kept on stores.
+
+Each salt environment (``saltenv``) maps to an ordered list of roots ``(store, prefix)``; a path
+is served from the first root that has it, as Salt walks ``file_roots``. Listings are the union
+of all roots of the environment.
+
+Two kinds of roots:
+
+* **Directory roots** — a :class:`~hamaster.store.fs.FsStore` or a :class:`ReadOnlyDirStore`
+  (what :meth:`FileServer.from_opts` opens for an operator's ``file_roots`` directory). They are
+  read straight from disk: chunks are read at their offset, hashes are cached keyed on the
+  file's ``(dev, inode, size, mtime_ns, ctime_ns)`` once it has not changed for a few
+  seconds. Symlinks are followed only while their target stays inside the root directory. In
+  an ``FsStore`` names starting with ``.`` are never served (they are its temp files and
+  marker, never keys); a ``ReadOnlyDirStore`` serves dotfiles as Salt does (except a store
+  marker or ``.tmp-`` temp file).
+* **Any other store** (etcd, …) — read through ``store.list``/``store.get``. A value is read whole
+  on every request (one ``get`` per chunk and per hash), so such roots suit files up to a few
+  MiB; large files belong in a directory root.
+
+Every path from a minion is sanitised first: ``salt://`` and a ``?saltenv=`` query are stripped;
+an absolute path, a ``..`` segment, a NUL byte, a backslash or a non-string path or saltenv makes
+the request "missing" (``""``, ``{}`` or an empty chunk — never an exception), logged once at
+warning. Store errors (an unreachable shared store) skip that root, so local directories listed
+after it keep serving.
+"""
+
+from __future__ import annotations
+
+import builtins
+import gzip as gzip_mod
+import hashlib
+import logging
+import os
+import stat as stat_mod
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hamaster.store.base import (
+    Change,
+    Store,
+    StoreError,
+    WatchCallback,
+    validate_key,
+    validate_prefix,
+)
+from hamaster.store.fs import MARKER_NAME, TMP_PREFIX, FsStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 1048576
+HASH_TYPE = "sha256"
+#: Shared-store prefix under which each environment's files live (``file_roots/<env>/<path>``).
+SHARED_PREFIX = "file_roots/"
+#: Limits for the directory walk (symlinked directories can nest deeply or loop).
+_MAX_DEPTH = 64
+_MAX_WARNED = 1000
+_HASH_CACHE_MAX = 50000
+#: A file's hash is cached only once its mtime/ctime are this old (coarse/skewed clocks).
+_SETTLE_NS = 5_000_000_000
+
+_Sig = tuple[int, int, int, int, int]
+
+
+class ReadOnlyDirStore(Store):
+    """An operator's ``file_roots`` directory seen as a read-only :class:`Store`.
+
+    Unlike :class:`FsStore` it never creates, chmods or writes anything (no marker file) and a
+    missing directory is simply empty. Keys are relative paths of regular files (symlinks whose
+    target stays inside the directory included; dotfiles included). Writes raise
+    :class:`StoreError`; watches are accepted but never fire.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def get(self, key: str) -> bytes | None:
+        """Content of the file at ``key`` (None if absent or outside the directory)."""
+        validate_key(key)
+        path = _resolve_in(self.root, key.split("/"))
+        if path is None:
+            return None
+        return _read_regular(path)
+
+    def put(self, key: str, value: bytes) -> None:
+        raise StoreError(f"{self.root} is a read-only file_roots directory")
+
+    def delete(self, key: str) -> bool:
+        raise StoreError(f"{self.root} is a read-only file_roots directory")
+
+    def compare_and_put(self, key: str, expected: bytes | None, value: bytes | None) -> bool:
+        raise StoreError(f"{self.root} is a read-only file_roots directory")
+
+    def list(self, prefix: str) -> builtins.list[str]:
+        """Relative paths of the files under ``prefix``, sorted."""
+        prefix = validate_prefix(prefix)
+        keys = [rel for rel in _walk_dir(self.root, skip_hidden=False)]
+        if prefix:
+            keys = [k for k in keys if k == prefix or k.startswith(prefix + "/")]
+        return sorted(keys)
+
+    def watch(self, prefix: str, callback: WatchCallback) -> None:
+        """Accepted and ignored: operator directories are re-read on every request."""
+
+    def start(self) -> None:
+        """Nothing to start."""
+
+    def poll_now(self) -> builtins.list[Change]:
+        return []
+
+    def heartbeat(self, member_id: str, info: bytes, ttl: float) -> None:
+        raise StoreError(f"{self.root} is a read-only file_roots directory")
+
+    def members(self) -> dict[str, bytes]:
+        return {}
+
+    def healthy(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+# --------------------------------------------------------------------------- disk helpers
+
+
+def _inside(real: str, realbase: str) -> bool:
+    return real != realbase and real.startswith(realbase.rstrip("/") + "/")
+
+
+def _resolve_in(base: Path, segments: builtins.list[str]) -> str | None:
+    """Real path of ``base/segments`` if it resolves to somewhere strictly inside ``base``."""
+    realbase = os.path.realpath(base)
+    real = os.path.realpath(os.path.join(realbase, *segments))
+    if not _inside(real, realbase):
+        return None
+    return real
+
+
+def _read_regular(path: str, loc: int = 0, size: int = -1) -> bytes | None:
+    """Read ``size`` bytes at ``loc`` of the regular file ``path`` (no final symlink)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat_mod.S_ISREG(st.st_mode):
+            return None
+        if size < 0:
+            size = max(0, st.st_size - loc)
+        return os.pread(fd, size, loc) if size else b""
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _skip_name(name: str, skip_hidden: bool) -> bool:
+    if skip_hidden:
+        return name.startswith(".")
+    return name == MARKER_NAME or name.startswith(TMP_PREFIX)
+
+
+def _walk_dir(base: Path, skip_hidden: bool) -> Iterator[str]:
+    """Relative paths of regular files under ``base``, following in-root symlinks, no loops."""
+    realbase = os.path.realpath(base)
+    if not os.path.isdir(realbase):
+        return
+
+    def walk(real_dir: str, rel: str, ancestors: frozenset[str], depth: int) -> Iterator[str]:
+        if depth > _MAX_DEPTH:
+            return
+        try:
+            with os.scandir(real_dir) as it:
+                entries = builtins.list(it)
+        except OSError:
+            return
+        for entry in sorted(entries, key=lambda e: e.name):
+            name = entry.name
+            if _skip_name(name, skip_hidden) or not _clean_segment(name):
+                continue
+            key = f"{rel}/{name}" if rel else name
+            try:
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if not _inside(target, realbase):
+                        continue
+                    st = os.stat(target)
+                else:
+                    target = entry.path
+                    st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat_mod.S_ISREG(st.st_mode):
+                yield key
+            elif stat_mod.S_ISDIR(st.st_mode):
+                real_sub = os.path.realpath(target)
+                if real_sub in ancestors:
+                    continue
+                yield from walk(real_sub, key, ancestors | {real_sub}, depth + 1)
+
+    yield from walk(realbase, "", frozenset({realbase}), 0)
+
+
+def _clean_segment(seg: str) -> bool:
+    return bool(seg) and seg not in (".", "..") and "\0" not in seg and "\\" not in seg
+
+
+# --------------------------------------------------------------------------- roots
+
+
+class _Root:
+    """One ``(store, prefix)`` root of an environment."""
+
+    def __init__(self, store: Store, prefix: str):
+        self.store = store
+        self.prefix = validate_prefix(prefix) if prefix else ""
+        self.key_prefix = f"{self.prefix}/" if self.prefix else ""
+        self.dir: Path | None = None
+        self.skip_hidden = True
+        if isinstance(store, (FsStore, ReadOnlyDirStore)):
+            self.dir = Path(store.root) / self.prefix if self.prefix else Path(store.root)
+            self.skip_hidden = isinstance(store, FsStore)
+
+    def __repr__(self) -> str:
+        return f"<root {self.store.__class__.__name__}:{self.dir or ''} {self.prefix!r}>"
+
+    def files(self) -> builtins.list[str]:
+        if self.dir is not None:
+            return builtins.list(_walk_dir(self.dir, self.skip_hidden))
+        n = len(self.key_prefix)
+        return [k[n:] for k in self.store.list(self.prefix) if k.startswith(self.key_prefix)]
+
+    def locate(self, segments: builtins.list[str]) -> str | None:
+        """Where ``segments`` lives in this root (real path or store key), None if it does not."""
+        if self.dir is not None:
+            if any(_skip_name(s, self.skip_hidden) for s in segments):
+                return None
+            real = _resolve_in(self.dir, segments)
+            if real is None:
+                if os.path.lexists(os.path.join(self.dir, *segments)):
+                    _warn_once("escapes-root", f"{self.dir}/{'/'.join(segments)}",
+                               "refusing %s: it resolves outside its file root")
+                return None
+            try:
+                if not stat_mod.S_ISREG(os.stat(real).st_mode):
+                    return None
+            except OSError:
+                return None
+            return real
+        key = self.key_prefix + "/".join(segments)
+        try:
+            validate_key(key)
+            data = self.store.get(key)
+        except ValueError:
+            return None
+        return key if data is not None else None
+
+
+_warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(reason: str, what: str, msg: str) -> None:
+    with _warned_lock:
+        first = (reason, what) not in _warned and len(_warned) < _MAX_WARNED
+        if first:
+            _warned.add((reason, what))
+    if first:
+        log.warning(msg, what)
+    else:
+        log.debug(msg, what)
+
+
+def _sanitize(path: Any, saltenv: str) -> tuple[builtins.list[str], str] | None:
+    """``(segments, saltenv)`` of a minion-supplied path, or None if it must be refused."""
+    if not isinstance(path, str):
+        _warn_once("bad-path", repr(type(path).__name__), "refusing a non-string path (%s)")
+        return None
+    raw = path
+    if path.startswith("salt://"):
+        path = path[len("salt://"):]
+    if "?" in path:
+        path, _, query = path.partition("?")
+        for comp in query.split("&"):
+            name, eq, value = comp.partition("=")
+            if eq and name == "saltenv":
+                saltenv = value
+    if "\0" in path or "\\" in path or "\0" in saltenv:
+        _warn_once("bad-path", repr(raw), "refusing path %s: NUL byte or backslash")
+        return None
+    if path.startswith("/"):
+        _warn_once("bad-path", repr(raw), "refusing absolute path %s")
+        return None
+    segments = [s for s in path.split("/") if s not in ("", ".")]
+    if ".." in segments:
+        _warn_once("bad-path", repr(raw), "refusing path %s: '..' segment")
+        return None
+    if not segments:
+        return None
+    return segments, saltenv
+
+
+def _env_of(load: Any) -> str | None:
+    if not isinstance(load, dict):
+        return None
+    env = load.get("saltenv")
+    if env is None:
+        env = load.get("env")
+    if env is None:
+        return "base"
+    if not isinstance(env, str):
+        _warn_once("bad-env", repr(type(env).__name__), "refusing a non-string saltenv (%s)")
+        return None
+    return env
+
+
+def _valid_env(env: str) -> bool:
+    return _clean_segment(env) and "/" not in env and not env.startswith(".")
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class FileServer:
+    """Salt's ``_file_*``/``_serve_file`` master commands over ordered file roots.
+
+    ``sources`` maps saltenv → ordered ``[(store, prefix), …]``. With ``discover`` (a shared
+    store), environments that appear later under ``discover_prefix`` (``file_roots/<env>/``)
+    are served too, from that store only.
+    """
+
+    def __init__(self, sources: dict[str, builtins.list[tuple[Store, str]]],
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, *, discover: Store | None = None,
+                 discover_prefix: str = SHARED_PREFIX):
+        if not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+        self._sources = {env: [_Root(store, prefix) for store, prefix in roots]
+                         for env, roots in sources.items()}
+        self._discover = discover
+        self._discover_prefix = discover_prefix if discover_prefix.endswith("/") else discover_prefix + "/"
+        self._lock = threading.Lock()
+        self._hashes: dict[str, tuple[_Sig, str]] = {}
+        self._store_down: set[int] = set()
+        self.bytes_served = 0
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_opts(cls, opts: dict, shared_store: Store | None = None) -> FileServer:
+        """Roots from ``opts["file_roots"]``; with ``shared_store``, ``file_roots/<env>/`` first.
+
+        Local directories are opened read-only (:class:`ReadOnlyDirStore`): nothing is created
+        or chmod'ed in them, and a missing directory is just empty.
+        """
+        raw = opts.get("file_roots", {"base": ["/srv/salt"]})
+        if not isinstance(raw, dict):
+            log.warning("file_roots must map saltenv -> list of directories, got %r; ignoring it",
+                        type(raw).__name__)
+            raw = {}
+        local: dict[str, builtins.list[tuple[Store, str]]] = {}
+        for env, dirs in raw.items():
+            if not isinstance(env, str) or not _valid_env(env):
+                log.warning("file_roots: ignoring invalid saltenv %r", env)
+                continue
+            if isinstance(dirs, str):
+                dirs = [dirs]
+            if not isinstance(dirs, (builtins.list, tuple)):
+                log.warning("file_roots: %s must be a list of directories; ignoring it", env)
+                continue
+            roots = local.setdefault(env, [])
+            for d in dirs:
+                if not isinstance(d, str) or not d:
+                    log.warning("file_roots: ignoring invalid directory %r in %s", d, env)
+                    continue
+                roots.append((ReadOnlyDirStore(os.path.expanduser(d)), ""))
+        chunk = opts.get("file_buffer_size", DEFAULT_CHUNK_SIZE)
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0:
+            chunk = DEFAULT_CHUNK_SIZE
+        if shared_store is None:
+            return cls(local, chunk)
+        envs = set(local)
+        try:
+            envs.update(cls._store_envs(shared_store, SHARED_PREFIX))
+        except StoreError as exc:
+            log.warning("cannot list file_roots environments in the shared store: %s", exc)
+        sources = {env: [(shared_store, f"{SHARED_PREFIX}{env}/")] + local.get(env, [])
+                   for env in sorted(envs)}
+        return cls(sources, chunk, discover=shared_store, discover_prefix=SHARED_PREFIX)
+
+    @staticmethod
+    def _store_envs(store: Store, prefix: str) -> set[str]:
+        envs = set()
+        for key in store.list(prefix):
+            rest = key[len(prefix):] if key.startswith(prefix) else ""
+            env, sep, _ = rest.partition("/")
+            if sep and _valid_env(env):
+                envs.add(env)
+        return envs
+
+    # ------------------------------------------------------------------ lookup
+
+    def _roots(self, env: str) -> builtins.list[_Root]:
+        roots = self._sources.get(env)
+        if roots is not None:
+            return roots
+        if self._discover is not None and _valid_env(env):
+            return [_Root(self._discover, f"{self._discover_prefix}{env}/")]
+        return []
+
+    def _store_failed(self, root: _Root, exc: Exception) -> None:
+        with self._lock:
+            first = id(root.store) not in self._store_down
+            self._store_down.add(id(root.store))
+        if first:
+            log.warning("file server: %r unavailable (%s); trying the next root", root, exc)
+
+    def _store_ok(self, root: _Root) -> None:
+        if self._store_down:
+            with self._lock:
+                if id(root.store) in self._store_down:
+                    self._store_down.discard(id(root.store))
+                    log.warning("file server: %r reachable again", root)
+
+    def _find(self, load: Any) -> tuple[_Root, str, str] | None:
+        """``(root, location, rel)`` of the requested file, or None."""
+        env = _env_of(load)
+        if env is None:
+            return None
+        clean = _sanitize(load.get("path"), env)
+        if clean is None:
+            return None
+        segments, env = clean
+        return self._lookup(env, segments)
+
+    def _lookup(self, env: str, segments: builtins.list[str]) -> tuple[_Root, str, str] | None:
+        for root in self._roots(env):
+            try:
+                loc = root.locate(segments)
+            except StoreError as exc:
+                self._store_failed(root, exc)
+                continue
+            self._store_ok(root)
+            if loc is not None:
+                return root, loc, "/".join(segments)
+        return None
+
+    def _env_files(self, env: str) -> builtins.list[str]:
+        seen: set[str] = set()
+        for root in self._roots(env):
+            try:
+                files = root.files()
+            except StoreError as exc:
+                self._store_failed(root, exc)
+                continue
+            self._store_ok(root)
+            for rel in files:
+                if rel not in seen and self._listable(root, rel):
+                    seen.add(rel)
+        return sorted(seen)
+
+    @staticmethod
+    def _listable(root: _Root, rel: str) -> bool:
+        segs = rel.split("/")
+        if not all(_clean_segment(s) for s in segs):
+            return False
+        return root.dir is None or not any(_skip_name(s, root.skip_hidden) for s in segs)
+
+    def _hash(self, root: _Root, loc: str) -> str | None:
+        if root.dir is None:
+            data = root.store.get(loc)
+            return None if data is None else hashlib.sha256(data).hexdigest()
+        try:
+            fd = os.open(loc, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat_mod.S_ISREG(st.st_mode):
+                return None
+            sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            with self._lock:
+                cached = self._hashes.get(loc)
+            if cached is not None and cached[0] == sig:
+                return cached[1]
+            h = hashlib.sha256()
+            offset = 0
+            while True:
+                block = os.pread(fd, 1 << 20, offset)
+                if not block:
+                    break
+                h.update(block)
+                offset += len(block)
+            after = os.fstat(fd)
+            hsum = h.hexdigest()
+            # Cache only files that have been still for a while: timestamps are coarse (a
+            # jiffy), so a rewrite within the same tick (even reusing the inode) could otherwise
+            # keep the same signature ("racy git").
+            settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLE_NS
+            if (settled and offset == st.st_size
+                    and (after.st_size, after.st_mtime_ns, after.st_ctime_ns) == sig[2:]):
+                with self._lock:
+                    if len(self._hashes) >= _HASH_CACHE_MAX:
+                        self._hashes.clear()
+                    self._hashes[loc] = (sig, hsum)
+            return hsum
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ Salt commands
+
+    def file_list(self, load: dict) -> builtins.list[str]:
+        """``_file_list``: relative paths of the files of ``saltenv`` starting with ``prefix``."""
+        env = _env_of(load)
+        if env is None:
+            return []
+        prefix = load.get("prefix", "") or ""
+        if not isinstance(prefix, str):
+            return []
+        prefix = prefix.strip("/")
+        files = self._env_files(env)
+        return [f for f in files if f.startswith(prefix)] if prefix else files
+
+    def file_list_emptydirs(self, load: dict) -> builtins.list[str]:
+        """``_file_list_emptydirs``: always empty (stores hold files, not directories)."""
+        return []
+
+    def dir_list(self, load: dict) -> builtins.list[str]:
+        """``_dir_list``: every directory holding a served file (derived from file paths)."""
+        env = _env_of(load)
+        if env is None:
+            return []
+        prefix = load.get("prefix", "") or ""
+        if not isinstance(prefix, str):
+            return []
+        prefix = prefix.strip("/")
+        dirs: set[str] = set()
+        for rel in self._env_files(env):
+            parts = rel.split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                dirs.add("/".join(parts[:i]))
+        return sorted(d for d in dirs if d.startswith(prefix))
+
+    def symlink_list(self, load: dict) -> dict:
+        """``_symlink_list``: {} (in-root symlinks are served as the files they point to)."""
+        return {}
+
+    def file_hash(self, load: dict) -> dict | str:
+        """``_file_hash``: ``{"hsum", "hash_type"}`` of the file, or ``""`` if missing."""
+        found = self._find(load)
+        if found is None:
+            return ""
+        root, loc, _rel = found
+        try:
+            hsum = self._hash(root, loc)
+        except StoreError as exc:
+            self._store_failed(root, exc)
+            return ""
+        if hsum is None:
+            return ""
+        return {"hsum": hsum, "hash_type": HASH_TYPE}
+
+    def file_hash_and_stat(self, load: dict) -> tuple[dict | str, None]:
+        """``_file_hash_and_stat``: ``(file_hash(load), None)`` — no stat is offered."""
+        return self.file_hash(load), None
+
+    def file_find(self, load: dict) -> dict:
+        """``_file_find``: ``{"path": rel, "rel": rel}`` (no master paths leak) or {}."""
+        found = self._find(load)
+        if found is None:
+            return {}
+        return {"path": found[2], "rel": found[2]}
+
+    def serve_file(self, load: dict) -> dict:
+        """``_serve_file``: ``{"data": chunk at offset loc, "dest": rel}``; data empty at the end.
+
+        ``gzip`` (a level 1-9) compresses the chunk on its own and echoes ``"gzip"`` as Salt
+        does; ``loc`` always counts uncompressed bytes.
+        """
+        ret: dict[str, Any] = {"data": b"", "dest": ""}
+        found = self._find(load)
+        if found is None:
+            return ret
+        root, loc, rel = found
+        offset = load.get("loc", 0)
+        if offset is None:
+            offset = 0
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            return ret
+        try:
+            if root.dir is not None:
+                data = _read_regular(loc, offset, self.chunk_size)
+            else:
+                whole = root.store.get(loc)
+                data = None if whole is None else whole[offset:offset + self.chunk_size]
+        except StoreError as exc:
+            self._store_failed(root, exc)
+            return ret
+        if data is None:
+            return ret
+        ret["dest"] = rel
+        level = load.get("gzip")
+        if data and isinstance(level, int) and not isinstance(level, bool) and 1 <= level <= 9:
+            data = gzip_mod.compress(data, compresslevel=level)
+            ret["gzip"] = level
+        ret["data"] = data
+        with self._lock:
+            self.bytes_served += len(data)
+        return ret
+
+    def envs(self) -> builtins.list[str]:
+        """``_file_envs``: configured environments plus those found in the shared store."""
+        envs = set(self._sources)
+        if self._discover is not None:
+            try:
+                envs.update(self._store_envs(self._discover, self._discover_prefix))
+            except StoreError as exc:
+                log.debug("cannot list environments in the shared store: %s", exc)
+        return sorted(envs)
+
+    def manifest_hash(self) -> str:
+        """sha256 over sorted ``(env, path, sha256)`` of everything served (file_roots drift)."""
+        h = hashlib.sha256()
+        for env in self.envs():
+            for rel in self._env_files(env):
+                hsum = None
+                found = self._lookup(env, rel.split("/"))
+                if found is not None:
+                    try:
+                        hsum = self._hash(found[0], found[1])
+                    except StoreError as exc:
+                        self._store_failed(found[0], exc)
+                h.update(f"{env}\0{rel}\0{hsum or ''}\n".encode())
+        return h.hexdigest()
+
+
+def open_file_server(opts: dict, shared_store: Store | None = None) -> FileServer:
+    """:meth:`FileServer.from_opts` — the file server for a master's options."""
+    return FileServer.from_opts(opts, shared_store)

@@ -1,0 +1,120 @@
+"""Where a master keeps its state: local directories (one master) or a shared store (a cluster).
+
+Without ``ha_dir`` (and with the default ``ha_backend: fs``) a master keeps Salt's local layout:
+keys in ``pki_dir``, jobs under ``cachedir``, files in ``file_roots``. With a shared backend,
+every master of the cluster reads and writes the same store:
+``pki/master/…`` (master keypair and minion keys), ``jobs/<jid>/…``, ``file_roots/<env>/…``,
+``config/master.d/*.conf`` and ``cluster/masters/<master_id>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from hamaster.jobs.cache import JobCache, open_job_cache
+from hamaster.pki_sync.keys import KeyRegistry, open_key_registry
+from hamaster.store.base import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+KEYS_PREFIX = "pki/master/"
+JOBS_PREFIX = "jobs"
+CONFIG_PREFIX = "config/master.d/"
+MASTERS_PREFIX = "cluster/masters/"
+
+# Options that describe one host, never taken from a shared fragment and left out of the
+# cluster config hash (they legitimately differ between masters).
+PER_HOST_OPTIONS = frozenset({
+    "interface", "publish_port", "ret_port", "master_id", "root_dir", "pki_dir", "cachedir",
+    "sock_dir", "log_file", "log_level", "log_level_logfile", "ha_dir", "ha_backend",
+    "ha_etcd_endpoints", "ha_rsync_peers", "ha_etcd_ca", "ha_etcd_cert", "ha_etcd_key",
+    "ha_rsync_password_file", "metrics_port", "metrics_interface", "conf_file", "config_dir",
+    "__role", "user", "ha_poll_interval",
+})
+
+
+def is_ha(opts: dict) -> bool:
+    """True when this master shares its state with others."""
+    return bool(opts.get("ha_dir")) or opts.get("ha_backend", "fs") != "fs"
+
+
+def open_store(opts: dict) -> Store:
+    """The shared store named by ``ha_backend``."""
+    backend = opts.get("ha_backend", "fs")
+    interval = float(opts.get("ha_poll_interval", 0.5))
+    if backend == "fs":
+        from hamaster.store.fs import FsStore
+
+        if not opts.get("ha_dir"):
+            raise StoreError("ha_backend fs needs ha_dir (the shared directory, e.g. an NFS mount)")
+        return FsStore(opts["ha_dir"], poll_interval=interval)
+    raise StoreError(f"ha_backend {backend!r} is not available in this build (supported: fs)")
+
+
+@dataclass
+class SharedState:
+    """The store-backed parts of a master."""
+
+    keys: KeyRegistry
+    job_cache: JobCache
+    store: Store | None  # the shared store, None for a single master
+
+    @property
+    def ha(self) -> bool:
+        return self.store is not None
+
+
+def open_shared_state(opts: dict, store: Store | None = None) -> SharedState:
+    """Keys and jobs on the shared store when clustered, else Salt's local layout."""
+    if store is None and not is_ha(opts):
+        return SharedState(keys=open_key_registry(opts), job_cache=open_job_cache(opts), store=None)
+    store = store or open_store(opts)
+    keys = KeyRegistry(
+        store,
+        KEYS_PREFIX,
+        auto_accept=bool(opts.get("auto_accept", False)),
+        autosign_file=opts.get("autosign_file"),
+        autoreject_file=opts.get("autoreject_file"),
+        open_mode=bool(opts.get("open_mode", False)),
+    )
+    keys.load()
+    return SharedState(keys=keys, job_cache=JobCache(store, JOBS_PREFIX), store=store)
+
+
+def shared_config(store: Store) -> tuple[dict, list[str]]:
+    """Merge the cluster's ``config/master.d/*.conf`` fragments (sorted by name)."""
+    merged: dict[str, Any] = {}
+    names: list[str] = []
+    for key in sorted(store.list(CONFIG_PREFIX)):
+        if not key.endswith(".conf"):
+            continue
+        raw = store.get(key)
+        if raw is None:
+            continue
+        try:
+            data = yaml.safe_load(raw.decode("utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            log.error("shared config fragment %s is not valid YAML, ignored: %s", key, exc)
+            continue
+        if not isinstance(data, dict):
+            log.error("shared config fragment %s is not a mapping, ignored", key)
+            continue
+        for opt in sorted(set(data) & PER_HOST_OPTIONS):
+            log.warning("shared config fragment %s sets per-host option %r; ignored", key, opt)
+            data.pop(opt)
+        merged.update(data)
+        names.append(key)
+    return merged, names
+
+
+def config_hash(opts: dict) -> str:
+    """Hash of the cluster-relevant effective config (per-host options left out)."""
+    relevant = {k: v for k, v in opts.items() if k not in PER_HOST_OPTIONS}
+    blob = json.dumps(relevant, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
