@@ -78,6 +78,7 @@ class Master:
         self.member_ttl = float(opts.get("ha_member_ttl", 5.0))
         self.fileroots_hash = ""
         self._store_ok = True
+        self.last_cluster_view: dict[str, dict] = {}
         self.metrics.config_info.labels(self.master_id).info({"hash": self.config_hash})
         self.ready = asyncio.Event()
         self._load_grains_cache()

@@ -142,12 +142,20 @@ async def cluster_status(master: Master) -> dict:
             "ha": False,
             "drift": {"config": False, "fileroots": False},
         }
-    masters = await asyncio.to_thread(master.cluster_masters)
+    store_ok = master.keys.store.healthy() and master._store_ok
+    try:
+        masters = await asyncio.to_thread(master.cluster_masters)
+        master.last_cluster_view = masters
+    except Exception as exc:  # the store is down: answer from the last view we had
+        store_ok = False
+        masters = dict(master.last_cluster_view)
+        masters[master.master_id] = {**master.cluster_record(), "alive": True, "last_seen_s": 0.0}
+        masters["_error"] = {"store": str(exc)}
     alive = [r for r in masters.values() if r.get("alive")]
     return {
         "ha": True,
         "backend": master.opts.get("ha_backend", "fs"),
-        "store_ok": master.keys.store.healthy(),
+        "store_ok": store_ok,
         "masters": masters,
         "drift": {
             "config": len({r.get("config_hash") for r in alive}) > 1,
