@@ -6,7 +6,7 @@ run several masters in one process without clashing registries.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 
 
 class MasterMetrics:
@@ -17,6 +17,7 @@ class MasterMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["master_id"]
         r = self.registry
+        ProcessCollector(registry=r)
         self.minions_connected = Gauge(
             "hamaster_minions_connected", "Minions seen on this master within the liveness window", labels, registry=r
         )

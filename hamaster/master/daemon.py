@@ -442,6 +442,17 @@ class Master:
             except TimeoutError:
                 pass
 
+    def _start_metrics(self) -> Any:
+        """Serve ``/metrics`` on ``metrics_interface:metrics_port`` (0 disables it)."""
+        port = int(self.opts.get("metrics_port") or 0)
+        if not port:
+            return None
+        from prometheus_client import start_http_server
+
+        server, _thread = start_http_server(port, addr=self.opts.get("metrics_interface", "127.0.0.1"), registry=self.metrics.registry)
+        log.info("metrics on http://%s:%s/metrics", self.opts.get("metrics_interface", "127.0.0.1"), port)
+        return server
+
     async def run(self) -> None:
         """Serve until :meth:`stop` is called."""
         from hamaster.master.cliserver import CliServer
@@ -455,6 +466,7 @@ class Master:
         self._bind()
         cli = CliServer(self)
         await cli.start()
+        metrics_server = self._start_metrics()
         tasks = [
             asyncio.create_task(self._serve_requests(), name="requests"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
@@ -471,6 +483,9 @@ class Master:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await cli.close()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
             self.job_writer.stop()
             self.keys.store.close()
             if self.router is not None:

@@ -105,7 +105,7 @@ class MasterConnection:
         sock = self.ctx.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 200)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if ":" in self.host:
             sock.setsockopt(zmq.IPV6, 1)
         sock.connect(self._endpoint(self.port))
@@ -298,7 +298,7 @@ class MasterConnection:
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 10000)
         sub.setsockopt(zmq.RECONNECT_IVL, 200)
-        sub.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+        sub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if ":" in self.host:
             sub.setsockopt(zmq.IPV6, 1)
         if self.opts.get("zmq_filtering"):
