@@ -943,13 +943,6 @@ def _parse_json_objects(text: str) -> dict[str, Any] | None:
     return merged
 
 
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
 def _killpg(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
