@@ -6,7 +6,25 @@ run several masters in one process without clashing registries.
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
+import time
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
+
+log = logging.getLogger(__name__)
+
+# Label values created at start-up (value 0) so ``rate()`` and alerts see a counter's first
+# increment and dashboards show 0 instead of "no data".
+KNOWN_REJECT_REASONS = (
+    "malformed", "version", "decrypt", "forged", "no_token", "bad_token", "replay",
+    "unknown_minion", "no_session", "bad_key", "bad_jid", "unknown_clear_cmd", "internal",
+)
+KNOWN_AUTH_RESULTS = ("accepted", "pending", "rejected", "denied", "bad_key", "bad_token", "bad_algo")
+KEY_STATES = ("minions", "minions_pre", "minions_rejected", "minions_denied")
+STORE_OPS = ("get", "put", "delete", "list", "compare_and_put")
 
 
 class MasterMetrics:
@@ -64,6 +82,16 @@ class MasterMetrics:
             getattr(self, name).labels(master_id)
         self.jobs_published.labels(master_id)
         self.returns_received.labels(master_id)
+        self.return_latency.labels(master_id)
+        self.watch_events.labels(master_id)
+        self.sync_lag.labels(master_id)
+        self.file_bytes_served.labels(master_id)
+        for reason in KNOWN_REJECT_REASONS:
+            self.requests_rejected.labels(master_id, reason)
+        for result in KNOWN_AUTH_RESULTS:
+            self.auth_requests.labels(master_id, result)
+        for state in KEY_STATES:
+            self.keys.labels(master_id, state)
 
     def reject(self, reason: str) -> None:
         """Count one refused request."""
@@ -72,3 +100,73 @@ class MasterMetrics:
     def auth(self, result: str) -> None:
         """Count one _auth request by its outcome."""
         self.auth_requests.labels(self.master_id, result).inc()
+
+    def instrument_store(self, store: Any, sync_probe_prefix: str | None = None) -> Any:
+        """Time ``store``'s operations and count its watch events; optionally measure sync lag.
+
+        Wraps the instance's ``get/put/delete/list/compare_and_put`` (observed into
+        ``hamaster_store_operation_seconds{op}``) and ``watch`` (every change delivered to a
+        callback registered afterwards counts in ``hamaster_store_watch_events_total``), so call
+        it before anything registers a watch (``keys.attach_watch()``).
+
+        With ``sync_probe_prefix`` (the cluster membership records, ``cluster/masters/``), it
+        also watches that prefix: each master rewrites its record there every second with its
+        wall-clock ``ts``, so ``now - ts`` when another master's record arrives here is the
+        replication delay of the store (``hamaster_sync_lag_seconds``; clocks must be in sync).
+        Returns ``store``. Never raises for a metrics problem.
+        """
+        latency = self.store_op_latency
+        mid = self.master_id
+        for op in STORE_OPS:
+            orig = getattr(store, op, None)
+            if orig is None:
+                continue
+            child = latency.labels(mid, op)
+            setattr(store, op, _timed(orig, child))
+        orig_watch = store.watch
+        events = self.watch_events.labels(mid)
+
+        @functools.wraps(orig_watch)
+        def watch(prefix: str, callback: Any) -> None:
+            def counted(changes: list) -> None:
+                events.inc(len(changes))
+                callback(changes)
+
+            orig_watch(prefix, counted)
+
+        store.watch = watch
+        if sync_probe_prefix:
+            lag = self.sync_lag.labels(mid)
+
+            def probe(changes: list) -> None:
+                now = time.time()
+                for change in changes:
+                    if change.value is None:
+                        continue
+                    try:
+                        rec = json.loads(change.value)
+                        if rec.get("master_id") == mid:
+                            continue
+                        lag.observe(max(0.0, now - float(rec["ts"])))
+                    except (ValueError, KeyError, TypeError, AttributeError):
+                        continue
+
+            try:
+                store.watch(sync_probe_prefix, probe)
+            except Exception:  # metrics never break the master
+                log.debug("sync-lag probe watch failed", exc_info=True)
+        return store
+
+
+def _timed(fn: Any, child: Any) -> Any:
+    """``fn`` with its duration observed into the histogram ``child`` (errors included)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            child.observe(time.perf_counter() - t0)
+
+    return wrapper

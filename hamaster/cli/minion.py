@@ -67,9 +67,20 @@ async def _serve(opts: dict, swarm: int, prefix: str | None) -> None:
     ctx.term()
 
 
+def _limit_malloc_arenas() -> None:
+    """Cap glibc malloc arenas: job threads otherwise each grow their own (RSS for nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX = 2
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
+    _limit_malloc_arenas()
     from hamaster.config import ConfigError, load_minion_config, setup_logging
 
     try:

@@ -73,9 +73,8 @@ class JobCache:
         self.store.put(self._ret_key(jid, minion_id), _pack(ret))
 
     def save_returns(self, items: list[tuple[str, str, dict[str, Any]]]) -> None:
-        """Record a batch of ``(jid, minion_id, ret)`` returns."""
-        for jid, mid, ret in items:
-            self.save_return(jid, mid, ret)
+        """Record a batch of ``(jid, minion_id, ret)`` returns (one ``put_many`` on the store)."""
+        self.store.put_many([(self._ret_key(jid, mid), _pack(ret)) for jid, mid, ret in items])
 
     def get_load(self, jid: str) -> dict[str, Any] | None:
         """The job's load, or None if unknown."""

@@ -68,6 +68,15 @@ class Store(ABC):
     def put(self, key: str, value: bytes) -> None:
         """Store ``value`` at ``key``; readers see either the old or the new value, never a mix."""
 
+    def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        """Store many ``(key, value)`` pairs; backends may batch them (etcd: transactions).
+
+        Each pair is atomic on its own; the batch as a whole need not be (a failure part way
+        raises after some pairs were written). The default loops over :meth:`put`.
+        """
+        for key, value in items:
+            self.put(key, value)
+
     @abstractmethod
     def delete(self, key: str) -> bool:
         """Delete ``key``; True if it existed."""
