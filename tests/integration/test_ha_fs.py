@@ -153,3 +153,56 @@ def test_corrupted_store_entries_are_skipped(cluster: Cluster) -> None:
     res = cluster.run("hamaster", "-t", "2", "evil", "test.ping", master=0)
     assert "True" not in res.stdout
     assert all(m["proc"].running() for m in cluster.masters)
+
+
+def test_same_jid_from_two_masters_runs_once(cluster: Cluster) -> None:
+    from hamaster.jobs.jid import gen_jid
+    from hamaster.localapi import LocalClient
+
+    _ha_cluster(cluster, extra={"auto_accept": True})
+    cluster.add_minion("once1")
+    cluster.wait_all_answer(["once1"], master=0)
+    cluster.wait_all_answer(["once1"], master=1)
+    marker = cluster.base / "ran.txt"
+    jid = gen_jid()
+    for i in (0, 1):
+        sock_dir = str(Path(cluster.masters[i]["conf"]["root_dir"]) / "var/run/hamaster/master")
+        with LocalClient(sock_dir) as c:
+            c.send({"cmd": "publish", "tgt": "once1", "fun": "cmd.run", "arg": [f"echo run >> {marker}"], "jid": jid, "timeout": 5})
+            assert c.recv()["jid"] == jid
+            for _ in c.stream():
+                pass
+    wait_until(marker.exists, 10, what="job ran")
+    assert marker.read_text().count("run") == 1
+
+
+def test_frozen_master_detected_and_survivor_serves(cluster: Cluster) -> None:
+    import signal as sig
+
+    _ha_cluster(cluster, extra={"auto_accept": True})
+    m = cluster.add_minion("fz1", extra={"master_heartbeat_interval": 1.0, "master_dead_after": 6.0})
+    cluster.wait_all_answer(["fz1"], master=0)
+    cluster.wait_all_answer(["fz1"], master=1)
+    victim = cluster.masters[0]
+    t0 = time.monotonic()
+    victim["proc"].signal(sig.SIGSTOP)
+    try:
+        # pings through the survivor keep working while the other master is frozen
+        for _ in range(3):
+            assert cluster.ping("fz1", master=1) == {"fz1": True}
+        port = victim["conf"]["ret_port"]
+        wait_until(lambda: f"127.0.0.1:{port} stopped answering" in m.log_text(), 15, what="frozen master noticed")
+        assert time.monotonic() - t0 <= 10.5
+    finally:
+        victim["proc"].signal(sig.SIGCONT)
+    cluster.wait_all_answer(["fz1"], master=0, timeout=20)
+
+
+def test_failover_master_type(cluster: Cluster) -> None:
+    _ha_cluster(cluster, extra={"auto_accept": True})
+    cluster.add_minion("fo1", extra={"master_type": "failover", "master_alive_interval": 1})
+    cluster.wait_all_answer(["fo1"], master=0)
+    # one master at a time: the second does not see it
+    assert cluster.ping("fo1", master=1, timeout=2).get("fo1") is not True
+    cluster.masters[0]["proc"].kill()
+    cluster.wait_all_answer(["fo1"], master=1, timeout=30)
