@@ -20,6 +20,7 @@ from hamaster.pki_sync.keys import (
     KeyRegistryError,
     KeyState,
     generate_keypair,
+    pem_finger,
 )
 from hamaster.store.base import StoreError
 
@@ -236,8 +237,21 @@ def _per_key(reg: KeyRegistry, args: argparse.Namespace, pattern: str,
         raise CliError(f"no key matches {pattern!r}; list keys with `{PROG} -L`")
     values: dict[KeyState, dict[str, str]] = {
         state: {mid: fn(mid, state) for mid in ids} for state, ids in found.items()}
-    data = {state.value: vals for state, vals in values.items()}
-    _emit(data, args.out, lambda: _per_key_text(values))
+    data: dict[str, dict[str, str]] = {}
+    local: dict[str, str] = {}
+    if getattr(args, "finger_all", False):
+        # Like salt-key -F: the master's own key first (what minions put in master_finger).
+        pub = reg.store.get(f"{reg.prefix}master.pub")
+        if pub is not None:
+            local = {"master.pub": pem_finger(pub.decode())}
+            data["local"] = local
+    data.update({state.value: vals for state, vals in values.items()})
+
+    def text() -> str:
+        head = "Local Keys:\n" + "".join(f"{k}:  {v}\n" for k, v in local.items()) if local else ""
+        return head + _per_key_text(values)
+
+    _emit(data, args.out, text)
     return 0
 
 

@@ -12,11 +12,8 @@ known minion never waits on the backend, and makes Salt's ``_auth`` decision in
 
 from __future__ import annotations
 
-import base64
-import binascii
 import fnmatch
 import functools
-import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -105,14 +102,12 @@ def is_public_key(pem: str) -> bool:
 
 
 def pem_finger(pem: str) -> str:
-    """Salt's fingerprint: sha256 of the DER inside the PEM, as ``ab:cd:...``."""
-    lines = normalize_pub(pem).split("\n")[1:-1]
-    try:
-        der = base64.b64decode("".join(lines))
-    except (binascii.Error, ValueError) as exc:
-        raise KeyRegistryError(f"key is not valid PEM: {exc}") from exc
-    digest = hashlib.sha256(der).hexdigest()
-    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+    """Salt's fingerprint (``salt-key -f``, ``master_finger``): sha256 over the PEM body lines."""
+    from hamaster.crypto import pem_fingerprint
+
+    if not is_public_key(normalize_pub(pem)):
+        raise KeyRegistryError("key is not a valid PEM public key")
+    return pem_fingerprint(pem)
 
 
 def _read_pattern_file(path: str | None, what: str) -> list[str]:

@@ -10,16 +10,23 @@ Peers: ``rsync://[user@]host[:port]/module[/path]`` (rsync daemon; ``ha_rsync_pa
 is passed as ``--password-file``) or ``[user@]host:/path`` (rsync over ssh, command in
 ``ha_rsync_ssh``) or a local absolute path.
 
-Transfer: ``rsync -rt --update -p --chmod=D0700,F0600`` of the whole tree (``-t`` keeps
-modification times with nanoseconds; ``--update`` never overwrites a file that is newer on the
+Transfer: ``rsync -rt --update --modify-window=-1 -p --chmod=D0700,F0600 --backup
+--backup-dir=.hm-bak`` of the whole tree (``-t`` keeps modification times with nanoseconds; ``--update`` never overwrites a file that is newer on the
 receiver). No ``--delete``: deletions travel only as tombstones. Filters: the root marker
 ``/.hamaster-store`` is never sent; ``/.tomb/`` is sent; every other dot-name is excluded
 (our ``.tmp-*`` write temps and rsync's own ``.NAME.XXXXXX`` receive temps, which
 :class:`FsStore` also never reports as keys).
 
-Conflict rule: the newer change wins, by modification time (the write time on the master that
-made the change, kept by ``rsync -t``). Clocks of the masters must be synchronised (NTP); two
-writes of one key closer together than the clock skew may resolve either way.
+Conflict rule: the newer change wins, by modification time in nanoseconds (the write time on
+the master that made the change, kept by ``rsync -t``). rsync's own ``--update`` compares whole
+seconds only (measured: with ``--modify-window=-1`` too, an older file in the same second
+replaces a newer one), so every push also runs with ``--backup --backup-dir=.hm-bak``: a file
+that rsync replaces on the receiver is kept under ``.hm-bak/``, and the receiver's next watch
+pass restores it if it was newer than what replaced it (else drops the backup). A watcher may
+briefly see the older value between the two; the final state is the newer one on every master.
+``--modify-window=-1`` makes rsync's quick check compare nanoseconds, so two same-size values
+written in one second are still transferred. Clocks of the masters must be synchronised (NTP);
+two writes of one key closer together than the clock skew may resolve either way.
 
 Tombstones: deleting key ``k`` (``delete``, ``delete_tree``, ``compare_and_put(..., None)``)
 removes the file and writes ``.tomb/k`` whose mtime is the deletion time (content: who and
@@ -64,6 +71,7 @@ from hamaster.store.fs import MARKER_NAME, FsStore, _unlink_quiet
 log = logging.getLogger(__name__)
 
 TOMB_DIR = ".tomb"
+BACKUP_DIR = ".hm-bak"
 DEFAULT_SSH = "ssh -o BatchMode=yes -o ConnectTimeout=5"
 #: rsync exit codes that mean "transferred, but some source files vanished/changed meanwhile".
 PARTIAL_OK = {23, 24}
@@ -197,9 +205,38 @@ class RsyncStore(FsStore):
                 full = Path(dirpath) / name
                 self._reconcile_key(full.relative_to(self.tomb_root).as_posix())
 
+    def _restore_backups(self) -> None:
+        """Files rsync replaced on us: put back any that were newer than their replacement."""
+        bak_root = self.root / BACKUP_DIR
+        if not bak_root.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(bak_root):
+            for name in files:
+                if name.startswith("."):
+                    continue
+                bak = Path(dirpath) / name
+                live = self.root / bak.relative_to(bak_root)
+                try:
+                    bst = os.stat(bak)
+                    lst = os.stat(live)
+                except FileNotFoundError:
+                    _unlink_quiet(bak)      # removed since (a tombstone): nothing to restore
+                    continue
+                except OSError:
+                    continue
+                if bst.st_mtime_ns > lst.st_mtime_ns and os.path.isfile(live):
+                    try:
+                        os.rename(bak, live)    # the newer value wins back
+                        log.debug("rsync store: kept newer local %s over an older push", live)
+                    except OSError as exc:
+                        log.warning("rsync store: cannot restore %s: %s", live, exc)
+                else:
+                    _unlink_quiet(bak)
+
     def _reconcile(self) -> None:
         """Reconcile what changed since the last pass (tombstones and live keys)."""
         with self._reconcile_lock:
+            self._restore_backups()
             self._tombs_seen.clear()
             self._live_seen.clear()
             self._tombs.poll_now()
@@ -247,10 +284,10 @@ class RsyncStore(FsStore):
         """Delete every key under ``prefix``, one tombstone per key."""
         keys = self.list(prefix)
         for key in keys:
-            self._write_tomb(key)
-        n = super().delete_tree(prefix)
+            self._write_tomb(key)     # the watcher may already delete files as tombs appear
+        super().delete_tree(prefix)
         self._dirty.set()
-        return n
+        return len(keys)
 
     def compare_and_put(self, key: str, expected: bytes | None, value: bytes | None) -> bool:
         """Atomic in this master's tree; across masters the newer change wins."""
@@ -267,8 +304,8 @@ class RsyncStore(FsStore):
 
     def _argv(self, peer: _Peer) -> builtins.list[str]:
         argv = [
-            self.rsync, "-rt", "--update", "-p", "--chmod=D0700,F0600",
-            f"--timeout={self.io_timeout}",
+            self.rsync, "-rt", "--update", "--modify-window=-1", "-p", "--chmod=D0700,F0600",
+            "--backup", f"--backup-dir={BACKUP_DIR}", f"--timeout={self.io_timeout}",
             f"--exclude=/{MARKER_NAME}", f"--include=/{TOMB_DIR}/", "--exclude=.*",
         ]
         if peer.kind == "daemon":

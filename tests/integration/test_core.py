@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 
 import msgpack
 import pytest
@@ -12,7 +14,7 @@ import zmq
 from hamaster import crypto
 from hamaster.bus import codec, messages
 from hamaster.bus.crypticle import Crypticle, CrypticleError, generate_key_string
-from tests.integration.harness import Cluster, wait_until
+from tests.integration.harness import BIN, Cluster, wait_until
 from tests.integration.spy import SpyMinion
 
 
@@ -230,3 +232,42 @@ def test_master_survives_bad_input(cluster: Cluster) -> None:
     assert info["proc"].running()
     assert cluster.ping("b1") == {"b1": True}
     assert "refused request" in info["proc"].log_text()
+
+
+def test_jobs_run_concurrently_and_filtering(cluster: Cluster) -> None:
+    cluster.add_master({"auto_accept": True, "zmq_filtering": True})
+    cluster.add_minion("z1", extra={"zmq_filtering": True})
+    cluster.add_minion("z2", extra={"zmq_filtering": True})
+    cluster.wait_all_answer(["z1", "z2"])
+    # a long job does not block the minion's connection
+    cluster.run("hamaster", "--async", "z1", "test.sleep", "6", check=True)
+    t0 = time.monotonic()
+    assert cluster.ping("z1") == {"z1": True}
+    assert time.monotonic() - t0 < 4
+    # with zmq_filtering a job for z2 is delivered to z2 only (topic = sha1 of its id)
+    assert set(cluster.ping("z2", extra=("-L",))) == {"z2"}
+    assert set(cluster.ping("*")) == {"z1", "z2"}
+
+
+def test_master_finger_and_call(cluster: Cluster) -> None:
+    cluster.add_master({"auto_accept": True})
+    bad = cluster.add_minion("fing1", extra={"master_finger": "00:11:22:33"})
+    good = cluster.add_minion("fing2")
+    cluster.wait_all_answer(["fing2"])
+    finger = cluster.run("hamaster-key", "-F", check=True).stdout
+    wait_until(lambda: "master_finger" in bad.log_text(), 15, what="fingerprint refusal logged")
+    assert cluster.ping("fing1", timeout=2).get("fing1") is not True
+    # hamaster-call through the minion's master(s) (not --local): authenticates first
+    conf = good.confdir
+    res = subprocess.run([str(BIN / "hamaster-call"), "-c", str(conf), "test.echo", "via-master"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "via-master" in res.stdout, res.stderr
+    res = subprocess.run([str(BIN / "hamaster-call"), "-c", str(conf), "--local", "grains.get", "id"], capture_output=True, text=True, timeout=60)
+    assert "fing2" in res.stdout
+    assert finger.startswith("Local Keys:\nmaster.pub:")
+
+
+def test_every_command_has_help() -> None:
+    for cmd in ("hamaster-master", "hamaster-minion", "hamaster", "hamaster-key", "hamaster-run", "hamaster-call", "hamaster-cluster"):
+        res = subprocess.run([str(BIN / cmd), "--help"], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, cmd
+        assert "usage:" in res.stdout and len(res.stdout) > 200, cmd
