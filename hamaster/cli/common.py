@@ -22,3 +22,17 @@ def die(msg: str, code: int = 2) -> int:
     """Print an error for the operator and return ``code``."""
     print(f"Error: {msg}", file=sys.stderr)
     return code
+
+
+def raise_fd_limit() -> None:
+    """Raise the open-files soft limit to the hard limit (each minion connection needs fds)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 
-from hamaster.cli.common import add_config_args, die
+from hamaster.cli.common import add_config_args, die, raise_fd_limit
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ def _with_shared_config(opts: dict, confdir: str | None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
+    raise_fd_limit()
     from hamaster.config import ConfigError, load_master_config, setup_logging
 
     try:

@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 
-from hamaster.cli.common import add_config_args, die
+from hamaster.cli.common import add_config_args, die, raise_fd_limit
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ async def _serve(opts: dict, swarm: int, prefix: str | None) -> None:
     from hamaster.minion.modules.registry import FunctionRegistry
 
     ctx = zmq.asyncio.Context()
+    if swarm > 0:
+        ctx.max_sockets = max(1024, swarm * 4 + 64)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=int(opts.get("worker_threads_minion", 32)), thread_name_prefix="job")
     registry = FunctionRegistry()
     base_id = resolve_minion_id(opts)
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
     _limit_malloc_arenas()
+    raise_fd_limit()
     from hamaster.config import ConfigError, load_minion_config, setup_logging
 
     try:

@@ -29,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
+    from hamaster.cliargs import parse_cli_args, split_args
     from hamaster.config import ConfigError, load_master_config
     from hamaster.localapi import LocalApiError, LocalClient
-    from hamaster.minion.executor import parse_cli_args, split_args
     from hamaster.output import render_value
 
     try:

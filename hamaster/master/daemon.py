@@ -277,6 +277,7 @@ class Master:
 
     def _bind(self) -> None:
         self.ctx = zmq.asyncio.Context()
+        self.ctx.max_sockets = 65536
         iface = self.opts["interface"]
         host = f"[{iface}]" if ":" in iface else iface
         self.pub_sock = self.ctx.socket(zmq.PUB)

@@ -27,7 +27,9 @@ Mapping: store key ``k`` is etcd key ``<prefix>/k`` (``prefix`` defaults to ``/h
   disappears when etcd expires its lease. ``members()`` lists the live ones.
 - Unavailability (no member reachable, no quorum: an RPC exceeds ``timeout``) raises
   :class:`StoreUnavailable` naming the endpoints and the cause, and turns ``healthy()`` False.
-  Writes are never queued or dropped silently. Reads are linearizable (never stale), so they
+  Writes are never queued or dropped silently. A write that timed out has an unknown outcome:
+  etcd may still commit it when quorum returns (measured in the contract suite), so callers
+  retry idempotently and watches report it if it lands. Reads are linearizable (never stale), so they
   fail too without quorum; masters serve from their in-memory views meanwhile.
 - Values are limited to :data:`MAX_VALUE_BYTES` (etcd's default request limit is 1.5 MiB):
   large files belong in a content store addressed by hash, with only a manifest in etcd.
@@ -186,7 +188,7 @@ class EtcdStore(Store):
 
         if isinstance(exc, ex.ConnectionTimeoutError):
             cause = (f"no answer within {self.timeout:g}s (etcd has no quorum or is "
-                     "overloaded)")
+                     "overloaded; a write may still be applied when quorum returns)")
         elif isinstance(exc, ex.NoServerAvailableError):
             cause = "no endpoint reachable"
         elif isinstance(exc, ex.ConnectionFailedError):
@@ -204,6 +206,7 @@ class EtcdStore(Store):
 
         attempts = len(self.endpoints) + 1
         last: BaseException | None = None
+        timed_out: BaseException | None = None
         for _ in range(attempts):
             client = self._client()
             try:
@@ -214,6 +217,8 @@ class EtcdStore(Store):
             except (ex.ConnectionFailedError, ex.ConnectionTimeoutError,
                     ex.InternalServerError) as exc:
                 last = exc
+                if isinstance(exc, ex.ConnectionTimeoutError):
+                    timed_out = exc
                 if len(self.endpoints) == 1 and isinstance(exc, ex.ConnectionTimeoutError):
                     break
                 continue
@@ -236,6 +241,8 @@ class EtcdStore(Store):
             self._ok()
             return result
         assert last is not None
+        if timed_out is not None:   # the most telling cause: a member answered too late
+            raise self._fail(what, timed_out) from last
         raise self._fail(what, last) from last
 
     # ------------------------------------------------------------------ keys

@@ -496,7 +496,7 @@ def test_etcd_quorum_loss_fails_writes_and_converges() -> None:
             # Two of three killed: quorum lost, writes fail loudly.
             cluster.members[1].kill()
             t0 = time.monotonic()
-            with pytest.raises(StoreUnavailable, match="quorum|reachable|failed"):
+            with pytest.raises(StoreUnavailable, match="no quorum"):
                 a.put("pki/lost", b"x")
             assert time.monotonic() - t0 < 10
             assert not a.healthy()
@@ -507,7 +507,9 @@ def test_etcd_quorum_loss_fails_writes_and_converges() -> None:
             cluster.members[1].start()
             cluster.wait_healthy(timeout=20)
             eventually(lambda: a.put("pki/back", b"b") is None, timeout=15, what="write")
-            assert a.get("pki/lost") is None        # the failed write was not applied later
+            # A timed-out write has an unknown outcome (etcd may commit it once quorum is
+            # back); whichever it is, both masters agree.
+            assert a.get("pki/lost") == b.get("pki/lost")
             eventually(lambda: any(c.key == "pki/back" for c in seen), timeout=15,
                        what="watch after quorum returned")
             assert b.get("pki/k5") == b"5"
