@@ -206,3 +206,23 @@ def test_failover_master_type(cluster: Cluster) -> None:
     assert cluster.ping("fo1", master=1, timeout=2).get("fo1") is not True
     cluster.masters[0]["proc"].kill()
     cluster.wait_all_answer(["fo1"], master=1, timeout=30)
+
+
+def test_shared_config_fragment_and_drift(cluster: Cluster) -> None:
+    shared = cluster.base / "shared"
+    (shared / "config" / "master.d").mkdir(parents=True)
+    (shared / "config" / "master.d" / "10-accept.conf").write_text("auto_accept: true\npublish_port: 1\n")
+    cluster.add_master({"ha_dir": str(shared)})
+    cluster.add_master({"ha_dir": str(shared)})
+    # the fragment applies to both masters: the minion is accepted with no operator action
+    cluster.add_minion("cf1")
+    cluster.wait_all_answer(["cf1"], master=0)
+    cluster.wait_all_answer(["cf1"], master=1)
+    assert "per-host option 'publish_port'" in cluster.masters[0]["proc"].log_text()
+    def status() -> dict:
+        return json.loads(cluster.run("hamaster-run", "--out", "json", "cluster.status", master=0).stdout or "{}")
+    wait_until(lambda: len([m for m in status().get("masters", {}).values() if m.get("alive")]) == 2, 15, what="2 masters alive")
+    assert status()["drift"]["config"] is False
+    # a third master with a different local setting shows up as config drift
+    cluster.add_master({"ha_dir": str(shared), "keep_jobs": 1})
+    wait_until(lambda: status().get("drift", {}).get("config") is True, 15, what="config drift shown")
