@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import struct
-import time
 from typing import TYPE_CHECKING, Any
 
 from hamaster.localapi import MAX_LOCAL_FRAME, pack, socket_path, unpack_body
@@ -105,7 +104,6 @@ class CliServer:
         wait = bool(req.get("wait", True))
         timeout = float(req.get("timeout") or m.opts.get("timeout", 5))
         jid_hint = req.get("jid") or None
-        q = None
         pub = m.publish(
             req.get("tgt", "*"),
             req["fun"],
@@ -115,33 +113,18 @@ class CliServer:
             user=req.get("user", "root"),
             jid=jid_hint,
         )
-        if pub.get("jid") and wait:
-            q = m.tracker.subscribe(pub["jid"])
         writer.write(pack(pub))
         await writer.drain()
-        if q is None:
+        if not (pub.get("jid") and wait):
             return
-        jid = pub["jid"]
         expected = set(pub["minions"])
-        seen: set[str] = set()
-        deadline = time.monotonic() + timeout
-        try:
-            while expected - seen:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    mid, ret = await asyncio.wait_for(q.get(), timeout=left)
-                except TimeoutError:
-                    break
-                if mid in seen:
-                    continue
-                seen.add(mid)
-                writer.write(pack({"ret": {mid: ret}}))
-                await writer.drain()
-        finally:
-            m.tracker.unsubscribe(jid, q)
-        writer.write(pack({"done": True, "jid": jid, "missing": sorted(expected - seen)}))
+
+        async def stream(mid: str, ret: dict) -> None:
+            writer.write(pack({"ret": {mid: ret}}))
+            await writer.drain()
+
+        seen = await m.tracker.collect(pub["jid"], expected, timeout, stream)
+        writer.write(pack({"done": True, "jid": pub["jid"], "missing": sorted(expected - seen)}))
         await writer.drain()
 
     async def _runner(self, req: dict, writer: asyncio.StreamWriter) -> None:

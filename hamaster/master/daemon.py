@@ -249,7 +249,7 @@ class Master:
         }
         if extra:
             inner.update(extra)
-        pass  # inner["master_id"] = self.master_id
+        inner["master_id"] = self.master_id
         inner["serial"] = self.publish_key.next_serial()
         frame = messages.wrap_publication(self.publish_key.cipher, self.master_priv, inner)
         self._send_publication(frame, minions, tgt_type)

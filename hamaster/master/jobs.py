@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +132,38 @@ class JobTracker:
             for mid, ret in rec.returns.items():
                 q.put_nowait((mid, ret))
         return q
+
+    async def collect(
+        self,
+        jid: str,
+        expected: set[str],
+        timeout: float,
+        on_return: Callable[[str, dict], Awaitable[None]] | None = None,
+    ) -> set[str]:
+        """Wait up to ``timeout`` for returns from ``expected``; returns the ids that answered.
+
+        ``on_return(minion_id, ret)`` is awaited for each first return, as it arrives.
+        """
+        q = self.subscribe(jid)
+        seen: set[str] = set()
+        deadline = time.monotonic() + timeout
+        try:
+            while expected - seen:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    mid, ret = await asyncio.wait_for(q.get(), timeout=left)
+                except TimeoutError:
+                    break
+                if mid in seen:
+                    continue
+                seen.add(mid)
+                if on_return is not None:
+                    await on_return(mid, ret)
+        finally:
+            self.unsubscribe(jid, q)
+        return seen
 
     def unsubscribe(self, jid: str, q: asyncio.Queue) -> None:
         """Stop delivering to ``q``."""

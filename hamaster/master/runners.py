@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -72,21 +71,7 @@ async def _ping_all(master: Master, timeout: float) -> tuple[list[str], list[str
     expected = set(pub.get("minions") or [])
     if not pub.get("jid"):
         return [], sorted(master.keys.accepted_ids())
-    q = master.tracker.subscribe(pub["jid"])
-    seen: set[str] = set()
-    deadline = time.monotonic() + timeout
-    try:
-        while expected - seen:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                mid, _ = await asyncio.wait_for(q.get(), timeout=left)
-            except TimeoutError:
-                break
-            seen.add(mid)
-    finally:
-        master.tracker.unsubscribe(pub["jid"], q)
+    seen = await master.tracker.collect(pub["jid"], expected, timeout)
     accepted = set(master.keys.accepted_ids())
     return sorted(seen & accepted), sorted(accepted - seen)
 

@@ -190,9 +190,9 @@ class EtcdStore(Store):
             cause = (f"no answer within {self.timeout:g}s (etcd has no quorum or is "
                      "overloaded; a write may still be applied when quorum returns)")
         elif isinstance(exc, ex.NoServerAvailableError):
-            cause = "no endpoint reachable"
+            cause = "no endpoint reachable (members down, network, or a TLS mismatch)"
         elif isinstance(exc, ex.ConnectionFailedError):
-            cause = "connection failed"
+            cause = "connection failed (members down, network, or a TLS mismatch)"
         else:
             cause = f"{type(exc).__name__}: {exc}"
         msg = f"etcd {self.describe()}: {what} failed: {cause}"
