@@ -17,7 +17,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from hamaster import __version__, crypto
-from hamaster.bus import messages
+from hamaster.bus import codec, messages
 from hamaster.bus.crypticle import Crypticle, generate_key_string
 from hamaster.master.pubkey import PublishKey
 from hamaster.master.ratelog import RateLimitedLog
@@ -77,13 +77,14 @@ class RequestHandler:
         try:
             req = messages.parse_request(payload, self.minimum_version)
         except messages.BadRequest as exc:
-            return self._refuse(exc.reason, peer, exc.detail)
+            return self._refuse(exc.reason, _claimed_id(payload) or peer, exc.detail)
         try:
             if isinstance(req, messages.ClearRequest):
                 return self._handle_clear(req, peer)
             return self._handle_aes(req, peer)
         except messages.BadRequest as exc:
-            return self._refuse(exc.reason, peer, exc.detail)
+            mid = req.minion_id if isinstance(req, messages.AesRequest) else req.load.get("id")
+            return self._refuse(exc.reason, f"{mid}@{peer}" if isinstance(mid, str) else peer, exc.detail)
         except Exception:  # a bug must not take the master down
             log.exception("internal error handling a request from %s", peer)
             self.metrics.reject("internal")
@@ -91,7 +92,9 @@ class RequestHandler:
 
     def _refuse(self, reason: str, peer: str, detail: str) -> bytes:
         self.metrics.reject(reason)
-        self.ratelog.warn(reason, peer, "refused request from %s: %s", peer, detail)
+        # Rate-limit per claimed minion id where there is one: a stock minion opens a new
+        # connection (a new routing id) for every _auth.
+        self.ratelog.warn(reason, peer.split("@", 1)[0], "refused request from %s: %s", peer, detail)
         return messages.plain_reply(messages.BAD_LOAD)
 
     # -- clear requests: _auth ------------------------------------------------------------
@@ -220,3 +223,17 @@ class RequestHandler:
         """Minions that made a request within ``window`` seconds."""
         cutoff = time.time() - window
         return sorted(m for m, s in self.sessions.items() if s.last_seen >= cutoff)
+
+
+def _claimed_id(payload: bytes) -> str | None:
+    """The minion id a refused frame claims, for logging only (never trusted)."""
+    try:
+        env = codec.loads(payload, max_size=1 << 20)
+    except codec.DecodeError:
+        return None
+    if not isinstance(env, dict):
+        return None
+    mid = env.get("id")
+    if mid is None and isinstance(env.get("load"), dict):
+        mid = env["load"].get("id")
+    return f"{mid}" if isinstance(mid, str) and len(mid) < 256 else None

@@ -136,6 +136,7 @@ class RsyncStore(FsStore):
         self._pstop = threading.Event()
         self._pusher: threading.Thread | None = None
         self._last_sweep = 0.0
+        self._unpushed = False          # local writes not yet delivered to every peer
         self._reconcile_all()
 
     # ------------------------------------------------------------------ tombstones
@@ -271,13 +272,13 @@ class RsyncStore(FsStore):
         """Write locally (atomic), clear any tombstone, schedule a push."""
         super().put(key, value, mode)
         self._clear_tomb(key)
-        self._dirty.set()
+        self._changed()
 
     def delete(self, key: str) -> bool:
         """Delete locally and leave a tombstone so peers delete it too."""
         existed = super().delete(key)
         self._write_tomb(key)
-        self._dirty.set()
+        self._changed()
         return existed
 
     def delete_tree(self, prefix: str) -> int:
@@ -286,7 +287,7 @@ class RsyncStore(FsStore):
         for key in keys:
             self._write_tomb(key)     # the watcher may already delete files as tombs appear
         super().delete_tree(prefix)
-        self._dirty.set()
+        self._changed()
         return len(keys)
 
     def compare_and_put(self, key: str, expected: bytes | None, value: bytes | None) -> bool:
@@ -297,10 +298,14 @@ class RsyncStore(FsStore):
                 self._write_tomb(key)
             else:
                 self._clear_tomb(key)
-            self._dirty.set()
+            self._changed()
         return ok
 
     # ------------------------------------------------------------------ pushing
+
+    def _changed(self) -> None:
+        self._unpushed = True
+        self._dirty.set()
 
     def _argv(self, peer: _Peer) -> builtins.list[str]:
         argv = [
@@ -350,6 +355,7 @@ class RsyncStore(FsStore):
         """Push to every peer that needs it (all when ``force``); True if all succeeded."""
         with self._push_lock:
             self._dirty.clear()
+            unpushed, self._unpushed = self._unpushed, False
             ok = True
             now = time.monotonic()
             for peer in self.peers:
@@ -357,6 +363,8 @@ class RsyncStore(FsStore):
                     ok = ok and peer.ok
                     continue
                 ok = self._push_one(peer) and ok
+            if not ok:
+                self._unpushed = self._unpushed or unpushed
             return ok
 
     def peer_status(self) -> dict[str, dict]:
@@ -423,16 +431,16 @@ class RsyncStore(FsStore):
         self._pusher.start()
 
     def close(self) -> None:
-        """Stop both threads; a pending local change is pushed once more (best effort)."""
+        """Stop both threads; local writes not yet pushed are pushed once more (best effort)."""
         self._pstop.set()
         self._dirty.set()
         if self._pusher is not None:
             self._pusher.join(timeout=self.io_timeout + 35)
             self._pusher = None
         super().close()
-        if any(p.pending for p in self.peers):
+        if self._unpushed and self.peers:
             try:
-                self.push_now()
+                self.push_now(force=True)
             except Exception as exc:
                 log.warning("rsync store: final push failed: %s", exc)
 

@@ -1,0 +1,412 @@
+"""The drill file: YAML schema, validation with errors that name the field, and the scenarios.
+
+A drill names the cluster either by ``cluster_dir`` (a ``hamaster-cluster`` directory: masters,
+minions, PIDs, confdirs and logs are read from its ``cluster.json``) or explicitly::
+
+    name: kill master1
+    scenario: kill                  # see SCENARIOS / `hamaster-drill list`
+    cluster_dir: /tmp/hamaster-demo
+    victim: master1                 # a master name (default: the first master)
+    hold_s: 1                       # keep the failure this long after it was detected
+    objectives:
+      max_failed_pings: 0
+      max_detect_s: 10
+      max_recovery_s: 5
+      max_lost_results: 0
+      key_change_visible: true
+
+    # or, for real hosts:
+    masters:
+      - name: m1
+        host: m1.example.com        # as the minions name it (with ret_port, for log matching)
+        ret_port: 4506
+        publish_port: 4505
+        confdir: /etc/hamaster      # passed to the hamaster CLIs as -c
+        exec: ssh root@m1           # run the hamaster CLIs there (default: here, by socket)
+        commands:                   # shell commands; {name} {host} {pid} {confdir} {ret_port}
+          stop: ssh root@m1 systemctl stop hamaster-master
+          start: ssh root@m1 systemctl start hamaster-master
+    minions:
+      - name: web1
+        log: /var/log/hamaster/minion   # optional: detection from the minion's view
+    backend:                        # backend-loss: how to take the shared store away and back
+      stop: ssh root@nfs1 systemctl stop nfs-server
+      start: ssh root@nfs1 systemctl start nfs-server
+
+Without commands, nodes are handled locally: signals to ``pid`` (or the PID in ``pidfile``),
+``hamaster-master -c confdir`` to start, iptables on the loopback interface to isolate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hamaster.drill import DrillError
+
+COMMAND_NAMES = ("stop", "start", "kill", "freeze", "thaw", "isolate", "heal")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One kind of drill."""
+
+    name: str
+    summary: str
+    implemented: bool
+    measures: tuple[str, ...]
+    note: str = ""
+
+
+# What each scenario measures (the objectives it accepts).
+_FAILOVER = ("max_failed_pings", "max_detect_s", "max_recovery_s", "max_lost_results", "key_change_visible")
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("kill", "SIGKILL one master, restart it; pings through the survivors, tracked job through the victim.",
+                 True, _FAILOVER),
+        Scenario("stop", "Stop one master gracefully (SIGTERM or its stop command), start it again.", True, _FAILOVER),
+        Scenario("freeze", "SIGSTOP one master (a hung host), then SIGCONT.", True, _FAILOVER),
+        Scenario("partition", "Cut one master off the network: drop its ret/publish ports (iptables on lo locally).",
+                 True, _FAILOVER,
+                 note="locally the victim keeps its access to an fs ha_dir (a directory cannot be cut by "
+                 "iptables), so cluster.status keeps showing it alive; detection is from the minions' view. "
+                 "Needs iptables and root; on real hosts give isolate/heal commands."),
+        Scenario("backend-loss", "Make the shared store unreachable (fs: rename ha_dir away; or backend stop/start "
+                 "commands), then restore it; masters must keep serving.", True,
+                 ("max_failed_pings", "max_detect_s", "max_recovery_s", "max_lost_results"),
+                 note="fs is renamed away locally; etcd member/quorum loss and rsync peer loss need backend "
+                 "stop/start commands in the drill file and are not exercised by the local tests. "
+                 "No key change: keys live in the store that is gone."),
+        Scenario("minion-storm", "Restart every minion at once; all must answer through every master again.", True,
+                 ("max_failed_pings", "max_recovery_s", "key_change_visible"),
+                 note="no tracked job (a job dies with its minion) and no detection; failed pings are counted "
+                 "after the minions are back, not while they are down."),
+        Scenario("rolling-restart", "Restart every master in turn (graceful stop, start, wait until every minion "
+                 "answers through it); pings through the others never fail.", True,
+                 ("max_failed_pings", "max_recovery_s", "max_lost_results", "key_change_visible")),
+    )
+}
+
+OBJECTIVES = {
+    "max_failed_pings": int,
+    "max_detect_s": float,
+    "max_recovery_s": float,
+    "max_lost_results": int,
+    "key_change_visible": bool,
+}
+
+_TOP_KEYS = {
+    "name", "scenario", "cluster_dir", "masters", "minions", "victim", "hold_s", "job_sleep_s",
+    "ping_timeout_s", "ping_interval_s", "detect_timeout_s", "recovery_timeout_s", "preflight_timeout_s",
+    "key_change", "objectives", "backend", "description",
+}
+_NODE_KEYS = {"name", "host", "ret_port", "publish_port", "confdir", "exec", "pid", "pidfile", "log", "commands",
+              "minion_sees_as"}
+
+
+@dataclass
+class Node:
+    """A master or minion of the drilled cluster."""
+
+    name: str
+    kind: str  # "master" | "minion"
+    host: str = "127.0.0.1"
+    ret_port: int | None = None
+    publish_port: int | None = None
+    confdir: str | None = None
+    exec: list[str] | None = None
+    pid: int | None = None
+    pidfile: str | None = None
+    log: str | None = None
+    commands: dict[str, str] = field(default_factory=dict)
+    minion_sees_as: str | None = None
+    local_entry: dict | None = None  # the cluster.json entry (cluster_dir mode)
+
+    @property
+    def seen_as(self) -> str:
+        """How minions name this master in their logs (``host:ret_port``)."""
+        return self.minion_sees_as or f"{self.host}:{self.ret_port}"
+
+    def current_pid(self) -> int | None:
+        if self.local_entry is not None:
+            return self.local_entry.get("pid")
+        if self.pidfile:
+            try:
+                return int(Path(self.pidfile).read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                return None
+        return self.pid
+
+
+@dataclass
+class Drill:
+    """A validated drill file."""
+
+    path: str
+    name: str
+    scenario: str
+    masters: list[Node]
+    minions: list[Node]
+    victim: str | None
+    cluster_dir: str | None = None
+    hold_s: float = 1.0
+    job_sleep_s: float = 3.0
+    ping_timeout_s: float = 3.0
+    ping_interval_s: float = 0.2
+    detect_timeout_s: float = 30.0
+    recovery_timeout_s: float = 30.0
+    preflight_timeout_s: float = 30.0
+    key_change: str | None = "auto"
+    objectives: dict[str, Any] = field(default_factory=dict)
+    backend: dict[str, str] = field(default_factory=dict)
+
+    def master(self, name: str) -> Node:
+        for m in self.masters:
+            if m.name == name:
+                return m
+        raise DrillError(f"no master named {name!r}")
+
+    @property
+    def victim_node(self) -> Node:
+        return self.master(self.victim) if self.victim else self.masters[0]
+
+
+def _err(path: str, where: str, msg: str) -> DrillError:
+    return DrillError(f"{path}: {where}: {msg}")
+
+
+def _num(path: str, where: str, value: Any, kind: type, minimum: float = 0) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _err(path, where, f"must be a number, not {value!r}")
+    if kind is int and not float(value).is_integer():
+        raise _err(path, where, f"must be a whole number, not {value!r}")
+    if value < minimum:
+        raise _err(path, where, f"must be >= {minimum}, not {value!r}")
+    return kind(value)
+
+
+def _str_list(path: str, where: str, value: Any) -> list[str]:
+    import shlex
+
+    if isinstance(value, str):
+        return shlex.split(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise _err(path, where, "must be a string or a list of strings")
+
+
+def _node(path: str, where: str, raw: Any, kind: str) -> Node:
+    if not isinstance(raw, dict):
+        raise _err(path, where, "must be a mapping with at least `name`")
+    unknown = set(raw) - _NODE_KEYS
+    if unknown:
+        raise _err(path, where, f"unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_NODE_KEYS))}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise _err(path, f"{where}.name", "is required (a string)")
+    cmds = raw.get("commands") or {}
+    if not isinstance(cmds, dict):
+        raise _err(path, f"{where}.commands", "must be a mapping of command name to shell command")
+    for k, v in cmds.items():
+        if k not in COMMAND_NAMES:
+            raise _err(path, f"{where}.commands.{k}", f"unknown command; known: {', '.join(COMMAND_NAMES)}")
+        if not isinstance(v, str) or not v.strip():
+            raise _err(path, f"{where}.commands.{k}", "must be a non-empty shell command")
+    node = Node(name=name, kind=kind, commands=dict(cmds))
+    if "host" in raw:
+        if not isinstance(raw["host"], str):
+            raise _err(path, f"{where}.host", "must be a string")
+        node.host = raw["host"]
+    for port in ("ret_port", "publish_port", "pid"):
+        if raw.get(port) is not None:
+            setattr(node, port, _num(path, f"{where}.{port}", raw[port], int, 1))
+    for s in ("confdir", "pidfile", "log", "minion_sees_as"):
+        if raw.get(s) is not None:
+            if not isinstance(raw[s], str):
+                raise _err(path, f"{where}.{s}", "must be a string")
+            setattr(node, s, raw[s])
+    if raw.get("exec") is not None:
+        node.exec = _str_list(path, f"{where}.exec", raw["exec"])
+    return node
+
+
+def _from_cluster_dir(path: str, cdir: str) -> tuple[list[Node], list[Node]]:
+    state_file = Path(cdir) / "cluster.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except FileNotFoundError:
+        raise _err(path, "cluster_dir", f"{state_file} not found: start the cluster with "
+                   f"`hamaster-cluster up --dir {cdir}`") from None
+    except (OSError, ValueError) as exc:
+        raise _err(path, "cluster_dir", f"cannot read {state_file}: {exc}") from None
+    masters = []
+    for m in state.get("masters", []):
+        conf = m.get("conf", {})
+        masters.append(Node(
+            name=m["name"], kind="master", host=conf.get("interface", "127.0.0.1"),
+            ret_port=conf.get("ret_port"), publish_port=conf.get("publish_port"), confdir=m["confdir"],
+            log=str(Path(cdir) / f"{m['name']}.log"), local_entry=m,
+        ))
+    minions = [
+        Node(name=n["name"], kind="minion", confdir=n["confdir"], log=str(Path(cdir) / f"{n['name']}.log"),
+             local_entry=n)
+        for n in state.get("minions", [])
+    ]
+    return masters, minions
+
+
+def parse_drill(data: Any, path: str = "<drill>") -> Drill:
+    """Validate a parsed drill document; raise :class:`DrillError` naming the bad field."""
+    if not isinstance(data, dict):
+        raise DrillError(f"{path}: a drill file is a YAML mapping (see `hamaster-drill run --help`)")
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise _err(path, ", ".join(sorted(unknown)), f"unknown field(s); known: {', '.join(sorted(_TOP_KEYS))}")
+    scenario = data.get("scenario")
+    if scenario not in SCENARIOS:
+        raise _err(path, "scenario", f"{scenario!r} is not a scenario; one of: {', '.join(SCENARIOS)}")
+    sc = SCENARIOS[scenario]
+    cdir = data.get("cluster_dir")
+    if cdir is not None and ("masters" in data or "minions" in data):
+        raise _err(path, "cluster_dir", "give either cluster_dir or masters/minions, not both")
+    if cdir is not None:
+        if not isinstance(cdir, str):
+            raise _err(path, "cluster_dir", "must be a path")
+        masters, minions = _from_cluster_dir(path, cdir)
+    else:
+        if not isinstance(data.get("masters"), list) or not data["masters"]:
+            raise _err(path, "masters", "is required (a list of masters) unless cluster_dir is given")
+        if not isinstance(data.get("minions"), list) or not data["minions"]:
+            raise _err(path, "minions", "is required (a list of minions) unless cluster_dir is given")
+        masters = [_node(path, f"masters[{i}]", m, "master") for i, m in enumerate(data["masters"])]
+        minions = [_node(path, f"minions[{i}]", m, "minion") for i, m in enumerate(data["minions"])]
+    for kind, nodes in (("masters", masters), ("minions", minions)):
+        names = [n.name for n in nodes]
+        if len(set(names)) != len(names):
+            raise _err(path, kind, "names must be unique")
+    if not masters or not minions:
+        raise _err(path, "masters/minions", "the cluster needs at least one master and one minion")
+    for m in masters:
+        if m.exec is None and not m.confdir:
+            raise _err(path, f"master {m.name}", "needs `confdir` (to reach its CLI socket) or `exec`")
+        if m.ret_port is None:
+            raise _err(path, f"master {m.name}", "needs `ret_port`")
+
+    drill = Drill(path=path, name=str(data.get("name") or Path(path).stem), scenario=scenario,
+                  masters=masters, minions=minions, victim=None, cluster_dir=cdir)
+    for key in ("hold_s", "job_sleep_s", "ping_timeout_s", "ping_interval_s", "detect_timeout_s",
+                "recovery_timeout_s", "preflight_timeout_s"):
+        if data.get(key) is not None:
+            setattr(drill, key, _num(path, key, data[key], float, 0))
+    if drill.ping_timeout_s <= 0:
+        raise _err(path, "ping_timeout_s", "must be > 0")
+
+    victim = data.get("victim")
+    if victim is not None:
+        if not isinstance(victim, str) or victim not in {m.name for m in masters}:
+            raise _err(path, "victim", f"{victim!r} is not a master of this cluster; masters: "
+                       f"{', '.join(m.name for m in masters)}")
+        drill.victim = victim
+    if scenario in ("kill", "stop", "freeze", "partition", "backend-loss", "rolling-restart") and len(masters) < 2:
+        raise _err(path, "masters", f"scenario {scenario} needs at least 2 masters (a survivor to measure through)")
+
+    kc = data.get("key_change", "auto")
+    if kc is False or kc == "off":
+        drill.key_change = None
+    elif isinstance(kc, str) and kc:
+        drill.key_change = kc
+    else:
+        raise _err(path, "key_change", "must be `auto`, `off` or the id of a pending key to accept")
+    if "key_change_visible" not in sc.measures:
+        drill.key_change = None
+    if drill.key_change == "auto" and any(m.exec for m in masters):
+        raise _err(path, "key_change", "with remote masters (`exec`), pre-stage a pending key and name it here, "
+                   "or set `key_change: off`")
+
+    obj = data.get("objectives") or {}
+    if not isinstance(obj, dict):
+        raise _err(path, "objectives", "must be a mapping, e.g. {max_failed_pings: 0, max_recovery_s: 5}")
+    for k, v in obj.items():
+        if k not in OBJECTIVES:
+            raise _err(path, f"objectives.{k}", f"unknown objective; known: {', '.join(OBJECTIVES)}")
+        if k not in sc.measures:
+            raise _err(path, f"objectives.{k}", f"scenario {scenario} does not measure this; it measures "
+                       f"{', '.join(sc.measures)}")
+        if OBJECTIVES[k] is bool:
+            if not isinstance(v, bool):
+                raise _err(path, f"objectives.{k}", "must be true or false")
+            drill.objectives[k] = v
+        else:
+            drill.objectives[k] = _num(path, f"objectives.{k}", v, OBJECTIVES[k], 0)
+    if drill.objectives.get("key_change_visible") and drill.key_change is None:
+        raise _err(path, "objectives.key_change_visible", "needs key_change (auto or a pending key id)")
+
+    be = data.get("backend") or {}
+    if not isinstance(be, dict) or any(k not in ("stop", "start", "dir") for k in be) or \
+            any(not isinstance(v, str) for v in be.values()):
+        raise _err(path, "backend", "must be a mapping with `dir` (an fs ha_dir to rename away) or "
+                   "`stop` and `start` shell commands")
+    drill.backend = dict(be)
+    if ("stop" in be) != ("start" in be):
+        raise _err(path, "backend", "give both `stop` and `start`")
+
+    _check_capabilities(drill)
+    return drill
+
+
+def _check_capabilities(d: Drill) -> None:
+    """Refuse a drill that could break something it cannot restore."""
+    local = d.cluster_dir is not None
+
+    def need(node: Node, cmd: str, alt: str) -> None:
+        if cmd in node.commands:
+            return
+        if local or (alt == "pid" and (node.pid or node.pidfile)):
+            return
+        raise _err(d.path, f"{node.kind} {node.name}.commands.{cmd}",
+                   f"is needed for scenario {d.scenario} (no cluster_dir{' or pid/pidfile' if alt == 'pid' else ''})")
+
+    v = d.victim_node
+    if d.scenario in ("kill", "stop"):
+        need(v, d.scenario, "pid")
+        need(v, "start", "none")
+    elif d.scenario == "freeze":
+        need(v, "freeze", "pid")
+        need(v, "thaw", "pid")
+    elif d.scenario == "partition":
+        if ("isolate" in v.commands) != ("heal" in v.commands):
+            raise _err(d.path, f"master {v.name}.commands", "give both `isolate` and `heal`")
+        if "isolate" not in v.commands and v.host not in ("127.0.0.1", "localhost", "::1"):
+            raise _err(d.path, f"master {v.name}.commands.isolate",
+                       "is needed: the built-in isolation only cuts loopback ports on this machine")
+    elif d.scenario == "rolling-restart":
+        for m in d.masters:
+            need(m, "stop", "pid")
+            need(m, "start", "none")
+    elif d.scenario == "minion-storm":
+        for n in d.minions:
+            need(n, "stop", "pid")
+            need(n, "start", "none")
+    elif d.scenario == "backend-loss":
+        if not d.backend:
+            if not local:
+                raise _err(d.path, "backend", "is needed for backend-loss (`dir` or `stop`/`start`)")
+
+
+def load_drill(path: str) -> Drill:
+    """Read and validate a drill file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise DrillError(f"cannot read drill file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DrillError(f"{path}: not valid YAML: {exc}") from None
+    return parse_drill(data, path)
