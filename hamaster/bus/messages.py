@@ -40,6 +40,10 @@ class AuthReplyError(Exception):
     """A master's ``_auth`` reply that our minion must not trust."""
 
 
+class MasterKeyMismatch(AuthReplyError):
+    """The master does not hold the master key this minion pinned (``minion_master.pub``)."""
+
+
 class BadLoadReply(Exception):
     """The master answered ``"bad load"``: re-authenticate and retry."""
 
@@ -400,6 +404,12 @@ def parse_auth_reply(
     except crypto.CryptoError as exc:
         raise AuthReplyError(f"master key unusable: {exc}") from None
     if not crypto.verify(master_pub, body, sig, sig_algo):
+        if pinned_master_pub is not None:
+            raise MasterKeyMismatch(
+                "auth reply signature does not verify with the pinned master key "
+                f"({crypto.pem_fingerprint(pinned_master_pub)}): this master's key is not the one "
+                "this minion trusts"
+            )
         raise AuthReplyError("auth reply signature does not verify with the master key")
     if inner.get("nonce") != nonce:
         raise AuthReplyError("auth reply nonce does not match ours (replayed reply?)")
@@ -408,7 +418,7 @@ def parse_auth_reply(
     if pinned_master_pub is not None and (
         not isinstance(offered, str) or crypto.normalize_pem(offered) != crypto.normalize_pem(pinned_master_pub)
     ):
-        raise AuthReplyError("master presented a key that differs from the pinned master key")
+        raise MasterKeyMismatch("master presented a key that differs from the pinned master key")
     try:
         aes_key = crypto.oaep_decrypt(minion_priv, codec.to_bytes(inner["aes"]), enc_algo).decode()
         session_key = crypto.oaep_decrypt(minion_priv, codec.to_bytes(inner["session"]), enc_algo).decode()

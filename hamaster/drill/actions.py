@@ -16,6 +16,7 @@ filled in.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -76,10 +77,19 @@ class Actions:
             from hamaster.cli.cluster import LocalCluster
 
             self.cluster = LocalCluster(Path(drill.cluster_dir))
+            self.cluster.save = self._save_cluster  # type: ignore[method-assign]  # thread-safe, atomic
             entries = {e["name"]: e for e in self.cluster.state.get("masters", []) + self.cluster.state.get("minions", [])}
             for n in drill.masters + drill.minions:
                 if n.name in entries:
                     n.local_entry = entries[n.name]
+
+    def _save_cluster(self) -> None:
+        """Write cluster.json atomically; minions are started and stopped from several threads."""
+        assert self.cluster is not None
+        with self._lock:
+            tmp = self.cluster.state_file.with_name(f".cluster.json.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.cluster.state, indent=2))
+            os.replace(tmp, self.cluster.state_file)
 
     # -- the undo stack ---------------------------------------------------------------------------
 

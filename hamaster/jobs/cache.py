@@ -86,10 +86,9 @@ class JobCache:
         """Minion id → return for ``jid``."""
         base = f"{self.prefix}/{_check_jid(jid)}/returns"
         out: dict[str, dict[str, Any]] = {}
-        for key in self.store.list(base):
+        for key, raw in self.store.get_many(base).items():
             mid = key[len(base) + 1:]
-            raw = self.store.get(key)
-            if raw is None or "/" in mid:
+            if "/" in mid:
                 continue
             ret = _unpack(raw, key)
             if ret is not None:

@@ -254,6 +254,11 @@ class MasterConnection:
                 result = await self._auth_once()
             except messages.AuthReplyError as exc:
                 msg = f"refusing master {self.name}: {exc}"
+                if isinstance(exc, messages.MasterKeyMismatch):
+                    msg += (
+                        f"; the trusted master key is pinned in {self.ident.pinned_path} (if the "
+                        "master key was replaced on purpose, remove that file and restart the minion)"
+                    )
                 if logged != msg:
                     log.error("%s: %s", self.ident.minion_id, msg)
                     logged = msg

@@ -68,6 +68,18 @@ class Store(ABC):
     def put(self, key: str, value: bytes) -> None:
         """Store ``value`` at ``key``; readers see either the old or the new value, never a mix."""
 
+    def get_many(self, prefix: str) -> dict[str, bytes]:
+        """Every ``key → value`` under ``prefix``; backends may read them at once (etcd: one range).
+
+        The default lists, then gets each key (a key deleted in between is left out).
+        """
+        out: dict[str, bytes] = {}
+        for key in self.list(prefix):
+            value = self.get(key)
+            if value is not None:
+                out[key] = value
+        return out
+
     def put_many(self, items: list[tuple[str, bytes]]) -> None:
         """Store many ``(key, value)`` pairs; backends may batch them (etcd: transactions).
 

@@ -133,6 +133,7 @@ class EtcdStore(Store):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_resync = time.monotonic()
+        self._timeout_at = -1e9                 # when a request last timed out (any thread)
 
     # ------------------------------------------------------------------ client
 
@@ -191,6 +192,9 @@ class EtcdStore(Store):
                      "overloaded; a write may still be applied when quorum returns)")
         elif isinstance(exc, ex.NoServerAvailableError):
             cause = "no endpoint reachable (members down, network, or a TLS mismatch)"
+            if time.monotonic() - self._timeout_at < 4 * self.timeout + 2:
+                cause += (f"; a member that answered recently took over {self.timeout:g}s: "
+                          "etcd likely has no quorum")
         elif isinstance(exc, ex.ConnectionFailedError):
             cause = "connection failed (members down, network, or a TLS mismatch)"
         else:
@@ -219,6 +223,7 @@ class EtcdStore(Store):
                 last = exc
                 if isinstance(exc, ex.ConnectionTimeoutError):
                     timed_out = exc
+                    self._timeout_at = time.monotonic()
                 if len(self.endpoints) == 1 and isinstance(exc, ex.ConnectionTimeoutError):
                     break
                 continue
@@ -375,6 +380,18 @@ class EtcdStore(Store):
         out.sort()
         return out
 
+    def get_many(self, prefix: str) -> dict[str, bytes]:
+        """Every key → value under ``prefix`` in paged range reads at one revision."""
+        prefix = validate_prefix(prefix)
+        ep = self._epfx(prefix)
+        _rev, kvs = self._range(f"get_many {prefix!r}", ep, _prefix_end(ep), keys_only=False)
+        out: dict[str, bytes] = {}
+        for kv in kvs:
+            k = self._sk(kv.key)
+            if k is not None:
+                out[k] = bytes(kv.value)
+        return out
+
     def compare_and_put(self, key: str, expected: bytes | None, value: bytes | None) -> bool:
         """One transaction: write ``value`` (None deletes) only if ``key`` holds ``expected``."""
         from pyetcd import exceptions as ex
@@ -406,6 +423,7 @@ class EtcdStore(Store):
                 continue
             except ex.ConnectionTimeoutError as exc:
                 uncertain = True            # may have been applied; retry and check below
+                self._timeout_at = time.monotonic()
                 if len(self.endpoints) == 1:
                     raise self._fail(f"compare_and_put {key!r} (outcome unknown)", exc) from exc
                 continue

@@ -36,7 +36,7 @@ def exposed_names() -> dict[str, tuple[str, ...]]:
         elif fam.type == "info":
             out[fam.name] = (fam.name + "_info",)
         elif fam.type == "histogram":
-            out[fam.name] = tuple(fam.name + s for s in ("_bucket", "_count", "_sum"))
+            out[fam.name] = tuple(fam.name + s for s in ("", "_bucket", "_count", "_sum"))
         else:
             out[fam.name] = (fam.name,)
     return out

@@ -1,0 +1,471 @@
+"""Run a drill: preflight, break, measure, restore, check the objectives; a table and JSON.
+
+Exit status of :func:`run_drill`'s caller: 0 every objective met, 1 an objective missed,
+2 bad drill file, 3 the drill could not run (cluster unhealthy before it, a command failed),
+130 interrupted (everything it broke was restored first).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hamaster.drill import DrillError
+from hamaster.drill.actions import Actions, Undo
+from hamaster.drill.measure import (
+    LogWatcher,
+    MasterApi,
+    Pinger,
+    lookup_returns,
+    stage_pending_key,
+    time_until_all_answer,
+    wait_for,
+)
+from hamaster.drill.spec import SCENARIOS, Drill, Node
+
+OBJECTIVE_MEASURE = {
+    "max_failed_pings": "failed_pings",
+    "max_detect_s": "detect_s",
+    "max_recovery_s": "recovery_s",
+    "max_lost_results": "lost_results",
+    "key_change_visible": "key_change_visible",
+}
+
+
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM/SIGHUP during the drill."""
+
+
+class DrillRun:
+    """One execution of a drill."""
+
+    def __init__(self, drill: Drill, progress: Callable[[str], None] | None = None) -> None:
+        self.d = drill
+        self.t0 = time.monotonic()
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.events: list[dict] = []
+        self.notes: list[str] = []
+        self.measured: dict[str, Any] = {}
+        self._progress = progress or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.actions = Actions(drill, self.say)
+        self.apis = {m.name: MasterApi(m) for m in drill.masters}
+        self.ids = [n.name for n in drill.minions]
+        self.pinger: Pinger | None = None
+        self.kid: str | None = None
+
+    def say(self, msg: str) -> None:
+        t = time.monotonic() - self.t0
+        self.events.append({"t": round(t, 3), "event": msg})
+        self._progress(f"[{t:7.2f}] {msg}")
+
+    # -- framework --------------------------------------------------------------------------------
+
+    def execute(self) -> dict:
+        """Run the drill; always restore; return the result document."""
+        aborted: str | None = None
+        interrupted = False
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            raise Interrupted(signal.Signals(signum).name)
+
+        def while_restoring(signum: int, _frame: Any) -> None:
+            self._progress(f"{signal.Signals(signum).name}: restoring what the drill changed, please wait")
+
+        sigs = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+        old = {s: signal.signal(s, on_signal) for s in sigs}
+        problems: list[str] = []
+        try:
+            self.say(f"drill {self.d.name!r}: scenario {self.d.scenario}, {len(self.d.masters)} masters, "
+                     f"{len(self.ids)} minions")
+            self.preflight()
+            getattr(self, "sc_" + self.d.scenario.replace("-", "_"))()
+        except Interrupted as exc:
+            interrupted = True
+            aborted = f"interrupted ({exc})"
+            self.say(f"{aborted}: restoring")
+        except DrillError as exc:
+            aborted = str(exc)
+            self.say(f"drill aborted: {exc}")
+        finally:
+            for s in sigs:
+                signal.signal(s, while_restoring)
+            try:
+                problems = self.actions.restore_all()
+                if self.pinger is not None:
+                    self.pinger.stop()
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+        if self.pinger is not None:
+            self.measured["pings_sent"] = self.pinger.sent
+            self.measured.setdefault("failed_pings", self.pinger.failed)
+            self.measured["ping_failures"] = self.pinger.failures()[:50]
+        if not interrupted:
+            self.post_check()
+        return self.result(aborted, interrupted, problems)
+
+    def preflight(self) -> None:
+        for m in self.d.masters:
+            try:
+                self.apis[m.name].runner("cluster.status")
+            except DrillError as exc:
+                raise DrillError(f"preflight: master {m.name} does not answer: {exc}") from None
+        for m in self.d.masters:
+            took = time_until_all_answer(self.apis[m.name], self.ids, self.d.preflight_timeout_s)
+            if took is None:
+                raise DrillError(f"preflight: not every minion answers through {m.name} within "
+                                 f"{self.d.preflight_timeout_s:.0f} s; fix the cluster before drilling it")
+        self.say(f"preflight: every minion answers through every master ({', '.join(self.apis)})")
+        if self.d.key_change:
+            self.stage_key()
+
+    def post_check(self) -> None:
+        ok = True
+        for m in self.d.masters:
+            took = time_until_all_answer(self.apis[m.name], self.ids, self.d.preflight_timeout_s)
+            if took is None:
+                ok = False
+                self.notes.append(f"after the drill, not every minion answers through {m.name}")
+        self.measured["healthy_after"] = ok
+        self.say("after the drill: every minion answers through every master" if ok
+                 else "after the drill: the cluster is NOT healthy")
+
+    # -- building blocks --------------------------------------------------------------------------
+
+    def start_pinger(self, exclude: set[str]) -> Pinger:
+        self.pinger = Pinger(list(self.apis.values()), self.ids, self.d.ping_timeout_s, self.d.ping_interval_s)
+        self.pinger.excluded = set(exclude)
+        self.pinger.start()
+        return self.pinger
+
+    def track_job(self, via: MasterApi) -> str:
+        pub = via.publish_async(self.ids, "test.sleep", [self.d.job_sleep_s])
+        if not pub.get("jid"):
+            raise DrillError(f"could not publish the tracked job through {via.name}: {pub.get('error')}")
+        self.say(f"tracked job {pub['jid']} (test.sleep {self.d.job_sleep_s:g}) published through {via.name}")
+        time.sleep(min(1.0, self.d.job_sleep_s / 2))  # let the minions start it before the failure
+        return pub["jid"]
+
+    def count_lost(self, jid: str, via: MasterApi) -> None:
+        got = lookup_returns(via, jid, self.ids, self.d.job_sleep_s + 30)
+        lost = sorted(set(self.ids) - set(got))
+        self.measured["lost_results"] = len(lost)
+        self.measured["lost_ids"] = lost
+        self.measured["tracked_jid"] = jid
+        bad = {k: v for k, v in got.items() if v is not True}
+        if bad:
+            self.notes.append(f"tracked job returns that are not True: {bad}")
+        self.say(f"tracked job {jid}: {len(got)}/{len(self.ids)} results found through {via.name}"
+                 + (f"; LOST: {', '.join(lost)}" if lost else ""))
+
+    def stage_key(self) -> None:
+        kc = self.d.key_change
+        if kc == "auto":
+            self.kid = f"drill-{os.getpid()}-{int(time.time())}"
+            stage_pending_key(self.d.masters[0], self.kid)
+            self.actions.push(f"delete the throwaway key {self.kid}", self._delete_key)
+            self.say(f"staged a throwaway pending key {self.kid}")
+        else:
+            self.kid = kc
+
+    def _delete_key(self) -> None:
+        assert self.kid
+        errors = []
+        for api in self.apis.values():
+            res = api.key("-d", self.kid, "-y")
+            if res.returncode == 0:
+                return
+            errors.append(res.stderr.strip())
+        raise DrillError(f"could not delete {self.kid}: {errors}")
+
+    def key_change(self, via: MasterApi) -> None:
+        if not self.kid:
+            return
+        res = via.key("-a", self.kid, "-y")
+        self.measured["key_change_made"] = res.returncode == 0
+        if res.returncode == 0:
+            self.say(f"key change: accepted {self.kid} through {via.name}")
+        else:
+            self.say(f"key change through {via.name} FAILED: {(res.stderr or res.stdout).strip()}")
+
+    def key_visible(self, apis: list[MasterApi]) -> None:
+        if not self.kid:
+            return
+        if not self.measured.get("key_change_made"):
+            self.measured["key_change_visible"] = False
+            return
+        worst = 0.0
+        for api in apis:
+            _, took = wait_for(lambda a=api: a.sees_key(self.kid), 15, interval=0.1)
+            if took is None:
+                self.measured["key_change_visible"] = False
+                self.say(f"key change NOT visible on {api.name} after 15 s")
+                return
+            worst = max(worst, took)
+        self.measured["key_change_visible"] = True
+        self.measured["key_visible_s"] = round(worst, 3)
+        self.say(f"key change visible on {', '.join(a.name for a in apis)}")
+
+    def detect(self, victim: Node, survivor: MasterApi, watcher: LogWatcher, t_fail: float, t_fail_wall: float,
+               status: bool = True) -> None:
+        needle = f"{victim.seen_as} stopped answering"
+        minion_done = not watcher.paths
+        status_done = not status
+        if minion_done:
+            self.notes.append("no minion logs known: detection from the minions' view not measured")
+        det_min = det_status = None
+        while time.monotonic() - t_fail < self.d.detect_timeout_s and not (minion_done and status_done):
+            if not minion_done:
+                found = watcher.scan(needle)
+                if set(found) >= set(watcher.paths):
+                    det_min = max(0.0, max(found.values()) - t_fail_wall)
+                    minion_done = True
+                    self.say(f"every minion declared {victim.name} dead after {det_min:.2f} s (minion logs)")
+            if not status_done:
+                try:
+                    alive, _ = survivor.status_of(victim.name)
+                except DrillError:
+                    alive = None
+                if alive is False:
+                    det_status = time.monotonic() - t_fail
+                    status_done = True
+                    self.say(f"cluster.status on {survivor.name} shows {victim.name} not alive after {det_status:.2f} s")
+            time.sleep(0.1)
+        if watcher.paths:
+            self.measured["detect_minions_s"] = round(det_min, 3) if det_min is not None else None
+            if det_min is None:
+                missing = sorted(set(watcher.paths) - set(watcher.found))
+                self.notes.append(f"minions that never logged '{needle}' within {self.d.detect_timeout_s:.0f} s: "
+                                  f"{', '.join(missing)}")
+        if status:
+            self.measured["detect_status_s"] = round(det_status, 3) if det_status is not None else None
+        views = [v for k, v in self.measured.items() if k in ("detect_minions_s", "detect_status_s")]
+        self.measured["detect_s"] = None if (not views or None in views) else round(max(views), 3)
+
+    def hold(self) -> None:
+        if self.d.hold_s > 0:
+            self.say(f"holding the failure {self.d.hold_s:g} s")
+            time.sleep(self.d.hold_s)
+
+    def recover(self, api: MasterApi) -> None:
+        took = time_until_all_answer(api, self.ids, self.d.recovery_timeout_s, ping_timeout=0.5)
+        self.measured["recovery_s"] = round(took, 3) if took is not None else None
+        self.say(f"every minion answers through {api.name} {took:.2f} s after it returned" if took is not None
+                 else f"NOT every minion answers through {api.name} within {self.d.recovery_timeout_s:.0f} s")
+
+    # -- scenarios --------------------------------------------------------------------------------
+
+    def _failover(self, breaker: Callable[[Node], Undo], status: bool = True) -> None:
+        v = self.d.victim_node
+        survivors = [m for m in self.d.masters if m is not v]
+        s_api, v_api = self.apis[survivors[0].name], self.apis[v.name]
+        self.start_pinger(exclude={v.name})
+        jid = self.track_job(v_api)
+        watcher = LogWatcher(self.d.minions)
+        t_fail_wall, t_fail = time.time(), time.monotonic()
+        undo = breaker(v)
+        self.say(f"{self.d.scenario}: {v.name} is down for the drill")
+        self.detect(v, s_api, watcher, t_fail, t_fail_wall, status=status)
+        self.key_change(s_api)
+        self.hold()
+        self.actions.restore(undo)
+        self.measured["outage_s"] = round(time.monotonic() - t_fail, 3)
+        self.say(f"{v.name} restored")
+        self.recover(v_api)
+        self.key_visible([v_api])
+        self.count_lost(jid, s_api)
+
+    def sc_kill(self) -> None:
+        self._failover(self.actions.kill)
+
+    def sc_stop(self) -> None:
+        self._failover(self.actions.stop)
+
+    def sc_freeze(self) -> None:
+        self._failover(self.actions.freeze)
+
+    def sc_partition(self) -> None:
+        v = self.d.victim_node
+        local_cut = "isolate" not in v.commands
+        self._failover(self.actions.isolate, status=not local_cut)
+
+    def sc_backend_loss(self) -> None:
+        apis = list(self.apis.values())
+        self.start_pinger(exclude=set())
+        jid = self.track_job(apis[0])
+        t_fail = time.monotonic()
+        undo = self.actions.backend_down()
+        worst: float | None = 0.0
+        for api in apis:
+            _, took = wait_for(lambda a=api: a.status_of(a.name)[1] is False, self.d.detect_timeout_s - (time.monotonic() - t_fail))
+            if took is None:
+                worst = None
+                self.notes.append(f"{api.name} never reported store_ok: false")
+                break
+            worst = max(worst, time.monotonic() - t_fail)
+        self.measured["detect_status_s"] = round(worst, 3) if worst is not None else None
+        self.measured["detect_s"] = self.measured["detect_status_s"]
+        if worst is not None:
+            self.say(f"every master reports store_ok: false after {worst:.2f} s")
+        self.hold()
+        self.actions.restore(undo)
+        self.measured["outage_s"] = round(time.monotonic() - t_fail, 3)
+        t_back = time.monotonic()
+        self.say("backend restored")
+        rec: float | None = 0.0
+        for api in apis:
+            _, took = wait_for(lambda a=api: a.status_of(a.name)[1] is True, self.d.recovery_timeout_s)
+            if took is None:
+                rec = None
+                break
+            rec = time.monotonic() - t_back
+        if rec is not None:
+            took = time_until_all_answer(apis[0], self.ids, self.d.recovery_timeout_s)
+            rec = None if took is None else max(rec, time.monotonic() - t_back)
+        self.measured["recovery_s"] = round(rec, 3) if rec is not None else None
+        self.say(f"every master reports store_ok: true and serves every minion {rec:.2f} s after the backend returned"
+                 if rec is not None else "the masters did NOT recover the store")
+        self.count_lost(jid, apis[-1])
+
+    def sc_minion_storm(self) -> None:
+        apis = list(self.apis.values())
+        pinger = self.start_pinger(exclude=set())
+        wait_for(lambda: len(pinger.rounds) >= len(apis), 10)
+        pinger.pause()
+        before = pinger.failed
+        undo = self.actions.stop_minions(self.d.minions)
+        self.say(f"stopped all {len(self.ids)} minions")
+        self.key_change(apis[-1])
+        self.actions.restore(undo)
+        t_back = time.monotonic()
+        self.say(f"started all {len(self.ids)} minions at once")
+        per: dict[str, float | None] = {}
+        for api in apis:
+            took = time_until_all_answer(api, self.ids, max(0.0, self.d.recovery_timeout_s - (time.monotonic() - t_back)),
+                                         ping_timeout=0.5)
+            per[api.name] = None if took is None else round(time.monotonic() - t_back, 3)
+        self.measured["recovery_by_master"] = per
+        self.measured["recovery_s"] = None if None in per.values() else max(per.values())
+        self.say(f"every minion answers through every master {self.measured['recovery_s']} s after the restart")
+        pinger.pause(False)
+        n = len(pinger.rounds)
+        wait_for(lambda: len(pinger.rounds) >= n + 2 * len(apis) and time.monotonic() - t_back > self.d.hold_s, 30)
+        self.measured["failed_pings_before_storm"] = before
+        self.key_visible(apis)
+
+    def sc_rolling_restart(self) -> None:
+        pinger = self.start_pinger(exclude=set())
+        first = self.apis[self.d.masters[0].name]
+        jid = self.track_job(first)
+        per: dict[str, float | None] = {}
+        for i, m in enumerate(self.d.masters):
+            pinger.exclude(m.name)
+            undo = self.actions.stop(m)
+            if i == 0:
+                self.key_change(self.apis[self.d.masters[1].name])
+            self.actions.restore(undo)
+            self.say(f"{m.name} restarted")
+            took = time_until_all_answer(self.apis[m.name], self.ids, self.d.recovery_timeout_s, ping_timeout=0.5)
+            per[m.name] = round(took, 3) if took is not None else None
+            self.say(f"every minion answers through {m.name} {took:.2f} s after its restart" if took is not None
+                     else f"NOT every minion answers through {m.name}")
+            pinger.include(m.name)
+        self.measured["recovery_by_master"] = per
+        self.measured["recovery_s"] = None if None in per.values() else max(per.values())
+        self.key_visible(list(self.apis.values()))
+        self.count_lost(jid, self.apis[self.d.masters[-1].name])
+
+    # -- result -----------------------------------------------------------------------------------
+
+    def result(self, aborted: str | None, interrupted: bool, problems: list[str]) -> dict:
+        sc = SCENARIOS[self.d.scenario]
+        checks = []
+        for name, limit in self.d.objectives.items():
+            key = OBJECTIVE_MEASURE[name]
+            value = self.measured.get(key)
+            if name == "key_change_visible":
+                met = value is True if limit else True
+            else:
+                met = value is not None and value <= limit
+            checks.append({"objective": name, "limit": limit, "value": value, "met": met})
+        if "healthy_after" in self.measured:
+            checks.append({"objective": "healthy_after", "limit": True, "value": self.measured["healthy_after"],
+                           "met": self.measured["healthy_after"] is True})
+        if problems:
+            checks.append({"objective": "restored", "limit": True, "value": False, "met": False})
+        ok = aborted is None and not problems and all(c["met"] for c in checks)
+        return {
+            "drill": self.d.name,
+            "file": self.d.path,
+            "scenario": self.d.scenario,
+            "victim": self.d.victim_node.name if self.d.scenario in ("kill", "stop", "freeze", "partition") else None,
+            "masters": [m.name for m in self.d.masters],
+            "minions": self.ids,
+            "started": self.started,
+            "duration_s": round(time.monotonic() - self.t0, 3),
+            "measured": self.measured,
+            "objectives": checks,
+            "ok": ok,
+            "aborted": aborted,
+            "interrupted": interrupted,
+            "restore_problems": problems,
+            "notes": self.notes + ([sc.note] if sc.note else []),
+            "events": self.events,
+        }
+
+
+def _fmt(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.2f}{unit}"
+    return f"{v}{unit}"
+
+
+def render_table(res: dict) -> str:
+    """The human summary of a drill result."""
+    m = res["measured"]
+    obj = {c["objective"]: c for c in res["objectives"]}
+    rows = [("failed pings", f"{_fmt(m.get('failed_pings'))} of {_fmt(m.get('pings_sent'))}", "max_failed_pings", ""),
+            ("detect (minions' view)", _fmt(m.get("detect_minions_s"), " s"), None, ""),
+            ("detect (cluster.status)", _fmt(m.get("detect_status_s"), " s"), None, ""),
+            ("detect", _fmt(m.get("detect_s"), " s"), "max_detect_s", " s"),
+            ("recovery", _fmt(m.get("recovery_s"), " s"), "max_recovery_s", " s"),
+            ("results lost", f"{_fmt(m.get('lost_results'))}", "max_lost_results", ""),
+            ("key change visible", _fmt(m.get("key_change_visible")), "key_change_visible", ""),
+            ("cluster healthy after", _fmt(m.get("healthy_after")), "healthy_after", "")]
+    lines = [f"drill {res['drill']!r}: scenario {res['scenario']}"
+             + (f", victim {res['victim']}" if res["victim"] else "") + f", {res['duration_s']:.1f} s",
+             f"{'measure':<24} {'value':<16} {'objective':<12} result", "-" * 62]
+    for label, value, key, unit in rows:
+        c = obj.get(key) if key else None
+        if value.startswith("n/a") and c is None:
+            continue
+        limit = "" if c is None else (("yes" if c["limit"] else "-") if isinstance(c["limit"], bool)
+                                      else f"<= {_fmt(c['limit'])}{unit}")
+        verdict = "" if c is None else ("ok" if c["met"] else "MISSED")
+        lines.append(f"{label:<24} {value:<16} {limit:<12} {verdict}")
+    for n in res["notes"]:
+        lines.append(f"note: {n}")
+    if res["aborted"]:
+        lines.append(f"ABORTED: {res['aborted']}")
+    for p in res["restore_problems"]:
+        lines.append(f"RESTORE PROBLEM: {p}")
+    missed = [c["objective"] for c in res["objectives"] if not c["met"]]
+    lines.append("RESULT: PASS (every objective met)" if res["ok"]
+                 else f"RESULT: FAIL ({', '.join(missed) or res['aborted'] or 'see above'})")
+    return "\n".join(lines)
+
+
+def exit_code(res: dict) -> int:
+    if res["interrupted"]:
+        return 130
+    if res["aborted"]:
+        return 3
+    return 0 if res["ok"] else 1
