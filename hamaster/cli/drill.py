@@ -48,19 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", choices=["table", "json"], default="table", help="what to print on stdout (default table)")
     r.add_argument("--json-file", metavar="FILE", help="also write the JSON result to FILE")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
-    sub.add_parser("list", help="show the scenarios")
+    lp = sub.add_parser("list", help="show the scenarios, one line each")
+    lp.add_argument("-v", "--verbose", action="store_true", help="also show each scenario's limits")
     c = sub.add_parser("check", help="validate a drill file without running it")
     c.add_argument("drill", metavar="DRILL.yaml")
     return p
 
 
-def cmd_list() -> int:
+def cmd_list(verbose: bool = False) -> int:
     from hamaster.drill.spec import SCENARIOS
 
     for s in SCENARIOS.values():
         state = "" if s.implemented else " [not implemented]"
-        print(f"{s.name:<16} {s.summary}{state}")
-        if s.note:
+        caveat = " [limits: list -v]" if s.note and not verbose else ""
+        print(f"{s.name:<16} {s.summary}{state}{caveat}")
+        if s.note and verbose:
             print(textwrap.indent(textwrap.fill(f"note: {s.note}", 84), " " * 17))
     return 0
 
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
     if args.cmd == "list":
-        return cmd_list()
+        return cmd_list(args.verbose)
     from hamaster.drill import DrillError
     from hamaster.drill.spec import load_drill
 

@@ -68,17 +68,16 @@ _FAILOVER = ("max_failed_pings", "max_detect_s", "max_recovery_s", "max_lost_res
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
-        Scenario("kill", "SIGKILL one master, restart it; pings through the survivors, tracked job through the victim.",
+        Scenario("kill", "SIGKILL one master, then restart it.",
                  True, _FAILOVER),
         Scenario("stop", "Stop one master gracefully (SIGTERM or its stop command), start it again.", True, _FAILOVER),
         Scenario("freeze", "SIGSTOP one master (a hung host), then SIGCONT.", True, _FAILOVER),
-        Scenario("partition", "Cut one master off the network: drop its ret/publish ports (iptables on lo locally).",
+        Scenario("partition", "Cut one master off minions (locally: iptables DROP of its ports on lo; its fs store access stays).",
                  True, _FAILOVER,
                  note="locally the victim keeps its access to an fs ha_dir (a directory cannot be cut by "
                  "iptables), so cluster.status keeps showing it alive; detection is from the minions' view. "
                  "Needs iptables and root; on real hosts give isolate/heal commands."),
-        Scenario("backend-loss", "Make the shared store unreachable (fs: rename ha_dir away; or backend stop/start "
-                 "commands), then restore it; masters must keep serving.", True,
+        Scenario("backend-loss", "Lose the shared store (fs: rename ha_dir away; etcd/rsync: your stop/start commands).", True,
                  ("max_failed_pings", "max_detect_s", "max_recovery_s", "max_lost_results"),
                  note="fs is renamed away locally; etcd member/quorum loss and rsync peer loss need backend "
                  "stop/start commands in the drill file and are not exercised by the local tests. "
@@ -87,8 +86,7 @@ SCENARIOS: dict[str, Scenario] = {
                  ("max_failed_pings", "max_recovery_s", "key_change_visible"),
                  note="no tracked job (a job dies with its minion) and no detection; failed pings are counted "
                  "after the minions are back, not while they are down."),
-        Scenario("rolling-restart", "Restart every master in turn (graceful stop, start, wait until every minion "
-                 "answers through it); pings through the others never fail.", True,
+        Scenario("rolling-restart", "Restart every master in turn; pings through the others must never fail.", True,
                  ("max_failed_pings", "max_recovery_s", "max_lost_results", "key_change_visible")),
     )
 }

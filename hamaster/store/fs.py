@@ -40,6 +40,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hamaster.store.base import (
     Change,
@@ -212,8 +213,8 @@ class FsStore(Store):
         self._ok()
         return data
 
-    def _write_tmp(self, directory: Path, value: bytes, mode: int) -> Path:
-        """Write ``value`` to a fresh fsync'ed temp file in ``directory``; returns its path."""
+    def _write_tmp(self, directory: Path, value: bytes, mode: int, sync: bool = True) -> Path:
+        """Write ``value`` to a fresh temp file in ``directory`` (fsync'ed when ``sync``)."""
         for attempt in range(3):
             tmp = directory / f"{TMP_PREFIX}{secrets.token_hex(8)}"
             try:
@@ -230,7 +231,8 @@ class FsStore(Store):
                 while view:
                     n = os.write(fd, view)
                     view = view[n:]
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             except BaseException:
                 os.close(fd)
                 _unlink_quiet(tmp)
@@ -271,6 +273,40 @@ class FsStore(Store):
         except OSError as exc:
             raise self._unavailable(f"writing {key!r}", exc) from exc
         self._fsync_dir(path.parent)
+        self._ok()
+
+    def put_many(self, items: builtins.list[tuple[str, bytes]], mode: int = 0o600) -> None:
+        """Write many keys with one flush: temp files, one ``syncfs``, renames, one fsync per dir.
+
+        The durability is that of :meth:`put` (data on disk before it becomes visible), at the
+        cost of one flush for the batch instead of one per key — a 1,000-return burst goes from
+        seconds to tens of milliseconds.
+        """
+        if len(items) < 4 or not _syncfs_available():
+            for key, value in items:
+                self.put(key, value, mode)
+            return
+        staged: builtins.list[tuple[Path, Path]] = []
+        try:
+            for key, value in items:
+                path = self._path(key)
+                if not isinstance(value, (bytes, bytearray, memoryview)):
+                    raise TypeError(f"store values are bytes, got {type(value).__name__} for {key!r}")
+                staged.append((self._write_tmp(path.parent, bytes(value), mode, sync=False), path))
+            _syncfs(self.root)
+            for tmp, path in staged:
+                os.rename(tmp, path)
+        except StoreUnavailable as exc:
+            for tmp, _ in staged:
+                _unlink_quiet(tmp)
+            self._down(exc)
+            raise
+        except OSError as exc:
+            for tmp, _ in staged:
+                _unlink_quiet(tmp)
+            raise self._unavailable(f"writing {len(items)} keys", exc) from exc
+        for directory in {path.parent for _, path in staged}:
+            self._fsync_dir(directory)
         self._ok()
 
     def delete(self, key: str) -> bool:
@@ -648,6 +684,36 @@ class FsStore(Store):
             emit.append(Change(key, None))
         for sub in [k for k in w.dirs if k == d or k.startswith(pre)]:
             del w.dirs[sub]
+
+
+_LIBC: Any = None
+
+
+def _syncfs_available() -> bool:
+    """True when libc's ``syncfs(2)`` can be called (Linux/glibc)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+            _LIBC.syncfs  # noqa: B018 - probe the symbol
+        except (OSError, AttributeError):
+            _LIBC = False
+    return bool(_LIBC)
+
+
+def _syncfs(root: Path) -> None:
+    """Flush the filesystem holding ``root`` (one flush for a whole batch of writes)."""
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        if _LIBC.syncfs(fd) != 0:
+            import ctypes
+
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
 
 
 def _unlink_quiet(path: Path) -> None:

@@ -293,3 +293,12 @@ def test_membership_ttl(pair, monkeypatch):
     assert a.members() == {"m1": b"info1"}
     a.put("cluster/members/bad", b"not json")
     assert a.members() == {"m1": b"info1"}
+
+
+def test_put_many_batch_is_visible_and_leaves_no_temp_files(tmp_path):
+    a, b = FsStore(tmp_path / "s"), FsStore(tmp_path / "s")
+    items = [(f"jobs/1/returns/m{i}", f"v{i}".encode()) for i in range(50)]
+    a.put_many(items)
+    assert b.get_many("jobs/1/returns") == dict(items)
+    leftovers = [p for p in (tmp_path / "s").rglob("*") if p.name.startswith(".tmp")]
+    assert leftovers == []
