@@ -21,6 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.integration.harness import BIN, Cluster, wait_until  # noqa: E402
 
 
+SWARM_PKI = Path("/var/cache/hamaster-bench/swarm-pki")
+
+
 def rss_mib(pid: int) -> float:
     """Resident set size of ``pid`` in MiB (from /proc)."""
     with open(f"/proc/{pid}/status") as fh:
@@ -75,7 +78,12 @@ def bench_swarm(n: int, repeat: int) -> dict:
         # two cores on liveness pings (the liveness target applies to real minions).
         proc = c.add_minion(
             "swarm",
-            extra={"log_level": "warning", "acceptance_wait_time": 1, "master_heartbeat_interval": 10, "master_dead_after": 30, "auth_timeout": 30},
+            extra={
+                "log_level": "warning", "acceptance_wait_time": 1, "master_heartbeat_interval": 10,
+                "master_dead_after": 30, "auth_timeout": 30,
+                # generating 1,000 RSA keys takes minutes on 2 cores: keep them between runs
+                "pki_dir": str(SWARM_PKI),
+            },
             args=["--swarm", str(n), "--swarm-prefix", "sw-"],
         )
         wait_until(lambda: sum(v is True for v in c.ping(timeout=5).values()) == n, 900, interval=1.0, what="swarm answering")

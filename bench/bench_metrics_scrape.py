@@ -164,11 +164,15 @@ def main() -> None:
     p.add_argument("--keys", type=int, default=10_000)
     p.add_argument("--minions", type=int, default=1_000)
     p.add_argument("--scrapes", type=int, default=50)
+    p.add_argument("--switch-interval", type=float, default=None,
+                   help="experiment: sys.setswitchinterval() for the master (Python's default 0.005 s)")
     p.add_argument("--minion-key-bits", type=int, default=1024)
     p.add_argument("--heartbeat", type=float, default=2.0,
                    help="minions' master_heartbeat_interval (hamaster's default 2 s: 500 requests/s at 1,000 minions)")
     p.add_argument("--connect-timeout", type=float, default=300.0)
     args = p.parse_args()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 

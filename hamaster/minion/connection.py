@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 BACKOFF_MAX = 10.0
 
+# Publications already verified and decrypted in this process: (frame digest, publish key,
+# pinned master key) → load. Only ever filled after a successful signature check.
+_OPENED: dict[tuple[bytes, str, str | None], dict] = {}
+
 
 class RequestFailed(Exception):
     """A request to this master timed out or was refused."""
@@ -321,11 +325,28 @@ class MasterConnection:
             frames = await sub.recv_multipart()
             await self._on_frame(frames[-1])
 
+    def _open(self, frame: bytes) -> dict:
+        """Verify and decrypt a publication, sharing the work between the identities of a swarm.
+
+        Identities in one process that hold the same publish key and pinned master key receive the
+        same bytes; the first one does the RSA verify and the decryption, the others reuse it.
+        """
+        assert self.aes is not None
+        key = (hashlib.sha256(frame).digest(), self.aes.key_string, self.ident.pinned_master_pub())
+        hit = _OPENED.get(key)
+        if hit is not None:
+            return dict(hit)
+        load = messages.open_publication(frame, self.aes, self.master_pub)
+        _OPENED[key] = load
+        while len(_OPENED) > 64:
+            _OPENED.pop(next(iter(_OPENED)))
+        return dict(load)
+
     async def _on_frame(self, frame: bytes) -> None:
         if self.aes is None or self.master_pub is None:
             return
         try:
-            load = messages.open_publication(frame, self.aes, self.master_pub)
+            load = self._open(frame)
         except CrypticleError:
             generation = self.aes
             async with self._reauth_lock:
@@ -335,7 +356,7 @@ class MasterConnection:
                 if not await self.reauthenticate():
                     return
             try:
-                load = messages.open_publication(frame, self.aes, self.master_pub)
+                load = self._open(frame)
             except (CrypticleError, messages.PublicationError) as exc:
                 log.debug("%s: dropping publication from %s: %s", self.ident.minion_id, self.name, exc)
                 return
