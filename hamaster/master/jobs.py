@@ -21,6 +21,8 @@ from hamaster.jobs.cache import JobCache
 log = logging.getLogger(__name__)
 
 RECENT_JOBS = 2000
+MAX_RETURNS_IN_MEMORY = 200_000
+"""Recent jobs are kept in memory for fast lookups; the job cache in the store has them all."""
 
 
 @dataclass
@@ -103,22 +105,31 @@ class JobTracker:
     def __init__(self) -> None:
         self.jobs: OrderedDict[str, JobRecord] = OrderedDict()
         self.waiters: dict[str, list[asyncio.Queue]] = {}
+        self.returns_held = 0
 
     def add(self, jid: str, load: dict, minions: list[str]) -> JobRecord:
         """Remember a new job."""
         rec = JobRecord(jid=jid, load=load, minions=minions, published_at=time.time())
         self.jobs[jid] = rec
-        while len(self.jobs) > RECENT_JOBS:
-            self.jobs.popitem(last=False)
+        self._evict()
         return rec
+
+    def _evict(self) -> None:
+        while len(self.jobs) > 1 and (len(self.jobs) > RECENT_JOBS or self.returns_held > MAX_RETURNS_IN_MEMORY):
+            _, old = self.jobs.popitem(last=False)
+            self.returns_held -= len(old.returns)
 
     def add_return(self, jid: str, minion_id: str, ret: dict) -> float | None:
         """Record a return and wake waiters; returns the latency when the job is known."""
         rec = self.jobs.get(jid)
         latency = None
         if rec is not None:
+            if minion_id not in rec.returns:
+                self.returns_held += 1
             rec.returns[minion_id] = ret
             latency = time.time() - rec.published_at
+            if self.returns_held > MAX_RETURNS_IN_MEMORY:
+                self._evict()
         for q in self.waiters.get(jid, ()):
             q.put_nowait((minion_id, ret))
         return latency
