@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,12 +43,17 @@ class LocalCluster:
     def __init__(self, base: Path) -> None:
         self.base = base
         self.state_file = base / "cluster.json"
+        self._lock = threading.Lock()
         self.state: dict = {}
         if self.state_file.exists():
             self.state = json.loads(self.state_file.read_text())
 
     def save(self) -> None:
-        self.state_file.write_text(json.dumps(self.state, indent=2))
+        """Write the state file atomically (safe from several threads)."""
+        with self._lock:
+            tmp = self.state_file.with_name(f".{self.state_file.name}.{threading.get_ident()}")
+            tmp.write_text(json.dumps(self.state, indent=2))
+            os.replace(tmp, self.state_file)
 
     # -- layout -------------------------------------------------------------------------------------
 
@@ -158,7 +164,7 @@ class LocalCluster:
         while time.monotonic() < deadline:
             if not self.alive(m):
                 raise RuntimeError(f"{m['name']} exited; see {self.base / (m['name'] + '.log')}")
-            if os.path.exists(sock):
+            if _accepts(sock):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"{m['name']} did not become ready in {timeout}s")
@@ -209,6 +215,19 @@ class LocalCluster:
                     return
             time.sleep(0.1)
         raise RuntimeError("minion keys did not show up as pending in time")
+
+
+def _accepts(path: str) -> bool:
+    """True when a Unix socket at ``path`` accepts a connection (a stale file does not)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1)
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 def _pending_state():
