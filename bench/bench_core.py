@@ -81,7 +81,12 @@ def bench_swarm(n: int, repeat: int) -> dict:
                 "log_level": "warning", "acceptance_wait_time": 1, "master_heartbeat_interval": 10,
                 "master_dead_after": 30, "auth_timeout": 30,
                 # generating 1,000 RSA keys takes minutes on 2 cores: keep them between runs
+                # (root_dir "/" so that pki_dir is not re-rooted into the throw-away directory)
+                "root_dir": "/",
                 "pki_dir": str(SWARM_PKI),
+                "cachedir": str(c.base / "swarm-cache"),
+                "sock_dir": str(c.base / "swarm-sock"),
+                "log_file": str(c.base / "swarm-minion.log"),
             },
             args=["--swarm", str(n), "--swarm-prefix", "sw-"],
         )
