@@ -45,6 +45,7 @@ class Master:
         self.metrics = MasterMetrics(self.master_id)
         self.state = state or open_shared_state(opts)
         self.keys = self.state.keys
+        self.metrics.instrument_store(self.keys.store, MASTERS_PREFIX if self.state.ha else None)
         priv_pem, pub_pem = load_or_create_master_keypair(
             self.keys.store, self.keys.prefix, int(opts.get("keysize", 2048))
         )
@@ -78,6 +79,7 @@ class Master:
         self.member_ttl = float(opts.get("ha_member_ttl", 5.0))
         self.fileroots_hash = ""
         self._store_ok = True
+        self._keys_dirty = True
         self.last_cluster_view: dict[str, dict] = {}
         self.metrics.config_info.labels(self.master_id).info({"hash": self.config_hash})
         self.ready = asyncio.Event()
@@ -127,7 +129,9 @@ class Master:
             self.handler.forget(mid)
             if self.opts.get("rotate_aes_key", True):
                 self.publish_key.rotate(f"key of {mid} left the accepted state ({new.value if new else 'deleted'})")
-        self._update_key_metrics()
+        # Counting keys costs O(keys); a bulk accept fires one event per key. Recount at most
+        # once per housekeeping pass (2 s) instead of once per event.
+        self._keys_dirty = True
 
     def _update_key_metrics(self) -> None:
         try:
@@ -335,7 +339,20 @@ class Master:
     async def _housekeeping(self) -> None:
         keep = float(self.opts.get("keep_jobs", 24))
         last_clean = 0.0
+        last_hash = 0.0
         while not self._stop.is_set():
+            if self._keys_dirty:
+                self._keys_dirty = False
+                self._update_key_metrics()
+            if not self.state.ha:
+                self.metrics.masters_alive.labels(self.master_id).set(1)
+                if time.monotonic() - last_hash > 10:
+                    last_hash = time.monotonic()
+                    try:
+                        self.fileroots_hash = await asyncio.to_thread(self.files.manifest_hash)
+                        self.metrics.fileroots_info.labels(self.master_id).info({"hash": self.fileroots_hash})
+                    except Exception as exc:
+                        log.warning("cannot hash file_roots: %s", exc)
             self.metrics.minions_connected.labels(self.master_id).set(len(self.handler.connected(CONNECTED_WINDOW)))
             self.metrics.store_up.labels(self.master_id).set(1 if self.keys.store.healthy() else 0)
             now = time.time()
