@@ -16,7 +16,14 @@ Two kinds of roots:
   marker or ``.tmp-`` temp file).
 * **Any other store** (etcd, …) — read through ``store.list``/``store.get``. A value is read whole
   on every request (one ``get`` per chunk and per hash), so such roots suit files up to a few
-  MiB; large files belong in a directory root.
+  MiB; large files belong in a directory root or in the manifest.
+* **The manifest** (:mod:`hamaster.fileroots.manifest`) — with a shared store, each environment's
+  first root is ``file_manifest/<env>/<path>`` (sha256, size, mode, inline). A file is served
+  from the inline blob ``file_blobs/<sha256>`` in the store or from the master's local cache
+  ``<cachedir>/file_blobs/<sha256>``. A large blob not in the cache yet makes the file "missing"
+  (no fall-through to later roots) and calls ``on_blob_missing(sha)`` so the master fetches it
+  from a peer in the background (:mod:`hamaster.fileroots.blobs`); requests never wait on a peer.
+  Without manifest entries this root is empty and the direct ``file_roots/<env>/`` layout serves.
 
 Every path from a minion is sanitised first: ``salt://`` and a ``?saltenv=`` query are stripped;
 an absolute path, a ``..`` segment, a NUL byte, a backslash or a non-string path or saltenv makes
@@ -39,6 +46,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hamaster.fileroots.manifest import (
+    BLOBS_PREFIX,
+    CACHE_DIRNAME,
+    MANIFEST_PREFIX,
+    BlobCache,
+    Entry,
+    blob_key,
+    read_inline,
+)
 from hamaster.store.base import (
     Change,
     Store,
@@ -261,6 +277,54 @@ class _Root:
         return key if data is not None else None
 
 
+#: ``locate`` result of a manifest file whose large blob is not in the local cache yet.
+_PENDING = "\0pending"
+
+
+class _ManifestRoot(_Root):
+    """``file_manifest/<env>/``: locations are ``file_blobs/<sha>`` (inline) or ``<sha>`` (cache)."""
+
+    def __init__(self, store: Store, env: str, server: FileServer):
+        super().__init__(store, f"{MANIFEST_PREFIX}{env}/")
+        self.dir = None  # read through the store API even on an FsStore
+        self.server = server
+
+    def __repr__(self) -> str:
+        return f"<manifest root {self.store.__class__.__name__} {self.prefix!r}>"
+
+    def locate(self, segments: builtins.list[str]) -> str | None:
+        key = self.key_prefix + "/".join(segments)
+        try:
+            validate_key(key)
+        except ValueError:
+            return None
+        entry = Entry.from_json(self.store.get(key))
+        if entry is None:
+            return None
+        if entry.inline:
+            return blob_key(entry.sha256)
+        cache = self.server.blob_cache
+        if cache is not None and cache.has(entry.sha256):
+            return entry.sha256
+        notify = self.server.on_blob_missing
+        if notify is not None:
+            try:
+                notify(entry.sha256)
+            except Exception:  # a callback never breaks serving
+                log.debug("on_blob_missing failed", exc_info=True)
+        return _PENDING
+
+    def hash_of(self, loc: str) -> str:
+        return loc[len(BLOBS_PREFIX):] if loc.startswith(BLOBS_PREFIX) else loc
+
+    def read(self, loc: str, offset: int, size: int) -> bytes | None:
+        if loc.startswith(BLOBS_PREFIX):
+            data = read_inline(self.store, loc[len(BLOBS_PREFIX):])
+            return None if data is None else data[offset:offset + size]
+        cache = self.server.blob_cache
+        return None if cache is None else cache.read(loc, offset, size)
+
+
 _warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
 
@@ -336,11 +400,18 @@ class FileServer:
 
     def __init__(self, sources: dict[str, builtins.list[tuple[Store, str]]],
                  chunk_size: int = DEFAULT_CHUNK_SIZE, *, discover: Store | None = None,
-                 discover_prefix: str = SHARED_PREFIX):
+                 discover_prefix: str = SHARED_PREFIX, manifest: Store | None = None,
+                 blob_cache: BlobCache | None = None):
         if not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         self.chunk_size = chunk_size
-        self._sources = {env: [_Root(store, prefix) for store, prefix in roots]
+        #: With ``manifest`` (a store holding ``file_manifest/``), every environment's first root.
+        self._manifest = manifest
+        self.blob_cache = blob_cache
+        #: Called with a sha256 when a manifest file's blob is not in ``blob_cache`` (the master
+        #: fetches it in the background). Must not block.
+        self.on_blob_missing: Any = None
+        self._sources = {env: self._manifest_roots(env) + [_Root(store, prefix) for store, prefix in roots]
                          for env, roots in sources.items()}
         self._discover = discover
         self._discover_prefix = discover_prefix if discover_prefix.endswith("/") else discover_prefix + "/"
@@ -387,11 +458,14 @@ class FileServer:
         envs = set(local)
         try:
             envs.update(cls._store_envs(shared_store, SHARED_PREFIX))
+            envs.update(cls._store_envs(shared_store, MANIFEST_PREFIX))
         except StoreError as exc:
             log.warning("cannot list file_roots environments in the shared store: %s", exc)
         sources = {env: [(shared_store, f"{SHARED_PREFIX}{env}/")] + local.get(env, [])
                    for env in sorted(envs)}
-        return cls(sources, chunk, discover=shared_store, discover_prefix=SHARED_PREFIX)
+        cache = BlobCache(os.path.join(opts.get("cachedir") or ".", CACHE_DIRNAME))
+        return cls(sources, chunk, discover=shared_store, discover_prefix=SHARED_PREFIX,
+                   manifest=shared_store, blob_cache=cache)
 
     @staticmethod
     def _store_envs(store: Store, prefix: str) -> set[str]:
@@ -405,13 +479,21 @@ class FileServer:
 
     # ------------------------------------------------------------------ lookup
 
+    def _manifest_roots(self, env: str) -> builtins.list[_Root]:
+        if self._manifest is None or not _valid_env(env):
+            return []
+        return [_ManifestRoot(self._manifest, env, self)]
+
     def _roots(self, env: str) -> builtins.list[_Root]:
         roots = self._sources.get(env)
         if roots is not None:
             return roots
-        if self._discover is not None and _valid_env(env):
-            return [_Root(self._discover, f"{self._discover_prefix}{env}/")]
-        return []
+        if not _valid_env(env):
+            return []
+        roots = self._manifest_roots(env)
+        if self._discover is not None:
+            roots.append(_Root(self._discover, f"{self._discover_prefix}{env}/"))
+        return roots
 
     def _store_failed(self, root: _Root, exc: Exception) -> None:
         with self._lock:
@@ -446,6 +528,8 @@ class FileServer:
                 self._store_failed(root, exc)
                 continue
             self._store_ok(root)
+            if loc == _PENDING:
+                return None
             if loc is not None:
                 return root, loc, "/".join(segments)
         return None
@@ -472,6 +556,8 @@ class FileServer:
         return root.dir is None or not any(_skip_name(s, root.skip_hidden) for s in segs)
 
     def _hash(self, root: _Root, loc: str) -> str | None:
+        if isinstance(root, _ManifestRoot):
+            return root.hash_of(loc)
         if root.dir is None:
             data = root.store.get(loc)
             return None if data is None else hashlib.sha256(data).hexdigest()
@@ -595,7 +681,9 @@ class FileServer:
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             return ret
         try:
-            if root.dir is not None:
+            if isinstance(root, _ManifestRoot):
+                data = root.read(loc, offset, self.chunk_size)
+            elif root.dir is not None:
                 data = _read_regular(loc, offset, self.chunk_size)
             else:
                 whole = root.store.get(loc)
@@ -618,11 +706,13 @@ class FileServer:
     def envs(self) -> builtins.list[str]:
         """``_file_envs``: configured environments plus those found in the shared store."""
         envs = set(self._sources)
-        if self._discover is not None:
-            try:
+        try:
+            if self._discover is not None:
                 envs.update(self._store_envs(self._discover, self._discover_prefix))
-            except StoreError as exc:
-                log.debug("cannot list environments in the shared store: %s", exc)
+            if self._manifest is not None:
+                envs.update(self._store_envs(self._manifest, MANIFEST_PREFIX))
+        except StoreError as exc:
+            log.debug("cannot list environments in the shared store: %s", exc)
         return sorted(envs)
 
     def manifest_hash(self) -> str:

@@ -399,6 +399,7 @@ class Master:
             "store_ok": self.keys.store.healthy(),
             "minions_connected": len(self.handler.connected(CONNECTED_WINDOW)),
             "address": f"{self.opts['interface']}:{self.opts['ret_port']}",
+            "blob_address": getattr(self, "blob_address", ""),  # file blobs (fileroots/blobs.py)
         }
 
     async def _cluster_heartbeat(self) -> None:
@@ -511,6 +512,15 @@ class Master:
         if self.state.ha:
             tasks.append(asyncio.create_task(self._cluster_heartbeat(), name="cluster-heartbeat"))
             tasks.append(asyncio.create_task(self._sync_remote_returns(), name="remote-returns"))
+        # -- file blobs between masters (hamaster/fileroots/blobs.py) --
+        from hamaster.fileroots.blobs import BlobService
+
+        blob_service = BlobService.for_master(self)
+        if blob_service is not None:
+            await blob_service.start()
+            self.blob_address = blob_service.address
+            tasks.append(asyncio.create_task(blob_service.sync_forever(self._stop), name="file-blobs"))
+        # -- end file blobs --
         self.ready.set()
         log.info("master %s ready (hamaster %s)", self.master_id, __version__)
         try:
@@ -519,6 +529,8 @@ class Master:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if blob_service is not None:  # file blobs
+                await blob_service.close()
             await cli.close()
             if metrics_server is not None:
                 metrics_server.shutdown()

@@ -150,3 +150,53 @@ async def cluster_status(master: Master) -> dict:
 
 
 RUNNERS["cluster.status"] = cluster_status
+
+
+# -- fileroots.* (file_roots by manifest: hamaster/fileroots/manifest.py) ------------------------
+
+
+async def fileroots_push(master: Master, src_dir: str, saltenv: str = "base") -> dict:
+    """Publish the directory ``src_dir`` (on this master) as ``saltenv`` through the manifest.
+
+    Files go into this master's blob cache, small ones inline into the shared store; the
+    manifest then names them (files gone from ``src_dir`` are removed). Other masters fetch
+    large blobs from this one by hash.
+    """
+    from hamaster.fileroots.manifest import publish
+
+    store = master.state.store
+    cache = master.files.blob_cache
+    if store is None or cache is None:
+        raise RunnerError("fileroots.push needs a clustered master (a shared store, ha_backend)")
+    try:
+        return await asyncio.to_thread(publish, store, cache, str(src_dir), str(saltenv))
+    except ValueError as exc:
+        raise RunnerError(f"fileroots.push: {exc}") from None
+
+
+async def fileroots_list(master: Master, saltenv: str | None = None) -> dict:
+    """The manifest: ``{env: {path: {sha256, size, mode, inline, present}}}``.
+
+    ``present`` says whether this master can serve the file now (inline, or in its cache).
+    """
+    from hamaster.fileroots.manifest import load_manifest
+
+    store = master.state.store
+    if store is None:
+        return {}
+    cache = master.files.blob_cache
+    try:
+        entries = await asyncio.to_thread(load_manifest, store, str(saltenv) if saltenv else None)
+    except ValueError as exc:
+        raise RunnerError(f"fileroots.list: {exc}") from None
+    out: dict[str, dict] = {}
+    for (env, path), e in sorted(entries.items()):
+        out.setdefault(env, {})[path] = {
+            "sha256": e.sha256, "size": e.size, "mode": f"{e.mode:04o}", "inline": e.inline,
+            "present": e.inline or (cache is not None and cache.has(e.sha256)),
+        }
+    return out
+
+
+register("fileroots.push", fileroots_push)
+register("fileroots.list", fileroots_list)

@@ -1,0 +1,362 @@
+"""Moving file_roots blobs between masters by sha256: a tiny TCP server, its client, the syncer.
+
+Large files of the manifest (:mod:`hamaster.fileroots.manifest`) live only in the masters'
+local caches; a master that lacks one fetches it from a peer master.
+
+Protocol (one request per connection, plain TCP on ``file_blob_port``)::
+
+    client → "GET <sha256> <ts> <base64 signature>\\n"
+    server → "OK <size>\\n" + size bytes        or  "ERR <reason>\\n"
+
+The signature is PKCS#1 v1.5 (SHA-224) by the cluster's shared master private key over
+``"<sha256>|<ts>"``; the server checks it with the master public key and refuses a ``ts`` more
+than :data:`AUTH_WINDOW` seconds from its clock. The client hashes what it receives and keeps
+it only if it is exactly the requested sha256 (and size). Contents are *not* encrypted.
+
+:class:`BlobService` is the master's part: it runs the server (when enabled), advertises
+``host:port`` as ``blob_address`` in ``cluster/masters/<id>`` and, in a background task,
+fetches every large blob the manifest names that the local cache lacks — on a manifest change
+(store watch), on a cache miss reported by the file server, and every :data:`RESCAN` seconds.
+The request handler never waits for a peer: until a blob is present the file is "missing"
+(the minion tries its next master or retries later).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from hamaster import crypto
+from hamaster.fileroots.manifest import (
+    CACHE_DIRNAME,
+    MANIFEST_PREFIX,
+    BlobCache,
+    is_sha256,
+    load_manifest,
+)
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from hamaster.master.daemon import Master
+
+log = logging.getLogger(__name__)
+
+SIG_ALGO = "PKCS1v15-SHA224"
+#: A request's ``ts`` must be within this many seconds of the server's clock.
+AUTH_WINDOW = 60.0
+MAX_LINE = 4096
+IO_TIMEOUT = 30.0
+MAX_CLIENTS = 32
+RESCAN = 30.0
+RETRY = 2.0
+_BLOCK = 1 << 20
+
+
+class BlobAuthError(Exception):
+    """A blob request that is malformed, unsigned, forged or outside the time window."""
+
+
+class BlobFetchError(Exception):
+    """A blob could not be fetched from a peer (refused, missing, truncated, wrong content)."""
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def _signed(sha: str, ts: str) -> bytes:
+    return f"{sha}|{ts}".encode()
+
+
+def make_request(priv: rsa.RSAPrivateKey, sha: str, ts: float | None = None) -> bytes:
+    """The request line for blob ``sha``, signed now (or at ``ts``)."""
+    if not is_sha256(sha):
+        raise ValueError(f"not a sha256: {sha!r}")
+    stamp = f"{time.time() if ts is None else ts:.3f}"
+    sig = base64.b64encode(crypto.sign(priv, _signed(sha, stamp), SIG_ALGO)).decode()
+    return f"GET {sha} {stamp} {sig}\n".encode()
+
+
+def check_request(line: bytes, pub: rsa.RSAPublicKey, now: float | None = None,
+                  window: float = AUTH_WINDOW) -> str:
+    """The sha256 a request line asks for; :class:`BlobAuthError` unless it is well signed."""
+    try:
+        verb, sha, stamp, sig_b64 = line.decode("ascii").strip().split(" ")
+        ts = float(stamp)
+        sig = base64.b64decode(sig_b64, validate=True)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BlobAuthError("malformed request") from exc
+    if verb != "GET" or not is_sha256(sha) or ts != ts:  # ts != ts: NaN
+        raise BlobAuthError("malformed request")
+    now = time.time() if now is None else now
+    if abs(now - ts) > window:
+        raise BlobAuthError(f"request time {ts:.0f} is more than {window:.0f}s from ours")
+    if not crypto.verify(pub, _signed(sha, stamp), sig, SIG_ALGO):
+        raise BlobAuthError("bad signature (not signed by the cluster's master key)")
+    return sha
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → ``(host, port)``; ValueError if it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"not a host:port address: {address!r}")
+    return host.strip("[]"), int(port)
+
+
+# --------------------------------------------------------------------------- server
+
+
+class BlobServer:
+    """Serves ``GET <sha256>`` from a :class:`BlobCache` to requests signed by the master key."""
+
+    def __init__(self, cache: BlobCache, pub: rsa.RSAPublicKey, host: str, port: int = 0,
+                 window: float = AUTH_WINDOW):
+        self.cache = cache
+        self.pub = pub
+        self.host = host
+        self.port = port
+        self.window = window
+        self.served = 0
+        self.refused = 0
+        self._server: asyncio.Server | None = None
+        self._slots = asyncio.Semaphore(MAX_CLIENTS)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port,
+                                                  limit=MAX_LINE)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("file blob server on %s:%s", self.host, self.port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            if self._slots.locked():
+                writer.write(b"ERR busy\n")
+                return
+            async with self._slots:
+                await self._serve_one(reader, writer, peer)
+        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError, ValueError) as exc:
+            log.debug("blob request from %s: %s", peer, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.drain(), IO_TIMEOUT)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         peer: Any) -> None:
+        line = await asyncio.wait_for(reader.readuntil(b"\n"), IO_TIMEOUT)
+        try:
+            sha = check_request(line, self.pub, window=self.window)
+        except BlobAuthError as exc:
+            self.refused += 1
+            log.warning("refused a file blob request from %s: %s", peer, exc)
+            writer.write(f"ERR {exc}\n".encode())
+            return
+        size = self.cache.size(sha)
+        if size is None:
+            writer.write(b"ERR missing\n")
+            return
+        writer.write(f"OK {size}\n".encode())
+        offset = 0
+        while offset < size:
+            block = await asyncio.to_thread(self.cache.read, sha, offset, min(_BLOCK, size - offset))
+            if not block:
+                raise ConnectionError(f"blob {sha} shrank while being sent")
+            writer.write(block)
+            await asyncio.wait_for(writer.drain(), IO_TIMEOUT)
+            offset += len(block)
+        self.served += 1
+        log.debug("sent blob %s (%d bytes) to %s", sha, size, peer)
+
+
+# --------------------------------------------------------------------------- client
+
+
+async def fetch(address: str, sha: str, priv: rsa.RSAPrivateKey, cache: BlobCache,
+                expected_size: int | None = None, timeout: float = IO_TIMEOUT) -> int:
+    """Fetch blob ``sha`` from the peer at ``address`` into ``cache``; returns its size.
+
+    Raises :class:`BlobFetchError` when the peer refuses or lacks it, the connection breaks, or
+    the content is not exactly ``sha`` (nothing is then left in the cache).
+    """
+    host, port = split_address(address)
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=MAX_LINE),
+                                                timeout)
+    except (OSError, TimeoutError) as exc:
+        raise BlobFetchError(f"cannot connect to {address}: {exc}") from exc
+    try:
+        writer.write(make_request(priv, sha))
+        await asyncio.wait_for(writer.drain(), timeout)
+        head = (await asyncio.wait_for(reader.readuntil(b"\n"), timeout)).decode("ascii", "replace").strip()
+        verb, _, rest = head.partition(" ")
+        if verb != "OK":
+            raise BlobFetchError(f"{address} refused blob {sha}: {rest or head}")
+        if not rest.isdigit():
+            raise BlobFetchError(f"{address} sent a malformed header {head!r}")
+        size = int(rest)
+        if expected_size is not None and size != expected_size:
+            raise BlobFetchError(f"{address} offers {size} bytes for {sha}, manifest says {expected_size}")
+        with cache.writer() as w:
+            while w.size < size:
+                block = await asyncio.wait_for(reader.read(min(_BLOCK, size - w.size)), timeout)
+                if not block:
+                    raise BlobFetchError(f"{address} closed after {w.size} of {size} bytes of {sha}")
+                w.write(block)
+            try:
+                w.commit(sha)
+            except ValueError as exc:
+                raise BlobFetchError(f"{address}: {exc}") from exc
+        return size
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+        raise BlobFetchError(f"fetching {sha} from {address}: {exc!r}") from exc
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+# --------------------------------------------------------------------------- master service
+
+
+def _advertised_host(interface: str) -> str:
+    if interface in ("", "0.0.0.0", "::", "*"):
+        return socket.gethostname()
+    return f"[{interface}]" if ":" in interface else interface
+
+
+class BlobService:
+    """A master's blob server plus the background fetcher of missing blobs."""
+
+    def __init__(self, master: Master, cache: BlobCache, port: int | None):
+        self.master = master
+        self.cache = cache
+        self.port = port  # None: no server (fetch only)
+        self.server: BlobServer | None = None
+        self.address = ""
+        self.missing: set[str] = set()
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def for_master(cls, master: Master) -> BlobService | None:
+        """The service for a clustered master, None for a lone master.
+
+        ``file_blob_port``: > 0 serves on that port; 0 (default) serves on a port the OS picks
+        when ``ha_backend`` is etcd and not at all otherwise; < 0 never serves.
+        """
+        if master.state.store is None:
+            return None
+        raw = master.opts.get("file_blob_port", 0) or 0
+        try:
+            port: int | None = int(raw)
+        except (TypeError, ValueError):
+            log.warning("file_blob_port must be an integer, got %r; not serving blobs", raw)
+            port = -1
+        if port == 0 and master.opts.get("ha_backend", "fs") != "etcd":
+            port = None
+        elif port is not None and port < 0:
+            port = None
+        cache = getattr(master.files, "blob_cache", None) or BlobCache(
+            f"{master.opts['cachedir']}/{CACHE_DIRNAME}")
+        return cls(master, cache, port)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.port is not None:
+            iface = self.master.opts.get("interface", "127.0.0.1")
+            server = BlobServer(self.cache, self.master.master_priv.public_key(), iface, self.port)
+            try:
+                await server.start()
+            except OSError as exc:  # the master still serves; peers cannot fetch from it
+                log.error("cannot serve file blobs on %s:%s: %s", iface, self.port, exc)
+            else:
+                self.server = server
+                self.address = f"{_advertised_host(iface)}:{server.port}"
+        self.master.files.on_blob_missing = self.request_sync
+        store = self.master.state.store
+        assert store is not None
+        try:
+            await asyncio.to_thread(store.watch, MANIFEST_PREFIX.rstrip("/"),
+                                    lambda changes: self.request_sync())
+        except Exception as exc:  # the periodic rescan still catches up
+            log.warning("cannot watch the file manifest: %s", exc)
+
+    def request_sync(self, sha: str | None = None) -> None:
+        """Wake the fetcher (thread-safe; called by the store watch and on cache misses)."""
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _peers(self) -> list[str]:
+        out = []
+        for mid, rec in sorted(self.master.cluster_masters().items()):
+            addr = rec.get("blob_address")
+            if mid != self.master.master_id and rec.get("alive") and isinstance(addr, str) and addr:
+                out.append(addr)
+        return out
+
+    async def sync_once(self) -> dict:
+        """Fetch every large blob the manifest names that the cache lacks: ``{fetched, missing}``."""
+        store = self.master.state.store
+        assert store is not None
+        entries = await asyncio.to_thread(load_manifest, store)
+        want = {e.sha256: e.size for e in entries.values()
+                if not e.inline and not self.cache.has(e.sha256)}
+        fetched: list[str] = []
+        if want:
+            peers = await asyncio.to_thread(self._peers)
+            for sha, size in sorted(want.items()):
+                for addr in peers:
+                    try:
+                        await fetch(addr, sha, self.master.master_priv, self.cache, size)
+                    except BlobFetchError as exc:
+                        log.debug("blob %s not fetched from %s: %s", sha, addr, exc)
+                        continue
+                    log.info("fetched file blob %s (%d bytes) from %s", sha, size, addr)
+                    fetched.append(sha)
+                    break
+        missing = set(want) - set(fetched)
+        if missing and missing != self.missing:
+            log.warning("%d file blob(s) not available from any peer yet: %s",
+                        len(missing), ", ".join(sorted(missing)[:5]))
+        self.missing = missing
+        return {"fetched": sorted(fetched), "missing": sorted(self.missing)}
+
+    async def sync_forever(self, stop: asyncio.Event) -> None:
+        """Run :meth:`sync_once` on every wake-up, every :data:`RESCAN` s, sooner while missing."""
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                await self.sync_once()
+            except asyncio.CancelledError:
+                return
+            except Exception as exc:
+                log.warning("file blob sync failed: %s", exc)
+                self.missing.add("?")
+            wait = RETRY if self.missing else RESCAN
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+            # let a burst of watch events / misses coalesce; never spin on repeated misses
+            await asyncio.sleep(0.5 if self.missing else 0.05)
+
+    async def close(self) -> None:
+        self.master.files.on_blob_missing = None
+        if self.server is not None:
+            await self.server.close()
