@@ -1,9 +1,25 @@
-"""``hamaster-cluster``: a local demo cluster (N masters sharing one ``ha_dir``, M minions).
+"""``hamaster-cluster``: a local demo cluster (N masters sharing one store, M minions).
 
 ``up`` starts it, accepts the minion keys once and waits until every minion answers through
 every master; ``status`` shows it; ``down`` stops it (by PID); ``demo`` runs the whole story:
 ping through each master, kill master 1, ping through the others, restart it, ping through it
 again, with timings.
+
+Backends (``--backend``):
+
+- ``fs`` (default): every master shares ``<dir>/shared`` as its ``ha_dir``.
+- ``etcd``: ``--etcd-endpoints host:port,...`` uses an existing etcd (under a prefix of its own,
+  ``/hamaster-cluster/<token>``, kept in ``cluster.json``); without it ``up`` starts a local etcd
+  cluster of ``--etcd-members`` 1 or 3 members (Debian's ``etcd`` binary, data in
+  ``<dir>/etcd/<name>``, loopback ports kept across ``down``/``up`` so the data stays valid).
+- ``rsync``: each master keeps its own ``<dir>/masterN/ha`` and runs an authenticated rsync daemon
+  serving it (``<dir>/rsyncd/masterN``: rsyncd.conf, secrets and password files, mode 0600);
+  ``ha_rsync_peers`` point each master at the others' daemons.
+
+Backend processes (etcd members, rsync daemons) are ``services`` in ``cluster.json``, each with
+its PID, command line and log, so ``status`` shows them, ``down`` stops them by PID and
+``hamaster-drill`` can stop and restart them (``backend: {etcd_members: [...]}`` /
+``{rsync_daemon: masterN}``).
 """
 
 from __future__ import annotations
@@ -11,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,9 +39,12 @@ from pathlib import Path
 
 import yaml
 
+from hamaster import cluster_services as cs
 from hamaster.cli.common import die
 
 DEFAULT_DIR = "/tmp/hamaster-demo"
+BACKENDS = ("fs", "etcd", "rsync")
+RSYNC_MAX_BACKOFF = 2.0  # a local peer that is back is retried within 2 s (default 30 s)
 
 
 def _free_port() -> int:
@@ -57,13 +78,36 @@ class LocalCluster:
 
     # -- layout -------------------------------------------------------------------------------------
 
-    def configure(self, n_masters: int, n_minions: int) -> None:
-        shared = self.base / "shared"
-        shared.mkdir(parents=True, exist_ok=True)
-        (shared / "file_roots" / "base").mkdir(parents=True, exist_ok=True)
-        hello = shared / "file_roots" / "base" / "hello.txt"
-        if not hello.exists():
-            hello.write_text("hello from the shared file_roots\n")
+    @property
+    def backend(self) -> str:
+        return self.state.get("backend", "fs")
+
+    def services(self, kind: str | None = None) -> list[dict]:
+        """Backend processes (etcd members, rsync daemons), optionally of one ``kind``."""
+        return [e for e in self.state.get("services", []) if kind is None or e.get("kind") == kind]
+
+    def configure(self, n_masters: int, n_minions: int, backend: str = "fs",
+                  etcd_endpoints: list[str] | None = None, etcd_members: int = 3) -> None:
+        old = self.state
+        services: list[dict] = []
+        extra: dict = {}
+        per_master: list[dict] = [{} for _ in range(n_masters)]
+        if backend == "fs":
+            shared = self.base / "shared"
+            shared.mkdir(parents=True, exist_ok=True)
+            (shared / "file_roots" / "base").mkdir(parents=True, exist_ok=True)
+            hello = shared / "file_roots" / "base" / "hello.txt"
+            if not hello.exists():
+                hello.write_text(HELLO)
+            per_master = [{"ha_backend": "fs", "ha_dir": str(shared)} for _ in range(n_masters)]
+        elif backend == "etcd":
+            extra["etcd"] = etcd = self._configure_etcd(old, etcd_endpoints, etcd_members, services)
+            per_master = [{"ha_backend": "etcd", "ha_etcd_endpoints": etcd["endpoints"],
+                           "ha_etcd_prefix": etcd["prefix"]} for _ in range(n_masters)]
+        elif backend == "rsync":
+            per_master = self._configure_rsync(n_masters, services)
+        else:
+            raise RuntimeError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
         masters = []
         for i in range(n_masters):
             conf = {
@@ -72,8 +116,7 @@ class LocalCluster:
                 "interface": "127.0.0.1",
                 "publish_port": _free_port(),
                 "ret_port": _free_port(),
-                "ha_backend": "fs",
-                "ha_dir": str(shared),
+                **per_master[i],
                 "log_level": "info",
                 "timeout": 5,
             }
@@ -97,8 +140,127 @@ class LocalCluster:
             confdir.mkdir(parents=True, exist_ok=True)
             (confdir / "minion").write_text(yaml.safe_dump(conf))
             minions.append({"name": mid, "confdir": str(confdir), "pid": None})
-        self.state = {"masters": masters, "minions": minions}
+        self.state = {"backend": backend, "masters": masters, "minions": minions, "services": services, **extra}
         self.save()
+
+    def _configure_etcd(self, old: dict, endpoints: list[str] | None, n: int, services: list[dict]) -> dict:
+        """Either an existing etcd (own prefix) or ``n`` local members (ports kept across up/down)."""
+        if endpoints:
+            prev = old.get("etcd") or {}
+            prefix = prev.get("prefix") if prev.get("endpoints") == endpoints and not prev.get("local") else None
+            return {"local": False, "endpoints": endpoints,
+                    "prefix": prefix or f"/hamaster-cluster/{secrets.token_hex(4)}"}
+        etcd_bin = shutil.which("etcd")
+        if etcd_bin is None:
+            raise RuntimeError("--backend etcd without --etcd-endpoints needs the etcd binary "
+                               "(Debian: apt-get install etcd-server etcd-client)")
+        names = [f"etcd{i + 1}" for i in range(n)]
+        datadir = self.base / "etcd"
+        prev = {e["name"]: e for e in old.get("services", []) if e.get("kind") == "etcd"}
+        if sorted(prev) == names and all((datadir / nm).is_dir() for nm in names):
+            ports = [(prev[nm]["client_port"], prev[nm]["peer_port"]) for nm in names]
+            busy = [p for pair in ports for p in pair if cs.port_open(p)]
+            if busy:
+                raise RuntimeError(f"the etcd data in {datadir} needs ports {busy}, which are in use; "
+                                   f"stop what uses them, or remove {self.base} and start afresh")
+        else:
+            shutil.rmtree(datadir, ignore_errors=True)
+            ports = [(_free_port(), _free_port()) for _ in names]
+        datadir.mkdir(parents=True, exist_ok=True)
+        initial = cs.etcd_initial_cluster([(nm, pp) for nm, (_, pp) in zip(names, ports, strict=True)])
+        for nm, (cp, pp) in zip(names, ports, strict=True):
+            services.append({
+                "name": nm, "kind": "etcd", "pid": None, "endpoint": f"127.0.0.1:{cp}",
+                "client_port": cp, "peer_port": pp, "data_dir": str(datadir / nm),
+                "log": str(self.base / f"{nm}.log"),
+                "argv": cs.etcd_argv(etcd_bin, nm, datadir / nm, cp, pp, initial),
+            })
+        return {"local": True, "endpoints": [e["endpoint"] for e in services], "prefix": "/hamaster"}
+
+    def _configure_rsync(self, n: int, services: list[dict]) -> list[dict]:
+        """Per master: its own ha_dir, an authenticated rsync daemon serving it, the others as peers."""
+        rsync_bin = shutil.which("rsync")
+        if rsync_bin is None:
+            raise RuntimeError("--backend rsync needs rsync (Debian: apt-get install rsync)")
+        password = secrets.token_hex(16)
+        per_master = []
+        for i in range(n):
+            name = f"master{i + 1}"
+            ha_dir = self.base / name / "ha"
+            port = _free_port()
+            conf, passfile = cs.write_rsyncd_config(self.base / "rsyncd" / name, ha_dir, port, password)
+            services.append({
+                "name": f"rsyncd-{name}", "kind": "rsyncd", "master": name, "pid": None, "port": port,
+                "path": str(ha_dir), "log": str(self.base / f"rsyncd-{name}.log"),
+                "argv": cs.rsyncd_argv(rsync_bin, conf, port),
+            })
+            per_master.append({"ha_backend": "rsync", "ha_dir": str(ha_dir), "ha_rsync_password_file": str(passfile),
+                               "ha_rsync_max_backoff": RSYNC_MAX_BACKOFF})
+        for i, conf in enumerate(per_master):
+            conf["ha_rsync_peers"] = [f"rsync://hamaster@127.0.0.1:{e['port']}/hamaster"
+                                      for j, e in enumerate(services) if j != i]
+        hello = Path(per_master[0]["ha_dir"]) / "file_roots" / "base" / "hello.txt"
+        if not hello.exists():  # the first master's tree; replication brings it to the others
+            hello.parent.mkdir(parents=True, exist_ok=True)
+            hello.write_text(HELLO)
+        return per_master
+
+    # -- backend processes --------------------------------------------------------------------------
+
+    def start_service(self, entry: dict) -> None:
+        """Start one etcd member or rsync daemon (idempotent); see :meth:`wait_service`."""
+        if self.alive(entry):
+            return
+        proc = cs.spawn(entry["argv"], entry["log"])
+        entry["pid"] = proc.pid
+        self.save()
+
+    def wait_service(self, entry: dict, timeout: float = 30) -> float:
+        """Seconds until the service serves: an etcd member a quorum read, a daemon its port."""
+        t0 = time.monotonic()
+        if entry["kind"] == "rsyncd":
+            cs.wait_port(lambda: self.alive(entry), entry["port"], timeout, entry["name"], entry["log"])
+            return time.monotonic() - t0
+        while time.monotonic() - t0 < timeout:
+            if not self.alive(entry):
+                raise RuntimeError(f"{entry['name']} exited; see {entry['log']}")
+            if cs.etcd_healthy(entry["endpoint"]):
+                return time.monotonic() - t0
+            time.sleep(0.1)
+        raise RuntimeError(f"{entry['name']} not healthy after {timeout:g}s; see {entry['log']}")
+
+    def start_services(self, entries: list[dict], timeout: float = 30) -> float:
+        """Start every entry, then wait until each serves; seconds taken."""
+        t0 = time.monotonic()
+        for e in entries:
+            self.start_service(e)
+        for e in entries:
+            self.wait_service(e, max(1.0, timeout - (time.monotonic() - t0)))
+        return time.monotonic() - t0
+
+    def seed_store(self) -> None:
+        """Put the demo file in an etcd store's file_roots (fs and rsync get it as a file)."""
+        if self.backend != "etcd":
+            return
+        from hamaster.config import load_master_config
+        from hamaster.master.shared import open_store
+
+        store = open_store(load_master_config(self.state["masters"][0]["confdir"]))
+        try:
+            if store.get("file_roots/base/hello.txt") is None:
+                store.put("file_roots/base/hello.txt", HELLO.encode())
+        finally:
+            store.close()
+
+    def wait_replicated(self, m: dict, timeout: float = 30) -> None:
+        """rsync: wait until the first master's keypair reached ``m``'s tree (one pair for all)."""
+        pki = Path(m["conf"]["ha_dir"]) / "pki" / "master"
+        deadline = time.monotonic() + timeout
+        while not ((pki / "master.pem").is_file() and (pki / "master.pub").is_file()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the master keypair did not reach {m['name']}'s ha_dir ({pki}) "
+                                   f"in {timeout:g}s; see {self.base}/rsyncd-{m['name']}.log and master1.log")
+            time.sleep(0.05)
 
     # -- processes ----------------------------------------------------------------------------------
 
@@ -230,18 +392,49 @@ def _accepts(path: str) -> bool:
         s.close()
 
 
+HELLO = "hello from the shared file_roots\n"
+
+
 def _pending_state():
     from hamaster.pki_sync.keys import KeyState
 
     return KeyState.PENDING
 
 
-def cmd_up(c: LocalCluster, n_masters: int, n_minions: int) -> int:
+def cmd_up(c: LocalCluster, n_masters: int, n_minions: int, backend: str = "fs",
+           etcd_endpoints: list[str] | None = None, etcd_members: int = 3) -> int:
     t0 = time.monotonic()
-    if c.state and any(c.alive(e) for e in c.state.get("masters", []) + c.state.get("minions", [])):
+    if c.state and any(c.alive(e) for e in c.state.get("masters", []) + c.state.get("minions", [])
+                       + c.state.get("services", [])):
         return die(f"a cluster is already running in {c.base}; run `hamaster-cluster down --dir {c.base}` first")
-    c.configure(n_masters, n_minions)
-    for m in c.state["masters"]:
+    if c.state.get("masters") and c.backend != backend:
+        return die(f"{c.base} holds a cluster on the {c.backend} backend (its minions trust that cluster's "
+                   f"master key); use another --dir for --backend {backend}, or remove {c.base}")
+    old_etcd = c.state.get("etcd") if c.state.get("masters") else None
+    if old_etcd is not None:
+        old = (f"etcd at {', '.join(old_etcd['endpoints'])}" if not old_etcd.get("local")
+               else f"a local {len(c.services('etcd'))}-member etcd")
+        same = (not etcd_endpoints and old_etcd.get("local") and len(c.services("etcd")) == etcd_members) or \
+            (etcd_endpoints and not old_etcd.get("local") and old_etcd["endpoints"] == etcd_endpoints)
+        if not same:
+            return die(f"{c.base} holds a cluster on {old} (its minions trust that store's master key); "
+                       f"give the same etcd options, use another --dir, or remove {c.base}")
+    c.configure(n_masters, n_minions, backend, etcd_endpoints, etcd_members)
+    etcd = c.state.get("etcd") or {}
+    if c.services("etcd"):
+        took = c.start_services(c.services("etcd"))
+        print(f"etcd: {len(c.services('etcd'))} local member(s) healthy in {took:.2f} s: "
+              + ", ".join(f"{e['name']} {e['endpoint']}" for e in c.services("etcd")))
+    elif etcd:
+        print(f"etcd: using {', '.join(etcd['endpoints'])} under prefix {etcd['prefix']}")
+    if c.services("rsyncd"):
+        took = c.start_services(c.services("rsyncd"))
+        print(f"rsync: {len(c.services('rsyncd'))} authenticated daemons listening in {took:.2f} s: "
+              + ", ".join(f"{e['master']} 127.0.0.1:{e['port']}" for e in c.services("rsyncd")))
+    c.seed_store()
+    for i, m in enumerate(c.state["masters"]):
+        if backend == "rsync" and i > 0:
+            c.wait_replicated(m)
         c.start_master(m)
     for n in c.state["minions"]:
         c._start(n, "minion")
@@ -251,7 +444,8 @@ def cmd_up(c: LocalCluster, n_masters: int, n_minions: int) -> int:
     for m in c.state["masters"]:
         c.wait_all(m, ids)
         print(f"  every minion answers through {m['name']} ({m['conf']['interface']}:{m['conf']['ret_port']})")
-    print(f"cluster up in {time.monotonic() - t0:.2f} s: {n_masters} masters, {n_minions} minions, dir {c.base}")
+    where = "" if backend == "fs" else f", backend {backend}"
+    print(f"cluster up in {time.monotonic() - t0:.2f} s: {n_masters} masters, {n_minions} minions, dir {c.base}{where}")
     return 0
 
 
@@ -261,6 +455,17 @@ def cmd_status(c: LocalCluster) -> int:
     for kind in ("masters", "minions"):
         for e in c.state[kind]:
             print(f"{e['name']:<10} {'running' if c.alive(e) else 'stopped':<8} pid {e.get('pid')}")
+    etcd = c.state.get("etcd")
+    if etcd and not etcd.get("local"):
+        print(f"etcd (not started here): {', '.join(etcd['endpoints'])}, prefix {etcd['prefix']}")
+    for e in c.services():
+        running = c.alive(e)
+        if e["kind"] == "etcd":
+            detail = f"{e['endpoint']}" + ((", healthy" if cs.etcd_healthy(e["endpoint"]) else ", NOT healthy")
+                                           if running else "")
+        else:
+            detail = f"127.0.0.1:{e['port']} serving {e['path']}"
+        print(f"{e['name']:<14} {'running' if running else 'stopped':<8} pid {e.get('pid')}  {detail}")
     live = [m for m in c.state["masters"] if c.alive(m)]
     if live:
         res = subprocess.run([_bin("hamaster-run"), "-c", live[0]["confdir"], "cluster.status"], capture_output=True, text=True)
@@ -272,16 +477,17 @@ def cmd_down(c: LocalCluster) -> int:
     if not c.state:
         print(f"no cluster in {c.base}")
         return 0
-    for e in c.state.get("minions", []) + c.state.get("masters", []):
+    for e in c.state.get("minions", []) + c.state.get("masters", []) + c.state.get("services", []):
         c.stop(e)
     print(f"cluster in {c.base} stopped")
     return 0
 
 
-def cmd_demo(c: LocalCluster, n_masters: int, n_minions: int, keep: bool) -> int:
+def cmd_demo(c: LocalCluster, n_masters: int, n_minions: int, keep: bool, backend: str = "fs",
+             etcd_endpoints: list[str] | None = None, etcd_members: int = 3) -> int:
     if n_masters < 2:
         return die("the demo needs at least 2 masters")
-    rc = cmd_up(c, n_masters, n_minions)
+    rc = cmd_up(c, n_masters, n_minions, backend, etcd_endpoints, etcd_members)
     if rc:
         return rc
     ids = [n["name"] for n in c.state["minions"]]
@@ -317,8 +523,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     p = argparse.ArgumentParser(
         prog="hamaster-cluster",
-        description="Start, inspect and stop a local hamaster cluster on the embedded fs backend.",
+        description="Start, inspect and stop a local hamaster cluster (fs, etcd or rsync backend).",
         epilog="Examples:\n  hamaster-cluster demo\n  hamaster-cluster up --masters 2 --minions 3\n"
+        "  hamaster-cluster up --dir /tmp/hm-etcd --backend etcd --etcd-members 3\n"
+        "  hamaster-cluster up --dir /tmp/hm-etcd2 --backend etcd --etcd-endpoints 10.0.0.11:2379,10.0.0.12:2379\n"
+        "  hamaster-cluster up --dir /tmp/hm-rsync --backend rsync\n"
         "  hamaster-cluster status\n  hamaster-cluster down",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -329,17 +538,30 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("up", "demo"):
             sp.add_argument("--masters", type=int, default=2)
             sp.add_argument("--minions", type=int, default=3)
+            sp.add_argument("--backend", choices=BACKENDS, default="fs",
+                            help="fs: one shared dir; etcd: an etcd cluster; rsync: a tree per master "
+                            "pushed to the others' rsync daemons (default fs)")
+            sp.add_argument("--etcd-endpoints", metavar="HOST:PORT,...",
+                            help="etcd: use this existing etcd (default: start a local one)")
+            sp.add_argument("--etcd-members", type=int, choices=(1, 3), default=3,
+                            help="etcd without --etcd-endpoints: members of the local etcd (default 3)")
         if name == "demo":
             sp.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
     args = p.parse_args(argv)
     base = Path(args.dir).resolve()
     base.mkdir(parents=True, exist_ok=True)
     c = LocalCluster(base)
+    backend: dict = {}
+    if args.cmd in ("up", "demo"):
+        endpoints = [e.strip() for e in (args.etcd_endpoints or "").split(",") if e.strip()]
+        if endpoints and args.backend != "etcd":
+            return die("--etcd-endpoints goes with --backend etcd")
+        backend = {"backend": args.backend, "etcd_endpoints": endpoints or None, "etcd_members": args.etcd_members}
     try:
         if args.cmd == "up":
-            return cmd_up(c, args.masters, args.minions)
+            return cmd_up(c, args.masters, args.minions, **backend)
         if args.cmd == "demo":
-            return cmd_demo(c, args.masters, args.minions, args.keep)
+            return cmd_demo(c, args.masters, args.minions, args.keep, **backend)
         if args.cmd == "status":
             return cmd_status(c)
         return cmd_down(c)

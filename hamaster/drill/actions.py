@@ -9,7 +9,9 @@ turn SIGINT/SIGTERM/SIGHUP into an exception so Ctrl-C goes through that ``final
 Defaults, per node, when the drill file gives no command: signals to the node's PID (its process
 group when it leads one), ``hamaster-master -c CONFDIR`` / ``hamaster-minion -c CONFDIR`` to
 start (``cluster_dir`` mode), iptables rules on the loopback interface to isolate, ``rename(2)``
-of an fs ``ha_dir`` to lose the backend. With a command (``systemctl …``, ``ssh host …``) the
+of an fs ``ha_dir`` to lose the backend, and on an etcd or rsync ``hamaster-cluster`` the
+recorded etcd members / rsync daemons stopped by PID (SIGKILL by default) and restarted with
+their recorded command line (the undo waits until each serves again). With a command (``systemctl …``, ``ssh host …``) the
 command is run through ``sh -c`` with ``{name} {host} {pid} {confdir} {ret_port} {publish_port}``
 filled in.
 """
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hamaster.drill import DrillError
-from hamaster.drill.spec import Drill, Node
+from hamaster.drill.spec import ETCD_ROLES, Drill, Node
 
 COMMAND_TIMEOUT = 120.0
 RULE_COMMENT = "hamaster-drill"
@@ -82,6 +84,8 @@ class Actions:
             for n in drill.masters + drill.minions:
                 if n.name in entries:
                     n.local_entry = entries[n.name]
+        self.service_entries = {e["name"]: e for e in self.cluster.state.get("services", [])} if self.cluster else {}
+        self._lost: list[dict] | None = None
 
     def _save_cluster(self) -> None:
         """Write cluster.json atomically; minions are started and stopped from several threads."""
@@ -292,8 +296,84 @@ class Actions:
             raise DrillError(f"masters do not share one ha_dir ({sorted(dirs)}); give backend.dir")
         return dirs.pop()
 
+    def lost_services(self) -> list[dict]:
+        """The cluster.json entries of what backend-loss stops (etcd members or one rsync daemon).
+
+        ``leader`` / ``follower`` among the etcd members are resolved the first time (just before
+        the loss) and kept.
+        """
+        if self._lost is not None:
+            return self._lost
+        d = self.drill
+        if d.backend_mode == "etcd":
+            names = self._resolve_etcd_roles(d.etcd_members)
+        elif d.backend_mode == "rsync":
+            names = [e["name"] for e in self.service_entries.values()
+                     if e.get("kind") == "rsyncd" and e.get("master") == d.rsync_daemon]
+        else:
+            return []
+        missing = [n for n in names if n not in self.service_entries]
+        if missing or not names:
+            raise DrillError(f"{', '.join(missing) or d.rsync_daemon}: not in {d.cluster_dir}/cluster.json services")
+        self._lost = [self.service_entries[n] for n in names]
+        return self._lost
+
+    def _resolve_etcd_roles(self, names: list[str]) -> list[str]:
+        if not any(n in ETCD_ROLES for n in names):
+            return list(names)
+        from hamaster.cluster_services import etcd_leader
+
+        members = [e for e in self.service_entries.values() if e.get("kind") == "etcd"]
+        leader_ep = etcd_leader([e["endpoint"] for e in members])
+        leader = next((e["name"] for e in members if e["endpoint"] == leader_ep), None)
+        if leader is None:
+            raise DrillError("no etcd leader right now: is the cluster's etcd healthy?")
+        taken = {n for n in names if n not in ETCD_ROLES}
+        out = []
+        for n in names:
+            if n == "leader":
+                n = leader
+            elif n == "follower":
+                n = next((e["name"] for e in members if e["name"] != leader and e["name"] not in taken), "")
+                if not n:
+                    raise DrillError("no follower left to stop")
+            if n in out:
+                raise DrillError(f"backend.etcd_members names {n} twice (the leader is {leader})")
+            taken.add(n)
+            out.append(n)
+        self.say(f"etcd leader is {leader}: stopping {', '.join(out)}")
+        return out
+
+    def _services_down(self, entries: list[dict]) -> Undo:
+        assert self.cluster is not None
+        names = ", ".join(e["name"] for e in entries)
+        stopped = [e["name"] for e in self.service_entries.values()
+                   if e.get("kind") == entries[0].get("kind") and not self.cluster.alive(e)]
+        if stopped:
+            raise DrillError(f"{', '.join(stopped)} already stopped: start the cluster's backend before drilling it")
+        u = self.push(f"start {names} (after backend loss)", lambda: self._services_up(entries))
+        sig = signal.SIGKILL if self.drill.backend_signal == "KILL" else signal.SIGTERM
+        for e in entries:
+            self.say(f"backend loss: {'kill -9' if sig == signal.SIGKILL else 'stop (SIGTERM)'} {e['name']} "
+                     f"(pid {e.get('pid')})")
+            self.cluster.stop(e, sig)
+        return u
+
+    def _services_up(self, entries: list[dict]) -> None:
+        """Start what backend-loss stopped; return once each serves again (etcd: a quorum read)."""
+        assert self.cluster is not None
+        names = ", ".join(e["name"] for e in entries)
+        self.say(f"start {names}")
+        try:
+            took = self.cluster.start_services(entries, timeout=COMMAND_TIMEOUT / 2)
+        except RuntimeError as exc:
+            raise DrillError(str(exc)) from None
+        self.say(f"{names} serving again {took:.2f} s after the start")
+
     def backend_down(self) -> Undo:
         be = self.drill.backend
+        if self.drill.backend_mode in ("etcd", "rsync"):
+            return self._services_down(self.lost_services())
         if "stop" in be:
             u = self.push("start the backend", self.backend_up)
             self.say(f"backend stop: $ {be['stop']}")

@@ -193,6 +193,43 @@ class Pinger(threading.Thread):
         return [r for r in self.rounds if r["missing"]]
 
 
+class StoreSampler(threading.Thread):
+    """Samples ``store_ok`` of every master from its own ``cluster.status`` while a backend is lost."""
+
+    def __init__(self, apis: list[MasterApi], interval: float = 0.25) -> None:
+        super().__init__(name="drill-store-sampler", daemon=True)
+        self.apis = apis
+        self.interval = interval
+        self.t0 = time.monotonic()
+        self.samples: list[dict] = []
+        self._stop_evt = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_evt.is_set():
+            for api in self.apis:
+                try:
+                    _, ok = api.status_of(api.name)
+                except DrillError:
+                    ok = None
+                self.samples.append({"t": round(time.monotonic() - self.t0, 3), "master": api.name, "store_ok": ok})
+            self._stop_evt.wait(self.interval)
+
+    def stop(self) -> None:
+        """Stop sampling now; a status call still in flight (a store timing out) is not waited for."""
+        self.stopped_at = round(time.monotonic() - self.t0, 3)
+        self._stop_evt.set()
+        self.join(timeout=0.5)
+
+    def taken(self) -> list[dict]:
+        """The samples taken before :meth:`stop`."""
+        end = getattr(self, "stopped_at", None)
+        return [s for s in list(self.samples) if end is None or s["t"] <= end]
+
+    def errors(self, masters: set[str]) -> list[dict]:
+        """Samples of ``masters`` that did not report ``store_ok: true`` (false, or no answer)."""
+        return [s for s in self.taken() if s["master"] in masters and s["store_ok"] is not True]
+
+
 class LogWatcher:
     """Finds when each minion logged a line (e.g. "<host:port> stopped answering")."""
 
@@ -258,13 +295,22 @@ def time_until_all_answer(api: MasterApi, ids: list[str], timeout: float, ping_t
     return None
 
 
-def lookup_returns(api: MasterApi, jid: str, ids: list[str], timeout: float) -> dict:
-    """``jobs.lookup_jid`` through ``api`` until every id has a return or the deadline."""
+def lookup_returns(api: MasterApi, jid: str, ids: list[str], timeout: float,
+                   errors: list[str] | None = None) -> dict:
+    """``jobs.lookup_jid`` through ``api`` until every id has a return or the deadline.
+
+    A lookup the master answers with an error is retried; the errors go to ``errors``.
+    """
     got: dict = {}
 
     def have_all() -> bool:
         nonlocal got
-        res = api.runner("jobs.lookup_jid", jid)
+        try:
+            res = api.runner("jobs.lookup_jid", jid)
+        except DrillError as exc:
+            if errors is not None:
+                errors.append(str(exc))
+            raise
         got = res if isinstance(res, dict) else {}
         return set(ids) <= set(got)
 

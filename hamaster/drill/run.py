@@ -7,6 +7,7 @@ Exit status of :func:`run_drill`'s caller: 0 every objective met, 1 an objective
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -20,6 +21,7 @@ from hamaster.drill.measure import (
     LogWatcher,
     MasterApi,
     Pinger,
+    StoreSampler,
     lookup_returns,
     stage_pending_key,
     time_until_all_answer,
@@ -33,6 +35,8 @@ OBJECTIVE_MEASURE = {
     "max_recovery_s": "recovery_s",
     "max_lost_results": "lost_results",
     "key_change_visible": "key_change_visible",
+    "key_change_refused": "key_change_refused",
+    "max_store_errors": "store_errors",
 }
 
 
@@ -150,8 +154,13 @@ class DrillRun:
         time.sleep(min(1.0, self.d.job_sleep_s / 2))  # let the minions start it before the failure
         return pub["jid"]
 
-    def count_lost(self, jid: str, via: MasterApi) -> None:
-        got = lookup_returns(via, jid, self.ids, self.d.job_sleep_s + 30)
+    def count_lost(self, jid: str, via: MasterApi) -> list[str]:
+        """Results of the tracked job missing through ``via``; returns the lookups that failed."""
+        errors: list[str] = []
+        got = lookup_returns(via, jid, self.ids, self.d.job_sleep_s + 30, errors)
+        if errors:
+            self.measured["lookup_errors"] = len(errors)
+            self.notes.append(f"jobs.lookup_jid through {via.name} failed {len(errors)} time(s), e.g.: {errors[0][-300:]}")
         lost = sorted(set(self.ids) - set(got))
         self.measured["lost_results"] = len(lost)
         self.measured["lost_ids"] = lost
@@ -160,7 +169,9 @@ class DrillRun:
         if bad:
             self.notes.append(f"tracked job returns that are not True: {bad}")
         self.say(f"tracked job {jid}: {len(got)}/{len(self.ids)} results found through {via.name}"
-                 + (f"; LOST: {', '.join(lost)}" if lost else ""))
+                 + (f"; LOST: {', '.join(lost)}" if lost else "")
+                 + (f" ({len(errors)} lookups failed first)" if errors else ""))
+        return errors
 
     def stage_key(self) -> None:
         kc = self.d.key_change
@@ -169,8 +180,25 @@ class DrillRun:
             stage_pending_key(self.d.masters[0], self.kid)
             self.actions.push(f"delete the throwaway key {self.kid}", self._delete_key)
             self.say(f"staged a throwaway pending key {self.kid}")
+            if self.d.cluster_backend == "rsync":  # one tree per master: wait until it reached every one
+                kid = self.kid
+                for api in self.apis.values():
+                    _, took = wait_for(lambda a=api: self._key_in_state(a, kid, "pre"), 15, interval=0.2)
+                    if took is None:
+                        raise DrillError(f"the staged key {kid} did not reach {api.name}'s tree within 15 s "
+                                         "(is rsync replication working?)")
         else:
             self.kid = kc
+
+    @staticmethod
+    def _key_in_state(api: MasterApi, kid: str, state: str) -> bool:
+        """Whether ``hamaster-key -l STATE`` through ``api`` (its store, not its memory) lists ``kid``."""
+        res = api.key("-l", state, "--out", "json")
+        try:
+            data = json.loads(res.stdout) if res.returncode == 0 else {}
+        except json.JSONDecodeError:
+            return False
+        return any(isinstance(v, list) and kid in v for v in (data or {}).values())
 
     def _delete_key(self) -> None:
         assert self.kid
@@ -294,24 +322,51 @@ class DrillRun:
         self._failover(self.actions.isolate, status=not local_cut)
 
     def sc_backend_loss(self) -> None:
+        d = self.d
         apis = list(self.apis.values())
+        down = [self.apis[n] for n in d.store_down_on]
+        steady = {a.name for a in apis} - set(d.store_down_on)
         self.start_pinger(exclude=set())
         jid = self.track_job(apis[0])
+        via = self._key_change_via()
+        lost_counted = False
+        lookup_errors: list[str] = []
         t_fail = time.monotonic()
-        undo = self.actions.backend_down()
-        worst: float | None = 0.0
-        for api in apis:
-            _, took = wait_for(lambda a=api: a.status_of(a.name)[1] is False, self.d.detect_timeout_s - (time.monotonic() - t_fail))
-            if took is None:
-                worst = None
-                self.notes.append(f"{api.name} never reported store_ok: false")
-                break
-            worst = max(worst, time.monotonic() - t_fail)
-        self.measured["detect_status_s"] = round(worst, 3) if worst is not None else None
-        self.measured["detect_s"] = self.measured["detect_status_s"]
-        if worst is not None:
-            self.say(f"every master reports store_ok: false after {worst:.2f} s")
-        self.hold()
+        sampler = StoreSampler(apis)
+        sampler.t0 = t_fail
+        sampler.start()
+        try:
+            undo = self.actions.backend_down()
+            lost = [e["name"] for e in self.actions.lost_services()]
+            if lost:
+                self.measured["backend_lost"] = lost
+            if down:
+                self._detect_store_down(down, t_fail)
+            else:
+                self.say("the store is expected to stay up on every master: nothing to detect")
+            if d.expect_key_change and self.kid:
+                self._key_change_during(via)
+                if d.expect_key_change == "works" and not down:
+                    self.key_visible(apis)  # on every master while the backend part is still gone
+            if not down:  # the store is up: lookups must work during the loss
+                lookup_errors = self.count_lost(jid, apis[-1])
+                lost_counted = True
+            self.hold()
+        finally:
+            sampler.stop()
+        errs = sampler.errors(steady)
+        if steady:  # what users and alerts see from masters that should have kept their store
+            self.measured["store_errors"] = len(errs) + len(lookup_errors)
+        if errs:
+            self.measured["store_error_samples"] = errs[:20]
+            bad = sorted({e["master"] for e in errs})
+            self.say(f"{len(errs)} cluster.status samples with store_ok not true on {', '.join(bad)}, "
+                     "which should have kept the store")
+            self.notes.append(f"store_ok was not true on {', '.join(bad)} from {errs[0]['t']:.1f} s to "
+                              f"{errs[-1]['t']:.1f} s after the loss ({len(errs)} samples)")
+        elif steady:
+            self.say(f"store_ok stayed true on {', '.join(sorted(steady))} "
+                     f"({sum(1 for x in sampler.taken() if x['master'] in steady)} samples)")
         self.actions.restore(undo)
         self.measured["outage_s"] = round(time.monotonic() - t_fail, 3)
         t_back = time.monotonic()
@@ -329,7 +384,75 @@ class DrillRun:
         self.measured["recovery_s"] = round(rec, 3) if rec is not None else None
         self.say(f"every master reports store_ok: true and serves every minion {rec:.2f} s after the backend returned"
                  if rec is not None else "the masters did NOT recover the store")
-        self.count_lost(jid, apis[-1])
+        if d.expect_key_change and self.kid:
+            if d.expect_key_change == "refused":
+                self._converge_key(via, apis)
+            elif down:
+                self.key_visible(apis)  # e.g. rsync: kept locally, delivered once the peer is back
+        if not lost_counted:
+            self.count_lost(jid, apis[-1])
+
+    def _detect_store_down(self, down: list[MasterApi], t_fail: float) -> None:
+        worst: float | None = 0.0
+        for api in down:
+            _, took = wait_for(lambda a=api: a.status_of(a.name)[1] is False,
+                               self.d.detect_timeout_s - (time.monotonic() - t_fail))
+            if took is None:
+                worst = None
+                self.notes.append(f"{api.name} never reported store_ok: false")
+                break
+            worst = max(worst, time.monotonic() - t_fail)
+        self.measured["detect_status_s"] = round(worst, 3) if worst is not None else None
+        self.measured["detect_s"] = self.measured["detect_status_s"]
+        if worst is not None:
+            who = "every master reports" if len(down) == len(self.apis) else \
+                f"{', '.join(a.name for a in down)} report{'s' if len(down) == 1 else ''}"
+            self.say(f"{who} store_ok: false after {worst:.2f} s")
+
+    def _key_change_via(self) -> MasterApi:
+        """Through whom backend-loss changes a key: a degraded master if only some are, else the last."""
+        names = [m.name for m in self.d.masters]
+        down = self.d.store_down_on
+        if down and len(down) < len(names):
+            return self.apis[down[0]]
+        return self.apis[names[-1]]
+
+    def _key_change_during(self, via: MasterApi) -> None:
+        assert self.kid
+        t = time.monotonic()
+        res = via.key("-a", self.kid, "-y")
+        took = time.monotonic() - t
+        made = res.returncode == 0
+        self.measured["key_change_made"] = made
+        self.measured["key_change_s"] = round(took, 3)
+        if made:
+            self.say(f"key change during the loss: accepted {self.kid} through {via.name} in {took:.2f} s")
+            if self.d.expect_key_change == "refused":
+                self.measured["key_change_refused"] = False
+                self.notes.append("the key change went through although the store was expected to refuse it")
+            return
+        lines = [ln for ln in (res.stderr or res.stdout or "").splitlines() if ln.strip()]
+        err = lines[-1].strip() if lines else f"exit {res.returncode}, no message"
+        self.measured["key_change_error"] = err
+        if self.d.expect_key_change == "refused":
+            self.measured["key_change_refused"] = res.returncode != 124 and bool(lines)
+        self.say(f"key change during the loss through {via.name} refused after {took:.2f} s: {err}")
+        self.notes.append(f"key change during the loss (through {via.name}, {took:.1f} s): {err}")
+
+    def _converge_key(self, via: MasterApi, apis: list[MasterApi]) -> None:
+        """After a refused key change: the key converges, or is accepted again, once the store is back."""
+        assert self.kid
+        if self._key_in_state(via, self.kid, "acc"):
+            self.measured["key_change_landed_late"] = True
+            self.measured["key_change_made"] = True
+            self.say(f"{self.kid} is accepted after all: the timed-out write was committed when the store returned")
+        else:
+            self.measured["key_change_landed_late"] = False
+            res = via.key("-a", self.kid, "-y")
+            self.measured["key_change_made"] = res.returncode == 0
+            self.say(f"key change retried through {via.name} after the store returned: "
+                     + ("accepted" if res.returncode == 0 else f"FAILED: {(res.stderr or res.stdout).strip()[-300:]}"))
+        self.key_visible(apis)
 
     def sc_minion_storm(self) -> None:
         apis = list(self.apis.values())
@@ -387,7 +510,7 @@ class DrillRun:
         for name, limit in self.d.objectives.items():
             key = OBJECTIVE_MEASURE[name]
             value = self.measured.get(key)
-            if name == "key_change_visible":
+            if isinstance(limit, bool):
                 met = value is True if limit else True
             else:
                 met = value is not None and value <= limit
@@ -438,10 +561,14 @@ def render_table(res: dict) -> str:
             ("detect", _fmt(m.get("detect_s"), " s"), "max_detect_s", " s"),
             ("recovery", _fmt(m.get("recovery_s"), " s"), "max_recovery_s", " s"),
             ("results lost", f"{_fmt(m.get('lost_results'))}", "max_lost_results", ""),
+            ("key change refused", _fmt(m.get("key_change_refused")), "key_change_refused", ""),
             ("key change visible", _fmt(m.get("key_change_visible")), "key_change_visible", ""),
+            ("store errors", _fmt(m.get("store_errors")), "max_store_errors", ""),
             ("cluster healthy after", _fmt(m.get("healthy_after")), "healthy_after", "")]
+    lost = m.get("backend_lost")
     lines = [f"drill {res['drill']!r}: scenario {res['scenario']}"
-             + (f", victim {res['victim']}" if res["victim"] else "") + f", {res['duration_s']:.1f} s",
+             + (f", victim {res['victim']}" if res["victim"] else "")
+             + (f", lost {', '.join(lost)}" if lost else "") + f", {res['duration_s']:.1f} s",
              f"{'measure':<24} {'value':<16} {'objective':<12} result", "-" * 62]
     for label, value, key, unit in rows:
         c = obj.get(key) if key else None

@@ -32,6 +32,16 @@ minions, PIDs, confdirs and logs are read from its ``cluster.json``) or explicit
     backend:                        # backend-loss: how to take the shared store away and back
       stop: ssh root@nfs1 systemctl stop nfs-server
       start: ssh root@nfs1 systemctl start nfs-server
+      store_down_on: all            # masters expected to report store_ok: false (all | none | [names])
+      expect_key_change: refused    # a key change during the loss: works | refused (default: none made)
+
+    # backend-loss on a hamaster-cluster dir (cluster_dir) on etcd or rsync:
+    backend: {etcd_members: [etcd1]}        # stop these etcd members by PID (etcd_member: etcd1 too;
+                                            # `leader` / `follower`: the member in that role right then)
+    backend: {rsync_daemon: master2}        # stop master2's rsync daemon (its peers cannot push)
+    # optional: signal: KILL (default, a crash) or TERM; store_down_on / expect_key_change
+    # default to what the loss implies (quorum kept: none / works; quorum lost: all / refused;
+    # rsync: the other masters / works).
 
 Without commands, nodes are handled locally: signals to ``pid`` (or the PID in ``pidfile``),
 ``hamaster-master -c confdir`` to start, iptables on the loopback interface to isolate.
@@ -77,11 +87,16 @@ SCENARIOS: dict[str, Scenario] = {
                  note="locally the victim keeps its access to an fs ha_dir (a directory cannot be cut by "
                  "iptables), so cluster.status keeps showing it alive; detection is from the minions' view. "
                  "Needs iptables and root; on real hosts give isolate/heal commands."),
-        Scenario("backend-loss", "Lose the shared store (fs: rename ha_dir away; etcd/rsync: your stop/start commands).", True,
-                 ("max_failed_pings", "max_detect_s", "max_recovery_s", "max_lost_results"),
-                 note="fs is renamed away locally; etcd member/quorum loss and rsync peer loss need backend "
-                 "stop/start commands in the drill file and are not exercised by the local tests. "
-                 "No key change: keys live in the store that is gone."),
+        Scenario("backend-loss", "Lose (part of) the store: fs ha_dir renamed away, etcd members or an rsync "
+                 "daemon stopped, or your stop/start commands.", True,
+                 ("max_failed_pings", "max_detect_s", "max_recovery_s", "max_lost_results", "key_change_visible",
+                  "key_change_refused", "max_store_errors"),
+                 note="fs: no key change (a key command would re-create the renamed ha_dir). etcd with quorum "
+                 "kept: nothing to detect; a key change through a master must work during the loss and lookups "
+                 "are made during it. Quorum lost: the key change must fail with a clear error, then the key "
+                 "converges (or is accepted again) once quorum returns. rsync: the masters pushing to the "
+                 "stopped daemon report store_ok: false (replication degraded, writes kept locally); the key "
+                 "change is made through one of them and must reach the peer after it returns."),
         Scenario("minion-storm", "Restart every minion at once; all must answer through every master again.", True,
                  ("max_failed_pings", "max_recovery_s", "key_change_visible"),
                  note="no tracked job (a job dies with its minion) and no detection; failed pings are counted "
@@ -97,7 +112,13 @@ OBJECTIVES = {
     "max_recovery_s": float,
     "max_lost_results": int,
     "key_change_visible": bool,
+    "key_change_refused": bool,   # backend-loss: the key change during the loss failed with a clear error
+    "max_store_errors": int,      # backend-loss: store_ok false on a master expected to keep its store
 }
+
+ETCD_ROLES = ("leader", "follower")  # backend.etcd_members may name a role instead of a member
+_BACKEND_KEYS = ("stop", "start", "dir", "etcd_member", "etcd_members", "rsync_daemon", "signal",
+                 "store_down_on", "expect_key_change")
 
 _TOP_KEYS = {
     "name", "scenario", "cluster_dir", "masters", "minions", "victim", "hold_s", "job_sleep_s",
@@ -162,7 +183,16 @@ class Drill:
     preflight_timeout_s: float = 30.0
     key_change: str | None = "auto"
     objectives: dict[str, Any] = field(default_factory=dict)
-    backend: dict[str, str] = field(default_factory=dict)
+    backend: dict[str, Any] = field(default_factory=dict)
+    # backend-loss, resolved from `backend:` and the cluster: what is lost and what to expect.
+    backend_mode: str | None = None          # "dir" | "commands" | "etcd" | "rsync"
+    etcd_members: list[str] = field(default_factory=list)
+    rsync_daemon: str | None = None          # the master whose rsync daemon is stopped
+    backend_signal: str = "KILL"
+    store_down_on: list[str] = field(default_factory=list)
+    expect_key_change: str | None = None     # "works" | "refused" | None (no key change)
+    cluster_backend: str | None = None       # cluster_dir mode: fs | etcd | rsync
+    services: list[dict] = field(default_factory=list)  # cluster_dir mode: etcd members, rsync daemons
 
     def master(self, name: str) -> Node:
         for m in self.masters:
@@ -234,7 +264,7 @@ def _node(path: str, where: str, raw: Any, kind: str) -> Node:
     return node
 
 
-def _from_cluster_dir(path: str, cdir: str) -> tuple[list[Node], list[Node]]:
+def _from_cluster_dir(path: str, cdir: str) -> tuple[list[Node], list[Node], dict]:
     state_file = Path(cdir) / "cluster.json"
     try:
         state = json.loads(state_file.read_text())
@@ -256,7 +286,7 @@ def _from_cluster_dir(path: str, cdir: str) -> tuple[list[Node], list[Node]]:
              local_entry=n)
         for n in state.get("minions", [])
     ]
-    return masters, minions
+    return masters, minions, state
 
 
 def parse_drill(data: Any, path: str = "<drill>") -> Drill:
@@ -276,8 +306,9 @@ def parse_drill(data: Any, path: str = "<drill>") -> Drill:
     if cdir is not None:
         if not isinstance(cdir, str):
             raise _err(path, "cluster_dir", "must be a path")
-        masters, minions = _from_cluster_dir(path, cdir)
+        masters, minions, state = _from_cluster_dir(path, cdir)
     else:
+        state = {}
         if not isinstance(data.get("masters"), list) or not data["masters"]:
             raise _err(path, "masters", "is required (a list of masters) unless cluster_dir is given")
         if not isinstance(data.get("minions"), list) or not data["minions"]:
@@ -298,6 +329,9 @@ def parse_drill(data: Any, path: str = "<drill>") -> Drill:
 
     drill = Drill(path=path, name=str(data.get("name") or Path(path).stem), scenario=scenario,
                   masters=masters, minions=minions, victim=None, cluster_dir=cdir)
+    if cdir is not None:
+        drill.cluster_backend = state.get("backend", "fs")
+        drill.services = list(state.get("services", []))
     for key in ("hold_s", "job_sleep_s", "ping_timeout_s", "ping_interval_s", "detect_timeout_s",
                 "recovery_timeout_s", "preflight_timeout_s"):
         if data.get(key) is not None:
@@ -321,7 +355,8 @@ def parse_drill(data: Any, path: str = "<drill>") -> Drill:
         drill.key_change = kc
     else:
         raise _err(path, "key_change", "must be `auto`, `off` or the id of a pending key to accept")
-    if "key_change_visible" not in sc.measures:
+    _parse_backend(drill, data.get("backend"))
+    if "key_change_visible" not in sc.measures or (scenario == "backend-loss" and drill.expect_key_change is None):
         drill.key_change = None
     if drill.key_change == "auto" and any(m.exec for m in masters):
         raise _err(path, "key_change", "with remote masters (`exec`), pre-stage a pending key and name it here, "
@@ -342,20 +377,122 @@ def parse_drill(data: Any, path: str = "<drill>") -> Drill:
             drill.objectives[k] = v
         else:
             drill.objectives[k] = _num(path, f"objectives.{k}", v, OBJECTIVES[k], 0)
-    if drill.objectives.get("key_change_visible") and drill.key_change is None:
-        raise _err(path, "objectives.key_change_visible", "needs key_change (auto or a pending key id)")
-
-    be = data.get("backend") or {}
-    if not isinstance(be, dict) or any(k not in ("stop", "start", "dir") for k in be) or \
-            any(not isinstance(v, str) for v in be.values()):
-        raise _err(path, "backend", "must be a mapping with `dir` (an fs ha_dir to rename away) or "
-                   "`stop` and `start` shell commands")
-    drill.backend = dict(be)
-    if ("stop" in be) != ("start" in be):
-        raise _err(path, "backend", "give both `stop` and `start`")
+    for k in ("key_change_visible", "key_change_refused"):
+        if k not in drill.objectives or drill.key_change is not None:
+            continue
+        if scenario == "backend-loss" and drill.expect_key_change is None:
+            raise _err(path, f"objectives.{k}", "this backend loss makes no key change (fs: a key command "
+                       "would re-create the renamed ha_dir); with stop/start commands set "
+                       "backend.expect_key_change: works | refused")
+        raise _err(path, f"objectives.{k}", "needs key_change (auto or a pending key id)")
+    if "max_store_errors" in drill.objectives and set(drill.store_down_on) >= {m.name for m in masters}:
+        raise _err(path, "objectives.max_store_errors", "every master is expected to lose its store here "
+                   "(store_down_on: all): there is no master whose store errors could be counted")
+    if drill.objectives.get("key_change_refused") and drill.expect_key_change != "refused":
+        raise _err(path, "objectives.key_change_refused", f"the store is expected to take writes during this "
+                   f"loss (expect_key_change: {drill.expect_key_change}); a refusal cannot be an objective")
 
     _check_capabilities(drill)
     return drill
+
+
+def _parse_backend(d: Drill, raw: Any) -> None:
+    """Validate ``backend:`` and resolve what backend-loss stops and what it expects."""
+    path = d.path
+    be = raw or {}
+    if not isinstance(be, dict):
+        raise _err(path, "backend", "must be a mapping: `dir`, `stop`/`start`, `etcd_members` or `rsync_daemon`")
+    unknown = set(be) - set(_BACKEND_KEYS)
+    if unknown:
+        raise _err(path, "backend", f"unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(_BACKEND_KEYS)}")
+    for k in ("stop", "start", "dir", "rsync_daemon", "signal", "expect_key_change", "etcd_member"):
+        if k in be and (not isinstance(be[k], str) or not be[k].strip()):
+            raise _err(path, f"backend.{k}", "must be a non-empty string")
+    if ("stop" in be) != ("start" in be):
+        raise _err(path, "backend", "give both `stop` and `start`")
+    if "etcd_member" in be and "etcd_members" in be:
+        raise _err(path, "backend", "give `etcd_member` or `etcd_members`, not both")
+    members = be.get("etcd_members", be.get("etcd_member"))
+    if members is not None:
+        if isinstance(members, str):
+            members = [members]
+        if not isinstance(members, list) or not members or not all(isinstance(m, str) and m for m in members):
+            raise _err(path, "backend.etcd_members", "must be a member name or a non-empty list of them")
+        if len(set(members)) != len(members):
+            raise _err(path, "backend.etcd_members", "names must be unique")
+    modes = [m for m, present in (("dir", "dir" in be), ("commands", "stop" in be),
+                                  ("etcd", members is not None), ("rsync", "rsync_daemon" in be)) if present]
+    if len(modes) > 1:
+        raise _err(path, "backend", "give one of `dir`, `stop`/`start`, `etcd_members`, `rsync_daemon`")
+    d.backend = {k: v for k, v in be.items() if k in ("stop", "start", "dir")}
+    if d.scenario != "backend-loss":
+        return
+    master_names = [m.name for m in d.masters]
+    mode = modes[0] if modes else None
+    if mode is None and d.cluster_dir is not None:
+        if d.cluster_backend == "etcd" and not any(e.get("kind") == "etcd" for e in d.services):
+            raise _err(path, "backend", "this cluster uses an etcd it did not start: give backend stop/start "
+                       "commands (and store_down_on / expect_key_change)")
+        if d.cluster_backend == "etcd":
+            raise _err(path, "backend", "this cluster is on etcd: name the members to stop, e.g. "
+                       "`backend: {etcd_members: [etcd1]}` (quorum kept) or `[etcd1, etcd2]` (quorum lost)")
+        if d.cluster_backend == "rsync":
+            raise _err(path, "backend", "this cluster is on rsync: name whose daemon to stop, e.g. "
+                       f"`backend: {{rsync_daemon: {master_names[-1]}}}`")
+        mode = "dir"
+    d.backend_mode = mode
+    if mode in ("etcd", "rsync") and d.cluster_dir is None:
+        raise _err(path, "backend", f"`{'etcd_members' if mode == 'etcd' else 'rsync_daemon'}` needs cluster_dir "
+                   "(a hamaster-cluster dir that started them); on real hosts give `stop`/`start` commands")
+    sig = str(be.get("signal", "KILL")).upper().removeprefix("SIG")
+    if sig not in ("KILL", "TERM"):
+        raise _err(path, "backend.signal", "must be KILL (a crash, the default) or TERM (a clean stop)")
+    d.backend_signal = sig
+    down_on: list[str]
+    expect: str | None
+    if mode == "etcd":
+        known = [e["name"] for e in d.services if e.get("kind") == "etcd"]
+        if not known:
+            raise _err(path, "backend.etcd_members", "this cluster's etcd was not started by hamaster-cluster "
+                       "(or it is not on etcd): give backend stop/start commands")
+        bad = [m for m in members if m not in known and m not in ETCD_ROLES]
+        if bad:
+            raise _err(path, "backend.etcd_members", f"{', '.join(bad)}: not a member; members: {', '.join(known)} "
+                       f"(or {' / '.join(ETCD_ROLES)}: whichever member has that role when the drill runs)")
+        if len(members) > len(known):
+            raise _err(path, "backend.etcd_members", f"more names than members ({len(known)})")
+        d.etcd_members = list(members)
+        quorum_kept = len(known) - len(members) >= len(known) // 2 + 1
+        down_on, expect = ([], "works") if quorum_kept else (list(master_names), "refused")
+    elif mode == "rsync":
+        owner = be["rsync_daemon"]
+        if not any(e.get("kind") == "rsyncd" and e.get("master") == owner for e in d.services):
+            known = [e["master"] for e in d.services if e.get("kind") == "rsyncd"]
+            raise _err(path, "backend.rsync_daemon", f"{owner!r} has no rsync daemon in this cluster"
+                       + (f"; masters with one: {', '.join(known)}" if known else " (is it on the rsync backend?)"))
+        d.rsync_daemon = owner
+        down_on, expect = [m for m in master_names if m != owner], "works"
+    else:
+        down_on, expect = list(master_names), None
+    sdo = be.get("store_down_on")
+    if sdo is not None:
+        if sdo == "all":
+            down_on = list(master_names)
+        elif sdo == "none":
+            down_on = []
+        elif isinstance(sdo, list) and all(isinstance(x, str) for x in sdo) and set(sdo) <= set(master_names):
+            down_on = [m for m in master_names if m in sdo]
+        else:
+            raise _err(path, "backend.store_down_on", f"must be all, none or a list of masters ({', '.join(master_names)})")
+    if "expect_key_change" in be:
+        if be["expect_key_change"] not in ("works", "refused"):
+            raise _err(path, "backend.expect_key_change", "must be works or refused")
+        if mode == "dir":
+            raise _err(path, "backend.expect_key_change", "not with an fs ha_dir renamed away: a key command "
+                       "would re-create the directory")
+        expect = be["expect_key_change"]
+    d.store_down_on = down_on
+    d.expect_key_change = expect
 
 
 def _check_capabilities(d: Drill) -> None:
@@ -392,9 +529,10 @@ def _check_capabilities(d: Drill) -> None:
             need(n, "stop", "pid")
             need(n, "start", "none")
     elif d.scenario == "backend-loss":
-        if not d.backend:
-            if not local:
-                raise _err(d.path, "backend", "is needed for backend-loss (`dir` or `stop`/`start`)")
+        if d.backend_mode is None:
+            raise _err(d.path, "backend", "is needed for backend-loss (`dir` or `stop`/`start`)")
+        if d.backend_mode == "dir" and not local and "dir" not in d.backend:
+            raise _err(d.path, "backend", "is needed for backend-loss (`dir` or `stop`/`start`)")
 
 
 def load_drill(path: str) -> Drill:

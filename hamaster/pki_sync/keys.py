@@ -404,12 +404,15 @@ class KeyRegistry:
         if (view[KeyState.ACCEPTED].get(mid) == pub_n and mid not in view[KeyState.REJECTED]
                 and is_public_key(pub_n)):
             return AuthDecision.ACCEPTED
-        store_ok = True
-        try:
-            self._refresh(mid, events)
-        except StoreUnavailable as exc:
-            store_ok = False
-            log.warning("auth of %s decided from memory, key store unavailable: %s", mid, exc)
+        # This runs on the master's request path: once the store is known to be down, decide
+        # from memory at once instead of waiting for a store timeout on every pending auth.
+        store_ok = self.store.healthy()
+        if store_ok:
+            try:
+                self._refresh(mid, events)
+            except StoreUnavailable as exc:
+                store_ok = False
+                log.warning("auth of %s decided from memory, key store unavailable: %s", mid, exc)
         if mid in view[KeyState.REJECTED]:
             return AuthDecision.REJECTED
         accepted = view[KeyState.ACCEPTED].get(mid)

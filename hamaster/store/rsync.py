@@ -309,7 +309,9 @@ class RsyncStore(FsStore):
 
     def _argv(self, peer: _Peer) -> builtins.list[str]:
         argv = [
-            self.rsync, "-rt", "--update", "--modify-window=-1", "-p", "--chmod=D0700,F0600",
+            # --omit-dir-times: let the receiver's directory mtimes move when files land, so its
+            # poller (which re-lists a directory only when its mtime changes) sees them at once.
+            self.rsync, "-rt", "--omit-dir-times", "--update", "--modify-window=-1", "-p", "--chmod=D0700,F0600",
             "--backup", f"--backup-dir={BACKUP_DIR}", f"--timeout={self.io_timeout}",
             f"--exclude=/{MARKER_NAME}", f"--include=/{TOMB_DIR}/", "--exclude=.*",
         ]

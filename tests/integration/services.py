@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from hamaster import cluster_services as cs
 from tests.integration.harness import free_port
 
 
@@ -52,14 +52,6 @@ def _stop(proc: subprocess.Popen | None, timeout: float = 5.0) -> None:
         pass
 
 
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 # ---------------------------------------------------------------------------------- etcd
 
 
@@ -86,21 +78,9 @@ class EtcdMember:
         """Start (or restart, keeping its data dir) this member."""
         if self.proc is not None and self.proc.poll() is None:
             return
-        argv = [
-            need_binary("etcd"), "--name", self.name, "--data-dir", str(self.data_dir),
-            "--listen-client-urls", f"http://127.0.0.1:{self.client_port}",
-            "--advertise-client-urls", f"http://127.0.0.1:{self.client_port}",
-            "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
-            "--initial-cluster", self.initial_cluster,
-            "--initial-cluster-state", "new",
-            "--heartbeat-interval", str(self.heartbeat_ms),
-            "--election-timeout", str(self.election_ms),
-            "--log-level", "warn",
-        ]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = cs.spawn(cs.etcd_argv(need_binary("etcd"), self.name, self.data_dir, self.client_port,
+                                          self.peer_port, self.initial_cluster, self.heartbeat_ms,
+                                          self.election_ms), self.log_path)
         self._started_once = True
 
     def kill(self) -> None:
@@ -131,19 +111,8 @@ class EtcdCluster:
     def healthy(self, member: EtcdMember | None = None, timeout: float = 1.0) -> bool:
         """``etcdctl endpoint health`` (a quorum read) through ``member`` or any member."""
         targets = [member] if member else [m for m in self.members if m.running()]
-        for m in targets:
-            try:
-                r = subprocess.run(
-                    [need_binary("etcdctl"), f"--endpoints={m.endpoint}",
-                     f"--command-timeout={timeout}s", "endpoint", "health"],
-                    capture_output=True, timeout=timeout + 2,
-                    env={**os.environ, "ETCDCTL_API": "3"},
-                )
-            except subprocess.TimeoutExpired:
-                continue
-            if r.returncode == 0:
-                return True
-        return False
+        etcdctl = need_binary("etcdctl")
+        return any(cs.etcd_healthy(m.endpoint, timeout, etcdctl) for m in targets)
 
     def wait_healthy(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
@@ -172,7 +141,7 @@ def etcd_cluster(n: int = 3, heartbeat_ms: int = 50, election_ms: int = 500) -> 
     workdir = _tmpdir("etcd")
     names = [f"m{i}" for i in range(n)]
     ports = [(free_port(), free_port()) for _ in names]
-    initial = ",".join(f"{nm}=http://127.0.0.1:{pp}" for nm, (_, pp) in zip(names, ports, strict=True))
+    initial = cs.etcd_initial_cluster([(nm, pp) for nm, (_, pp) in zip(names, ports, strict=True)])
     cluster = EtcdCluster(workdir=workdir)
     for nm, (cp, pp) in zip(names, ports, strict=True):
         cluster.members.append(EtcdMember(
@@ -223,22 +192,9 @@ class RsyncDaemon:
     def start(self, timeout: float = 10.0) -> None:
         if self.proc is not None and self.proc.poll() is None:
             return
-        conf = self.workdir / "rsyncd.conf"
-        with open(self.workdir / "rsyncd.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [need_binary("rsync"), "--daemon", "--no-detach", f"--config={conf}",
-                 "--address=127.0.0.1", f"--port={self.port}"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while not _port_open(self.port):
-            if self.proc.poll() is not None:
-                raise RuntimeError("rsync daemon exited: "
-                                   + (self.workdir / "rsyncd.log").read_text()[-2000:])
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"rsync daemon not listening on {self.port} after {timeout}s")
-            time.sleep(0.02)
+        log = self.workdir / "rsyncd.log"
+        proc = self.proc = cs.spawn(cs.rsyncd_argv(need_binary("rsync"), self.workdir / "rsyncd.conf", self.port), log)
+        cs.wait_port(lambda: proc.poll() is None, self.port, timeout, "rsync daemon", log)
 
     def stop(self) -> None:
         _stop(self.proc)
@@ -253,24 +209,8 @@ def rsync_daemon(path: str | Path, module: str = "hamaster", user: str = "hamast
     workdir = _tmpdir("rsyncd")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    secrets = workdir / "rsyncd.secrets"
-    secrets.write_text(f"{user}:{password}\n")
-    secrets.chmod(0o600)
-    (workdir / "client.pass").write_text(password + "\n")
-    (workdir / "client.pass").chmod(0o600)
     port = free_port()
-    (workdir / "rsyncd.conf").write_text(
-        f"pid file = {workdir}/rsyncd.pid\n"
-        "use chroot = no\nuid = root\ngid = root\n"
-        f"log file = {workdir}/rsyncd.xfer.log\n"
-        f"[{module}]\n"
-        f"  path = {path}\n"
-        "  read only = false\n"
-        "  hosts allow = 127.0.0.1\n"
-        f"  auth users = {user}\n"
-        f"  secrets file = {secrets}\n"
-        "  strict modes = true\n"
-    )
+    cs.write_rsyncd_config(workdir, path, port, password, module=module, user=user)
     daemon = RsyncDaemon(path=path, module=module, user=user, password=password, port=port,
                          workdir=workdir)
     try:
