@@ -208,23 +208,15 @@ class EtcdStore(Store):
         import grpc
         from pyetcd import exceptions as ex
 
-        attempts = len(self.endpoints) + 2
+        attempts = len(self.endpoints) + 1
         last: BaseException | None = None
         timed_out: BaseException | None = None
-        waited = False
         for _ in range(attempts):
             client = self._client()
             try:
                 result = fn(client)
             except ex.NoServerAvailableError as exc:
                 last = exc
-                if (timed_out is not None or len(self.endpoints) > 1) and not waited:
-                    # Every endpoint is marked failed for endpoint_retry seconds: typically the
-                    # dead leader plus the member that timed out while a new leader was elected.
-                    # Give the election that long once, then try the survivors again.
-                    waited = True
-                    time.sleep(self.endpoint_retry)
-                    continue
                 break
             except (ex.ConnectionFailedError, ex.ConnectionTimeoutError,
                     ex.InternalServerError) as exc:
