@@ -33,6 +33,27 @@ from hamaster.pki_sync.keys import KeyState, load_or_create_master_keypair
 log = logging.getLogger(__name__)
 
 CONNECTED_WINDOW = 30.0
+#: The options Salt's ``_master_opts`` hands a minion (salt/master.py ``AESFuncs._master_opts``),
+#: with salt-master's defaults. A stock minion's state system (``state.apply``,
+#: ``saltutil.sync_*``) reads them and fails with ``KeyError`` when one is missing.
+MASTER_OPTS_FOR_MINIONS: dict[str, Any] = {
+    "top_file_merging_strategy": "merge",
+    "env_order": [],
+    "default_top": "base",
+    "renderer": "jinja|yaml",
+    "failhard": False,
+    "state_top": "top.sls",
+    "state_top_saltenv": None,
+    "nodegroups": {},
+    "state_auto_order": True,
+    "state_events": False,
+    "state_aggregate": False,
+    "jinja_env": {},
+    "jinja_sls_env": {},
+    "jinja_lstrip_blocks": False,
+    "jinja_trim_blocks": False,
+}
+MASTER_OPTS_ENV_ONLY = ("top_file_merging_strategy", "env_order", "default_top")
 MAX_REQUEST_FRAME = 64 * 1024 * 1024
 
 
@@ -99,7 +120,7 @@ class Master:
             "_register_resources": lambda load: True,
             "_master_tops": lambda load: {},
             "_ext_nodes": lambda load: {},
-            "_master_opts": lambda load: {"file_roots": self.opts.get("file_roots", {})},
+            "_master_opts": self._master_opts,
             "_file_list": self._files("file_list"),
             "_file_list_emptydirs": self._files("file_list_emptydirs"),
             "_dir_list": self._files("dir_list"),
@@ -117,6 +138,14 @@ class Master:
             return getattr(self.files, name)(load)
 
         return call
+
+    def _master_opts(self, load: dict) -> dict:
+        """``_master_opts``: the environments (names only, as Salt sends them) and the
+        state-system options, or only the environment ones with ``env_only``."""
+        mopts: dict[str, Any] = {"file_roots": {env: [] for env in self.files.envs()}}
+        for key in MASTER_OPTS_ENV_ONLY if load.get("env_only") else MASTER_OPTS_FOR_MINIONS:
+            mopts[key] = self.opts.get(key, MASTER_OPTS_FOR_MINIONS[key])
+        return mopts
 
     def _serve_file(self, load: dict) -> Any:
         before = self.files.bytes_served
@@ -173,7 +202,10 @@ class Master:
             if self.grains.get(mid) != grains:
                 self.grains[mid] = grains
                 self._save_grains(mid, grains)
-        return {}
+        # No pillar data is served; like salt-master with empty pillar_roots, the minion's own
+        # ``pillar_override`` (``state.apply pillar='{...}'``) is merged into it and sent back.
+        override = load.get("pillar_override")
+        return dict(override) if isinstance(override, dict) else {}
 
     # -- request commands -------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import time
 from collections import OrderedDict
 from typing import Any
@@ -19,7 +20,7 @@ import zmq.asyncio
 
 from hamaster.minion import matcher
 from hamaster.minion.connection import MasterConnection, RequestFailed
-from hamaster.minion.executor import execute
+from hamaster.minion.executor import ExecResult, execute
 from hamaster.minion.grains_core import collect_grains
 from hamaster.minion.identity import MinionIdentity
 from hamaster.minion.modules.context import ExecContext
@@ -34,6 +35,11 @@ INLINE_FUNCTIONS = frozenset({
     "grains.items", "grains.get", "grains.item", "grains.ls", "sys.list_functions", "sys.list_modules",
 })
 RETURN_RETRY_WINDOW = 60.0
+#: Job-control functions answered by the daemon from its table of running jobs (unless a module
+#: provides them). Salt's CLI depends on them: when a minion has not returned within the
+#: timeout, ``LocalClient`` publishes ``saltutil.find_job`` and keeps waiting only for the
+#: minions that report the job as running; an error reply makes it give up on that minion.
+JOB_CONTROL = ("saltutil.find_job", "saltutil.running")
 
 
 class Minion:
@@ -56,6 +62,7 @@ class Minion:
         self.grains = grains if grains is not None else collect_grains(dict(opts, id=ident.minion_id))
         self.grains["id"] = ident.minion_id
         self.seen: OrderedDict[str, float] = OrderedDict()
+        self.running: dict[str, dict] = {}  # jid -> job data, as saltutil.find_job shows it
         self.pillar: dict = {}
         self.connections: list[MasterConnection] = []
         for host, port in opts.get("master_list") or [(opts.get("master", "salt"), int(opts.get("master_port", 4506)))]:
@@ -167,11 +174,21 @@ class Minion:
         )
         ctx.fetch_file = self._fetch_file_sync
         log.debug("%s: running %s for job %s", self.minion_id, fun, jid)
-        if fun in INLINE_FUNCTIONS:
+        if fun in JOB_CONTROL and self.registry.get(fun) is None:
+            result = self._job_control(fun, list(arg))
+        elif fun in INLINE_FUNCTIONS:
             result = execute(self.registry, ctx, fun, list(arg), load)
         else:
+            self.running[jid] = {
+                **{k: load[k] for k in ("fun", "arg", "tgt", "tgt_type", "user", "ret") if k in load},
+                "jid": jid,
+                "pid": os.getpid(),
+            }
             loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self.pool, execute, self.registry, ctx, fun, list(arg), load)
+            try:
+                result = await loop.run_in_executor(self.pool, execute, self.registry, ctx, fun, list(arg), load)
+            finally:
+                self.running.pop(jid, None)
         ret = {
             "cmd": "_return",
             "id": self.minion_id,
@@ -187,6 +204,15 @@ class Minion:
         if load.get("master_id"):
             ret["master_id"] = load["master_id"]
         await self._send_return(origin, ret)
+
+    def _job_control(self, fun: str, arg: list) -> ExecResult:
+        """``saltutil.find_job JID`` (the job's data, ``{}`` when it is not running) and
+        ``saltutil.running`` (a list of them), as Salt's minion answers them."""
+        if fun == "saltutil.running":
+            return ExecResult([dict(job) for job in self.running.values()], 0, True)
+        if not arg or isinstance(arg[0], dict):
+            return ExecResult("Passed invalid arguments to saltutil.find_job: a jid is required", 1, False, "invalid_args")
+        return ExecResult(dict(self.running.get(str(arg[0]), {})), 0, True)
 
     async def _send_return(self, origin: MasterConnection, ret: dict) -> None:
         """Return through the origin master; if it is gone, through any other live master."""

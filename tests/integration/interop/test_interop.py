@@ -1,35 +1,39 @@
-"""Interop with real Salt from PyPI (issue 3): stock salt-minions on hamaster masters, a hamaster
-minion on a stock salt-master, a mixed HA fleet, and the bad input the issue names.
+"""Interop with real Salt from PyPI (issue 3): stock salt-minions on hamaster masters, hamaster
+minions on stock salt-masters, a mixed HA fleet, a Salt fleet migrated to hamaster masters, and
+the bad input the issue names. docs/compatibility.md summarises what this file establishes.
 
 Real Salt runs from cached venvs built by :func:`saltenv.ensure_salt` (outside the repo; a fresh
-machine builds them, ~1 min per version). A version is skipped, with the build error as the
-reason, only when its venv cannot be built.
+machine builds them, ~1 min per release, all releases in parallel). A release is skipped, with
+the build error as the reason, only when its venv cannot be built.
 
 Layout (one group of processes per class, torn down when the class is done):
 
 * ``TestStockMinionOnHamaster`` -- one hamaster master on 127.0.0.1, one stock salt-minion per
-  version in ``SALT_VERSIONS`` (all started at once) and one hamaster "witness" minion. Tests are
-  parametrized by version and run in file order: pending key → commands → steady-state log →
-  master restart → key deletion.
-* ``TestHaFleet`` -- two hamaster masters (127.0.0.1 and 127.0.0.2) sharing one ``ha_dir`` (so one
-  master keypair), one multi-master stock salt-minion per version and two hamaster minions.
-* ``TestHamasterMinionOnSaltMaster`` -- a stock salt-master 3008.5 and one hamaster minion.
+  release in ``SALT_VERSIONS`` (all started at once) and one hamaster "witness" minion. Tests are
+  parametrized by release and run in file order: pending key → commands and targeting → file
+  server, states, pillar → steady-state log → master restart → key deletion.
+* ``TestHaFleet`` -- two hamaster masters (127.0.0.1 and 127.0.0.2, same ports) sharing one
+  ``ha_dir`` (so one master keypair), one multi-master stock salt-minion per release and two
+  hamaster minions.
+* ``TestWithSaltMaster`` -- one stock salt-master per release, each with a hamaster minion; the
+  3008.5 one also runs a stock minion, which the migration test moves to two hamaster masters.
 * ``TestBadInput`` -- envelope version 2; a master key that differs from the pinned one.
 
 The stock minions log at ``trace`` to their log file: that is the only level at which Salt logs
 every ``_auth`` it sends (``ReqChannel send clear load={... 'cmd': '_auth' ...}``, in
 ``salt/channel/client.py`` of 3006.30, 3007.17 and 3008.5), which makes the re-auth check exact.
+Stock minions are configured with the masters' ``publish_port`` (see
+:func:`stock_minion_config`), as they would be in production.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +42,8 @@ from typing import Any
 import msgpack
 import pytest
 import yaml
-import zmq
 
-from hamaster.bus import codec, messages
+from hamaster.bus import messages
 from hamaster.bus.crypticle import Crypticle
 from tests.integration.harness import Cluster, Proc, wait_until
 from tests.integration.spy import SpyMinion
@@ -57,6 +60,8 @@ SALT_VERSIONS = saltenv.SALT_VERSIONS
 SALT_MASTER_VERSION = "3008.5"
 #: Seconds without any job in which a stock minion's log must stay quiet.
 STEADY_WINDOW = 20.0
+#: SIGTERM grace before a stock daemon's process group is killed at teardown.
+STOP_TIMEOUT = 5.0
 #: Pace of repeated test.ping against stock minions (each job forks a ~60 MB process).
 PING_EVERY = 2.0
 
@@ -110,12 +115,27 @@ def available_bins(versions: Iterable[str]) -> dict[str, Path]:
 # "2026-11-25 23:55:04,954 [salt.crypt       :1508][ERROR   ][4328] message"
 _LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ \[([^\]]*)\]\[(\w+)\s*\]\[(\d+)\] (.*)$")
 
-#: Salt 3008.5 bug, not an interop problem: the minion's IPC publisher (salt/transport/tcp.py
-#: ``PubServer``) leaks the per-subscriber ``_drain_loop`` task of a job process that closed its
-#: event connection; the next forked job process garbage-collects the inherited task and asyncio
-#: logs this at ERROR. Reproduced with a stock salt-master 3008.5 + stock salt-minion 3008.5 (six
-#: `salt <id> test.echo` jobs one second apart → five such lines). It never happens without jobs.
-KNOWN_SALT_JOB_NOISE = "Task was destroyed but it is pending!"
+#: Log lines that stock Salt writes when it runs jobs, whatever the master: each was reproduced
+#: with a stock salt-master and a stock salt-minion of the same release (six
+#: `salt <id> test.echo N` jobs one second apart, minion log at debug and at trace). They are
+#: Salt bugs, not interop problems, and they are allowed only for their release.
+KNOWN_SALT_JOB_NOISE: dict[str, list[str]] = {
+    # [ERROR] asyncio: the minion's IPC publisher (salt/transport/tcp.py PubServer) leaks the
+    # per-subscriber `_drain_loop` task of a job process that closed its event connection; the
+    # next forked job process garbage-collects the inherited pending task.
+    "3008.5": ["Task was destroyed but it is pending!"],
+    # [WARNING] salt.minion: the job process never receives the `__master_req_channel_return`
+    # event from the minion's main process, waits 30 s and says so -- although the main process
+    # delivered the return to the master (the test checks each such jid in the job cache).
+    "3007.17": ["The minion failed to return the job information for job"],
+}
+#: Multi-master only: every Minion object of a multi-master salt-minion sees each job's
+#: `__master_req_channel_payload` event on the shared minion event bus, and the ones whose master
+#: did not publish the job log "Skipping req for other master" (salt/minion.py `handle_event`;
+#: log.debug in 3006.30, log.error in 3007.17 and 3008.5). One line per job per other master,
+#: whatever the masters are.
+MULTI_MASTER_NOISE = "Skipping req for other master: cmd=_return"
+FAILED_RETURN = re.compile(r"The minion failed to return the job information for job (\d{20})")
 
 
 def log_records(text: str) -> list[tuple[str, str, str]]:
@@ -221,7 +241,28 @@ def stop_all(procs: Iterable[Any]) -> None:
     if not procs:
         return
     with ThreadPoolExecutor(len(procs)) as pool:
-        list(pool.map(lambda p: p.stop(), procs))
+        list(pool.map(lambda p: p.stop(timeout=STOP_TIMEOUT), procs))
+
+
+def free_ports_on(n: int, hosts: list[str]) -> list[int]:
+    """``n`` distinct TCP port numbers that are free on every one of ``hosts`` right now."""
+    for _ in range(50):
+        ports = saltenv.free_ports(n, hosts[0])
+        try:
+            for h in hosts[1:]:
+                socks = []
+                try:
+                    for p in ports:
+                        sk = socket.socket()
+                        socks.append(sk)
+                        sk.bind((h, p))
+                finally:
+                    for sk in socks:
+                        sk.close()
+        except OSError:
+            continue
+        return ports
+    raise RuntimeError(f"no {n} ports free on all of {hosts}")
 
 
 def tail(text: str, n: int = 3000) -> str:
@@ -260,14 +301,32 @@ class StockFleet:
         return "\n".join(parts)
 
 
-def stock_minion_config(version: str, **extra: Any) -> dict[str, Any]:
+def stock_minion_config(version: str, publish_port: int, **extra: Any) -> dict[str, Any]:
+    """Config of a stock minion. ``publish_port`` is the masters' publish port: a stock minion
+    connects to the port the master reports at auth, but its `__master_alive` check
+    (``status.master``, scheduled after a lost connection) looks for a TCP connection to the
+    *configured* ``publish_port`` (default 4505). Without it, 3007.17 re-authenticates every
+    second after a master restart -- reproduced with a stock salt-master 3007.17 too (32 `_auth`
+    in 25 s). In production both sides use 4505."""
     cfg: dict[str, Any] = {
+        "publish_port": publish_port,
         # `role` is the grain the issue's targeting test uses; `salt_release` tells versions apart.
-        "grains": {"role": "interop", "salt_release": version},
+        "grains": {"role": "interop", "salt_release": version, "probe_dest": "/nonexistent/probe"},
         "log_level_logfile": "trace",
     }
     cfg.update(extra)
     return cfg
+
+
+#: A state that needs the master's file server (salt:// source) and its `_master_opts`.
+PROBE_SLS = """\
+probe-file:
+  file.managed:
+    - name: {{ pillar.get('dest', grains['probe_dest']) }}
+    - source: salt://interop/motd.txt
+probe-ok:
+  test.succeed_without_changes
+"""
 
 
 @pytest.fixture(scope="class")
@@ -278,10 +337,17 @@ def stock_fleet() -> Any:
     c = Cluster.create()
     minions: dict[str, saltenv.SaltMinionProc] = {}
     try:
-        master = c.add_master({"timeout": 10})
+        roots = c.base / "file_roots"
+        (roots / "interop").mkdir(parents=True)
+        (roots / "interop" / "motd.txt").write_text("served by hamaster\n")
+        (roots / "probe.sls").write_text(PROBE_SLS)
+        master = c.add_master({"timeout": 10, "file_roots": {"base": [str(roots)]}})
         addr = f"127.0.0.1:{master['conf']['ret_port']}"
         for v, b in bins.items():
-            minions[v] = saltenv.SaltMinionProc(b, c.base / f"s{v}", minion_id_for(v), addr, extra=stock_minion_config(v))
+            minions[v] = saltenv.SaltMinionProc(
+                b, c.base / f"s{v}", minion_id_for(v), addr,
+                extra=stock_minion_config(v, master["conf"]["publish_port"]),
+            )
         for mn in minions.values():  # all at once: start-up is the slow part
             mn.start()
         c.add_minion("hm-witness", extra={"grains": {"role": "witness"}})
@@ -349,6 +415,9 @@ class TestStockMinionOnHamaster:
         assert got == {mid: True, "hm-witness": True}, got
         res = c.run("hamaster", "-C", f"G@salt_release:{version} and not {mid}", "test.ping")
         assert res.returncode == 2, res.stdout  # nothing left to target
+        # grain pcre, and ipcidr inside a compound (the master matches on the cached ipv4 grain)
+        assert hm_ping(c, f"salt_release:^{re.escape(version)}$", "-P", timeout=8) == {mid: True}
+        assert hm_ping(c, f"S@127.0.0.0/8 and {mid}", "-C", timeout=8) == {mid: True}
 
         # --async + jobs.lookup_jid
         res = c.run("hamaster", "--async", mid, "test.echo", f"later-{version}", check=True)
@@ -363,6 +432,32 @@ class TestStockMinionOnHamaster:
                 return False
 
         wait_until(looked_up, 30, 0.5, f"jobs.lookup_jid {jid}")
+
+    def test_file_server_states_and_pillar(self, stock_fleet: StockFleet, version: str) -> None:
+        """The stock minion's file client and state system work against a hamaster master;
+        its pillar is empty (hamaster serves no pillar data)."""
+        f = stock_fleet
+        mn = f.minion(version)
+        mid = mn.minion_id
+        if version not in f.answered_at:
+            pytest.skip("the command test did not get this minion answering")
+        dest = mn.root_dir / "cp-motd.txt"
+        data, res = hm_json(f.c, mid, "cp.get_file", "salt://interop/motd.txt", str(dest), timeout=20)
+        assert data == {mid: str(dest)}, (res.stdout, res.stderr)
+        assert dest.read_text() == "served by hamaster\n"
+        data, res = hm_json(f.c, mid, "cp.list_master", timeout=20)
+        assert sorted((data or {}).get(mid) or []) == ["interop/motd.txt", "probe.sls"], res.stdout
+        data, res = hm_json(f.c, mid, "pillar.items", timeout=20)
+        assert data == {mid: {}}, res.stdout
+        data, res = hm_json(f.c, mid, "mine.get", "*", "test.ping", timeout=20)
+        assert data == {mid: {}}, res.stdout  # the mine is not kept: _mine_get answers {}
+        managed = mn.root_dir / "state-motd.txt"
+        data, res = hm_json(f.c, mid, "state.apply", "probe", f"pillar={{\"dest\": \"{managed}\"}}", timeout=60)
+        states = (data or {}).get(mid)
+        assert isinstance(states, dict) and len(states) == 2, (res.stdout, res.stderr)
+        assert all(st["result"] is True for st in states.values()), states
+        assert res.returncode == 0
+        assert managed.read_text() == "served by hamaster\n"
 
     def test_steady_state_log(self, stock_fleet: StockFleet, version: str) -> None:
         """No errors and no re-authentication once the minion is accepted and working.
@@ -386,14 +481,23 @@ class TestStockMinionOnHamaster:
         working = full[f.answered_at[version]:len(full) - len(f.steady[version])]
         window = f.steady[version]
 
+        known = KNOWN_SALT_JOB_NOISE.get(version, [])
+
         assert auth_requests(working) == [], f"re-auth during jobs:\n{auth_requests(working)}"
         assert not AUTH_OUTCOME.search(working), working
-        assert errors(working, allow=[KNOWN_SALT_JOB_NOISE]) == [], errors(working)
+        assert errors(working, allow=known) == [], errors(working)
 
         assert auth_requests(window) == []
         assert not AUTH_OUTCOME.search(window), window
-        loud = [r for r in log_records(window) if r[0] in ("WARNING", "ERROR", "CRITICAL")]
+        loud = [
+            r for r in log_records(window)
+            if r[0] in ("WARNING", "ERROR", "CRITICAL") and not any(k in r[2] for k in known)
+        ]
         assert loud == [], loud
+        # 3007.17's "failed to return" warnings: every one of those returns did reach the master
+        for jid in sorted(set(FAILED_RETURN.findall(working + window))):
+            out = f.c.run("hamaster-run", "--out", "json", "jobs.lookup_jid", jid, check=True).stdout
+            assert mn.minion_id in json.loads(out), (jid, out)
         # the whole life of the minion: exactly one accepted authentication per master connection
         # start-up; the pending retries before acceptance are the only other _auth requests
         print(f"{mn.minion_id}: {len(auth_requests(full))} _auth requests in its whole log "
@@ -404,6 +508,8 @@ class TestStockMinionOnHamaster:
         f = stock_fleet
         mn = f.minion(version)
         if not f.restart:
+            for v, m in f.minions.items():
+                f.restart[f"offset-{v}"] = len(m.log_text())
             proc: Proc = f.master["proc"]
             sock = Path(f.master["conf"]["root_dir"]) / "var/run/hamaster/master/master.sock"
             proc.kill()
@@ -416,8 +522,13 @@ class TestStockMinionOnHamaster:
         except AssertionError as exc:
             pytest.fail(f"{exc}\n{f.diag(version)}")
         took = time.monotonic() - f.restart["killed_at"]
-        print(f"{mn.minion_id}: answering {took:.1f} s after the master was killed")
+        after = mn.log_text()[int(f.restart[f"offset-{version}"]):]
+        auths = auth_requests(after)
+        print(f"{mn.minion_id}: answering {took:.1f} s after the master was killed ({len(auths)} _auth)")
         assert mn.running
+        # it re-authenticated because the new master has new keys, and then stopped
+        assert 1 <= len(auths) <= 3, auths
+        assert errors(after, allow=KNOWN_SALT_JOB_NOISE.get(version, [])) == []
 
     def test_deleting_key_stops_it(self, stock_fleet: StockFleet, version: str) -> None:
         f = stock_fleet
@@ -469,13 +580,15 @@ def ha_fleet() -> Any:
     try:
         shared = c.base / "ha"
         shared.mkdir()
-        # Each master on its own loopback address: a stock minion tells its masters apart by IP.
-        c.add_master({"ha_dir": str(shared), "timeout": 10}, host="127.0.0.1")
-        c.add_master({"ha_dir": str(shared), "timeout": 10}, host="127.0.0.2")
+        # Each master on its own loopback address (a stock minion tells its masters apart by IP),
+        # both on the same ports, as two hosts would be.
+        pub, ret = free_ports_on(2, ["127.0.0.1", "127.0.0.2"])
+        for host in ("127.0.0.1", "127.0.0.2"):
+            c.add_master({"ha_dir": str(shared), "timeout": 10, "publish_port": pub, "ret_port": ret}, host=host)
         addrs = [f"{m['host']}:{m['conf']['ret_port']}" for m in c.masters]
         for v, b in bins.items():
             stock[v] = saltenv.SaltMinionProc(
-                b, c.base / f"s{v}", minion_id_for(v, "multi"), addrs, extra=stock_minion_config(v)
+                b, c.base / f"s{v}", minion_id_for(v, "multi"), addrs, extra=stock_minion_config(v, pub)
             )
         for mn in stock.values():
             mn.start()
@@ -526,7 +639,9 @@ class TestHaFleet:
         for mn in ha_fleet.stock.values():
             text = mn.log_text()
             accepted = text.rfind("Minion is ready to receive requests")
-            assert errors(text[accepted:], allow=[KNOWN_SALT_JOB_NOISE, "has cached the public key"]) == []
+            known = [*KNOWN_SALT_JOB_NOISE.get(mn.config["grains"]["salt_release"], []), MULTI_MASTER_NOISE]
+            assert errors(text[accepted:], allow=known) == [], errors(text[accepted:], allow=known)
+            assert auth_requests(text[accepted:]) == [], auth_requests(text[accepted:])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -536,33 +651,89 @@ class TestHaFleet:
 
 @dataclass
 class OnSaltMaster:
+    version: str
     sm: saltenv.SaltMasterProc
     c: Cluster
     minion: Proc
     mid: str
+    stock: saltenv.SaltMinionProc | None = None  # a stock minion of the same release (3008.5 only)
 
     def diag(self) -> str:
-        return f"{self.sm.describe()}\n--- hamaster minion ---\n{tail(self.minion.log_text())}"
+        stock = self.stock.describe() if self.stock else ""
+        return f"{self.sm.describe()}\n--- hamaster minion ---\n{tail(self.minion.log_text())}\n{stock}"
+
+
+#: 3008.5 is the release the issue names; the older two are covered too (it costs ~30 s each).
+SALT_MASTER_VERSIONS = [SALT_MASTER_VERSION] + [v for v in SALT_VERSIONS if v != SALT_MASTER_VERSION]
+
+# "2026-11-26 00:11:15,762 [hamaster.master.daemon:330][DEBUG] message"
+_HM_LOG_LEVEL = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ \[[^\]]*\]\[(\w+)\] (.*)$")
+
+
+def hamaster_loud(text: str) -> list[str]:
+    """WARNING/ERROR/CRITICAL lines of a hamaster daemon log."""
+    out = []
+    for line in text.splitlines():
+        m = _HM_LOG_LEVEL.match(line)
+        if m and m.group(1) in ("WARNING", "ERROR", "CRITICAL"):
+            out.append(line)
+    return out
 
 
 @pytest.fixture(scope="class")
-def on_salt_master() -> Any:
-    b = salt_bin(SALT_MASTER_VERSION)
+def salt_masters() -> Any:
+    """One stock salt-master per version (started at once), each with one hamaster minion."""
+    bins = available_bins(SALT_MASTER_VERSIONS)
     c = Cluster.create()
-    sm = saltenv.SaltMasterProc(b, c.base / "sm", interface="127.0.0.1")
+    envs: dict[str, OnSaltMaster] = {}
     try:
-        sm.start()
-        sm.wait_ready(90)
-        mid = "hm-on-salt"
-        fake = {"host": "127.0.0.1", "conf": {"ret_port": sm.ret_port}}
-        proc = c.add_minion(mid, masters=[fake], extra={"grains": {"role": "hamaster-minion"}})
-        yield OnSaltMaster(sm, c, proc, mid)
+        for v, b in bins.items():
+            # two workers instead of five: three masters boot at once on a small machine
+            sm = saltenv.SaltMasterProc(b, c.base / f"sm{v}", interface="127.0.0.1", extra={"worker_threads": 2})
+            sm.start()
+            envs[v] = OnSaltMaster(v, sm, c, None, f"hm-on-salt-{v.replace('.', '-')}")  # type: ignore[arg-type]
+        for e in envs.values():
+            e.sm.wait_ready(120)
+            fake = {"host": "127.0.0.1", "conf": {"ret_port": e.sm.ret_port}}
+            e.minion = c.add_minion(e.mid, masters=[fake], extra={"grains": {"role": "hamaster-minion"}})
+        if SALT_MASTER_VERSION in envs:  # the Salt fleet that the migration test moves
+            e = envs[SALT_MASTER_VERSION]
+            e.stock = saltenv.SaltMinionProc(
+                bins[SALT_MASTER_VERSION], c.base / "fleet-minion", "salt-fleet-1", e.sm.address,
+                extra=stock_minion_config(SALT_MASTER_VERSION, e.sm.publish_port),
+            )
+            e.stock.start()
+
+        def warm(e: OnSaltMaster) -> None:
+            # The ports open before the request workers are up: wait until a publish is answered
+            # ("No minions matched"), so the first test does not pay for the others' boot.
+            # (-t is also the CLI's publish-request timeout: a short one logs "Message timed out")
+            wait_until(
+                lambda: "No minions matched" in e.sm.salt("-t10", "nobody", "test.ping").stdout,
+                120, 0.5, f"salt-master {e.version} answering publish requests",
+            )
+
+        with ThreadPoolExecutor(len(envs) or 1) as pool:
+            list(pool.map(warm, envs.values()))
+        yield envs
     finally:
-        sm.stop()
+        stop_all([e.sm for e in envs.values()] + [e.stock for e in envs.values()])
         c.close()
 
 
-class TestHamasterMinionOnSaltMaster:
+@pytest.fixture
+def on_salt_master(salt_masters: dict[str, OnSaltMaster], version: str) -> OnSaltMaster:
+    if version not in salt_masters:
+        salt_bin(version)  # skips with the build error
+        pytest.skip(f"no salt-master {version} in this run")
+    return salt_masters[version]
+
+
+class TestWithSaltMaster:
+    """Issue 3: a hamaster minion is a good citizen of a stock salt-master; a Salt fleet moves
+    to hamaster masters by copying keys (docs/compatibility.md, "Migrating a Salt fleet")."""
+
+    @pytest.mark.parametrize("version", SALT_MASTER_VERSIONS)
     def test_salt_key_and_jobs(self, on_salt_master: OnSaltMaster) -> None:
         e = on_salt_master
         sm, mid = e.sm, e.mid
@@ -571,7 +742,8 @@ class TestHamasterMinionOnSaltMaster:
             took = sm.ping(mid, timeout=60)
         except (TimeoutError, RuntimeError) as exc:
             pytest.fail(f"{exc}\n{e.diag()}")
-        print(f"{mid}: answers salt-master {SALT_MASTER_VERSION} {took:.1f} s after salt-key -a")
+        print(f"{mid}: answers salt-master {e.version} {took:.1f} s after salt-key -a")
+        assert mid in sm.keys()["minions"]
         data, r = sm.run_job(mid, "cmd.run", "echo hm-$((6*7))")
         assert data == {mid: "hm-42"}, (r.stdout, r.stderr)
         data, r = sm.run_job(mid, "test.arg", "x", "k=v")
@@ -584,6 +756,10 @@ class TestHamasterMinionOnSaltMaster:
         assert not data or mid not in data, (r.stdout, r.stderr)
         data, r = sm.run_job(f"G@role:hamaster-minion and {mid}", "test.ping", tgt_type="compound")
         assert data == {mid: True}, (r.stdout, r.stderr)
+        # a job longer than the CLI's timeout: the salt CLI asks `saltutil.find_job` and keeps
+        # waiting while the minion reports the job running
+        data, r = sm.run_job(mid, "cmd.run", "sleep 5; echo slow-done", job_timeout=2)
+        assert data == {mid: "slow-done"}, (r.stdout, r.stderr)
         # jobs.lookup_jid
         r = sm.salt("--async", mid, "test.echo", "via-salt-master")
         m = re.search(r"(\d{20})", r.stdout)
@@ -592,28 +768,100 @@ class TestHamasterMinionOnSaltMaster:
 
         def looked_up() -> bool:
             out = sm.salt_run("jobs.lookup_jid", jid, "--out=json")
-            data = saltenv._parse_json_objects(out.stdout)
-            return data == {mid: "via-salt-master"}
+            return saltenv._parse_json_objects(out.stdout) == {mid: "via-salt-master"}
 
         wait_until(looked_up, 30, 1.0, f"salt-run jobs.lookup_jid {jid}")
 
-    def test_salt_master_log_has_no_protocol_complaints(self, on_salt_master: OnSaltMaster) -> None:
-        """After the jobs above and a few heartbeats, the salt-master logged nothing about us."""
+    @pytest.mark.parametrize("version", SALT_MASTER_VERSIONS)
+    def test_no_protocol_complaints_on_either_side(self, on_salt_master: OnSaltMaster) -> None:
+        """After the jobs above and a few of our heartbeats, the salt-master logged nothing
+        about our minion, and our minion logged nothing at WARNING+ since it was accepted."""
         e = on_salt_master
         time.sleep(3)  # a few of our minion's heartbeats (one request a second)
-        text = e.sm.log_text()
         loud = [
-            f"[{lvl}] {msg}" for lvl, _lg, msg in log_records(text) if lvl in ("WARNING", "ERROR", "CRITICAL")
+            f"[{lvl}] {msg}" for lvl, _lg, msg in log_records(e.sm.log_text())
+            if lvl in ("WARNING", "ERROR", "CRITICAL")
         ]
         about_us = [
             m for m in loud
             if e.mid in m or "bad load" in m or "unavailable" in m.lower() or "payload" in m.lower()
-            or "authenticat" in m.lower() or "version" in m.lower()
+            or "authenticat" in m.lower() or "version" in m.lower() or "decrypt" in m.lower()
         ]
         assert about_us == [], "\n".join(about_us)
-        print(f"salt-master WARNING+ lines not about the minion: {loud}")
-        assert errors(e.minion.log_text().replace("[ERROR]", "[ERROR   ]")) == []
-        assert "[ERROR]" not in e.minion.log_text(), tail(e.minion.log_text())
+        print(f"salt-master {e.version} WARNING+ lines, none about the minion: {loud}")
+        text = e.minion.log_text()
+        since = text.rfind("authenticated with master")
+        assert since > 0, tail(text)
+        assert hamaster_loud(text[since:]) == [], hamaster_loud(text[since:])
+
+
+    def test_migrate_salt_fleet_to_hamaster_masters(self, salt_masters: dict[str, OnSaltMaster]) -> None:
+        """The documented migration: copy salt-master's keypair and accepted keys into
+        ``ha_dir/pki/master/``, start two hamaster masters on it, point the minions at both.
+        Nobody re-accepts a key and no minion re-pins a master key."""
+        if SALT_MASTER_VERSION not in salt_masters:
+            salt_bin(SALT_MASTER_VERSION)
+            pytest.skip(f"no salt-master {SALT_MASTER_VERSION}")
+        e = salt_masters[SALT_MASTER_VERSION]
+        assert e.stock is not None
+        stock_id = e.stock.minion_id
+        # the Salt fleet as it runs today: a stock minion (and our minion) accepted on salt-master
+        try:
+            for mid in (stock_id, e.mid):
+                if mid not in e.sm.keys().get("minions", []):
+                    e.sm.accept_key(mid, timeout=90)
+            e.sm.ping(stock_id, timeout=90)
+            e.sm.ping(e.mid, timeout=90)
+        except (TimeoutError, RuntimeError) as exc:
+            pytest.fail(f"{exc}\n{e.diag()}")
+        salt_pki = e.sm.pki_dir
+        # 1. copy the master keypair (3008 keeps master.pem as a symlink: copy the content)
+        #    and the accepted minion keys into the shared directory
+        shared = e.c.base / "migrated-ha"
+        pki = shared / "pki" / "master"
+        (pki / "minions").mkdir(parents=True)
+        for name in ("master.pem", "master.pub"):
+            (pki / name).write_bytes((salt_pki / name).read_bytes())
+        (pki / "master.pem").chmod(0o600)
+        for key in (salt_pki / "minions").iterdir():
+            (pki / "minions" / key.name).write_bytes(key.read_bytes())
+        # 2. two hamaster masters on that directory (same ports, one address each)
+        pub, ret = free_ports_on(2, ["127.0.0.1", "127.0.0.2"])
+        first = len(e.c.masters)
+        for host in ("127.0.0.1", "127.0.0.2"):
+            e.c.add_master({"ha_dir": str(shared), "timeout": 10, "publish_port": pub, "ret_port": ret}, host=host)
+        for i in (first, first + 1):
+            keys = key_lists(e.c, i)
+            assert {stock_id, e.mid} <= set(keys["minions"]) and not keys["minions_pre"], keys
+        # `hamaster-key -F` prints the fingerprint a minion's `master_finger` must hold; the
+        # stock minion below is restarted with it and checks the hamaster masters against it.
+        # (salt-key 3008.5 -F hashes the whole PEM text instead: a different value.)
+        hm_fp = json.loads(e.c.run("hamaster-key", "-F", "--out", "json", master=first, check=True).stdout)
+        master_finger = hm_fp["local"]["master.pub"]
+        # 3. point the minions at both masters and restart them
+        pinned = (e.stock.pki_dir / "minion_master.pub").read_text()
+        e.stock.stop(timeout=STOP_TIMEOUT)
+        offset = len(e.stock.log_text())
+        e.stock.config["master"] = [f"127.0.0.1:{ret}", f"127.0.0.2:{ret}"]
+        e.stock.config["publish_port"] = pub
+        e.stock.config["master_finger"] = master_finger
+        e.stock.start()
+        e.minion.stop()
+        conf_path = e.minion.confdir / "minion"
+        conf = yaml.safe_load(conf_path.read_text())
+        conf["master"] = [f"127.0.0.1:{ret}", f"127.0.0.2:{ret}"]
+        conf_path.write_text(yaml.safe_dump(conf))
+        e.minion.start()
+        for i in (first, first + 1):
+            try:
+                wait_answers(e.c, [stock_id, e.mid], master=i, timeout=90)
+            except AssertionError as exc:
+                pytest.fail(f"{exc}\n{e.diag()}")
+        assert (e.stock.pki_dir / "minion_master.pub").read_text() == pinned
+        after = e.stock.log_text()[offset:]
+        assert errors(after, allow=[*KNOWN_SALT_JOB_NOISE[SALT_MASTER_VERSION], MULTI_MASTER_NOISE]) == []
+        assert "has cached the public key" not in after  # never pending: its key came along
+        assert "refusing master" not in e.minion.log_text()
 
 
 # ------------------------------------------------------------------------------------------------
