@@ -128,14 +128,19 @@ async def cluster_status(master: Master) -> dict:
             "drift": {"config": False, "fileroots": False},
         }
     store_ok = master.keys.store.healthy() and master._store_ok
-    try:
-        masters = await asyncio.to_thread(master.cluster_masters)
-        master.last_cluster_view = masters
-    except Exception as exc:  # the store is down: answer from the last view we had
-        store_ok = False
+    error = "the shared store is unreachable (see the master log)"
+    if store_ok:
+        try:
+            masters = await asyncio.to_thread(master.cluster_masters)
+            master.last_cluster_view = masters
+        except Exception as exc:
+            store_ok = False
+            error = str(exc)
+    if not store_ok:
+        # Known down: answer at once from the last view instead of waiting for a store timeout.
         masters = dict(master.last_cluster_view)
         masters[master.master_id] = {**master.cluster_record(), "alive": True, "last_seen_s": 0.0}
-        masters["_error"] = {"store": str(exc)}
+        masters["_error"] = {"store": error}
     alive = [r for r in masters.values() if r.get("alive")]
     return {
         "ha": True,
