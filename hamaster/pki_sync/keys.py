@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from hamaster.store.base import Change, Store, StoreUnavailable
 
@@ -489,11 +488,9 @@ class KeyRegistry:
 
 def generate_keypair(keysize: int = 2048) -> tuple[bytes, bytes]:
     """A new RSA keypair: (PKCS#1 "RSA PRIVATE KEY" PEM, SubjectPublicKeyInfo PEM)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=keysize)
-    priv = key.private_bytes(serialization.Encoding.PEM,
-                             serialization.PrivateFormat.TraditionalOpenSSL,
-                             serialization.NoEncryption())
-    return priv, public_pem_of(priv)
+    from hamaster.crypto import generate_keypair as _generate
+
+    return _generate(keysize)
 
 
 def public_pem_of(private_pem: bytes) -> bytes:

@@ -11,19 +11,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.integration.harness import wait_until
-
-BIN = Path(sys.executable).parent
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "drills"
+from tests.integration.drillkit import drill_file, run_drill
+from tests.integration.harness import BIN, wait_until
 
 # The targets for one master of two.
 TARGETS = {"max_failed_pings": 0, "max_detect_s": 10, "max_recovery_s": 5, "max_lost_results": 0}
@@ -43,27 +38,11 @@ def cluster_dir() -> Iterator[Path]:
 
 
 def _drill_file(base: Path, scenario: str, **changes: object) -> Path:
-    doc = yaml.safe_load((EXAMPLES / f"{scenario}.yaml").read_text())
-    doc["cluster_dir"] = str(base)
-    # CI shares 2 cores with everything else: a ping answered in 3-5 s is slow, not failed.
-    doc.setdefault("ping_timeout_s", 5.0)
-    objectives = changes.pop("objectives", None)
-    doc.update(changes)
-    if objectives is not None:
-        doc["objectives"] = objectives
-    path = base / f"drill-{scenario}-{time.monotonic_ns()}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return drill_file(base, scenario, **changes)
 
 
 def _run(path: Path, timeout: float = 120) -> tuple[int, dict, str]:
-    res = subprocess.run([str(BIN / "hamaster-drill"), "run", str(path), "--out", "json"],
-                         capture_output=True, text=True, timeout=timeout)
-    try:
-        doc = json.loads(res.stdout)
-    except json.JSONDecodeError:
-        raise AssertionError(f"no JSON from hamaster-drill (rc {res.returncode}):\n{res.stdout}\n{res.stderr}") from None
-    return res.returncode, doc, res.stderr
+    return run_drill(path, timeout)
 
 
 def _assert_passed(rc: int, doc: dict, err: str) -> dict:

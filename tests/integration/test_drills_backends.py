@@ -18,19 +18,15 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.integration.harness import wait_until
+from tests.integration.drillkit import drill_file, run_drill
+from tests.integration.harness import BIN, wait_until
 
-BIN = Path(sys.executable).parent
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "drills"
 TARGETS = {"max_failed_pings": 0, "max_detect_s": 10, "max_recovery_s": 5, "max_lost_results": 0}
 FIGURES = ("failed_pings", "pings_sent", "detect_minions_s", "detect_status_s", "recovery_s", "lost_results",
            "key_change_s", "key_change_refused", "key_change_visible", "key_visible_s", "store_errors",
@@ -60,29 +56,14 @@ def _cluster(backend: str, *extra: str) -> Iterator[Path]:
 
 
 def _drill_file(base: Path, example: str, **changes: object) -> Path:
-    doc = yaml.safe_load((EXAMPLES / f"{example}.yaml").read_text())
-    doc["cluster_dir"] = str(base)
-    doc.setdefault("ping_timeout_s", 5.0)  # CI shares 2 cores: slow is not failed
-    for k, v in changes.items():
-        if k == "backend":
-            doc["backend"] = {**doc.get("backend", {}), **v}  # type: ignore[dict-item]
-        else:
-            doc[k] = v
-    path = base / f"drill-{example}-{time.monotonic_ns()}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return drill_file(base, example, **changes)
 
 
 def _run(path: Path, timeout: float = 150) -> tuple[int, dict, str]:
-    res = subprocess.run([str(BIN / "hamaster-drill"), "run", str(path), "--out", "json"],
-                         capture_output=True, text=True, timeout=timeout)
-    try:
-        doc = json.loads(res.stdout)
-    except json.JSONDecodeError:
-        raise AssertionError(f"no JSON from hamaster-drill (rc {res.returncode}):\n{res.stdout}\n{res.stderr}") from None
+    rc, doc, err = run_drill(path, timeout)
     m = doc["measured"]
     print(json.dumps({"drill": doc["drill"], **{k: m[k] for k in FIGURES if k in m}}))
-    return res.returncode, doc, res.stderr
+    return rc, doc, err
 
 
 def _passed(rc: int, doc: dict, err: str) -> dict:

@@ -1,0 +1,44 @@
+"""Helpers shared by the drill tests: write a drill file from an example, run hamaster-drill."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.integration.harness import BIN
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "drills"
+
+
+def drill_file(base: Path, example: str, **changes: object) -> Path:
+    """``examples/drills/<example>.yaml`` aimed at the cluster in ``base``, with ``changes``.
+
+    Top-level keys are replaced, except ``backend``, which is merged into the example's.
+    """
+    doc = yaml.safe_load((EXAMPLES / f"{example}.yaml").read_text())
+    doc["cluster_dir"] = str(base)
+    # CI shares 2 cores with everything else: a ping answered in 3-5 s is slow, not failed.
+    doc.setdefault("ping_timeout_s", 5.0)
+    for key, value in changes.items():
+        if key == "backend":
+            doc["backend"] = {**doc.get("backend", {}), **value}  # type: ignore[dict-item]
+        else:
+            doc[key] = value
+    path = base / f"drill-{example}-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def run_drill(path: Path, timeout: float = 150) -> tuple[int, dict, str]:
+    """``hamaster-drill run PATH --out json``: (exit status, JSON document, stderr)."""
+    res = subprocess.run([str(BIN / "hamaster-drill"), "run", str(path), "--out", "json"],
+                         capture_output=True, text=True, timeout=timeout)
+    try:
+        doc = json.loads(res.stdout)
+    except json.JSONDecodeError:
+        raise AssertionError(f"no JSON from hamaster-drill (rc {res.returncode}):\n{res.stdout}\n{res.stderr}") from None
+    return res.returncode, doc, res.stderr
