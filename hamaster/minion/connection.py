@@ -28,7 +28,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BACKOFF_MAX = 10.0
+# Retry pacing while a master is unreachable. The cap is short on purpose: a master that comes
+# back must be in use again within seconds (the HA recovery target is 5 s), and a retry against a
+# dead master costs one refused or unanswered TCP connect. Operators can raise it with
+# ``master_retry_max``.
+BACKOFF_MAX = 2.0
+# A TCP connect that gets no answer (a blackholed or partitioned master) is abandoned and retried
+# by ZeroMQ after this many milliseconds, instead of waiting on the kernel's SYN back-off (1, 3, 7 s …).
+CONNECT_TIMEOUT_MS = 1000
 
 # Publications already verified and decrypted in this process: (frame digest, publish key,
 # pinned master key) → load. Only ever filled after a successful signature check.
@@ -77,6 +84,7 @@ class MasterConnection:
         self._task: asyncio.Task | None = None
         self.hb_interval = float(self.opts.get("master_heartbeat_interval", 2.0))
         self.dead_after = float(self.opts.get("master_dead_after", 6.0))
+        self.retry_max = float(self.opts.get("master_retry_max", BACKOFF_MAX))
         self.request_timeout = float(self.opts.get("auth_timeout", 5))
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -105,13 +113,18 @@ class MasterConnection:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"tcp://{host}:{port}"
 
-    def _new_req(self) -> zmq.asyncio.Socket:
-        sock = self.ctx.socket(zmq.REQ)
+    def _set_connect_options(self, sock: zmq.asyncio.Socket) -> None:
+        """Options every socket towards this master shares: fast reconnects, bounded connects."""
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 200)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
         if ":" in self.host:
             sock.setsockopt(zmq.IPV6, 1)
+
+    def _new_req(self) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(zmq.REQ)
+        self._set_connect_options(sock)
         sock.connect(self._endpoint(self.port))
         return sock
 
@@ -272,8 +285,8 @@ class MasterConnection:
                 if logged != "down":
                     log.warning("%s: master %s not answering auth (%s); retrying", self.ident.minion_id, self.name, exc or "timeout")
                     logged = "down"
-                await self._sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                await self._sleep(backoff * (0.5 + random.random() / 2))
+                backoff = min(backoff * 2, self.retry_max)
                 continue
             if result.status == "accepted":
                 self._apply(result)
@@ -304,12 +317,8 @@ class MasterConnection:
 
     def _connect_sub(self) -> None:
         sub = self.ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 10000)
-        sub.setsockopt(zmq.RECONNECT_IVL, 200)
-        sub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        if ":" in self.host:
-            sub.setsockopt(zmq.IPV6, 1)
+        self._set_connect_options(sub)
         if self.opts.get("zmq_filtering"):
             sub.setsockopt(zmq.SUBSCRIBE, b"broadcast")
             sub.setsockopt(zmq.SUBSCRIBE, hashlib.sha1(self.ident.minion_id.encode()).hexdigest().encode())
@@ -444,8 +453,8 @@ class MasterConnection:
                 "%s: master %s stopped answering (no reply for %.0f s); reconnecting",
                 self.ident.minion_id, self.name, self.dead_after,
             )
-            await self._sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            await self._sleep(backoff * (0.5 + random.random() / 2))
+            backoff = min(backoff * 2, self.retry_max)
 
     async def _safe_on_connected(self) -> None:
         try:
