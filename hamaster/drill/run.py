@@ -7,6 +7,7 @@ Exit status of :func:`run_drill`'s caller: 0 every objective met, 1 an objective
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -393,15 +394,22 @@ class DrillRun:
             self.count_lost(jid, apis[-1])
 
     def _detect_store_down(self, down: list[MasterApi], t_fail: float) -> None:
-        worst: float | None = 0.0
-        for api in down:
-            _, took = wait_for(lambda a=api: a.status_of(a.name)[1] is False,
+        # Every master is watched at once: a status call can itself wait on the store for up to
+        # a store timeout, and polling the masters one after another would add those waits up.
+        def detect(api: MasterApi) -> float | None:
+            _, took = wait_for(lambda: api.status_of(api.name)[1] is False,
                                self.d.detect_timeout_s - (time.monotonic() - t_fail))
-            if took is None:
+            return None if took is None else time.monotonic() - t_fail
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(down))) as pool:
+            found = list(zip(down, pool.map(detect, down), strict=True))
+        worst: float | None = 0.0
+        for api, at in found:
+            if at is None:
                 worst = None
                 self.notes.append(f"{api.name} never reported store_ok: false")
                 break
-            worst = max(worst, time.monotonic() - t_fail)
+            worst = max(worst, at)
         self.measured["detect_status_s"] = round(worst, 3) if worst is not None else None
         self.measured["detect_s"] = self.measured["detect_status_s"]
         if worst is not None:

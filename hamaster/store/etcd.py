@@ -25,6 +25,11 @@ Mapping: store key ``k`` is etcd key ``<prefix>/k`` (``prefix`` defaults to ``/h
 - Membership: ``heartbeat`` keeps one lease per member (TTL rounded up to whole seconds, at
   least 1) and puts ``cluster/members/<id>`` attached to it; a master that stops heartbeating
   disappears when etcd expires its lease. ``members()`` lists the live ones.
+- A leader election (the leader killed or partitioned) is invisible to callers: fast failures
+  (refused connection, ``no leader``, ``leader changed``) are retried on every endpoint with a
+  short back-off, and each attempt waits at most ``timeout / 3`` (a write forwarded to a dead
+  leader otherwise hangs for etcd's own ~7 s), until one ``timeout`` has passed; only then is
+  the store unavailable. A broken watch stream is re-established the same way.
 - Unavailability (no member reachable, no quorum: an RPC exceeds ``timeout``) raises
   :class:`StoreUnavailable` naming the endpoints and the cause, and turns ``healthy()`` False.
   Writes are never queued or dropped silently. A write that timed out has an unknown outcome:
@@ -65,6 +70,18 @@ TXN_MAX_BYTES = 1_000_000
 MAX_VALUE_BYTES = 1_000_000
 PAGE = 500
 GRPC_MAX_MSG = 64 * 1024 * 1024
+
+
+# Pacing of retries after fast failures (an election, a refused connection): 50 ms doubling to 0.5 s.
+RETRY_PAUSE = 0.05
+RETRY_PAUSE_MAX = 0.5
+ATTEMPT_TIMEOUT_MIN = 0.5
+
+
+def _server_timed_out(exc: BaseException) -> bool:
+    """True for a gRPC error where the etcd member itself gave up waiting (no quorum)."""
+    details = exc.details() if hasattr(exc, "details") else ""
+    return "deadline exceeded" in str(details or "")
 
 
 def _prefix_end(prefix: bytes) -> bytes:
@@ -117,6 +134,10 @@ class EtcdStore(Store):
         if (cert or key) and not ca:
             raise StoreError("ha_etcd_cert/ha_etcd_key need ha_etcd_ca (TLS to etcd)")
         self.timeout = float(timeout)
+        # One RPC may wait this long before it is retried elsewhere: a write forwarded to a
+        # leader that just died hangs until etcd's own request timeout (~7 s), so waiting for the
+        # whole ``timeout`` in one attempt would turn every leader election into an error.
+        self.attempt_timeout = max(ATTEMPT_TIMEOUT_MIN, self.timeout / 3)
         self.poll_interval = float(poll_interval)
         self.resync_interval = float(resync_interval)
         self.endpoint_retry = float(endpoint_retry)
@@ -169,7 +190,7 @@ class EtcdStore(Store):
                                    time_retry=self.endpoint_retry, opts=opts)
                    for h, p in self.endpoints]
             self._client_obj = pyetcd.MultiEndpointEtcd3Client(
-                endpoints=eps, timeout=self.timeout, failover=True)
+                endpoints=eps, timeout=self.attempt_timeout, failover=True)
             self._client_pid = pid
             return self._client_obj
 
@@ -187,7 +208,7 @@ class EtcdStore(Store):
     def _fail(self, what: str, exc: BaseException) -> StoreUnavailable:
         from pyetcd import exceptions as ex
 
-        if isinstance(exc, ex.ConnectionTimeoutError):
+        if isinstance(exc, ex.ConnectionTimeoutError) or _server_timed_out(exc):
             cause = (f"no answer within {self.timeout:g}s (etcd has no quorum or is "
                      "overloaded; a write may still be applied when quorum returns)")
         elif isinstance(exc, ex.NoServerAvailableError):
@@ -203,34 +224,65 @@ class EtcdStore(Store):
         self._down(msg)
         return StoreUnavailable(msg)
 
+    def _pause_before_retry(self, client: Any, exc: BaseException, deadline: float,
+                            pause: float) -> bool:
+        """After a fast failure, wait ``pause`` and say whether to try again before ``deadline``.
+
+        A fast failure (refused connection, ``no leader``, ``leader changed``: gRPC UNAVAILABLE)
+        is what a leader election looks like from a client, and elections end within a second or
+        two. The client library marks every endpoint that answered UNAVAILABLE as failed for
+        ``ha_etcd_endpoint_retry`` seconds, so during an election it soon has none left; they are
+        made eligible again here, and the request is retried until the deadline (one
+        ``ha_etcd_timeout`` after it started) rather than surfacing an error for a cluster that
+        still has quorum.
+        """
+        from pyetcd import exceptions as ex
+
+        if time.monotonic() + pause >= deadline:
+            return False
+        if isinstance(exc, ex.NoServerAvailableError):
+            for endpoint in getattr(client, "endpoints", {}).values():
+                endpoint.last_failed = 0
+        time.sleep(pause)
+        return True
+
+    def _out_of_time(self, deadline: float) -> bool:
+        """After a timed-out attempt: True when another attempt would end well past ``deadline``."""
+        return deadline - time.monotonic() < self.attempt_timeout / 2
+
     def _call(self, what: str, fn: Any) -> Any:
-        """Run ``fn(client)``, failing over between endpoints; StoreUnavailable at the end."""
+        """Run ``fn(client)``, failing over between endpoints; StoreUnavailable at the end.
+
+        Failures are retried on any endpoint until one ``timeout`` has passed, so a leader
+        election is invisible to callers: fast ones (refused, ``no leader``) after a short
+        pause, attempts that time out (each gets ``attempt_timeout``) at once.
+        """
         import grpc
         from pyetcd import exceptions as ex
 
-        attempts = len(self.endpoints) + 1
+        deadline = time.monotonic() + self.timeout
+        pause = RETRY_PAUSE
         last: BaseException | None = None
         timed_out: BaseException | None = None
-        for _ in range(attempts):
+        while True:
             client = self._client()
             try:
                 result = fn(client)
-            except ex.NoServerAvailableError as exc:
-                last = exc
-                break
-            except (ex.ConnectionFailedError, ex.ConnectionTimeoutError,
-                    ex.InternalServerError) as exc:
-                last = exc
-                if isinstance(exc, ex.ConnectionTimeoutError):
-                    timed_out = exc
-                    self._timeout_at = time.monotonic()
-                if len(self.endpoints) == 1 and isinstance(exc, ex.ConnectionTimeoutError):
+            except ex.ConnectionTimeoutError as exc:
+                last = timed_out = exc
+                self._timeout_at = time.monotonic()
+                if self._out_of_time(deadline):
                     break
                 continue
             except ex.PreconditionFailedError as exc:
                 raise StoreError(f"etcd {self.describe()}: {what} rejected: {exc}") from exc
-            except ex.Etcd3Exception as exc:   # WatchTimedOut, RevisionCompactedError …
+            except (ex.NoServerAvailableError, ex.ConnectionFailedError,
+                    ex.InternalServerError, ex.Etcd3Exception) as exc:
+                # Etcd3Exception here: WatchTimedOut, RevisionCompactedError … (transient).
                 last = exc
+                if not self._pause_before_retry(client, exc, deadline, pause):
+                    break
+                pause = min(pause * 2, RETRY_PAUSE_MAX)
                 continue
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
@@ -242,6 +294,12 @@ class EtcdStore(Store):
                     raise StoreError(f"etcd {self.describe()}: {what} rejected: "
                                      f"{code.name}: {details}") from exc
                 last = exc
+                if _server_timed_out(exc):
+                    timed_out = exc
+                    self._timeout_at = time.monotonic()
+                if not self._pause_before_retry(client, exc, deadline, pause):
+                    break
+                pause = min(pause * 2, RETRY_PAUSE_MAX)
                 continue
             self._ok()
             return result
@@ -412,26 +470,43 @@ class EtcdStore(Store):
             succeeded, _ = c.transaction(compare=compare, success=[op], failure=[])
             return bool(succeeded)
 
+        import grpc
+
         uncertain = False
-        for _ in range(len(self.endpoints) + 1):
+        deadline = time.monotonic() + self.timeout
+        pause = RETRY_PAUSE
+        while True:
             client = self._client()
             try:
                 ok = run(client)
-            except ex.NoServerAvailableError as exc:
-                raise self._fail(f"compare_and_put {key!r}", exc) from exc
-            except ex.ConnectionFailedError:
+            except (ex.NoServerAvailableError, ex.ConnectionFailedError) as exc:
+                # "leader changed" is UNAVAILABLE too: the write may have been applied.
+                uncertain = uncertain or isinstance(exc, ex.ConnectionFailedError)
+                if not self._pause_before_retry(client, exc, deadline, pause):
+                    break
+                pause = min(pause * 2, RETRY_PAUSE_MAX)
                 continue
             except ex.ConnectionTimeoutError as exc:
                 uncertain = True            # may have been applied; retry and check below
                 self._timeout_at = time.monotonic()
-                if len(self.endpoints) == 1:
+                if self._out_of_time(deadline):
                     raise self._fail(f"compare_and_put {key!r} (outcome unknown)", exc) from exc
+                continue
+            except grpc.RpcError as exc:
+                # e.g. UNKNOWN "context deadline exceeded": the member gave up on the proposal
+                # (no quorum); the outcome is unknown. Permanent refusals surface from _call below.
+                uncertain = True
+                if _server_timed_out(exc):
+                    self._timeout_at = time.monotonic()
+                if not self._pause_before_retry(client, exc, deadline, pause):
+                    break
+                pause = min(pause * 2, RETRY_PAUSE_MAX)
                 continue
             self._ok()
             if not ok and uncertain and value is not None and value != expected:
                 return self.get(key) == value
             return ok
-        # Every endpoint failed: one more attempt through _call for a uniform error.
+        # Out of time: one more attempt through _call for a uniform error.
         return bool(self._call(f"compare_and_put {key!r}", run))
 
     # ------------------------------------------------------------------ membership
@@ -543,8 +618,10 @@ class EtcdStore(Store):
             if w.active:
                 w.active = False
                 if resp is not None:
-                    self._down(f"etcd {self.describe()}: watch on {w.prefix!r} broke: "
-                               f"{type(resp).__name__}")
+                    # The member serving the stream went away; that alone is not an outage.
+                    # The repair (a resync through _call, with its retries) decides that.
+                    log.info("etcd %s: watch on %r broke (%s); re-establishing",
+                             self.describe(), w.prefix, type(resp).__name__)
             return []
         from pyetcd import events as ev
 
