@@ -78,10 +78,31 @@ RETRY_PAUSE_MAX = 0.5
 ATTEMPT_TIMEOUT_MIN = 0.5
 
 
+def _grpc_details(exc: BaseException | None) -> str:
+    """The gRPC status details behind ``exc`` (pyetcd raises its own exceptions from them)."""
+    seen = 0
+    while exc is not None and seen < 4:
+        details = getattr(exc, "details", None)
+        if callable(details):
+            try:
+                return str(details() or "")
+            except Exception:
+                return ""
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return ""
+
+
 def _server_timed_out(exc: BaseException) -> bool:
     """True for a gRPC error where the etcd member itself gave up waiting (no quorum)."""
-    details = exc.details() if hasattr(exc, "details") else ""
-    return "deadline exceeded" in str(details or "")
+    details = _grpc_details(exc)
+    return "deadline exceeded" in details or "request timed out" in details
+
+
+def _no_leader(exc: BaseException) -> bool:
+    """True when a member answered that it has no leader (an election, or quorum lost)."""
+    details = _grpc_details(exc)
+    return "no leader" in details or "leader changed" in details
 
 
 def _prefix_end(prefix: bytes) -> bytes:
@@ -216,6 +237,9 @@ class EtcdStore(Store):
             if time.monotonic() - self._timeout_at < 4 * self.timeout + 2:
                 cause += (f"; a member that answered recently took over {self.timeout:g}s: "
                           "etcd likely has no quorum")
+        elif _no_leader(exc):
+            cause = (f"etcd has no leader (quorum lost, or an election that did not end within "
+                     f"{self.timeout:g}s)")
         elif isinstance(exc, ex.ConnectionFailedError):
             cause = "connection failed (members down, network, or a TLS mismatch)"
         else:
@@ -264,6 +288,7 @@ class EtcdStore(Store):
         pause = RETRY_PAUSE
         last: BaseException | None = None
         timed_out: BaseException | None = None
+        no_leader: BaseException | None = None
         while True:
             client = self._client()
             try:
@@ -280,6 +305,11 @@ class EtcdStore(Store):
                     ex.InternalServerError, ex.Etcd3Exception) as exc:
                 # Etcd3Exception here: WatchTimedOut, RevisionCompactedError … (transient).
                 last = exc
+                if _server_timed_out(exc):
+                    timed_out = exc
+                    self._timeout_at = time.monotonic()
+                elif no_leader is None and _no_leader(exc):
+                    no_leader = exc
                 if not self._pause_before_retry(client, exc, deadline, pause):
                     break
                 pause = min(pause * 2, RETRY_PAUSE_MAX)
@@ -304,8 +334,11 @@ class EtcdStore(Store):
             self._ok()
             return result
         assert last is not None
-        if timed_out is not None:   # the most telling cause: a member answered too late
+        # The most telling cause: a member answered too late, or answered it has no leader.
+        if timed_out is not None:
             raise self._fail(what, timed_out) from last
+        if no_leader is not None:
+            raise self._fail(what, no_leader) from last
         raise self._fail(what, last) from last
 
     # ------------------------------------------------------------------ keys
