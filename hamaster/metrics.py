@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 # increment and dashboards show 0 instead of "no data".
 KNOWN_REJECT_REASONS = (
     "malformed", "version", "decrypt", "forged", "no_token", "bad_token", "replay",
-    "unknown_minion", "no_session", "bad_key", "bad_jid", "unknown_clear_cmd", "internal",
+    "unknown_minion", "no_session", "bad_key", "bad_jid", "unknown_clear_cmd", "internal", "busy",
 )
 KNOWN_AUTH_RESULTS = ("accepted", "pending", "rejected", "denied", "bad_key", "bad_token", "bad_algo")
 KEY_STATES = ("minions", "minions_pre", "minions_rejected", "minions_denied")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -24,13 +25,16 @@ from hamaster.bus import codec, messages
 from hamaster.jobs.jid import gen_jid
 from hamaster.master.jobs import JobTracker, JobWriter
 from hamaster.master.pubkey import PublishKey
-from hamaster.master.reqhandler import RequestHandler
+from hamaster.master.reqhandler import Deferred, RequestHandler
 from hamaster.master.shared import MASTERS_PREFIX, SharedState, config_hash, open_shared_state
 from hamaster.metrics import MasterMetrics
 from hamaster.minion.matcher import check_minions
 from hamaster.pki_sync.keys import KeyState, load_or_create_master_keypair
 
 log = logging.getLogger(__name__)
+
+STORE_WORKERS = 4      # threads deciding _auth requests that need the store
+MAX_DEFERRED = 5000    # such decisions waiting at once; more are dropped (minions retry)
 
 CONNECTED_WINDOW = 30.0
 #: The options Salt's ``_master_opts`` hands a minion (salt/master.py ``AESFuncs._master_opts``),
@@ -104,6 +108,11 @@ class Master:
         self.last_cluster_view: dict[str, dict] = {}
         self.metrics.config_info.labels(self.master_id).info({"hash": self.config_hash})
         self.ready = asyncio.Event()
+        # _auth requests that need the store (new, pending, changed keys) are decided here, so a
+        # slow store or a mass registration never stalls the event loop that answers everyone.
+        self._store_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=STORE_WORKERS, thread_name_prefix="auth-store")
+        self._deferred_in_flight = 0
         self._load_grains_cache()
 
     # -- wiring ---------------------------------------------------------------------------------
@@ -381,11 +390,39 @@ class Master:
             self.metrics.reject("malformed")
             self.handler.ratelog.warn("frames", ident.hex(), "dropped a request with %d frames from %s", len(frames), ident.hex())
             return
-        reply = self.handler.handle(payload, peer=ident.hex())
+        reply = self.handler.handle(payload, peer=ident.hex(), allow_defer=True)
+        if isinstance(reply, Deferred):
+            self._run_deferred(sock, ident, envelope, reply)
+            return
+        self._send_reply(sock, ident, envelope, reply)
+
+    @staticmethod
+    def _send_reply(sock: zmq.Socket, ident: bytes, envelope: list[bytes], reply: bytes) -> None:
         try:
             sock.send_multipart([ident, *envelope, reply], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("reply to %s not delivered: %s", ident.hex(), exc)
+
+    def _run_deferred(self, sock: zmq.Socket, ident: bytes, envelope: list[bytes], work: Deferred) -> None:
+        """Decide ``work`` in the store pool; the reply is sent from the loop thread when done."""
+        if self._deferred_in_flight >= MAX_DEFERRED:
+            # The minion retries after its auth timeout; nothing is lost by not queueing more.
+            self.metrics.reject("busy")
+            self.handler.ratelog.warn("busy", "store-pool", "%d key decisions waiting on the store; "
+                                      "dropped an _auth from %s (the minion retries)", MAX_DEFERRED, ident.hex())
+            return
+        self._deferred_in_flight += 1
+        fut = asyncio.get_running_loop().run_in_executor(self._store_pool, work.run)
+
+        def done(f: asyncio.Future) -> None:
+            self._deferred_in_flight -= 1
+            if f.cancelled() or f.exception() is not None:
+                log.error("deferred request from %s failed: %r", ident.hex(), None if f.cancelled() else f.exception())
+                return
+            if not self._stop.is_set():
+                self._send_reply(sock, ident, envelope, f.result())
+
+        fut.add_done_callback(done)
 
     async def _housekeeping(self) -> None:
         keep = float(self.opts.get("keep_jobs", 24))
@@ -568,6 +605,7 @@ class Master:
                 metrics_server.shutdown()
                 metrics_server.server_close()
             self.job_writer.stop()
+            self._store_pool.shutdown(wait=False, cancel_futures=True)
             self.keys.store.close()
             if self.router is not None:
                 self.router.close(0)

@@ -43,6 +43,27 @@ class MinionSession:
     hamaster: bool = False
 
 
+class Deferred:
+    """A request whose answer needs the shared store: run :meth:`run` off the event loop.
+
+    Returned by :meth:`RequestHandler.handle` when ``allow_defer`` is set and the request is an
+    ``_auth`` that memory cannot decide (a new, pending, rejected or changed key): deciding it
+    reads and may write the store, which on etcd or NFS can take up to a store timeout, and the
+    loop must keep answering every other minion meanwhile.
+    """
+
+    def __init__(self, work: Callable[[], bytes]) -> None:
+        self._work = work
+
+    def run(self) -> bytes:
+        """The reply frame (never raises)."""
+        return self._work()
+
+
+class _NeedsStore(Exception):
+    """Internal: the request must be decided off the event loop."""
+
+
 class RequestHandler:
     """Decides the reply to every request that reaches the master's ROUTER socket."""
 
@@ -72,16 +93,33 @@ class RequestHandler:
 
     # -- entry point ---------------------------------------------------------------------
 
-    def handle(self, payload: bytes, peer: str = "?") -> bytes:
-        """Return the reply frame for one request frame. Never raises."""
+    def handle(self, payload: bytes, peer: str = "?", allow_defer: bool = False) -> bytes | Deferred:
+        """Return the reply frame for one request frame. Never raises.
+
+        With ``allow_defer``, an ``_auth`` that needs the store is returned as a
+        :class:`Deferred` for the caller to run in a worker thread.
+        """
         try:
             req = messages.parse_request(payload, self.minimum_version)
         except messages.BadRequest as exc:
             return self._refuse(exc.reason, _claimed_id(payload) or peer, exc.detail)
         try:
+            return self._dispatch(req, peer, allow_defer)
+        except _NeedsStore:
+            return Deferred(lambda: self._guarded(req, peer))
+
+    def _guarded(self, req: messages.ClearRequest | messages.AesRequest, peer: str) -> bytes:
+        reply = self._dispatch(req, peer, False)
+        assert isinstance(reply, bytes)
+        return reply
+
+    def _dispatch(self, req: messages.ClearRequest | messages.AesRequest, peer: str, allow_defer: bool) -> bytes:
+        try:
             if isinstance(req, messages.ClearRequest):
-                return self._handle_clear(req, peer)
+                return self._handle_clear(req, peer, allow_defer)
             return self._handle_aes(req, peer)
+        except _NeedsStore:
+            raise
         except messages.BadRequest as exc:
             mid = req.minion_id if isinstance(req, messages.AesRequest) else req.load.get("id")
             return self._refuse(exc.reason, f"{mid}@{peer}" if isinstance(mid, str) else peer, exc.detail)
@@ -99,7 +137,7 @@ class RequestHandler:
 
     # -- clear requests: _auth ------------------------------------------------------------
 
-    def _handle_clear(self, req: messages.ClearRequest, peer: str) -> bytes:
+    def _handle_clear(self, req: messages.ClearRequest, peer: str, allow_defer: bool = False) -> bytes:
         cmd = req.load.get("cmd")
         if cmd != "_auth":
             raise messages.BadRequest("unknown_clear_cmd", f"clear command {cmd!r} is not served")
@@ -115,6 +153,8 @@ class RequestHandler:
             self.metrics.auth("bad_algo")
             self.ratelog.warn("bad_algo", who, "_auth from %s with unsupported sig_algo %r", who, areq.sig_algo)
             return messages.auth_unsigned_reply("bad sig algo")
+        if allow_defer and not self.keys.accepted_in_memory(areq.minion_id, areq.pub):
+            raise _NeedsStore
         decision = self.keys.authorize(areq.minion_id, areq.pub)
         if decision is AuthDecision.PENDING:
             self.metrics.auth("pending")

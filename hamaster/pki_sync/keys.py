@@ -145,7 +145,11 @@ class KeyRegistry:
         self.autosign_file = autosign_file
         self.autoreject_file = autoreject_file
         self.open_mode = open_mode
+        # Two locks: ``_lock`` guards the in-memory view and is only ever held for memory work, so
+        # the request path's lookups never wait on the store; ``_op_lock`` serialises decisions
+        # and transitions (which read and write the store) among themselves.
         self._lock = threading.RLock()
+        self._op_lock = threading.RLock()
         self._view: dict[KeyState, dict[str, str]] = {s: {} for s in KeyState}
         self._callbacks: list[ChangeCallback] = []
         self._watching = False
@@ -164,12 +168,14 @@ class KeyRegistry:
     def _set(self, mid: str, state: KeyState, pem: str | None,
              events: list[tuple[str, KeyState | None, KeyState | None]]) -> None:
         """Update the view for (mid, state); record an event when ``state_of`` changes."""
-        old = self._state_in_view(mid)
-        if pem is None:
-            self._view[state].pop(mid, None)
-        else:
-            self._view[state][mid] = normalize_pub(pem)
-        new = self._state_in_view(mid)
+        norm = normalize_pub(pem) if pem is not None else None
+        with self._lock:
+            old = self._state_in_view(mid)
+            if norm is None:
+                self._view[state].pop(mid, None)
+            else:
+                self._view[state][mid] = norm
+            new = self._state_in_view(mid)
         if old != new:
             events.append((mid, old, new))
 
@@ -293,7 +299,7 @@ class KeyRegistry:
         if include_denied:
             sources.append(KeyState.DENIED)
         events: list[tuple[str, KeyState | None, KeyState | None]] = []
-        with self._lock:
+        with self._op_lock:
             moved = self._move(mid, sources, KeyState.ACCEPTED, events)
         self._fire(events)
         return moved
@@ -307,7 +313,7 @@ class KeyRegistry:
         if include_denied:
             sources.append(KeyState.DENIED)
         events: list[tuple[str, KeyState | None, KeyState | None]] = []
-        with self._lock:
+        with self._op_lock:
             moved = self._move(mid, sources, KeyState.REJECTED, events)
         self._fire(events)
         return moved
@@ -317,7 +323,7 @@ class KeyRegistry:
         states = [state] if state else list(KeyState)
         events: list[tuple[str, KeyState | None, KeyState | None]] = []
         found = False
-        with self._lock:
+        with self._op_lock:
             for st in states:
                 if self.store.delete(self._key(st, mid)):
                     found = True
@@ -376,6 +382,16 @@ class KeyRegistry:
             if (pem is None) != (cur is None) or (pem is not None and normalize_pub(pem) != cur):
                 self._set(mid, state, pem, events)
 
+    def accepted_in_memory(self, mid: str, pub: str | bytes) -> bool:
+        """True when memory holds exactly this accepted key: :meth:`authorize` would answer
+        ACCEPTED without touching the store (the common case, safe on the request path)."""
+        if self.open_mode:
+            return True
+        pub_n = normalize_pub(pub)
+        with self._lock:
+            return (self._view[KeyState.ACCEPTED].get(mid) == pub_n
+                    and mid not in self._view[KeyState.REJECTED])
+
     def authorize(self, mid: str, pub: str | bytes) -> AuthDecision:
         """Salt's decision for a minion presenting (``mid``, ``pub``) at ``_auth``.
 
@@ -391,7 +407,7 @@ class KeyRegistry:
         pub_n = normalize_pub(pub)
         events: list[tuple[str, KeyState | None, KeyState | None]] = []
         try:
-            with self._lock:
+            with self._op_lock:
                 return self._decide(mid, pub_n, events)
         finally:
             self._fire(events)
