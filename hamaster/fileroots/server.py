@@ -420,6 +420,12 @@ class FileServer:
         self._store_down: set[int] = set()
         self.bytes_served = 0
 
+    @property
+    def reads_shared_store(self) -> bool:
+        """True when requests read the cluster's shared store (etcd, an NFS-backed directory):
+        such reads can stall for a store timeout, so callers serve them off the event loop."""
+        return self._discover is not None or self._manifest is not None
+
     # ------------------------------------------------------------------ construction
 
     @classmethod

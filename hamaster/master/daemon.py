@@ -33,8 +33,14 @@ from hamaster.pki_sync.keys import KeyState, load_or_create_master_keypair
 
 log = logging.getLogger(__name__)
 
-STORE_WORKERS = 4      # threads deciding _auth requests that need the store
-MAX_DEFERRED = 5000    # such decisions waiting at once; more are dropped (minions retry)
+STORE_WORKERS = 4      # threads for requests that need the store (_auth of unknown keys, files)
+MAX_DEFERRED = 5000    # requests waiting on the store pool at once; more are dropped (minions retry)
+# File-server commands: with file_roots in the shared store they read it, so they run in the
+# store pool too (a hung NFS mount or a frozen etcd must not stall the loop).
+FILE_COMMANDS = frozenset({
+    "_master_opts", "_file_list", "_file_list_emptydirs", "_dir_list", "_symlink_list", "_file_hash",
+    "_file_hash_and_stat", "_file_find", "_file_envs", "_serve_file",
+})
 
 CONNECTED_WINDOW = 30.0
 #: The options Salt's ``_master_opts`` hands a minion (salt/master.py ``AESFuncs._master_opts``),
@@ -95,6 +101,8 @@ class Master:
             self._commands(),
         )
         self.handler.pillar_provider = self._pillar
+        if self.files.reads_shared_store:
+            self.handler.store_commands = FILE_COMMANDS
         self.keys.on_change(self._on_key_change)
         self.ctx: zmq.asyncio.Context | None = None
         self.pub_sock: zmq.asyncio.Socket | None = None
@@ -157,9 +165,10 @@ class Master:
         return mopts
 
     def _serve_file(self, load: dict) -> Any:
-        before = self.files.bytes_served
         ret = self.files.serve_file(load)
-        self.metrics.file_bytes_served.labels(self.master_id).inc(max(0, self.files.bytes_served - before))
+        data = ret.get("data") if isinstance(ret, dict) else None
+        if isinstance(data, bytes | str):
+            self.metrics.file_bytes_served.labels(self.master_id).inc(len(data))
         return ret
 
     def _on_key_change(self, mid: str, old: KeyState | None, new: KeyState | None) -> None:
@@ -408,8 +417,8 @@ class Master:
         if self._deferred_in_flight >= MAX_DEFERRED:
             # The minion retries after its auth timeout; nothing is lost by not queueing more.
             self.metrics.reject("busy")
-            self.handler.ratelog.warn("busy", "store-pool", "%d key decisions waiting on the store; "
-                                      "dropped an _auth from %s (the minion retries)", MAX_DEFERRED, ident.hex())
+            self.handler.ratelog.warn("busy", "store-pool", "%d requests waiting on the store; "
+                                      "dropped a request from %s (the minion retries)", MAX_DEFERRED, ident.hex())
             return
         self._deferred_in_flight += 1
         fut = asyncio.get_running_loop().run_in_executor(self._store_pool, work.run)

@@ -61,7 +61,11 @@ class Deferred:
 
 
 class _NeedsStore(Exception):
-    """Internal: the request must be decided off the event loop."""
+    """Internal: the request must be decided off the event loop (by ``work`` when given)."""
+
+    def __init__(self, work: Callable[[], bytes] | None = None) -> None:
+        super().__init__()
+        self.work = work
 
 
 class RequestHandler:
@@ -90,6 +94,8 @@ class RequestHandler:
         self.publish_port = int(opts["publish_port"])
         self.ratelog = RateLimitedLog(log)
         self.pillar_provider: Callable[[str, dict], dict] = lambda mid, load: {}
+        #: Commands that read the shared store: with ``allow_defer`` they run off the event loop.
+        self.store_commands: frozenset[str] = frozenset()
 
     # -- entry point ---------------------------------------------------------------------
 
@@ -105,8 +111,8 @@ class RequestHandler:
             return self._refuse(exc.reason, _claimed_id(payload) or peer, exc.detail)
         try:
             return self._dispatch(req, peer, allow_defer)
-        except _NeedsStore:
-            return Deferred(lambda: self._guarded(req, peer))
+        except _NeedsStore as exc:
+            return Deferred(exc.work or (lambda: self._guarded(req, peer)))
 
     def _guarded(self, req: messages.ClearRequest | messages.AesRequest, peer: str) -> bytes:
         reply = self._dispatch(req, peer, False)
@@ -117,7 +123,7 @@ class RequestHandler:
         try:
             if isinstance(req, messages.ClearRequest):
                 return self._handle_clear(req, peer, allow_defer)
-            return self._handle_aes(req, peer)
+            return self._handle_aes(req, peer, allow_defer)
         except _NeedsStore:
             raise
         except messages.BadRequest as exc:
@@ -205,7 +211,7 @@ class RequestHandler:
 
     # -- aes requests -----------------------------------------------------------------------
 
-    def _handle_aes(self, req: messages.AesRequest, peer: str) -> bytes:
+    def _handle_aes(self, req: messages.AesRequest, peer: str, allow_defer: bool = False) -> bytes:
         mid = req.minion_id
         sess = self.sessions.get(mid)
         accepted = self.keys.accepted_pub(mid)
@@ -242,16 +248,29 @@ class RequestHandler:
         fn = self.commands.get(cmd)
         if fn is None:
             self.ratelog.warn("unknown_cmd", f"{mid}@{peer}", "%s@%s sent unknown command %r; answered {}", mid, peer, cmd)
-            ret: Any = {}
-        else:
-            try:
-                ret = fn(load)
-            except messages.BadRequest:
-                raise
-            except Exception:
-                log.exception("command %s from %s failed", cmd, mid)
-                ret = {}
-        return messages.aes_reply(sess.session, ret, nonce)
+            return messages.aes_reply(sess.session, {}, nonce)
+        if allow_defer and cmd in self.store_commands:
+            # Verified and its nonce recorded above; only the command itself runs elsewhere.
+            session = sess.session
+            raise _NeedsStore(lambda: self._run_command(fn, cmd, load, mid, peer, session, nonce))
+        return self._run_command(fn, cmd, load, mid, peer, sess.session, nonce)
+
+    def _run_command(self, fn: Callable[[dict], Any], cmd: str, load: dict, mid: str, peer: str,
+                     session: Crypticle, nonce: str | None) -> bytes:
+        """Run an allowed command and encrypt its answer (never raises)."""
+        try:
+            ret = fn(load)
+        except messages.BadRequest as exc:
+            return self._refuse(exc.reason, f"{mid}@{peer}", exc.detail)
+        except Exception:
+            log.exception("command %s from %s failed", cmd, mid)
+            ret = {}
+        try:
+            return messages.aes_reply(session, ret, nonce)
+        except Exception:
+            log.exception("cannot encode the answer to %s from %s", cmd, mid)
+            self.metrics.reject("internal")
+            return messages.plain_reply(messages.BAD_LOAD)
 
     # -- key changes ----------------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 
 A real single-node etcd is frozen with SIGSTOP (requests to it hang, as with an overloaded or
 partitioned etcd, until ``ha_etcd_timeout``). While it is frozen a new minion asks to
-authenticate — deciding its key needs the store — and the already accepted minion must keep
-answering pings through the same master the whole time.
+authenticate — deciding its key needs the store — and another minion asks for a file (file_roots
+live in etcd too); an accepted minion must keep answering pings through the same master the whole
+time.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def test_new_minion_auth_on_a_frozen_store_does_not_stall_pings(cluster: Cluster
     cluster.add_master({"ha_backend": "etcd", "ha_etcd_endpoints": etcd.endpoints, "ha_etcd_prefix": "/hm-slow",
                         "ha_etcd_timeout": STORE_TIMEOUT, "auto_accept": True})
     cluster.add_minion("steady")
-    cluster.wait_all_answer(["steady"])
+    cluster.add_minion("reader")
+    cluster.wait_all_answer(["steady", "reader"])
     member = etcd.members[0]
     assert member.proc is not None
     os.kill(member.proc.pid, signal.SIGSTOP)
@@ -39,6 +41,10 @@ def test_new_minion_auth_on_a_frozen_store_does_not_stall_pings(cluster: Cluster
         # Its _auth reaches the master within a second, before anything has noticed the frozen
         # store; deciding it waits on the store for up to STORE_TIMEOUT.
         newcomer = cluster.add_minion("newcomer")
+        # And another minion asks for a file: with file_roots in etcd that read hangs too. (Not
+        # the pinged minion: a minion sends its requests to one master one at a time.)
+        res = cluster.run("hamaster", "--async", "reader", "cp.hash_file", "salt://top.sls", check=True)
+        assert res.stdout.strip()
         results: list[tuple[float, bool]] = []
         t0 = time.monotonic()
         for _ in range(40):  # bounded: about one store timeout of 1 s pings
@@ -55,5 +61,5 @@ def test_new_minion_auth_on_a_frozen_store_does_not_stall_pings(cluster: Cluster
     finally:
         os.kill(member.proc.pid, signal.SIGCONT)
     # Once the store answers again the newcomer is accepted (auto_accept) and answers too.
-    cluster.wait_all_answer(["steady", "newcomer"], timeout=60)
+    cluster.wait_all_answer(["steady", "reader", "newcomer"], timeout=60)
     assert newcomer.running()
