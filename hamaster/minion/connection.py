@@ -36,6 +36,8 @@ BACKOFF_MAX = 2.0
 # A TCP connect that gets no answer (a blackholed or partitioned master) is abandoned and retried
 # by ZeroMQ after this many milliseconds, instead of waiting on the kernel's SYN back-off (1, 3, 7 s …).
 CONNECT_TIMEOUT_MS = 1000
+# Requests in flight to one master at once (each on its own REQ socket).
+MAX_PARALLEL_REQUESTS = 4
 
 # Publications already verified and decrypted in this process: (frame digest, publish key,
 # pinned master key) → load. Only ever filled after a successful signature check.
@@ -76,8 +78,10 @@ class MasterConnection:
         self.serials = SerialGuard()
         self.last_ok = 0.0
         self.connected_event = asyncio.Event()
-        self._req: zmq.asyncio.Socket | None = None
-        self._req_lock = asyncio.Lock()
+        # REQ sockets carry one request at a time: keep a few, so a slow request (a large file
+        # chunk, a master waiting on its store) never holds up a job's return behind it.
+        self._idle_reqs: list[zmq.asyncio.Socket] = []
+        self._req_slots = asyncio.Semaphore(MAX_PARALLEL_REQUESTS)
         self._sub: zmq.asyncio.Socket | None = None
         self._stop = asyncio.Event()
         self._reauth_lock = asyncio.Lock()
@@ -100,9 +104,8 @@ class MasterConnection:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._close_sockets()
-        if self._req is not None:
-            self._req.close(0)
-            self._req = None
+        while self._idle_reqs:
+            self._idle_reqs.pop().close(0)
 
     @property
     def alive(self) -> bool:
@@ -164,19 +167,22 @@ class MasterConnection:
             nonce = messages.new_nonce()
             body = messages.stamp_load(dict(load), self.ident.minion_id, self.ident.tok, nonce)
             frame = messages.aes_request(self.ident.minion_id, session, body)
-            async with self._req_lock:
-                if self._req is None:
-                    self._req = self._new_req()
+            async with self._req_slots:
+                sock = self._idle_reqs.pop() if self._idle_reqs else self._new_req()
                 try:
-                    reply = await self._roundtrip(frame, timeout or self.request_timeout, self._req)
-                except (TimeoutError, zmq.ZMQError, asyncio.CancelledError) as exc:
+                    reply = await self._roundtrip(frame, timeout or self.request_timeout, sock)
+                except BaseException as exc:
+                    sock.close(0)  # a REQ socket that missed its reply cannot be reused
                     task = asyncio.current_task()
                     if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
                         raise  # we are being cancelled, not the socket
-                    if self._req is not None:
-                        self._req.close(0)
-                    self._req = None
+                    if not isinstance(exc, TimeoutError | zmq.ZMQError | asyncio.CancelledError):
+                        raise
                     raise RequestFailed(f"{load.get('cmd')} to {self.name} failed: {exc or 'timeout'}") from None
+                if self._stop.is_set():
+                    sock.close(0)
+                else:
+                    self._idle_reqs.append(sock)
             try:
                 result = messages.parse_aes_reply(reply, session, nonce)
             except messages.BadLoadReply as exc:

@@ -13,6 +13,8 @@ import os
 import socket
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from hamaster import crypto
 
 log = logging.getLogger(__name__)
@@ -61,13 +63,12 @@ class MinionIdentity:
         self.opts = opts
         self.minion_id = minion_id
         self.pki_dir = Path(pki_dir or opts["pki_dir"])
-        self.priv_pem, pub_pem = self._load_or_create_keys(int(opts.get("keysize", 2048)))
-        self.priv = crypto.load_private_key(self.priv_pem)
+        self.priv_pem, pub_pem, self.priv = self._load_or_create_keys(int(opts.get("keysize", 2048)))
         self.pub_text = crypto.normalize_pem(pub_pem)
         self.tok = crypto.x931_sign(self.priv, b"salt")
         self._pinned: str | None = None
 
-    def _load_or_create_keys(self, keysize: int) -> tuple[bytes, bytes]:
+    def _load_or_create_keys(self, keysize: int) -> tuple[bytes, bytes, rsa.RSAPrivateKey]:
         priv_path = self.pki_dir / "minion.pem"
         pub_path = self.pki_dir / "minion.pub"
         if priv_path.exists():
@@ -75,18 +76,18 @@ class MinionIdentity:
             if priv_path.stat().st_mode & 0o077:
                 os.chmod(priv_path, 0o600)
                 log.warning("tightened permissions of %s to 0600", priv_path)
-            key = crypto.load_private_key(priv)
+            key = crypto.load_private_key(priv, own=True)
             pub = crypto.public_pem(key.public_key()).encode() + b"\n"
             if not pub_path.exists():
                 pub_path.write_bytes(pub)
-            return priv, pub
+            return priv, pub, key
         self.pki_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.pki_dir, 0o700)
-        priv, pub = crypto.generate_keypair(keysize)
+        priv, pub, key = crypto.generate_keypair_with_key(keysize)
         crypto.write_secret_file(priv_path, priv, 0o600)
         crypto.write_secret_file(pub_path, pub, 0o644)
         log.info("generated minion key pair in %s", self.pki_dir)
-        return priv, pub
+        return priv, pub, key
 
     @property
     def pinned_path(self) -> Path:
