@@ -72,6 +72,9 @@ def bench_swarm(n: int, repeat: int) -> dict:
     c = Cluster.create()
     try:
         c.add_master({"auto_accept": True, "log_level": "warning", "keysize": 2048})
+        # The kept identities trusted the previous run's master key; this master is a new one.
+        for pinned in SWARM_PKI.glob("swarm/*/minion_master.pub"):
+            pinned.unlink()
         t0 = time.perf_counter()
         # A swarm is a load generator: a slower heartbeat keeps 1,000 identities from spending the
         # two cores on liveness pings (the liveness target applies to real minions).

@@ -36,6 +36,8 @@ BACKOFF_MAX = 2.0
 # A TCP connect that gets no answer (a blackholed or partitioned master) is abandoned and retried
 # by ZeroMQ after this many milliseconds, instead of waiting on the kernel's SYN back-off (1, 3, 7 s …).
 CONNECT_TIMEOUT_MS = 1000
+# Longest wait between tries to a master whose answer this minion refuses (e.g. not the pinned key).
+REFUSED_RETRY_MAX = 60.0
 # Requests in flight to one master at once (each on its own REQ socket).
 MAX_PARALLEL_REQUESTS = 4
 
@@ -272,6 +274,7 @@ class MasterConnection:
         wait_max = float(self.opts.get("acceptance_wait_time_max", 0) or 0)
         logged: str | None = None
         backoff = 0.5
+        refused_wait = 0.0
         while not self._stop.is_set():
             try:
                 result = await self._auth_once()
@@ -285,7 +288,11 @@ class MasterConnection:
                 if logged != msg:
                     log.error("%s: %s", self.ident.minion_id, msg)
                     logged = msg
-                await self._sleep(max(wait, 1.0))
+                # Nothing changes until an operator acts: retry ever more slowly (up to a
+                # minute), so a fleet with a stale pinned key does not flood the master with
+                # RSA work it can only refuse.
+                refused_wait = min(max(refused_wait * 2, wait, 1.0), REFUSED_RETRY_MAX)
+                await self._sleep(refused_wait * (0.5 + random.random() / 2))
                 continue
             except (TimeoutError, zmq.ZMQError, crypto.CryptoError) as exc:
                 if logged != "down":
