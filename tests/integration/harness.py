@@ -147,7 +147,7 @@ class Cluster:
         self._write_conf(confdir, "master", conf)
         proc = Proc(
             f"master{idx}",
-            [str(BIN / "hamaster-master"), "-c", str(confdir), "-l", "debug"],
+            [str(BIN / "hamaster-master"), "-c", str(confdir), "-l", str(conf["log_level"])],
             confdir,
             self.base / f"master{idx}.log",
         )
@@ -187,7 +187,7 @@ class Cluster:
         self._write_conf(confdir, "minion", conf)
         proc = Proc(
             f"minion-{mid}",
-            [str(BIN / "hamaster-minion"), "-c", str(confdir), "-l", "debug", *(args or [])],
+            [str(BIN / "hamaster-minion"), "-c", str(confdir), "-l", str(conf["log_level"]), *(args or [])],
             confdir,
             self.base / f"minion-{mid}.log",
         )
