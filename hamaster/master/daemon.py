@@ -116,10 +116,11 @@ class Master:
         self.last_cluster_view: dict[str, dict] = {}
         self.metrics.config_info.labels(self.master_id).info({"hash": self.config_hash})
         self.ready = asyncio.Event()
-        # _auth requests that need the store (new, pending, changed keys) are decided here, so a
-        # slow store or a mass registration never stalls the event loop that answers everyone.
+        # Requests that need the store (_auth of new, pending or changed keys; files from the
+        # shared store) are answered here, so a slow store or a mass registration never stalls
+        # the event loop that answers everyone else.
         self._store_pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=STORE_WORKERS, thread_name_prefix="auth-store")
+            max_workers=STORE_WORKERS, thread_name_prefix="store-req")
         self._deferred_in_flight = 0
         self._load_grains_cache()
 
@@ -415,7 +416,7 @@ class Master:
     def _run_deferred(self, sock: zmq.Socket, ident: bytes, envelope: list[bytes], work: Deferred) -> None:
         """Decide ``work`` in the store pool; the reply is sent from the loop thread when done."""
         if self._deferred_in_flight >= MAX_DEFERRED:
-            # The minion retries after its auth timeout; nothing is lost by not queueing more.
+            # The minion retries after its request timeout; nothing is lost by not queueing more.
             self.metrics.reject("busy")
             self.handler.ratelog.warn("busy", "store-pool", "%d requests waiting on the store; "
                                       "dropped a request from %s (the minion retries)", MAX_DEFERRED, ident.hex())

@@ -47,7 +47,8 @@ class Deferred:
     """A request whose answer needs the shared store: run :meth:`run` off the event loop.
 
     Returned by :meth:`RequestHandler.handle` when ``allow_defer`` is set and the request is an
-    ``_auth`` that memory cannot decide (a new, pending, rejected or changed key): deciding it
+    ``_auth`` that memory cannot decide (a new, pending, rejected or changed key), or a verified
+    request for one of ``store_commands`` (the file server over the shared store): answering it
     reads and may write the store, which on etcd or NFS can take up to a store timeout, and the
     loop must keep answering every other minion meanwhile.
     """
@@ -102,8 +103,8 @@ class RequestHandler:
     def handle(self, payload: bytes, peer: str = "?", allow_defer: bool = False) -> bytes | Deferred:
         """Return the reply frame for one request frame. Never raises.
 
-        With ``allow_defer``, an ``_auth`` that needs the store is returned as a
-        :class:`Deferred` for the caller to run in a worker thread.
+        With ``allow_defer``, a request that needs the store (see :class:`Deferred`) is
+        returned as a :class:`Deferred` for the caller to run in a worker thread.
         """
         try:
             req = messages.parse_request(payload, self.minimum_version)
