@@ -38,6 +38,8 @@ BACKOFF_MAX = 2.0
 CONNECT_TIMEOUT_MS = 1000
 # Longest wait between tries to a master whose answer this minion refuses (e.g. not the pinned key).
 REFUSED_RETRY_MAX = 60.0
+# A connection that held this long resets the reconnect back-off.
+STABLE_CONNECTION_S = 30.0
 # Requests in flight to one master at once (each on its own REQ socket).
 MAX_PARALLEL_REQUESTS = 4
 
@@ -448,6 +450,7 @@ class MasterConnection:
             self.connected_event.set()
             if self.on_connected is not None:
                 asyncio.create_task(self._safe_on_connected())
+            connected_at = time.monotonic()
             sub_task = asyncio.create_task(self._sub_loop())
             hb_task = asyncio.create_task(self._heartbeat_loop())
             done, _ = await asyncio.wait({sub_task, hb_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -466,6 +469,8 @@ class MasterConnection:
                 "%s: master %s stopped answering (no reply for %.0f s); reconnecting",
                 self.ident.minion_id, self.name, self.dead_after,
             )
+            if time.monotonic() - connected_at > STABLE_CONNECTION_S:
+                backoff = 0.5  # a connection that held for a while: not flapping, retry soon
             await self._sleep(backoff * (0.5 + random.random() / 2))
             backoff = min(backoff * 2, self.retry_max)
 
