@@ -55,6 +55,10 @@ IO_TIMEOUT = 30.0
 MAX_CLIENTS = 32
 RESCAN = 30.0
 RETRY = 2.0
+# Cached blobs no longer named by the manifest are deleted once they are this old (s), checked at
+# most every PRUNE_EVERY s: a replaced file may still be read by a minion for a while.
+PRUNE_AFTER = 3600.0
+PRUNE_EVERY = 600.0
 _BLOCK = 1 << 20
 
 
@@ -253,6 +257,7 @@ class BlobService:
         self.missing: set[str] = set()
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._pruned_at = 0.0
 
     @classmethod
     def for_master(cls, master: Master) -> BlobService | None:
@@ -317,6 +322,12 @@ class BlobService:
         store = self.master.state.store
         assert store is not None
         entries = await asyncio.to_thread(load_manifest, store)
+        if time.monotonic() - self._pruned_at > PRUNE_EVERY:
+            self._pruned_at = time.monotonic()
+            named = {e.sha256 for e in entries.values() if not e.inline}
+            removed = await asyncio.to_thread(self.cache.prune, named, PRUNE_AFTER)
+            if removed:
+                log.info("pruned %d file blob(s) no longer in the manifest", len(removed))
         want = {e.sha256: e.size for e in entries.values()
                 if not e.inline and not self.cache.has(e.sha256)}
         fetched: list[str] = []

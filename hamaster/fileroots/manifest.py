@@ -21,6 +21,7 @@ import logging
 import os
 import stat as stat_mod
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,32 @@ class BlobCache:
             return None
         finally:
             os.close(fd)
+
+    def prune(self, keep: set[str], older_than: float, now: float | None = None) -> list[str]:
+        """Delete blobs not in ``keep`` and temp files, when last changed over ``older_than`` s ago.
+
+        The grace period covers a blob pushed here moments before its manifest entry lands, and
+        a minion still reading the previous version of a replaced file. Returns the names removed.
+        """
+        now = time.time() if now is None else now
+        removed: list[str] = []
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return removed
+        for name in names:
+            if not (name.startswith(".tmp-") or (is_sha256(name) and name not in keep)):
+                continue
+            path = self.root / name
+            try:
+                st = os.lstat(path)
+                if not stat_mod.S_ISREG(st.st_mode) or now - st.st_mtime < older_than:
+                    continue
+                os.unlink(path)
+            except OSError:
+                continue
+            removed.append(name)
+        return removed
 
     def writer(self) -> BlobWriter:
         """A temp file in the cache; :meth:`BlobWriter.commit` checks the hash and renames it."""

@@ -230,3 +230,23 @@ def test_split_address():
     for bad in ("host", ":1", "host:", "host:x"):
         with pytest.raises(ValueError):
             blobs.split_address(bad)
+
+
+def test_prune_keeps_named_and_recent_blobs(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path / "cache")
+    named = cache.put_bytes(b"still in the manifest")
+    old_unnamed = cache.put_bytes(b"replaced an hour ago")
+    new_unnamed = cache.put_bytes(b"pushed a moment ago, manifest entry not written yet")
+    stale_tmp = cache.root / ".tmp-crashed"
+    stale_tmp.write_bytes(b"half a download")
+    (cache.root / "not-a-blob.txt").write_bytes(b"someone else's file")
+    now = time.time()
+    for path in (cache.path(named), cache.path(old_unnamed), stale_tmp, cache.root / "not-a-blob.txt"):
+        os.utime(path, (now - 7200, now - 7200))
+
+    removed = cache.prune({named}, older_than=3600, now=now)
+
+    assert sorted(removed) == sorted([old_unnamed, ".tmp-crashed"])
+    assert cache.has(named) and cache.has(new_unnamed) and not cache.has(old_unnamed)
+    assert not stale_tmp.exists() and (cache.root / "not-a-blob.txt").exists()
+    assert BlobCache(tmp_path / "missing").prune(set(), older_than=0) == []
