@@ -476,9 +476,11 @@ def test_rsync_tombstone_beats_a_stale_push_and_newer_put_wins(tmp_path: Path) -
 def test_etcd_quorum_loss_fails_writes_and_converges() -> None:
     from hamaster.store.etcd import EtcdStore
 
+    # The request deadline must cover an election (500 ms election timeout here, up to twice
+    # that randomised, then the vote) with room for a loaded CI machine: 3 s (production: 5 s).
     with etcd_cluster(3) as cluster:
-        a = EtcdStore(cluster.endpoints, prefix="/q", timeout=1.5, poll_interval=POLL)
-        b = EtcdStore(cluster.endpoints, prefix="/q", timeout=1.5, poll_interval=POLL)
+        a = EtcdStore(cluster.endpoints, prefix="/q", timeout=3.0, poll_interval=POLL)
+        b = EtcdStore(cluster.endpoints, prefix="/q", timeout=3.0, poll_interval=POLL)
         try:
             seen: list[Change] = []
             b.watch("pki", seen.extend)
