@@ -93,6 +93,16 @@ def _grpc_details(exc: BaseException | None) -> str:
     return ""
 
 
+def _permanent(exc: BaseException) -> bool:
+    """True for a gRPC refusal that no retry changes (bad request, too large, not allowed)."""
+    import grpc
+
+    code = exc.code() if hasattr(exc, "code") else None
+    return code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.UNAUTHENTICATED)
+
+
 def _server_timed_out(exc: BaseException) -> bool:
     """True for a gRPC error where the etcd member itself gave up waiting (no quorum)."""
     details = _grpc_details(exc)
@@ -315,11 +325,8 @@ class EtcdStore(Store):
                 pause = min(pause * 2, RETRY_PAUSE_MAX)
                 continue
             except grpc.RpcError as exc:
-                code = exc.code() if hasattr(exc, "code") else None
-                if code in (grpc.StatusCode.INVALID_ARGUMENT,
-                            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND,
-                            grpc.StatusCode.PERMISSION_DENIED,
-                            grpc.StatusCode.UNAUTHENTICATED):
+                if _permanent(exc):
+                    code = exc.code()
                     details = exc.details() if hasattr(exc, "details") else str(exc)
                     raise StoreError(f"etcd {self.describe()}: {what} rejected: "
                                      f"{code.name}: {details}") from exc
@@ -508,6 +515,7 @@ class EtcdStore(Store):
         uncertain = False
         deadline = time.monotonic() + self.timeout
         pause = RETRY_PAUSE
+        telling: BaseException | None = None   # a timeout or "no leader": the cause to report
         while True:
             client = self._client()
             try:
@@ -515,32 +523,40 @@ class EtcdStore(Store):
             except (ex.NoServerAvailableError, ex.ConnectionFailedError) as exc:
                 # "leader changed" is UNAVAILABLE too: the write may have been applied.
                 uncertain = uncertain or isinstance(exc, ex.ConnectionFailedError)
+                if telling is None and (_server_timed_out(exc) or _no_leader(exc)):
+                    telling = exc
                 if not self._pause_before_retry(client, exc, deadline, pause):
-                    break
+                    raise self._fail(self._cas_what(key, uncertain), telling or exc) from exc
                 pause = min(pause * 2, RETRY_PAUSE_MAX)
                 continue
             except ex.ConnectionTimeoutError as exc:
                 uncertain = True            # may have been applied; retry and check below
+                telling = exc
                 self._timeout_at = time.monotonic()
                 if self._out_of_time(deadline):
-                    raise self._fail(f"compare_and_put {key!r} (outcome unknown)", exc) from exc
+                    raise self._fail(self._cas_what(key, uncertain), exc) from exc
                 continue
             except grpc.RpcError as exc:
+                if _permanent(exc):
+                    return bool(self._call(f"compare_and_put {key!r}", run))  # its uniform error
                 # e.g. UNKNOWN "context deadline exceeded": the member gave up on the proposal
-                # (no quorum); the outcome is unknown. Permanent refusals surface from _call below.
+                # (no quorum); the outcome is unknown.
                 uncertain = True
                 if _server_timed_out(exc):
+                    telling = exc
                     self._timeout_at = time.monotonic()
                 if not self._pause_before_retry(client, exc, deadline, pause):
-                    break
+                    raise self._fail(self._cas_what(key, uncertain), telling or exc) from exc
                 pause = min(pause * 2, RETRY_PAUSE_MAX)
                 continue
             self._ok()
             if not ok and uncertain and value is not None and value != expected:
                 return self.get(key) == value
             return ok
-        # Out of time: one more attempt through _call for a uniform error.
-        return bool(self._call(f"compare_and_put {key!r}", run))
+
+    @staticmethod
+    def _cas_what(key: str, uncertain: bool) -> str:
+        return f"compare_and_put {key!r}" + (" (outcome unknown)" if uncertain else "")
 
     # ------------------------------------------------------------------ membership
 
