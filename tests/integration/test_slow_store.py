@@ -28,7 +28,8 @@ def etcd() -> Iterator[EtcdCluster]:
         yield srv
 
 
-def test_new_minion_auth_on_a_frozen_store_does_not_stall_pings(cluster: Cluster, etcd: EtcdCluster) -> None:
+def test_new_minion_auth_on_a_frozen_store_does_not_stall_pings(etcd: EtcdCluster, cluster: Cluster) -> None:
+    # etcd first: set up before the masters and torn down after they have stopped.
     cluster.add_master({"ha_backend": "etcd", "ha_etcd_endpoints": etcd.endpoints, "ha_etcd_prefix": "/hm-slow",
                         "ha_etcd_timeout": STORE_TIMEOUT, "auto_accept": True})
     cluster.add_minion("steady")
