@@ -18,12 +18,14 @@ receiver). No ``--delete``: deletions travel only as tombstones. Filters: the ro
 :class:`FsStore` also never reports as keys).
 
 Conflict rule: the newer change wins, by modification time in nanoseconds (the write time on
-the master that made the change, kept by ``rsync -t``). rsync's own ``--update`` compares whole
-seconds only (measured: with ``--modify-window=-1`` too, an older file in the same second
-replaces a newer one), so every push also runs with ``--backup --backup-dir=.hm-bak``: a file
-that rsync replaces on the receiver is kept under ``.hm-bak/``, and the receiver's next watch
-pass restores it if it was newer than what replaced it (else drops the backup). A watcher may
-briefly see the older value between the two; the final state is the newer one on every master.
+the master that made the change, kept by ``rsync -t``). rsync's own ``--update`` is coarse
+(measured on rsync 3.5.0 with ``--modify-window=-1``: a file older by up to about a second, even
+across a second boundary, replaces a newer one), so every push also runs with ``--backup
+--backup-dir=.hm-bak`` (rsync hard-links the old file there, then renames the new one in: the key
+never disappears): a file that rsync replaces on the receiver is kept under ``.hm-bak/``, and the
+receiver's next watch pass restores it if it was newer than what replaced it (else drops the
+backup), and then pushes, because the peer that sent the older value still holds it. A watcher
+may briefly see the older value between the two; the final state is the newer one everywhere.
 ``--modify-window=-1`` makes rsync's quick check compare nanoseconds, so two same-size values
 written in one second are still transferred. Clocks of the masters must be synchronised (NTP);
 two writes of one key closer together than the clock skew may resolve either way.
@@ -206,11 +208,17 @@ class RsyncStore(FsStore):
                 full = Path(dirpath) / name
                 self._reconcile_key(full.relative_to(self.tomb_root).as_posix())
 
-    def _restore_backups(self) -> None:
-        """Files rsync replaced on us: put back any that were newer than their replacement."""
+    def _restore_backups(self) -> int:
+        """Files rsync replaced on us: put back any that were newer than their replacement.
+
+        Returns how many were put back. Each one means a peer holds the older value (it just
+        sent it to us), so the caller must push: the restored file has the same name, size and
+        mtime as before rsync replaced it, so the change watch alone would not notice.
+        """
         bak_root = self.root / BACKUP_DIR
+        restored = 0
         if not bak_root.is_dir():
-            return
+            return restored
         for dirpath, _dirs, files in os.walk(bak_root):
             for name in files:
                 if name.startswith("."):
@@ -228,16 +236,19 @@ class RsyncStore(FsStore):
                 if bst.st_mtime_ns > lst.st_mtime_ns and os.path.isfile(live):
                     try:
                         os.rename(bak, live)    # the newer value wins back
+                        restored += 1
                         log.debug("rsync store: kept newer local %s over an older push", live)
                     except OSError as exc:
                         log.warning("rsync store: cannot restore %s: %s", live, exc)
                 else:
                     _unlink_quiet(bak)
+        return restored
 
     def _reconcile(self) -> None:
         """Reconcile what changed since the last pass (tombstones and live keys)."""
         with self._reconcile_lock:
-            self._restore_backups()
+            if self._restore_backups():
+                self._changed()         # the peer that sent the older value needs ours
             self._tombs_seen.clear()
             self._live_seen.clear()
             self._tombs.poll_now()
@@ -304,7 +315,10 @@ class RsyncStore(FsStore):
     # ------------------------------------------------------------------ pushing
 
     def _changed(self) -> None:
+        """A local change: every peer needs a push (the pusher batches them)."""
         self._unpushed = True
+        for peer in self.peers:
+            peer.pending = True
         self._dirty.set()
 
     def _argv(self, peer: _Peer) -> builtins.list[str]:

@@ -470,6 +470,39 @@ def test_rsync_tombstone_beats_a_stale_push_and_newer_put_wins(tmp_path: Path) -
             b.close()
 
 
+def test_rsync_newer_value_restored_over_a_stale_push_goes_back_out(tmp_path: Path) -> None:
+    """Deterministic: B's older copy lands on A before A pushed its newer one.
+
+    A keeps its newer value (restored from rsync's backup) and must push it to B on its own:
+    the restored file has the same name, size and mtime as before, so no change is seen.
+    """
+    from hamaster.store.rsync import RsyncStore
+
+    with rsync_daemon(tmp_path / "a") as da, rsync_daemon(tmp_path / "b") as db:
+        a = RsyncStore(tmp_path / "a", [db.url], password_file=str(db.password_file),
+                       poll_interval=POLL)
+        b = RsyncStore(tmp_path / "b", [da.url], password_file=str(da.password_file),
+                       poll_interval=POLL)
+        try:          # no background threads: every sync is explicit
+            a.put("pki/master/minions/web1", b"PUB1\n")
+            assert a.push_now(force=True)
+            b.poll_now()
+            a.poll_now()
+            time.sleep(0.01)
+            a.put("pki/master/minions/web1", b"PUB1-new\n")
+            assert b.push_now(force=True)       # B's old copy replaces A's newer one …
+            a.push_now(force=True)              # … just as A sends its (now old) tree
+            assert b.get("pki/master/minions/web1") == b"PUB1\n"
+            a.poll_now()                        # A restores its newer value …
+            assert a.get("pki/master/minions/web1") == b"PUB1-new\n"
+            assert a.push_now()                 # … and has it queued for B without a force
+            b.poll_now()
+            assert b.get("pki/master/minions/web1") == b"PUB1-new\n"
+        finally:
+            a.close()
+            b.close()
+
+
 # ------------------------------------------------------------------------------ etcd only
 
 
