@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.drillkit import drill_file, run_drill
+from tests.integration.drillkit import assert_drill_passed, drill_file, run_drill
 from tests.integration.harness import BIN, wait_until
 
 # The targets for one master of two.
@@ -49,10 +49,7 @@ def _assert_passed(rc: int, doc: dict, err: str) -> dict:
     m = doc["measured"]
     print(json.dumps({k: m.get(k) for k in ("failed_pings", "pings_sent", "detect_minions_s", "detect_status_s",
                                              "detect_s", "recovery_s", "lost_results", "key_change_visible")}))
-    assert rc == 0 and doc["ok"], (f"rc {rc}\n{json.dumps(doc['objectives'], indent=1)}\n{doc['notes']}\n"
-                                   f"ping failures: {m.get('ping_failures')}\n{err}")
-    assert m["healthy_after"] is True
-    return m
+    return assert_drill_passed(rc, doc, err)
 
 
 @pytest.mark.parametrize("scenario", ["kill", "stop", "freeze"])

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.drillkit import drill_file, run_drill
+from tests.integration.drillkit import assert_drill_passed, drill_file, run_drill
 from tests.integration.harness import BIN, wait_until
 
 TARGETS = {"max_failed_pings": 0, "max_detect_s": 10, "max_recovery_s": 5, "max_lost_results": 0}
@@ -68,9 +68,7 @@ def _run(path: Path, timeout: float = 150) -> tuple[int, dict, str]:
 
 
 def _passed(rc: int, doc: dict, err: str) -> dict:
-    assert rc == 0 and doc["ok"], f"rc {rc}\n{json.dumps(doc['objectives'], indent=1)}\n{doc['notes']}\n{err}"
-    assert doc["measured"]["healthy_after"] is True and not doc["restore_problems"]
-    return doc["measured"]
+    return assert_drill_passed(rc, doc, err)
 
 
 def _services(base: Path) -> dict[str, dict]:
