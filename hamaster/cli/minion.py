@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import concurrent.futures
-import logging
-import os
-import signal
+from hamaster.cli.lean import import_lean
 
-from hamaster.cli.common import add_config_args, die, raise_fd_limit
+import_lean()  # before anything imports asyncio or hashlib (see hamaster.cli.lean)
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import concurrent.futures  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+
+from hamaster.cli.common import add_config_args, die, raise_fd_limit  # noqa: E402
 
 log = logging.getLogger(__name__)
 
