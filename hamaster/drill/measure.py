@@ -57,32 +57,51 @@ class MasterApi:
         except subprocess.TimeoutExpired:
             return subprocess.CompletedProcess(argv, 124, "", f"timed out after {timeout} s")
 
-    def ping(self, ids: list[str], timeout: float) -> set[str]:
-        """``test.ping`` to ``ids`` through this master; the ids that answered True."""
+    def ping(self, ids: list[str], timeout: float, why: list[str] | None = None) -> set[str]:
+        """``test.ping`` to ``ids`` through this master; the ids that answered True.
+
+        When ``why`` is given, the reasons for ids that did not answer are appended to it
+        (not targeted by the master, an answer other than True, an error, the timeout).
+        """
+        why = why if why is not None else []
         if self.sock_dir is None:
             res = self._cli("hamaster", "-t", str(timeout), "--out", "json", "--static", "-L", ",".join(ids),
                             "test.ping", timeout=timeout + 30)
             try:
                 got = json.loads(res.stdout) if res.stdout.strip() else {}
             except json.JSONDecodeError:
+                why.append(f"hamaster exit {res.returncode}: {res.stderr.strip()[-200:]}")
                 return set()
+            bad = {k: v for k, v in got.items() if v is not True}
+            if bad:
+                why.append(f"answers: {str(bad)[:300]}")
             return {k for k, v in got.items() if v is True}
         from hamaster.localapi import LocalApiError, LocalClient
 
         got: set[str] = set()
+        t0 = time.monotonic()
         try:
             with LocalClient(self.sock_dir, timeout=timeout + 5) as c:
                 c.send({"cmd": "publish", "tgt": list(ids), "tgt_type": "list", "fun": "test.ping", "arg": [],
                         "timeout": timeout})
                 pub = c.recv()
                 if not pub.get("jid"):
+                    why.append(f"not published: {pub.get('error')}")
                     return set()
+                untargeted = sorted(set(ids) - set(pub.get("minions") or []))
+                if untargeted:
+                    why.append(f"job {pub['jid']}: the master did not target {', '.join(untargeted)}")
                 for msg in c.stream():
                     for mid, ret in (msg.get("ret") or {}).items():
                         if isinstance(ret, dict) and ret.get("return") is True:
                             got.add(mid)
-        except (LocalApiError, OSError):
-            pass
+                        else:
+                            why.append(f"job {pub['jid']}: {mid} answered {str(ret)[:200]}")
+                    if msg.get("done") and msg.get("missing"):
+                        why.append(f"job {pub['jid']}: no answer from {', '.join(msg['missing'])} "
+                                   f"within {time.monotonic() - t0:.2f} s")
+        except (LocalApiError, OSError) as exc:
+            why.append(f"local API error after {time.monotonic() - t0:.2f} s: {exc}")
         return got
 
     def publish_async(self, ids: list[str], fun: str, arg: list) -> dict:
@@ -171,10 +190,14 @@ class Pinger(threading.Thread):
                         if api.name in self.excluded:
                             continue
                         t = time.monotonic()
-                        ok = api.ping(self.ids, self.timeout)
+                        why: list[str] = []
+                        ok = api.ping(self.ids, self.timeout, why)
                         missing = sorted(set(self.ids) - ok)
-                        self.rounds.append({"t": round(t - self.t0, 3), "master": api.name, "missing": missing,
-                                            "took_s": round(time.monotonic() - t, 3)})
+                        rnd = {"t": round(t - self.t0, 3), "master": api.name, "missing": missing,
+                               "took_s": round(time.monotonic() - t, 3)}
+                        if missing:
+                            rnd["why"] = why
+                        self.rounds.append(rnd)
             self._stop_evt.wait(self.interval)
 
     def stop(self) -> None:
