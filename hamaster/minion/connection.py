@@ -42,6 +42,10 @@ REFUSED_RETRY_MAX = 60.0
 STABLE_CONNECTION_S = 30.0
 # Requests in flight to one master at once (each on its own REQ socket).
 MAX_PARALLEL_REQUESTS = 4
+# While a reply is awaited, the socket's own readiness is re-checked this often. ZeroMQ wakes
+# event loops through an edge-triggered descriptor, and a wake-up that is lost leaves a reply
+# sitting unread until the request times out; the check reads it at once and logs that it did.
+REPLY_RECHECK_S = 0.5
 
 # Publications already verified and decrypted in this process: (frame digest, publish key,
 # pinned master key) → load. Only ever filled after a successful signature check.
@@ -147,17 +151,28 @@ class MasterConnection:
     # -- one request/reply --------------------------------------------------------------------------
 
     async def _roundtrip(self, frame: bytes, timeout: float, sock: zmq.asyncio.Socket | None = None) -> bytes:
-        """Send one frame on a REQ socket and wait for the reply; a fresh socket if none given."""
+        """Send one frame on a REQ socket and wait for the reply; a fresh socket if none given.
+
+        ``timeout`` bounds the whole exchange (a REQ socket blocks on send while no peer is
+        connected). Raises :class:`TimeoutError` when it runs out.
+        """
         own = sock is None
         s = sock or self._new_req()
-
-        async def exchange() -> bytes:
-            # A REQ socket blocks on send while no peer is connected: time the whole exchange.
-            await s.send(frame)
-            return await s.recv()
-
+        deadline = time.monotonic() + timeout
         try:
-            return await asyncio.wait_for(exchange(), timeout=timeout)
+            await asyncio.wait_for(s.send(frame), timeout=timeout)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                try:
+                    return await asyncio.wait_for(s.recv(), timeout=min(left, REPLY_RECHECK_S))
+                except TimeoutError:
+                    # Reading EVENTS also makes pyzmq re-arm its wake-up for what is pending.
+                    if s.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        log.warning("%s: a reply from %s was waiting unread (missed event-loop "
+                                    "wake-up); reading it now", self.ident.minion_id, self.name)
+                        return await asyncio.wait_for(s.recv(), timeout=max(left, 0.1))
         finally:
             if own:
                 s.close(0)
