@@ -168,8 +168,9 @@ class MasterConnection:
                 try:
                     return await asyncio.wait_for(s.recv(), timeout=min(left, REPLY_RECHECK_S))
                 except TimeoutError:
-                    # Reading EVENTS also makes pyzmq re-arm its wake-up for what is pending.
-                    if s.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    # zmq.asyncio's get(EVENTS) (not the getsockopt alias, which bypasses it)
+                    # also re-arms pyzmq's wake-up for whatever is pending.
+                    if s.get(zmq.EVENTS) & zmq.POLLIN:
                         log.warning("%s: a reply from %s was waiting unread (missed event-loop "
                                     "wake-up); reading it now", self.ident.minion_id, self.name)
                         return await asyncio.wait_for(s.recv(), timeout=max(left, 0.1))

@@ -68,3 +68,44 @@ def test_silent_master_times_out_on_the_deadline() -> None:
 def test_timeout_shorter_or_longer_than_one_slice(timeout: float) -> None:
     _, took, outcome = asyncio.run(_exchange(reply_after=None, timeout=timeout))
     assert outcome == "timeout" and timeout <= took < timeout + 0.3
+
+
+def test_reply_whose_wakeup_was_lost_is_read_at_the_next_recheck(caplog: pytest.LogCaptureFixture) -> None:
+    """The one stand-in here: the first ``recv`` is replaced by a future that never completes,
+    which is what a lost event-loop wake-up looks like from the caller (it cannot be provoked
+    on demand). The reply itself travels over real sockets."""
+
+    async def run() -> tuple[bytes, float]:
+        ctx = zmq.asyncio.Context()
+        router = ctx.socket(zmq.ROUTER)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        conn = _conn(ctx, port)
+        req = conn._new_req()
+        real_recv = req.recv
+        calls = []
+
+        def recv(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            calls.append(1)
+            return asyncio.get_running_loop().create_future() if len(calls) == 1 else real_recv(*a, **kw)
+
+        req.recv = recv  # type: ignore[method-assign]
+
+        async def master() -> None:
+            ident, empty, body = await router.recv_multipart()
+            await router.send_multipart([ident, empty, b"re:" + body])
+
+        task = asyncio.create_task(master())
+        t0 = time.monotonic()
+        got = await conn._roundtrip(b"hello", 5.0, req)
+        took = time.monotonic() - t0
+        await task
+        req.close(0)
+        router.close(0)
+        ctx.term()
+        return got, took
+
+    with caplog.at_level("WARNING", logger="hamaster.minion.connection"):
+        got, took = asyncio.run(run())
+    assert got == b"re:hello"
+    assert took < connection.REPLY_RECHECK_S + 1.0      # not the 5 s request timeout
+    assert any("missed event-loop wake-up" in r.getMessage() for r in caplog.records)
