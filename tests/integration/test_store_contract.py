@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,21 +92,37 @@ class FsBackend(Backend):
         os.rename(self.moved, self.root)
 
 
+def _rsync_store(root: Path, peer: Any, **options: Any) -> Store:
+    """An rsync store on ``root`` pushing to ``peer`` (an rsync daemon from ``rsync_daemon``)."""
+    from hamaster.store.rsync import RsyncStore
+
+    return RsyncStore(root, [peer.url], password_file=str(peer.password_file), poll_interval=POLL,
+                      **options)
+
+
+@contextmanager
+def _manual_rsync_pair(tmp: Path) -> Iterator[tuple[Any, Any]]:
+    """Two rsync stores pushing to each other's daemon, with no background threads: every sync
+    in a test using them is explicit (``put``, ``push_now``, ``poll_now``)."""
+    with rsync_daemon(tmp / "a") as da, rsync_daemon(tmp / "b") as db:
+        a, b = _rsync_store(tmp / "a", db), _rsync_store(tmp / "b", da)
+        try:
+            yield a, b
+        finally:
+            a.close()
+            b.close()
+
+
 class RsyncBackend(Backend):
     name = "rsync"
     cross_master_cas = False    # documented: transitions are atomic per master, newer wins
 
     def open(self) -> tuple[Store, Store]:
-        from hamaster.store.rsync import RsyncStore
-
         self.da = self.stack.enter_context(rsync_daemon(self.tmp / "a"))
         self.db = self.stack.enter_context(rsync_daemon(self.tmp / "b"))
-        a = RsyncStore(self.tmp / "a", [self.db.url], password_file=str(self.db.password_file),
-                       poll_interval=POLL, debounce=0.05, max_backoff=1.0, interval=5.0,
-                       member_id="a")
-        b = RsyncStore(self.tmp / "b", [self.da.url], password_file=str(self.da.password_file),
-                       poll_interval=POLL, debounce=0.05, max_backoff=1.0, interval=5.0,
-                       member_id="b")
+        fast = {"debounce": 0.05, "max_backoff": 1.0, "interval": 5.0}
+        a = _rsync_store(self.tmp / "a", self.db, member_id="a", **fast)
+        b = _rsync_store(self.tmp / "b", self.da, member_id="b", **fast)
         self.stores = [a, b]
         return a, b
 
@@ -414,60 +430,50 @@ def test_deleted_and_rejected_keys_are_never_resurrected(backend: Backend, pair)
 
 def test_rsync_tombstone_beats_a_stale_push_and_newer_put_wins(tmp_path: Path) -> None:
     """Deterministic: B pushes its old copy to A *after* A deleted the key."""
-    from hamaster.store.rsync import RsyncStore
+    with _manual_rsync_pair(tmp_path) as (a, b):
+        seen_a: list[Change] = []
+        a.watch("pki", seen_a.extend)
+        a.put("pki/master/minions_pre/k", b"old")
+        assert a.push_now(force=True)
+        assert b.get("pki/master/minions_pre/k") == b"old"
+        a.poll_now()
+        seen_a.clear()
+        time.sleep(0.01)
+        a.delete("pki/master/minions_pre/k")        # A rejects/deletes; B has not heard
+        assert b.push_now(force=True)               # B pushes its stale copy back to A
+        assert (tmp_path / "a/pki/master/minions_pre/k").exists()   # it did arrive …
+        a.poll_now()                                 # … and the tombstone wins
+        assert a.get("pki/master/minions_pre/k") is None
+        assert [c for c in seen_a if c.value is not None] == []     # never reported
+        assert a.push_now(force=True)
+        b.poll_now()
+        assert b.get("pki/master/minions_pre/k") is None
+        assert b.push_now(force=True)
+        a.poll_now()
+        assert a.get("pki/master/minions_pre/k") is None
 
-    with rsync_daemon(tmp_path / "a") as da, rsync_daemon(tmp_path / "b") as db:
-        a = RsyncStore(tmp_path / "a", [db.url], password_file=str(db.password_file),
-                       poll_interval=POLL)
-        b = RsyncStore(tmp_path / "b", [da.url], password_file=str(da.password_file),
-                       poll_interval=POLL)
-        try:          # no background threads: every sync is explicit
-            seen_a: list[Change] = []
-            a.watch("pki", seen_a.extend)
-            a.put("pki/master/minions_pre/k", b"old")
-            assert a.push_now(force=True)
-            assert b.get("pki/master/minions_pre/k") == b"old"
-            a.poll_now()
-            seen_a.clear()
-            time.sleep(0.01)
-            a.delete("pki/master/minions_pre/k")        # A rejects/deletes; B has not heard
-            assert b.push_now(force=True)               # B pushes its stale copy back to A
-            assert (tmp_path / "a/pki/master/minions_pre/k").exists()   # it did arrive …
-            a.poll_now()                                 # … and the tombstone wins
-            assert a.get("pki/master/minions_pre/k") is None
-            assert [c for c in seen_a if c.value is not None] == []     # never reported
-            assert a.push_now(force=True)
-            b.poll_now()
-            assert b.get("pki/master/minions_pre/k") is None
-            assert b.push_now(force=True)
-            a.poll_now()
-            assert a.get("pki/master/minions_pre/k") is None
-
-            # Newer change wins: re-created on B after the delete → comes back everywhere.
-            time.sleep(0.01)
-            b.put("pki/master/minions_pre/k", b"new")
-            assert b.push_now(force=True)
-            a.poll_now()
-            assert a.get("pki/master/minions_pre/k") == b"new"
-            assert a.push_now(force=True)
-            b.poll_now()
-            assert b.get("pki/master/minions_pre/k") == b"new"
-            # Concurrent puts: the later one wins on both sides after a sync both ways.
-            a.put("conflict", b"from-a")
-            time.sleep(0.01)
-            b.put("conflict", b"from-b")
-            assert a.push_now(force=True)       # B's newer value is replaced, kept aside …
-            b.poll_now()                        # … and restored by B's next pass
-            assert b.get("conflict") == b"from-b"
-            assert b.push_now(force=True)
-            a.poll_now()
-            assert a.get("conflict") == b.get("conflict") == b"from-b"
-            # rsync's temp files in the tree are never keys.
-            (tmp_path / "a/pki/.k.AbC123").write_bytes(b"partial")
-            assert "pki/.k.AbC123" not in a.list("pki")
-        finally:
-            a.close()
-            b.close()
+        # Newer change wins: re-created on B after the delete → comes back everywhere.
+        time.sleep(0.01)
+        b.put("pki/master/minions_pre/k", b"new")
+        assert b.push_now(force=True)
+        a.poll_now()
+        assert a.get("pki/master/minions_pre/k") == b"new"
+        assert a.push_now(force=True)
+        b.poll_now()
+        assert b.get("pki/master/minions_pre/k") == b"new"
+        # Concurrent puts: the later one wins on both sides after a sync both ways.
+        a.put("conflict", b"from-a")
+        time.sleep(0.01)
+        b.put("conflict", b"from-b")
+        assert a.push_now(force=True)       # B's newer value is replaced, kept aside …
+        b.poll_now()                        # … and restored by B's next pass
+        assert b.get("conflict") == b"from-b"
+        assert b.push_now(force=True)
+        a.poll_now()
+        assert a.get("conflict") == b.get("conflict") == b"from-b"
+        # rsync's temp files in the tree are never keys.
+        (tmp_path / "a/pki/.k.AbC123").write_bytes(b"partial")
+        assert "pki/.k.AbC123" not in a.list("pki")
 
 
 def test_rsync_newer_value_restored_over_a_stale_push_goes_back_out(tmp_path: Path) -> None:
@@ -476,31 +482,21 @@ def test_rsync_newer_value_restored_over_a_stale_push_goes_back_out(tmp_path: Pa
     A keeps its newer value (restored from rsync's backup) and must push it to B on its own:
     the restored file has the same name, size and mtime as before, so no change is seen.
     """
-    from hamaster.store.rsync import RsyncStore
-
-    with rsync_daemon(tmp_path / "a") as da, rsync_daemon(tmp_path / "b") as db:
-        a = RsyncStore(tmp_path / "a", [db.url], password_file=str(db.password_file),
-                       poll_interval=POLL)
-        b = RsyncStore(tmp_path / "b", [da.url], password_file=str(da.password_file),
-                       poll_interval=POLL)
-        try:          # no background threads: every sync is explicit
-            a.put("pki/master/minions/web1", b"PUB1\n")
-            assert a.push_now(force=True)
-            b.poll_now()
-            a.poll_now()
-            time.sleep(0.01)
-            a.put("pki/master/minions/web1", b"PUB1-new\n")
-            assert b.push_now(force=True)       # B's old copy replaces A's newer one …
-            a.push_now(force=True)              # … just as A sends its (now old) tree
-            assert b.get("pki/master/minions/web1") == b"PUB1\n"
-            a.poll_now()                        # A restores its newer value …
-            assert a.get("pki/master/minions/web1") == b"PUB1-new\n"
-            assert a.push_now()                 # … and has it queued for B without a force
-            b.poll_now()
-            assert b.get("pki/master/minions/web1") == b"PUB1-new\n"
-        finally:
-            a.close()
-            b.close()
+    with _manual_rsync_pair(tmp_path) as (a, b):
+        a.put("pki/master/minions/web1", b"PUB1\n")
+        assert a.push_now(force=True)
+        b.poll_now()
+        a.poll_now()
+        time.sleep(0.01)                    # a later mtime (file timestamps are coarse), not a wait
+        a.put("pki/master/minions/web1", b"PUB1-new\n")
+        assert b.push_now(force=True)       # B's old copy replaces A's newer one …
+        a.push_now(force=True)              # … just as A sends its (now old) tree
+        assert b.get("pki/master/minions/web1") == b"PUB1\n"
+        a.poll_now()                        # A restores its newer value …
+        assert a.get("pki/master/minions/web1") == b"PUB1-new\n"
+        assert a.push_now()                 # … and has it queued for B without a force
+        b.poll_now()
+        assert b.get("pki/master/minions/web1") == b"PUB1-new\n"
 
 
 # ------------------------------------------------------------------------------ etcd only

@@ -43,11 +43,12 @@ async def _exchange(reply_after: float | None, timeout: float) -> tuple[bytes | 
         got = await conn._roundtrip(b"hello", timeout)
     except TimeoutError:
         outcome = "timeout"
-    took = time.monotonic() - t0
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    router.close(0)
-    ctx.term()
+    finally:
+        took = time.monotonic() - t0
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        router.close(0)
+        ctx.term()
     return got, took, outcome
 
 
@@ -96,12 +97,15 @@ def test_reply_whose_wakeup_was_lost_is_read_at_the_next_recheck(caplog: pytest.
 
         task = asyncio.create_task(master())
         t0 = time.monotonic()
-        got = await conn._roundtrip(b"hello", 5.0, req)
-        took = time.monotonic() - t0
-        await task
-        req.close(0)
-        router.close(0)
-        ctx.term()
+        try:
+            got = await conn._roundtrip(b"hello", 5.0, req)
+            took = time.monotonic() - t0
+            await task
+        finally:
+            task.cancel()
+            req.close(0)
+            router.close(0)
+            ctx.term()
         return got, took
 
     with caplog.at_level("WARNING", logger="hamaster.minion.connection"):
