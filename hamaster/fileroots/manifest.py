@@ -188,13 +188,22 @@ class BlobCache:
 
     def put_file(self, src: str | Path) -> tuple[str, int, int]:
         """Copy the regular file ``src`` into the cache: ``(sha256, size, mode)``."""
-        fd = os.open(src, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        with os.fdopen(fd, "rb") as fh, self.writer() as w:
-            st = os.fstat(fh.fileno())
-            if not stat_mod.S_ISREG(st.st_mode):
-                raise OSError(f"{src} is not a regular file")
-            while block := fh.read(_COPY_BLOCK):
+        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            return self.put_fd(fd)
+        finally:
+            os.close(fd)
+
+    def put_fd(self, fd: int) -> tuple[str, int, int]:
+        """Copy the open regular file ``fd`` (read with ``pread``; not closed) into the cache."""
+        st = os.fstat(fd)
+        if not stat_mod.S_ISREG(st.st_mode):
+            raise OSError("not a regular file")
+        with self.writer() as w:
+            offset = 0
+            while block := os.pread(fd, _COPY_BLOCK, offset):
                 w.write(block)
+                offset += len(block)
             return w.commit(), w.size, st.st_mode & 0o7777
 
 
@@ -250,7 +259,8 @@ def publish(store: Store, cache: BlobCache, src_dir: str | Path, saltenv: str = 
     name them; entries of files no longer in ``src_dir`` are deleted, then inline blobs no entry
     names any more. Returns a summary (counts and changed paths).
     """
-    from hamaster.fileroots.server import _resolve_in, _valid_env, _walk_dir
+    from hamaster.fileroots import beneath
+    from hamaster.fileroots.server import _clean_segment, _skip_name, _valid_env
 
     if not isinstance(saltenv, str) or not _valid_env(saltenv):
         raise ValueError(f"invalid saltenv {saltenv!r}")
@@ -259,14 +269,14 @@ def publish(store: Store, cache: BlobCache, src_dir: str | Path, saltenv: str = 
         raise ValueError(f"{src} is not a directory on this master")
     old = {path: e for (_env, path), e in load_manifest(store, saltenv).items()}
     new: dict[str, Entry] = {}
-    for rel in _walk_dir(src, skip_hidden=False):
-        real = _resolve_in(src, rel.split("/"))
-        if real is None:
-            continue
+    # Every file is opened component by component beneath src_dir and copied from that
+    # descriptor: a symlink swapped in meanwhile can never make the push read outside it.
+    for rel, fd, _st in beneath.walk_files(
+            src, lambda name: _skip_name(name, False) or not _clean_segment(name)):
         try:
-            sha, size, mode = cache.put_file(real)
+            sha, size, mode = cache.put_fd(fd)
         except OSError as exc:
-            log.warning("fileroots push: skipping %s: %s", real, exc)
+            log.warning("fileroots push: skipping %s/%s: %s", src, rel, exc)
             continue
         new[rel] = Entry(sha, size, mode, size <= INLINE_MAX)
     have_inline = {k[len(BLOBS_PREFIX):] for k in store.list(BLOBS_PREFIX.rstrip("/"))}

@@ -39,13 +39,14 @@ import gzip as gzip_mod
 import hashlib
 import logging
 import os
-import stat as stat_mod
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hamaster.fileroots import beneath
 from hamaster.fileroots.manifest import (
     BLOBS_PREFIX,
     CACHE_DIRNAME,
@@ -71,8 +72,6 @@ DEFAULT_CHUNK_SIZE = 1048576
 HASH_TYPE = "sha256"
 #: Shared-store prefix under which each environment's files live (``file_roots/<env>/<path>``).
 SHARED_PREFIX = "file_roots/"
-#: Limits for the directory walk (symlinked directories can nest deeply or loop).
-_MAX_DEPTH = 64
 _MAX_WARNED = 1000
 _HASH_CACHE_MAX = 50000
 #: A file's hash is cached only once its mtime/ctime are this old (coarse/skewed clocks).
@@ -96,10 +95,7 @@ class ReadOnlyDirStore(Store):
     def get(self, key: str) -> bytes | None:
         """Content of the file at ``key`` (None if absent or outside the directory)."""
         validate_key(key)
-        path = _resolve_in(self.root, key.split("/"))
-        if path is None:
-            return None
-        return _read_regular(path)
+        return beneath.read_file(self.root, key.split("/"))
 
     def put(self, key: str, value: bytes) -> None:
         raise StoreError(f"{self.root} is a read-only file_roots directory")
@@ -113,7 +109,7 @@ class ReadOnlyDirStore(Store):
     def list(self, prefix: str) -> builtins.list[str]:
         """Relative paths of the files under ``prefix``, sorted."""
         prefix = validate_prefix(prefix)
-        keys = [rel for rel in _walk_dir(self.root, skip_hidden=False)]
+        keys = builtins.list(_walk_dir(self.root, skip_hidden=False))
         if prefix:
             keys = [k for k in keys if k == prefix or k.startswith(prefix + "/")]
         return sorted(keys)
@@ -143,83 +139,20 @@ class ReadOnlyDirStore(Store):
 # --------------------------------------------------------------------------- disk helpers
 
 
-def _inside(real: str, realbase: str) -> bool:
-    return real != realbase and real.startswith(realbase.rstrip("/") + "/")
-
-
-def _resolve_in(base: Path, segments: builtins.list[str]) -> str | None:
-    """Real path of ``base/segments`` if it resolves to somewhere strictly inside ``base``."""
-    realbase = os.path.realpath(base)
-    real = os.path.realpath(os.path.join(realbase, *segments))
-    if not _inside(real, realbase):
-        return None
-    return real
-
-
-def _read_regular(path: str, loc: int = 0, size: int = -1) -> bytes | None:
-    """Read ``size`` bytes at ``loc`` of the regular file ``path`` (no final symlink)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat_mod.S_ISREG(st.st_mode):
-            return None
-        if size < 0:
-            size = max(0, st.st_size - loc)
-        return os.pread(fd, size, loc) if size else b""
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
 def _skip_name(name: str, skip_hidden: bool) -> bool:
     if skip_hidden:
         return name.startswith(".")
     return name == MARKER_NAME or name.startswith(TMP_PREFIX)
 
 
-def _walk_dir(base: Path, skip_hidden: bool) -> Iterator[str]:
-    """Relative paths of regular files under ``base``, following in-root symlinks, no loops."""
-    realbase = os.path.realpath(base)
-    if not os.path.isdir(realbase):
-        return
+def _walk_dir(base: Path, skip_hidden: bool, prefix: Sequence[str] = ()) -> Iterator[str]:
+    """Relative paths of regular files under ``base``/``prefix`` (in-root symlinks followed,
+    opened component by component: :mod:`hamaster.fileroots.beneath`)."""
+    def skip(name: str) -> bool:
+        return _skip_name(name, skip_hidden) or not _clean_segment(name)
 
-    def walk(real_dir: str, rel: str, ancestors: frozenset[str], depth: int) -> Iterator[str]:
-        if depth > _MAX_DEPTH:
-            return
-        try:
-            with os.scandir(real_dir) as it:
-                entries = builtins.list(it)
-        except OSError:
-            return
-        for entry in sorted(entries, key=lambda e: e.name):
-            name = entry.name
-            if _skip_name(name, skip_hidden) or not _clean_segment(name):
-                continue
-            key = f"{rel}/{name}" if rel else name
-            try:
-                if entry.is_symlink():
-                    target = os.path.realpath(entry.path)
-                    if not _inside(target, realbase):
-                        continue
-                    st = os.stat(target)
-                else:
-                    target = entry.path
-                    st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if stat_mod.S_ISREG(st.st_mode):
-                yield key
-            elif stat_mod.S_ISDIR(st.st_mode):
-                real_sub = os.path.realpath(target)
-                if real_sub in ancestors:
-                    continue
-                yield from walk(real_sub, key, ancestors | {real_sub}, depth + 1)
-
-    yield from walk(realbase, "", frozenset({realbase}), 0)
+    for rel, _fd, _st in beneath.walk_files(base, skip, prefix):
+        yield rel
 
 
 def _clean_segment(seg: str) -> bool:
@@ -238,36 +171,47 @@ class _Root:
         self.key_prefix = f"{self.prefix}/" if self.prefix else ""
         self.dir: Path | None = None
         self.skip_hidden = True
+        #: Directory roots: the store's root directory and the components below it, opened
+        #: strictly (no symlinks) on every request; files beneath are opened with ``openat``.
+        self.base: Path | None = None
+        self.prefix_segments: tuple[str, ...] = ()
         if isinstance(store, (FsStore, ReadOnlyDirStore)):
             self.dir = Path(store.root) / self.prefix if self.prefix else Path(store.root)
             self.skip_hidden = isinstance(store, FsStore)
+            self.base = Path(store.root)
+            self.prefix_segments = tuple(s for s in self.prefix.split("/") if s)
 
     def __repr__(self) -> str:
         return f"<root {self.store.__class__.__name__}:{self.dir or ''} {self.prefix!r}>"
 
     def files(self) -> builtins.list[str]:
-        if self.dir is not None:
-            return builtins.list(_walk_dir(self.dir, self.skip_hidden))
+        if self.base is not None:
+            return builtins.list(_walk_dir(self.base, self.skip_hidden, self.prefix_segments))
         n = len(self.key_prefix)
         return [k[n:] for k in self.store.list(self.prefix) if k.startswith(self.key_prefix)]
 
-    def locate(self, segments: builtins.list[str]) -> str | None:
-        """Where ``segments`` lives in this root (real path or store key), None if it does not."""
-        if self.dir is not None:
-            if any(_skip_name(s, self.skip_hidden) for s in segments):
-                return None
-            real = _resolve_in(self.dir, segments)
-            if real is None:
-                if os.path.lexists(os.path.join(self.dir, *segments)):
-                    _warn_once("escapes-root", f"{self.dir}/{'/'.join(segments)}",
-                               "refusing %s: it resolves outside its file root")
-                return None
+    def open(self, segments: builtins.list[str]) -> tuple[int, os.stat_result] | None:
+        """A directory root's regular file at ``segments``: ``(fd, fstat)`` (caller closes it).
+
+        Opened component by component beneath the root (:mod:`hamaster.fileroots.beneath`), so a
+        concurrent rename or symlink swap cannot make it a file outside the root.
+        """
+        assert self.base is not None
+        if any(_skip_name(s, self.skip_hidden) for s in segments):
+            return None
+        root = beneath.open_root(self.base, self.prefix_segments)
+        if root is None:
+            return None
+        with root:
             try:
-                if not stat_mod.S_ISREG(os.stat(real).st_mode):
-                    return None
-            except OSError:
+                return beneath.open_file(root, segments)
+            except beneath.EscapesRoot as exc:
+                _warn_once("escapes-root", f"{self.dir}/{'/'.join(segments)}",
+                           f"refusing %s: it resolves outside its file root ({exc})")
                 return None
-            return real
+
+    def locate(self, segments: builtins.list[str]) -> str | None:
+        """The store key of ``segments`` in this (non-directory) root, None if absent."""
         key = self.key_prefix + "/".join(segments)
         try:
             validate_key(key)
@@ -275,6 +219,29 @@ class _Root:
         except ValueError:
             return None
         return key if data is not None else None
+
+
+@dataclass
+class _Found:
+    """A located file: its root, where it is (store key, manifest location or relative path),
+    its relative path and, for directory roots, the open descriptor it is read through."""
+
+    root: _Root
+    loc: str
+    rel: str
+    fd: int = -1
+    st: os.stat_result | None = None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> _Found:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 #: ``locate`` result of a manifest file whose large blob is not in the local cache yet.
@@ -287,6 +254,7 @@ class _ManifestRoot(_Root):
     def __init__(self, store: Store, env: str, server: FileServer):
         super().__init__(store, f"{MANIFEST_PREFIX}{env}/")
         self.dir = None  # read through the store API even on an FsStore
+        self.base = None
         self.server = server
 
     def __repr__(self) -> str:
@@ -515,8 +483,8 @@ class FileServer:
                     self._store_down.discard(id(root.store))
                     log.warning("file server: %r reachable again", root)
 
-    def _find(self, load: Any) -> tuple[_Root, str, str] | None:
-        """``(root, location, rel)`` of the requested file, or None."""
+    def _find(self, load: Any) -> _Found | None:
+        """The requested file (close it after use), or None."""
         env = _env_of(load)
         if env is None:
             return None
@@ -526,8 +494,14 @@ class FileServer:
         segments, env = clean
         return self._lookup(env, segments)
 
-    def _lookup(self, env: str, segments: builtins.list[str]) -> tuple[_Root, str, str] | None:
+    def _lookup(self, env: str, segments: builtins.list[str]) -> _Found | None:
+        rel = "/".join(segments)
         for root in self._roots(env):
+            if root.base is not None:
+                opened = root.open(segments)
+                if opened is not None:
+                    return _Found(root, rel, rel, opened[0], opened[1])
+                continue
             try:
                 loc = root.locate(segments)
             except StoreError as exc:
@@ -537,7 +511,7 @@ class FileServer:
             if loc == _PENDING:
                 return None
             if loc is not None:
-                return root, loc, "/".join(segments)
+                return _Found(root, loc, rel)
         return None
 
     def _env_files(self, env: str) -> builtins.list[str]:
@@ -561,23 +535,19 @@ class FileServer:
             return False
         return root.dir is None or not any(_skip_name(s, root.skip_hidden) for s in segs)
 
-    def _hash(self, root: _Root, loc: str) -> str | None:
+    def _hash(self, found: _Found) -> str | None:
+        root, loc = found.root, found.loc
         if isinstance(root, _ManifestRoot):
             return root.hash_of(loc)
-        if root.dir is None:
+        if found.fd < 0 or found.st is None:
             data = root.store.get(loc)
             return None if data is None else hashlib.sha256(data).hexdigest()
+        fd, st = found.fd, found.st
         try:
-            fd = os.open(loc, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            return None
-        try:
-            st = os.fstat(fd)
-            if not stat_mod.S_ISREG(st.st_mode):
-                return None
             sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            key = f"{root.dir}\0{loc}"
             with self._lock:
-                cached = self._hashes.get(loc)
+                cached = self._hashes.get(key)
             if cached is not None and cached[0] == sig:
                 return cached[1]
             h = hashlib.sha256()
@@ -599,12 +569,10 @@ class FileServer:
                 with self._lock:
                     if len(self._hashes) >= _HASH_CACHE_MAX:
                         self._hashes.clear()
-                    self._hashes[loc] = (sig, hsum)
+                    self._hashes[key] = (sig, hsum)
             return hsum
         except OSError:
             return None
-        finally:
-            os.close(fd)
 
     # ------------------------------------------------------------------ Salt commands
 
@@ -649,11 +617,11 @@ class FileServer:
         found = self._find(load)
         if found is None:
             return ""
-        root, loc, _rel = found
         try:
-            hsum = self._hash(root, loc)
+            with found:
+                hsum = self._hash(found)
         except StoreError as exc:
-            self._store_failed(root, exc)
+            self._store_failed(found.root, exc)
             return ""
         if hsum is None:
             return ""
@@ -668,7 +636,8 @@ class FileServer:
         found = self._find(load)
         if found is None:
             return {}
-        return {"path": found[2], "rel": found[2]}
+        found.close()
+        return {"path": found.rel, "rel": found.rel}
 
     def serve_file(self, load: dict) -> dict:
         """``_serve_file``: ``{"data": chunk at offset loc, "dest": rel}``; data empty at the end.
@@ -677,23 +646,24 @@ class FileServer:
         does; ``loc`` always counts uncompressed bytes.
         """
         ret: dict[str, Any] = {"data": b"", "dest": ""}
-        found = self._find(load)
-        if found is None:
-            return ret
-        root, loc, rel = found
-        offset = load.get("loc", 0)
+        offset = load.get("loc", 0) if isinstance(load, dict) else None
         if offset is None:
             offset = 0
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             return ret
+        found = self._find(load)
+        if found is None:
+            return ret
+        root, loc, rel = found.root, found.loc, found.rel
         try:
-            if isinstance(root, _ManifestRoot):
-                data = root.read(loc, offset, self.chunk_size)
-            elif root.dir is not None:
-                data = _read_regular(loc, offset, self.chunk_size)
-            else:
-                whole = root.store.get(loc)
-                data = None if whole is None else whole[offset:offset + self.chunk_size]
+            with found:
+                if isinstance(root, _ManifestRoot):
+                    data = root.read(loc, offset, self.chunk_size)
+                elif found.fd >= 0:
+                    data = beneath.read_at(found.fd, offset, self.chunk_size)
+                else:
+                    whole = root.store.get(loc)
+                    data = None if whole is None else whole[offset:offset + self.chunk_size]
         except StoreError as exc:
             self._store_failed(root, exc)
             return ret
@@ -730,9 +700,10 @@ class FileServer:
                 found = self._lookup(env, rel.split("/"))
                 if found is not None:
                     try:
-                        hsum = self._hash(found[0], found[1])
+                        with found:
+                            hsum = self._hash(found)
                     except StoreError as exc:
-                        self._store_failed(found[0], exc)
+                        self._store_failed(found.root, exc)
                 h.update(f"{env}\0{rel}\0{hsum or ''}\n".encode())
         return h.hexdigest()
 
