@@ -250,3 +250,37 @@ def test_prune_keeps_named_and_recent_blobs(tmp_path: Path) -> None:
     assert cache.has(named) and cache.has(new_unnamed) and not cache.has(old_unnamed)
     assert not stale_tmp.exists() and (cache.root / "not-a-blob.txt").exists()
     assert BlobCache(tmp_path / "missing").prune(set(), older_than=0) == []
+
+
+def test_push_never_copies_a_file_swapped_in_from_outside(tmp_path: Path) -> None:
+    """fileroots.push walks src_dir with openat: a concurrent symlink swap of ``d`` to a secret
+    directory never puts the secret in the cache or the store (the old realpath walk did)."""
+    from tests.flipper import flipping
+
+    secret_dir = tmp_path / "pki"
+    secret_dir.mkdir()
+    secret = b"-----BEGIN RSA PRIVATE KEY-----\nnot really\n"
+    (secret_dir / "master.pem").write_bytes(secret)
+    src = tmp_path / "src"
+    (src / "d.real").mkdir(parents=True)
+    (src / "d.real" / "master.pem").write_bytes(b"decoy\n")
+    (src / "top.sls").write_bytes(b"top\n")
+    store, cache = FsStore(tmp_path / "store"), BlobCache(tmp_path / "cache")
+    bad = hashlib.sha256(secret).hexdigest()
+    pushes, seen_decoy, errors = 0, 0, []
+    with flipping(src, secret_dir):
+        deadline = time.monotonic() + 5
+        while pushes < 150 and time.monotonic() < deadline:
+            pushes += 1
+            try:
+                publish(store, cache, src, "base")
+            except OSError as exc:  # the old walk tripped over the renames now and then
+                errors.append(exc)
+                continue
+            entries = load_manifest(store, "base")
+            assert all(e.sha256 != bad for e in entries.values()), f"secret pushed ({pushes})"
+            assert not cache.has(bad), f"secret copied into the cache after {pushes} pushes"
+            seen_decoy += ("base", "d/master.pem") in entries
+    assert entries[("base", "top.sls")].sha256 == hashlib.sha256(b"top\n").hexdigest()
+    assert seen_decoy > 0  # the swap really raced the walk
+    assert errors == []  # a file that vanishes mid-walk is skipped, never an error

@@ -510,3 +510,57 @@ def test_concurrent_serving(tmp_path):
 def test_chunk_size_validated():
     with pytest.raises(ValueError):
         FileServer({}, chunk_size=0)
+
+
+def test_in_root_symlinks_resolved_beneath_the_root(jail, caplog):
+    """Links are walked by the server (readlinkat), not by the kernel: absolute links naming the
+    root are followed inside it, loops and long chains are refused, nothing is read outside."""
+    tmp, srv = jail
+    os.symlink(srv / "sub/real.txt", srv / "abs_inside")       # absolute, names the root
+    os.symlink(srv / "sub", srv / "abs_dir")
+    os.symlink("loop_b", srv / "loop_a")                       # a -> b -> a
+    os.symlink("loop_a", srv / "loop_b")
+    os.symlink("sub/../sub/./real.txt", srv / "dotted")        # '..' pops back inside
+    os.symlink("../srv/sub/real.txt", srv / "sub/via_parent")  # leaves then re-enters: refused
+    prev = "sub/real.txt"
+    for i in range(server_mod.beneath.MAX_HOPS + 2):           # a chain longer than MAX_HOPS
+        os.symlink(prev, srv / f"chain{i}")
+        prev = f"chain{i}"
+    fs = FileServer({"base": [(ReadOnlyDirStore(srv), "")]})
+    assert fetch(fs, "abs_inside") == b"real"
+    assert fetch(fs, "abs_dir/real.txt") == b"real"
+    assert fetch(fs, "dotted") == b"real"
+    assert fetch(fs, "chain3") == b"real"
+    with caplog.at_level(logging.WARNING, logger="hamaster.fileroots.server"):
+        for path in ["loop_a", "loop_b", "sub/via_parent", f"chain{server_mod.beneath.MAX_HOPS + 1}"]:
+            assert_refused(fs, {"path": path})
+    files = fs.file_list({})
+    assert "abs_inside" in files and "abs_dir/real.txt" in files and "dotted" in files
+    assert not {"loop_a", "loop_b", "sub/via_parent"} & set(files)
+
+
+def test_store_prefix_components_are_never_symlinks(tmp_path):
+    """Under an FsStore (ha_dir) the ``file_roots/<env>`` components must be real directories:
+    a group that can write ``file_roots/`` cannot point ``base`` at ``pki/master``."""
+    store = FsStore(tmp_path / "ha")
+    store.put("pki/master/master.pem", SECRET)
+    store.put("file_roots/dev/a.sls", b"a")
+    os.symlink(tmp_path / "ha/pki/master", tmp_path / "ha/file_roots/base")
+    fs = FileServer.from_opts({"file_roots": {}}, store)
+    assert fetch(fs, "a.sls", "dev") == b"a"
+    assert_refused(fs, {"path": "master.pem", "saltenv": "base"})
+    assert fs.file_list({"saltenv": "base"}) == []
+
+
+def test_file_descriptors_are_not_leaked(jail):
+    tmp, srv = jail
+    os.symlink("sub", srv / "inside_dir")
+    os.symlink("..", srv / "sub/loop")
+    fs = FileServer({"base": [(ReadOnlyDirStore(srv), "")]}, chunk_size=2)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        assert fetch(fs, "inside_dir/real.txt") == b"real"
+        assert fetch(fs, "sub/loop/sub/loop/ok.sls") == b"ok"
+        fs.file_list({})
+        assert_refused(fs, {"path": "../secret.txt"})
+    assert len(os.listdir("/proc/self/fd")) == before
