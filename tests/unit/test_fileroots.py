@@ -521,7 +521,7 @@ def test_in_root_symlinks_resolved_beneath_the_root(jail, caplog):
     os.symlink("loop_b", srv / "loop_a")                       # a -> b -> a
     os.symlink("loop_a", srv / "loop_b")
     os.symlink("sub/../sub/./real.txt", srv / "dotted")        # '..' pops back inside
-    os.symlink("../srv/sub/real.txt", srv / "sub/via_parent")  # leaves then re-enters: refused
+    os.symlink("../../srv/sub/real.txt", srv / "sub/via_parent")  # leaves, re-enters: refused
     prev = "sub/real.txt"
     for i in range(server_mod.beneath.MAX_HOPS + 2):           # a chain longer than MAX_HOPS
         os.symlink(prev, srv / f"chain{i}")
