@@ -3,7 +3,7 @@
 Large files of the manifest (:mod:`hamaster.fileroots.manifest`) live only in the masters'
 local caches; a master that lacks one fetches it from a peer master.
 
-Protocol (one request per connection, plain TCP on ``file_blob_port``)::
+Protocol (one request per connection, plain TCP on ``file_blob_interface:file_blob_port``)::
 
     client → "GET <sha256> <ts> <base64 signature>\\n"
     server → "OK <size>\\n" + size bytes        or  "ERR <reason>\\n"
@@ -39,6 +39,7 @@ from hamaster.fileroots.manifest import (
     is_sha256,
     load_manifest,
 )
+from hamaster.master.ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -52,7 +53,18 @@ SIG_ALGO = "PKCS1v15-SHA224"
 AUTH_WINDOW = 60.0
 MAX_LINE = 4096
 IO_TIMEOUT = 30.0
+#: Signed requests served at once (reading blocks from the cache and sending them).
 MAX_CLIENTS = 32
+#: Connections that have not sent a valid request line yet, at once (all peers together).
+MAX_PENDING = 128
+#: Connections at once from one peer address (a master fetches one blob at a time).
+MAX_PER_PEER = 8
+#: A connection must send its request line within this many seconds or is closed: idle
+#: connections cannot hold the port for long.
+REQUEST_TIMEOUT = 5.0
+#: Refusals (bad signature, busy, over the per-peer limit) are logged at warning at most once
+#: per this many seconds per reason; the rest at debug (counted in ``BlobServer.refused``).
+REFUSAL_LOG_WINDOW = 60.0
 RESCAN = 30.0
 RETRY = 2.0
 # Cached blobs no longer named by the manifest are deleted once they are this old (s), checked at
@@ -117,19 +129,33 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 class BlobServer:
-    """Serves ``GET <sha256>`` from a :class:`BlobCache` to requests signed by the master key."""
+    """Serves ``GET <sha256>`` from a :class:`BlobCache` to requests signed by the master key.
+
+    Admission, before anything is read: at most ``max_per_peer`` connections per peer address
+    and ``max_pending`` connections still waiting for their request line (all peers); a
+    connection over either limit gets ``ERR busy`` and is closed at once. The request line must
+    arrive within ``request_timeout`` seconds. Only a well-signed request takes one of the
+    :data:`MAX_CLIENTS` transfer slots, so idle or unsigned connections never hold those.
+    """
 
     def __init__(self, cache: BlobCache, pub: rsa.RSAPublicKey, host: str, port: int = 0,
-                 window: float = AUTH_WINDOW):
+                 window: float = AUTH_WINDOW, *, max_per_peer: int = MAX_PER_PEER,
+                 max_pending: int = MAX_PENDING, request_timeout: float = REQUEST_TIMEOUT):
         self.cache = cache
         self.pub = pub
         self.host = host
         self.port = port
         self.window = window
+        self.max_per_peer = max_per_peer
+        self.max_pending = max_pending
+        self.request_timeout = request_timeout
         self.served = 0
         self.refused = 0
         self._server: asyncio.Server | None = None
         self._slots = asyncio.Semaphore(MAX_CLIENTS)
+        self._per_peer: dict[str, int] = {}
+        self._pending = 0
+        self._ratelog = RateLimitedLog(log, window=REFUSAL_LOG_WINDOW)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port,
@@ -144,34 +170,64 @@ class BlobServer:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
             self._server = None
 
+    def _refuse(self, reason: str, peer: Any, detail: str) -> None:
+        """Count a refusal; log it at warning once per window per reason, else at debug."""
+        self.refused += 1
+        msg = "refused a file blob request from %s: %s"
+        if not self._ratelog.warn(reason, "", msg + " (more such refusals within %ds at debug)",
+                                  peer, detail, int(REFUSAL_LOG_WINDOW)):
+            log.debug(msg, peer, detail)
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        ip = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        counted = pending = False
         try:
+            if self._per_peer.get(ip, 0) >= self.max_per_peer:
+                self._refuse("per-peer", peer, f"over {self.max_per_peer} connections from {ip}")
+                writer.write(b"ERR busy\n")
+                return
+            if self._pending >= self.max_pending:
+                self._refuse("pending", peer, f"over {self.max_pending} connections waiting")
+                writer.write(b"ERR busy\n")
+                return
+            self._per_peer[ip] = self._per_peer.get(ip, 0) + 1
+            counted = pending = True
+            self._pending += 1
+            line = await asyncio.wait_for(reader.readuntil(b"\n"), self.request_timeout)
+            self._pending -= 1
+            pending = False
+            try:
+                sha = check_request(line, self.pub, window=self.window)
+            except BlobAuthError as exc:
+                self._refuse("auth", peer, str(exc))
+                writer.write(f"ERR {exc}\n".encode())
+                return
             if self._slots.locked():
+                self._refuse("busy", peer, f"all {MAX_CLIENTS} transfer slots in use")
                 writer.write(b"ERR busy\n")
                 return
             async with self._slots:
-                await self._serve_one(reader, writer, peer)
+                await self._send(writer, sha, peer)
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError,
                 asyncio.LimitOverrunError, ValueError) as exc:
-            log.debug("blob request from %s: %s", peer, exc)
+            log.debug("blob request from %s: %r", peer, exc)
         finally:
+            if pending:
+                self._pending -= 1
+            if counted:
+                left = self._per_peer.get(ip, 1) - 1
+                if left > 0:
+                    self._per_peer[ip] = left
+                else:
+                    self._per_peer.pop(ip, None)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.drain(), IO_TIMEOUT)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                         peer: Any) -> None:
-        line = await asyncio.wait_for(reader.readuntil(b"\n"), IO_TIMEOUT)
-        try:
-            sha = check_request(line, self.pub, window=self.window)
-        except BlobAuthError as exc:
-            self.refused += 1
-            log.warning("refused a file blob request from %s: %s", peer, exc)
-            writer.write(f"ERR {exc}\n".encode())
-            return
+    async def _send(self, writer: asyncio.StreamWriter, sha: str, peer: Any) -> None:
         size = self.cache.size(sha)
         if size is None:
             writer.write(b"ERR missing\n")
@@ -264,7 +320,8 @@ class BlobService:
         """The service for a clustered master, None for a lone master.
 
         ``file_blob_port``: > 0 serves on that port; 0 (default) serves on a port the OS picks
-        when ``ha_backend`` is etcd and not at all otherwise; < 0 never serves.
+        when ``ha_backend`` is etcd and not at all otherwise; < 0 never serves. The server binds
+        on ``file_blob_interface`` (default: ``interface``).
         """
         if master.state.store is None:
             return None
@@ -285,7 +342,8 @@ class BlobService:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self.port is not None:
-            iface = self.master.opts.get("interface", "127.0.0.1")
+            iface = (self.master.opts.get("file_blob_interface")
+                     or self.master.opts.get("interface", "127.0.0.1"))
             server = BlobServer(self.cache, self.master.master_priv.public_key(), iface, self.port)
             try:
                 await server.start()
