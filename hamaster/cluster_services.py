@@ -128,7 +128,9 @@ def write_rsyncd_config(workdir: str | Path, path: str | Path, port: int, passwo
     Writes ``rsyncd.conf``, ``rsyncd.secrets`` (``user:password``, 0600) and ``client.pass``
     (the password alone, 0600, for ``--password-file`` / ``ha_rsync_password_file``) in
     ``workdir``; returns ``(conf, client password file)``. Like ``ops/rsync/rsyncd.conf``,
-    the module refuses every delete option (deletions travel as tombstones).
+    the module refuses every delete option (deletions travel as tombstones) and is
+    ``write only``: the masters only push, so the password never lets anyone download the
+    tree (``master.pem`` included).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +149,8 @@ def write_rsyncd_config(workdir: str | Path, path: str | Path, port: int, passwo
         f"[{module}]\n"
         f"  path = {path}\n"
         "  read only = false\n"
+        "  write only = yes\n"
+        "  list = false\n"
         "  hosts allow = 127.0.0.1\n"
         f"  auth users = {user}\n"
         f"  secrets file = {secrets}\n"
