@@ -99,6 +99,22 @@ def _sig(st: os.stat_result) -> _Sig:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+def _makedirs_private(directory: Path) -> None:
+    """Create ``directory`` and its missing parents, each 0700 (``os.makedirs`` would create
+    the parents ``0777 & ~umask``: ``pki/`` and ``jobs/`` readable by anyone who can reach
+    the store root)."""
+    missing = []
+    d = Path(directory)
+    while not os.path.lexists(d) and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+
+
 def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
@@ -223,7 +239,7 @@ class FsStore(Store):
                 if attempt == 2:
                     raise
                 self._check_root()
-                os.makedirs(directory, mode=0o700, exist_ok=True)
+                _makedirs_private(directory)
                 continue
             try:
                 os.fchmod(fd, mode)

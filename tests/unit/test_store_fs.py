@@ -6,6 +6,7 @@ import os
 import stat
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -302,3 +303,26 @@ def test_put_many_batch_is_visible_and_leaves_no_temp_files(tmp_path):
     assert b.get_many("jobs/1/returns") == dict(items)
     leftovers = [p for p in (tmp_path / "s").rglob("*") if p.name.startswith(".tmp")]
     assert leftovers == []
+
+
+def test_keys_are_0600_in_0700_directories_whatever_the_umask(tmp_path) -> None:
+    """The master key and everything else the store writes are private to the master's user,
+    intermediate directories (``pki/``, ``jobs/``) included, even under umask 000."""
+    from hamaster.pki_sync.keys import load_or_create_master_keypair
+
+    old = os.umask(0)
+    try:
+        store = FsStore(tmp_path / "ha")
+        load_or_create_master_keypair(store, "pki/master/", 1024)
+        store.put("pki/master/minions/web1", b"pub")
+        store.put_many([("jobs/20261206/abc/return", b"x")])
+        store.compare_and_put("cluster/masters/m1", None, b"{}")
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path): stat.S_IMODE(p.lstat().st_mode)
+             for p in (tmp_path / "ha").rglob("*")}
+    modes[Path("ha")] = stat.S_IMODE((tmp_path / "ha").lstat().st_mode)
+    assert modes[Path("ha/pki/master/master.pem")] == 0o600
+    bad = {str(p): oct(m) for p, m in modes.items()
+           if m != (0o700 if (tmp_path / p).is_dir() else 0o600)}
+    assert bad == {}
