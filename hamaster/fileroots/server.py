@@ -155,6 +155,18 @@ def _walk_dir(base: Path, skip_hidden: bool, prefix: Sequence[str] = ()) -> Iter
         yield rel
 
 
+def _holds_keys(directory: str, opts: dict) -> str | None:
+    """``pki_dir`` or ``ha_dir`` if ``directory`` is it or one of its parents, else None."""
+    real = os.path.realpath(directory)
+    for name in ("pki_dir", "ha_dir"):
+        value = opts.get(name)
+        if isinstance(value, str) and value:
+            key_dir = os.path.realpath(os.path.expanduser(value))
+            if key_dir == real or key_dir.startswith(real.rstrip("/") + "/"):
+                return f"{name} {value}"
+    return None
+
+
 def _clean_segment(seg: str) -> bool:
     return bool(seg) and seg not in (".", "..") and "\0" not in seg and "\\" not in seg
 
@@ -423,7 +435,13 @@ class FileServer:
                 if not isinstance(d, str) or not d:
                     log.warning("file_roots: ignoring invalid directory %r in %s", d, env)
                     continue
-                roots.append((ReadOnlyDirStore(os.path.expanduser(d)), ""))
+                d = os.path.expanduser(d)
+                secret = _holds_keys(d, opts)
+                if secret:
+                    log.error("file_roots: ignoring %s in %s: it contains %s (the master's keys "
+                              "must never be under a file root)", d, env, secret)
+                    continue
+                roots.append((ReadOnlyDirStore(d), ""))
         chunk = opts.get("file_buffer_size", DEFAULT_CHUNK_SIZE)
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0:
             chunk = DEFAULT_CHUNK_SIZE

@@ -564,3 +564,18 @@ def test_file_descriptors_are_not_leaked(jail):
         fs.file_list({})
         assert_refused(fs, {"path": "../secret.txt"})
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_file_roots_holding_the_keys_are_ignored(tmp_path, caplog):
+    write(tmp_path / "etc/pki/master/master.pem", SECRET)
+    write(tmp_path / "srv/a.sls", "a")
+    opts = {"pki_dir": str(tmp_path / "etc/pki/master"), "ha_dir": str(tmp_path / "ha"),
+            "file_roots": {"base": [str(tmp_path / "srv"), str(tmp_path / "etc")],
+                           "all": [str(tmp_path)], "ha": [str(tmp_path / "ha")]}}
+    (tmp_path / "ha").mkdir()
+    with caplog.at_level(logging.ERROR, logger="hamaster.fileroots.server"):
+        fs = FileServer.from_opts(opts)
+    assert fs.file_list({"saltenv": "base"}) == ["a.sls"]
+    assert fs.file_list({"saltenv": "all"}) == [] and fs.file_list({"saltenv": "ha"}) == []
+    assert_refused(fs, {"path": "pki/master/master.pem", "saltenv": "base"})
+    assert sum("must never be under a file root" in r.getMessage() for r in caplog.records) == 3
