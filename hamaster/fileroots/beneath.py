@@ -24,16 +24,23 @@ raises :class:`EscapesRoot` so that the caller can log the attempt).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat as stat_mod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 #: At most this many symlinks are followed while resolving one path (Linux's own limit is 40).
 MAX_HOPS = 40
+#: At most this many components are walked while resolving one path (links expand paths).
+MAX_STEPS = 4096
 #: Directory walks stop this deep (symlinked directories can nest deeply).
 MAX_DEPTH = 64
+#: A directory walk visits at most this many entries (symlinked directories can fan out).
+MAX_ENTRIES = 200_000
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
@@ -169,9 +176,12 @@ def _resolve(stack: _Stack, names: tuple[str, ...], segments: Sequence[str]) -> 
     The caller closes the returned descriptor and the stack.
     """
     todo = list(reversed(segments))
-    hops = 0
+    hops = steps = 0
     while todo:
         name = todo.pop()
+        steps += 1
+        if steps > MAX_STEPS:
+            raise EscapesRoot(f"more than {MAX_STEPS} path components")
         if name in ("", ".") or name == "..":
             if name == ".." and not stack.pop():
                 raise EscapesRoot("'..' above the root")
@@ -275,11 +285,17 @@ def walk_files(base: str | Path, skip: Callable[[str], bool] | None = None,
             st = os.fstat(root.fd)
         except OSError:
             return
-        yield from _walk(_Stack([root.fd]), root.names, "", {(st.st_dev, st.st_ino)}, 0, skip)
+        budget = [MAX_ENTRIES]
+        yield from _walk(_Stack([root.fd]), root.names, "", {(st.st_dev, st.st_ino)}, 0, skip,
+                         budget)
+        if budget[0] < 0:
+            log.warning("listing %s stopped after %d entries (symlinked directories fanning "
+                        "out?)", base, MAX_ENTRIES)
 
 
 def _walk(stack: _Stack, names: tuple[str, ...], rel: str, ancestors: set[tuple[int, int]],
-          depth: int, skip: Callable[[str], bool] | None) -> Iterator[tuple[str, int, os.stat_result]]:
+          depth: int, skip: Callable[[str], bool] | None,
+          budget: list[int]) -> Iterator[tuple[str, int, os.stat_result]]:
     if depth > MAX_DEPTH:
         return
     try:
@@ -289,6 +305,9 @@ def _walk(stack: _Stack, names: tuple[str, ...], rel: str, ancestors: set[tuple[
     for name in listing:
         if skip is not None and skip(name):
             continue
+        budget[0] -= 1
+        if budget[0] < 0:
+            return
         key = f"{rel}/{name}" if rel else name
         sub = _Stack(list(stack.fds))
         try:
@@ -314,6 +333,6 @@ def _walk(stack: _Stack, names: tuple[str, ...], rel: str, ancestors: set[tuple[
                 os.close(fd)
                 continue
             sub.push(fd)
-            yield from _walk(sub, names, key, ancestors | {ident}, depth + 1, skip)
+            yield from _walk(sub, names, key, ancestors | {ident}, depth + 1, skip, budget)
         finally:
             sub.close()

@@ -579,3 +579,23 @@ def test_file_roots_holding_the_keys_are_ignored(tmp_path, caplog):
     assert fs.file_list({"saltenv": "all"}) == [] and fs.file_list({"saltenv": "ha"}) == []
     assert_refused(fs, {"path": "pki/master/master.pem", "saltenv": "base"})
     assert sum("must never be under a file root" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_symlink_fan_out_and_long_chains_are_bounded(tmp_path, monkeypatch, caplog):
+    """Links that double the tree at every level (2**30 paths) or expand a path without end
+    cost a bounded walk, not the master's CPU."""
+    srv = tmp_path / "srv"
+    for i in range(30):
+        write(srv / f"d{i}" / "f.sls", "f")
+        if i:
+            os.symlink(f"../d{i}", srv / f"d{i - 1}" / "a")
+            os.symlink(f"../d{i}", srv / f"d{i - 1}" / "b")
+    os.symlink("x/" * 1500 + ".", srv / "x")  # x -> x/x/x/...: grows at every hop
+    monkeypatch.setattr(server_mod.beneath, "MAX_ENTRIES", 5000)
+    fs = FileServer({"base": [(ReadOnlyDirStore(srv), "")]})
+    with caplog.at_level(logging.WARNING):
+        files = fs.file_list({})
+    assert 1000 < len(files) < 5000
+    assert any("stopped after 5000 entries" in r.getMessage() for r in caplog.records)
+    assert fetch(fs, "d0/a/a/b/f.sls") == b"f"
+    assert_refused(fs, {"path": "x/f.sls"})
