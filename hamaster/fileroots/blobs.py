@@ -155,6 +155,7 @@ class BlobServer:
         self._slots = asyncio.Semaphore(MAX_CLIENTS)
         self._per_peer: dict[str, int] = {}
         self._pending = 0
+        self._writers: set[asyncio.StreamWriter] = set()
         self._ratelog = RateLimitedLog(log, window=REFUSAL_LOG_WINDOW)
 
     async def start(self) -> None:
@@ -164,8 +165,11 @@ class BlobServer:
         log.info("file blob server on %s:%s", self.host, self.port)
 
     async def close(self) -> None:
+        """Stop listening and end every connection still open (idle ones included)."""
         if self._server is not None:
             self._server.close()
+            for writer in list(self._writers):  # their handlers end on the closed connection
+                writer.transport.abort()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
             self._server = None
@@ -180,20 +184,40 @@ class BlobServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        ip = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
-        counted = pending = False
+        self._writers.add(writer)
         try:
-            if self._per_peer.get(ip, 0) >= self.max_per_peer:
-                self._refuse("per-peer", peer, f"over {self.max_per_peer} connections from {ip}")
-                writer.write(b"ERR busy\n")
-                return
-            if self._pending >= self.max_pending:
-                self._refuse("pending", peer, f"over {self.max_pending} connections waiting")
-                writer.write(b"ERR busy\n")
-                return
-            self._per_peer[ip] = self._per_peer.get(ip, 0) + 1
-            counted = pending = True
-            self._pending += 1
+            try:
+                await self._admit_and_serve(reader, writer, peer)
+            except (ConnectionError, TimeoutError, asyncio.IncompleteReadError,
+                    asyncio.LimitOverrunError, ValueError) as exc:
+                log.debug("blob request from %s: %r", peer, exc)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.drain(), IO_TIMEOUT)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        except asyncio.CancelledError:
+            # The loop is shutting down. A connection handler is a top-level task: end it
+            # quietly (Python 3.11's stream callback logs a traceback for a cancelled one).
+            writer.transport.abort()
+        finally:
+            self._writers.discard(writer)
+
+    async def _admit_and_serve(self, reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter, peer: Any) -> None:
+        ip = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        if self._per_peer.get(ip, 0) >= self.max_per_peer:
+            self._refuse("per-peer", peer, f"over {self.max_per_peer} connections from {ip}")
+            writer.write(b"ERR busy\n")
+            return
+        if self._pending >= self.max_pending:
+            self._refuse("pending", peer, f"over {self.max_pending} connections waiting")
+            writer.write(b"ERR busy\n")
+            return
+        self._per_peer[ip] = self._per_peer.get(ip, 0) + 1
+        pending = True
+        self._pending += 1
+        try:
             line = await asyncio.wait_for(reader.readuntil(b"\n"), self.request_timeout)
             self._pending -= 1
             pending = False
@@ -209,23 +233,14 @@ class BlobServer:
                 return
             async with self._slots:
                 await self._send(writer, sha, peer)
-        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError,
-                asyncio.LimitOverrunError, ValueError) as exc:
-            log.debug("blob request from %s: %r", peer, exc)
         finally:
             if pending:
                 self._pending -= 1
-            if counted:
-                left = self._per_peer.get(ip, 1) - 1
-                if left > 0:
-                    self._per_peer[ip] = left
-                else:
-                    self._per_peer.pop(ip, None)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.drain(), IO_TIMEOUT)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            left = self._per_peer.get(ip, 1) - 1
+            if left > 0:
+                self._per_peer[ip] = left
+            else:
+                self._per_peer.pop(ip, None)
 
     async def _send(self, writer: asyncio.StreamWriter, sha: str, peer: Any) -> None:
         size = self.cache.size(sha)

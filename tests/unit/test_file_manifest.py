@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -284,3 +285,40 @@ def test_push_never_copies_a_file_swapped_in_from_outside(tmp_path: Path) -> Non
     assert entries[("base", "top.sls")].sha256 == hashlib.sha256(b"top\n").hexdigest()
     assert seen_decoy > 0  # the swap really raced the walk
     assert errors == []  # a file that vanishes mid-walk is skipped, never an error
+
+
+def test_blob_server_admission_and_close(tmp_path, keypair, caplog):
+    """Over the per-peer limit a connection is told ``busy`` at once; an idle connection is
+    closed after the request deadline; close() ends the idle connections still open."""
+    cache = BlobCache(tmp_path / "a")
+    sha = cache.put_bytes(b"x" * 100)
+
+    async def scenario() -> None:
+        server = blobs.BlobServer(cache, keypair.public_key(), "127.0.0.1", 0, max_per_peer=3,
+                                  request_timeout=0.5)
+        await server.start()
+        conns = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
+        extra_r, extra_w = await asyncio.open_connection("127.0.0.1", server.port)
+        assert await asyncio.wait_for(extra_r.readline(), 2) == b"ERR busy\n"
+        extra_w.close()
+        # the idle ones are closed after request_timeout, then a fetch gets through
+        t0 = time.monotonic()
+        for r, _w in conns:
+            assert await asyncio.wait_for(r.read(), 3) == b""
+        assert time.monotonic() - t0 < 2
+        assert await blobs.fetch(f"127.0.0.1:{server.port}", sha, keypair,
+                                 BlobCache(tmp_path / "b")) == 100
+        # close() ends connections that are still idle, promptly
+        idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+        await asyncio.wait_for(server.close(), 3)
+        for r, _w in idle:
+            try:
+                assert await asyncio.wait_for(r.read(), 2) == b""
+            except ConnectionResetError:  # closed before the server accepted it: also ended
+                pass
+        for _r, w in conns + idle:
+            w.close()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(scenario())
+    assert not any("Exception in callback" in r.getMessage() for r in caplog.records)
