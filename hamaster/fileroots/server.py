@@ -10,8 +10,13 @@ Two kinds of roots:
   (what :meth:`FileServer.from_opts` opens for an operator's ``file_roots`` directory). They are
   read straight from disk: chunks are read at their offset, hashes are cached keyed on the
   file's ``(dev, inode, size, mtime_ns, ctime_ns)`` once it has not changed for a few
-  seconds. Symlinks are followed only while their target stays inside the root directory. In
-  an ``FsStore`` names starting with ``.`` are never served (they are its temp files and
+  seconds. Every path is opened component by component beneath the root
+  (:mod:`hamaster.fileroots.beneath`: ``openat`` + ``O_NOFOLLOW``; in-root symlinks are
+  resolved by the server and followed only while they stay beneath the root), and the file is
+  read through the descriptor that was checked, so a concurrent rename or symlink swap cannot
+  make a request read outside the root. Under a store, the ``file_roots/<env>`` components
+  must be real directories. A local directory that contains ``pki_dir`` or ``ha_dir`` is not
+  served at all. In an ``FsStore`` names starting with ``.`` are never served (they are its temp files and
   marker, never keys); a ``ReadOnlyDirStore`` serves dotfiles as Salt does (except a store
   marker or ``.tmp-`` temp file).
 * **Any other store** (etcd, …) — read through ``store.list``/``store.get``. A value is read whole
