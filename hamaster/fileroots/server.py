@@ -176,6 +176,10 @@ def _clean_segment(seg: str) -> bool:
     return bool(seg) and seg not in (".", "..") and "\0" not in seg and "\\" not in seg
 
 
+class FileTooLarge(Exception):
+    """A file read whole (:meth:`FileServer.read`) is over the caller's size limit."""
+
+
 # --------------------------------------------------------------------------- roots
 
 
@@ -372,6 +376,40 @@ def _valid_env(env: str) -> bool:
     return _clean_segment(env) and "/" not in env and not env.startswith(".")
 
 
+def local_roots(raw: Any, opts: dict, option: str = "file_roots"
+                ) -> dict[str, builtins.list[tuple[Store, str]]]:
+    """``{saltenv: [(ReadOnlyDirStore(dir), ""), …]}`` for an operator's ``file_roots``-shaped
+    option (``pillar_roots`` too): invalid entries and directories holding keys are skipped,
+    with a log line naming ``option``."""
+    if not isinstance(raw, dict):
+        log.warning("%s must map saltenv -> list of directories, got %r; ignoring it",
+                    option, type(raw).__name__)
+        raw = {}
+    local: dict[str, builtins.list[tuple[Store, str]]] = {}
+    for env, dirs in raw.items():
+        if not isinstance(env, str) or not _valid_env(env):
+            log.warning("%s: ignoring invalid saltenv %r", option, env)
+            continue
+        if isinstance(dirs, str):
+            dirs = [dirs]
+        if not isinstance(dirs, (builtins.list, tuple)):
+            log.warning("%s: %s must be a list of directories; ignoring it", option, env)
+            continue
+        roots = local.setdefault(env, [])
+        for d in dirs:
+            if not isinstance(d, str) or not d:
+                log.warning("%s: ignoring invalid directory %r in %s", option, d, env)
+                continue
+            d = os.path.expanduser(d)
+            secret = _holds_keys(d, opts)
+            if secret:
+                log.error("%s: ignoring %s in %s: it contains %s (the master's keys "
+                          "must never be under a file root)", option, d, env, secret)
+                continue
+            roots.append((ReadOnlyDirStore(d), ""))
+    return local
+
+
 # --------------------------------------------------------------------------- the server
 
 
@@ -420,33 +458,7 @@ class FileServer:
         Local directories are opened read-only (:class:`ReadOnlyDirStore`): nothing is created
         or chmod'ed in them, and a missing directory is just empty.
         """
-        raw = opts.get("file_roots", {"base": ["/srv/salt"]})
-        if not isinstance(raw, dict):
-            log.warning("file_roots must map saltenv -> list of directories, got %r; ignoring it",
-                        type(raw).__name__)
-            raw = {}
-        local: dict[str, builtins.list[tuple[Store, str]]] = {}
-        for env, dirs in raw.items():
-            if not isinstance(env, str) or not _valid_env(env):
-                log.warning("file_roots: ignoring invalid saltenv %r", env)
-                continue
-            if isinstance(dirs, str):
-                dirs = [dirs]
-            if not isinstance(dirs, (builtins.list, tuple)):
-                log.warning("file_roots: %s must be a list of directories; ignoring it", env)
-                continue
-            roots = local.setdefault(env, [])
-            for d in dirs:
-                if not isinstance(d, str) or not d:
-                    log.warning("file_roots: ignoring invalid directory %r in %s", d, env)
-                    continue
-                d = os.path.expanduser(d)
-                secret = _holds_keys(d, opts)
-                if secret:
-                    log.error("file_roots: ignoring %s in %s: it contains %s (the master's keys "
-                              "must never be under a file root)", d, env, secret)
-                    continue
-                roots.append((ReadOnlyDirStore(d), ""))
+        local = local_roots(opts.get("file_roots", {"base": ["/srv/salt"]}), opts)
         chunk = opts.get("file_buffer_size", DEFAULT_CHUNK_SIZE)
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0:
             chunk = DEFAULT_CHUNK_SIZE
@@ -713,6 +725,37 @@ class FileServer:
         except StoreError as exc:
             log.debug("cannot list environments in the shared store: %s", exc)
         return sorted(envs)
+
+    def env_files(self, env: str) -> builtins.list[str]:
+        """Relative paths of the files of ``env``, sorted (the union of its roots)."""
+        return self._env_files(env) if _valid_env(env) else []
+
+    def read(self, env: str, rel: str, max_size: int | None = None) -> bytes | None:
+        """The whole content of ``rel`` in ``env`` from the first root that has it; None when it
+        is missing or its path is refused. Raises :class:`FileTooLarge` past ``max_size``."""
+        clean = _sanitize(rel, env)
+        if clean is None or not _valid_env(clean[1]):
+            return None
+        found = self._lookup(clean[1], clean[0])
+        if found is None:
+            return None
+        root, loc = found.root, found.loc
+        try:
+            with found:
+                if found.st is not None and max_size is not None and found.st.st_size > max_size:
+                    raise FileTooLarge(f"{rel} is {found.st.st_size} bytes (limit {max_size})")
+                if isinstance(root, _ManifestRoot):
+                    data = root.read(loc, 0, (max_size if max_size is not None else 1 << 26) + 1)
+                elif found.fd >= 0:
+                    data = beneath.read_at(found.fd, 0, -1)
+                else:
+                    data = root.store.get(loc)
+        except StoreError as exc:
+            self._store_failed(root, exc)
+            return None
+        if data is not None and max_size is not None and len(data) > max_size:
+            raise FileTooLarge(f"{rel} is over {max_size} bytes")
+        return data
 
     def manifest_hash(self) -> str:
         """sha256 over sorted ``(env, path, sha256)`` of everything served (file_roots drift)."""

@@ -1,0 +1,15 @@
+"""Pillar: per-minion data compiled on the master from ``pillar_roots`` and sent to the minion.
+
+- :mod:`.merge` — Salt's merge strategies (``smart``/``recurse``/``overwrite``,
+  ``pillar_merge_lists``).
+- :mod:`.render` — the renderer pipeline (``#!jinja|yaml``, ``#!yaml``, ``#!json``, ``#!gpg``):
+  sandboxed Jinja2 whose templates load only from the tree being compiled. Meant to be shared
+  with the state system later.
+- :mod:`.tree` — where the sls files come from: the shared store's ``pillar_roots/<saltenv>/``
+  first, the local ``pillar_roots`` directories as a fallback (read through the file server's
+  beneath-the-root opener).
+- :mod:`.compiler` — ``top.sls`` matching, ``include:``, merging, ``_errors``, size limits.
+
+May import ``hamaster.fileroots``, ``hamaster.minion.matcher``, ``hamaster.store`` and
+``hamaster.bus``.
+"""

@@ -1,0 +1,298 @@
+"""The pillar compiler: top matching, includes, merge strategies, renderers, errors, limits.
+
+Trees are real directories (a local ``pillar_roots`` or an ``fs`` store's ``pillar_roots/``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from hamaster.bus import codec
+from hamaster.pillar.compiler import PillarCompiler
+from hamaster.pillar.merge import merge
+from hamaster.pillar.render import RenderError, parse_pipeline
+from hamaster.pillar.tree import PILLAR_PREFIX, push
+from hamaster.store.fs import FsStore
+
+DEBIAN = {"id": "web1", "os": "Debian", "os_family": "Debian", "roles": ["web", "db"]}
+
+
+def write(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+
+
+def compiler(tmp_path: Path, files: dict[str, str], **opts) -> PillarCompiler:
+    base = tmp_path / "pillar"
+    write(base, files)
+    return PillarCompiler.from_opts({"pillar_roots": {"base": [str(base)]}, "pillar_tree_ttl": 0,
+                                     **opts})
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def test_merge_recurse_and_lists() -> None:
+    a = {"x": {"y": 1, "l": [1, 2]}, "k": 1}
+    b = {"x": {"z": 2, "l": [2, 3, 3]}, "k": {"n": 1}}
+    assert merge(a, b, "smart") == {"x": {"y": 1, "z": 2, "l": [2, 3, 3]}, "k": {"n": 1}}
+    assert merge(a, b, "recurse", merge_lists=True)["x"]["l"] == [1, 2, 3]
+    assert merge(a, b, "overwrite") == {"x": {"z": 2, "l": [2, 3, 3]}, "k": {"n": 1}}
+    assert a == {"x": {"y": 1, "l": [1, 2]}, "k": 1}  # inputs untouched
+
+
+def test_merge_does_not_modify_shared_nested_data() -> None:
+    shared = {"x": {"y": 1}}
+    merged = merge(shared, {"x": {"z": 2}})
+    assert shared == {"x": {"y": 1}} and merged == {"x": {"y": 1, "z": 2}}
+
+
+# --------------------------------------------------------------------------- top and matchers
+
+
+TOP = """
+base:
+  '*':
+    - common
+  'os:Debian':
+    - match: grain
+    - debian
+  'web*':
+    - web
+  'db1,web1':
+    - match: list
+    - listed
+  '^web\\d$':
+    - match: pcre
+    - regex
+  'G@os:RedHat or web1':
+    - compound
+  'os:Deb.*':
+    - match: grain_pcre
+    - grainre
+  'webgroup':
+    - match: nodegroup
+    - grouped
+"""
+
+
+@pytest.fixture
+def matched(tmp_path: Path) -> PillarCompiler:
+    files = {"top.sls": TOP}
+    for name in ("common", "debian", "web", "listed", "regex", "compound", "grainre", "grouped"):
+        files[f"{name}.sls"] = f"{name}: true\n"
+    return compiler(tmp_path, files, nodegroups={"webgroup": "web*"})
+
+
+def test_top_matchers_select_sls(matched: PillarCompiler) -> None:
+    p = matched.compile("web1", DEBIAN)
+    assert p == {k: True for k in ("common", "debian", "web", "listed", "regex", "compound",
+                                   "grainre", "grouped")}
+    assert list(p) == ["common", "debian", "web", "listed", "regex", "compound", "grainre",
+                       "grouped"]
+
+
+def test_top_matchers_reject_other_minion(matched: PillarCompiler) -> None:
+    assert matched.compile("db2", {"id": "db2", "os": "Arch"}) == {"common": True}
+    assert matched.compile("db1", {"id": "db1", "os": "RedHat"}) == {
+        "common": True, "listed": True, "compound": True}
+
+
+def test_default_top_matcher_is_compound(tmp_path: Path) -> None:
+    c = compiler(tmp_path, {"top.sls": "base:\n  'G@os:Debian and not db*':\n    - a\n",
+                            "a.sls": "a: 1\n"})
+    assert c.compile("web1", DEBIAN) == {"a": 1}
+    assert c.compile("db1", {**DEBIAN, "id": "db1"}) == {}
+
+
+def test_later_target_wins_and_order(tmp_path: Path) -> None:
+    top = ("base:\n  'web*':\n    - b\n  '*':\n    - order: -1\n    - a\n")
+    c = compiler(tmp_path, {"top.sls": top, "a.sls": "k: a\n", "b.sls": "k: b\n"})
+    # '*' is ordered first by `order: -1`, so b (web*) merges last
+    assert c.compile("web1", DEBIAN) == {"k": "b"}
+
+
+def test_sls_glob_in_top(tmp_path: Path) -> None:
+    c = compiler(tmp_path, {"top.sls": "base:\n  '*':\n    - apps.*\n",
+                            "apps/a.sls": "a: 1\n", "apps/b/init.sls": "b: 2\n"})
+    assert c.compile("m", {}) == {"a": 1, "b": 2}
+
+
+def test_saltenvs_and_pillarenv(tmp_path: Path) -> None:
+    write(tmp_path / "base", {"top.sls": "base:\n  '*': [a]\n", "a.sls": "k: base\nb: 1\n"})
+    write(tmp_path / "dev", {"top.sls": "dev:\n  '*': [a]\n", "a.sls": "k: dev\n"})
+    opts = {"pillar_roots": {"base": [str(tmp_path / "base")], "dev": [str(tmp_path / "dev")]},
+            "pillar_tree_ttl": 0}
+    c = PillarCompiler.from_opts(opts)
+    assert c.compile("m", {}) == {"k": "dev", "b": 1}
+    assert c.compile("m", {}, pillarenv="base") == {"k": "base", "b": 1}
+
+
+# --------------------------------------------------------------------------- includes
+
+
+def test_include_merges_included_first(tmp_path: Path) -> None:
+    c = compiler(tmp_path, {
+        "top.sls": "base:\n  '*':\n    - app\n",
+        "app/init.sls": "include:\n  - .defaults\n  - shared\nk: app\napp: {port: 81}\n",
+        "app/defaults.sls": "k: defaults\napp: {port: 80, user: www}\n",
+        "shared.sls": "shared: yes\n",
+    })
+    assert c.compile("m", {}) == {"k": "app", "app": {"port": 81, "user": "www"}, "shared": True}
+
+
+def test_include_with_key_and_defaults(tmp_path: Path) -> None:
+    c = compiler(tmp_path, {
+        "top.sls": "base:\n  '*':\n    - a\n",
+        "a.sls": "include:\n  - b:\n      key: x:y\n      defaults: {name: bob}\n",
+        "b.sls": "who: {{ name }}\n",
+    })
+    assert c.compile("m", {}) == {"x": {"y": {"who": "bob"}}}
+
+
+def test_includes_override_sls(tmp_path: Path) -> None:
+    files = {"top.sls": "base:\n  '*': [a]\n", "a.sls": "include: [b]\nk: a\n", "b.sls": "k: b\n"}
+    assert compiler(tmp_path, files).compile("m", {}) == {"k": "a"}
+    c = compiler(tmp_path, files, pillar_includes_override_sls=True)
+    assert c.compile("m", {}) == {"k": "b"}
+
+
+def test_recursive_include_is_an_error(tmp_path: Path) -> None:
+    c = compiler(tmp_path, {"top.sls": "base:\n  '*': [a]\n",
+                            "a.sls": "include: [b]\na: 1\n", "b.sls": "include: [a]\nb: 1\n"})
+    p = c.compile("m", {})
+    assert p["a"] == 1 and p["b"] == 1
+    assert len(p["_errors"]) == 1 and "Recursive include of SLS 'a'" in p["_errors"][0]
+    assert "a -> b -> a" in p["_errors"][0]
+
+
+def test_diamond_include_is_not_an_error(tmp_path: Path) -> None:
+    c = compiler(tmp_path, {"top.sls": "base:\n  '*': [a]\n",
+                            "a.sls": "include: [b, c]\n", "b.sls": "include: [d]\nb: 1\n",
+                            "c.sls": "include: [d]\nc: 1\n", "d.sls": "d: {x: 1}\n"})
+    assert c.compile("m", {}) == {"d": {"x": 1}, "b": 1, "c": 1}
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def test_jinja_context_and_imports(tmp_path: Path) -> None:
+    c = compiler(tmp_path, {
+        "top.sls": "base:\n  '*': [first, second]\n",
+        "first.sls": "first: {{ grains.os }}\n",
+        "second.sls": (
+            "{% import_yaml 'data/defaults.yaml' as d %}\n"
+            "{% import_json './data/x.json' as j %}\n"
+            "{% from 'map.jinja' import m with context %}\n"
+            "second:\n  saw: {{ pillar.first }}\n  env: {{ saltenv }}\n  d: {{ d.port }}\n"
+            "  j: {{ j.n }}\n  m: {{ m }}\n  id: {{ opts.id }}\n"
+            "  get: {{ salt['pillar.get']('first', 'none') }}\n"),
+        "data/defaults.yaml": "port: 8080\n",
+        "data/x.json": '{"n": 7}',
+        "map.jinja":
+            "{% set m = salt['grains.filter_by']({'Debian': 'apt', 'default': 'yum'}) %}\n",
+    })
+    assert c.compile("web1", DEBIAN)["second"] == {
+        "saw": "Debian", "env": "base", "d": 8080, "j": 7, "m": "apt", "id": "web1",
+        "get": "Debian"}
+
+
+def test_shebang_yaml_skips_jinja(tmp_path: Path) -> None:
+    c = compiler(tmp_path, {"top.sls": "base:\n  '*': [a]\n", "a.sls": "#!yaml\nk: '{{ x }}'\n"})
+    assert c.compile("m", {}) == {"k": "{{ x }}"}
+
+
+def test_unsafe_renderer_refused() -> None:
+    with pytest.raises(RenderError, match="runs code"):
+        parse_pipeline("py")
+    assert parse_pipeline(" jinja | yaml ") == ("jinja", "yaml")
+
+
+def test_template_cannot_read_outside_the_tree(tmp_path: Path) -> None:
+    (tmp_path / "secret.txt").write_text("TOPSECRET")
+    os.makedirs(tmp_path / "pillar", exist_ok=True)
+    os.symlink(tmp_path / "secret.txt", tmp_path / "pillar" / "link.txt")
+    c = compiler(tmp_path, {
+        "top.sls": "base:\n  '*': [a, b, c, d]\n",
+        "a.sls": "a: {% include '../secret.txt' %}\n",
+        "b.sls": "b: {% include '/etc/hostname' %}\n",
+        "c.sls": "c: {% include 'link.txt' %}\n",
+        "d.sls": "d: {{ ''.__class__.__mro__ }}\n",
+    }, pillar_safe_render_error=False)
+    p = c.compile("m", {})
+    assert "TOPSECRET" not in repr(p)
+    assert set(p) == {"_errors"} and len(p["_errors"]) == 4
+    assert any("sandbox" in e for e in p["_errors"])
+
+
+def test_render_errors_become_errors_list(tmp_path: Path) -> None:
+    c = compiler(tmp_path, {
+        "top.sls": "base:\n  '*': [good, badyaml, badjinja, notdict, missing, dup]\n",
+        "good.sls": "good: 1\n", "badyaml": "", "badyaml.sls": "a: [1\n",
+        "badjinja.sls": "{% if %}\n", "notdict.sls": "- 1\n", "dup.sls": "a: 1\na: 2\n",
+    })
+    p = c.compile("m", {})
+    assert p["good"] == 1
+    assert p["_errors"] == [
+        "Rendering SLS 'badyaml' failed. Please see master log for details.",
+        "Rendering SLS 'badjinja' failed. Please see master log for details.",
+        "SLS 'notdict' does not render to a dictionary",
+        "Specified SLS 'missing' in environment 'base' is not available on the salt master",
+        "Rendering SLS 'dup' failed. Please see master log for details.",
+    ]
+
+
+def test_bad_top_is_an_error(tmp_path: Path) -> None:
+    c = compiler(tmp_path, {"top.sls": "base: [\n"})
+    p = c.compile("m", {})
+    assert p["_errors"][0].startswith("Rendering Primary Top file failed, render error:")
+
+
+def test_size_limit(tmp_path: Path) -> None:
+    c = compiler(tmp_path, {"top.sls": "base:\n  '*': [big]\n",
+                            "big.sls": "big: '{{ 'x' * 5000 }}'\n"}, pillar_max_size=4096)
+    p = c.compile("web1", {})
+    assert set(p) == {"_errors"} and "over the limit of 4096" in p["_errors"][0]
+
+
+def test_override_merged_last(tmp_path: Path) -> None:
+    c = compiler(tmp_path, {"top.sls": "base:\n  '*': [a]\n", "a.sls": "a: {x: 1, y: 2}\n"})
+    assert c.compile("m", {}, override={"a": {"y": 3}}) == {"a": {"x": 1, "y": 3}}
+
+
+def test_deterministic_bytes(tmp_path: Path) -> None:
+    c = compiler(tmp_path, {"top.sls": TOP, **{f"{n}.sls": f"{n}: {{z: 1, a: 2}}\n" for n in
+                                               ("common", "debian", "web")}})
+    first = codec.dumps(c.compile("web1", DEBIAN))
+    again = PillarCompiler.from_opts(dict(c.opts, pillar_roots={"base": [str(tmp_path / "pillar")]},
+                                          pillar_tree_ttl=0))
+    assert codec.dumps(again.compile("web1", DEBIAN)) == first
+
+
+# --------------------------------------------------------------------------- store tree
+
+
+def test_store_tree_first_local_fallback_and_push(tmp_path: Path) -> None:
+    store = FsStore(tmp_path / "ha")
+    local = tmp_path / "local"
+    write(local, {"top.sls": "base:\n  '*': [a, b]\n", "a.sls": "a: local\n",
+                  "b.sls": "b: local\n"})
+    src = tmp_path / "src"
+    write(src, {"a.sls": "a: store\n", "gone.sls": "x: 1\n"})
+    assert push(store, str(src), "base")["files"] == 2
+    (src / "gone.sls").unlink()
+    assert push(store, str(src), "base") == {"saltenv": "base", "files": 1, "removed": 1,
+                                              "bytes": 9}
+    assert store.list(PILLAR_PREFIX.rstrip("/")) == ["pillar_roots/base/a.sls"]
+    c = PillarCompiler.from_opts({"pillar_roots": {"base": [str(local)]}, "pillar_tree_ttl": 0},
+                                 store)
+    assert c.compile("m", {}) == {"a": "store", "b": "local"}
+    h1 = c.tree.tree_hash()
+    (tmp_path / "ha" / "pillar_roots" / "base" / "a.sls").write_text("a: edited\n")
+    assert c.compile("m", {}) == {"a": "edited", "b": "local"}
+    assert c.tree.tree_hash() != h1
