@@ -101,6 +101,12 @@ class Master:
             self._commands(),
         )
         self.handler.pillar_provider = self._pillar
+        # -- pillar (hamaster/pillar/): compiled in the store pool, never on the loop --
+        from hamaster.pillar.service import PillarService
+
+        self.pillar = PillarService(opts, self.state.store)
+        self.handler.defer_pillar = True
+        # -- end pillar --
         if self.files.reads_shared_store:
             self.handler.store_commands = FILE_COMMANDS
         self.keys.on_change(self._on_key_change)
@@ -221,10 +227,8 @@ class Master:
             if self.grains.get(mid) != grains:
                 self.grains[mid] = grains
                 self._save_grains(mid, grains)
-        # No pillar data is served; like salt-master with empty pillar_roots, the minion's own
-        # ``pillar_override`` (``state.apply pillar='{...}'``) is merged into it and sent back.
-        override = load.get("pillar_override")
-        return dict(override) if isinstance(override, dict) else {}
+        # Runs in the store pool; ``mid`` is the authenticated session's id.
+        return self.pillar.answer(mid, load)
 
     # -- request commands -------------------------------------------------------------------------
 
@@ -451,6 +455,7 @@ class Master:
                         self.metrics.fileroots_info.labels(self.master_id).info({"hash": self.fileroots_hash})
                     except Exception as exc:
                         log.warning("cannot hash file_roots: %s", exc)
+                    await self._refresh_pillar_hash()
             self.metrics.minions_connected.labels(self.master_id).set(len(self.handler.connected(CONNECTED_WINDOW)))
             self.metrics.store_up.labels(self.master_id).set(1 if self.keys.store.healthy() else 0)
             now = time.time()
@@ -465,6 +470,12 @@ class Master:
             except TimeoutError:
                 pass
 
+    async def _refresh_pillar_hash(self) -> None:
+        try:
+            await asyncio.to_thread(self.pillar.refresh_hash)
+        except Exception as exc:
+            log.warning("cannot hash the pillar tree: %s", exc)
+
     def cluster_record(self) -> dict:
         """What this master says about itself in ``cluster/masters/<master_id>``."""
         return {
@@ -475,6 +486,7 @@ class Master:
             "started": self.started_at,
             "config_hash": self.config_hash,
             "fileroots_hash": self.fileroots_hash,
+            "pillar_hash": self.pillar.tree_hash,
             "store_ok": self.keys.store.healthy(),
             "minions_connected": len(self.handler.connected(CONNECTED_WINDOW)),
             "address": f"{self.opts['interface']}:{self.opts['ret_port']}",
@@ -495,6 +507,7 @@ class Master:
                     self.metrics.fileroots_info.labels(self.master_id).info({"hash": self.fileroots_hash})
                 except Exception as exc:
                     log.warning("cannot hash file_roots: %s", exc)
+                await self._refresh_pillar_hash()
             rec = self.cluster_record()
             try:
                 await asyncio.to_thread(store.put, f"{MASTERS_PREFIX}{self.master_id}", json.dumps(rec).encode())

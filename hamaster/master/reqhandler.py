@@ -97,6 +97,8 @@ class RequestHandler:
         self.pillar_provider: Callable[[str, dict], dict] = lambda mid, load: {}
         #: Commands that read the shared store: with ``allow_defer`` they run off the event loop.
         self.store_commands: frozenset[str] = frozenset()
+        #: With ``allow_defer``, ``_pillar`` (a compile that reads the pillar tree) runs off the loop.
+        self.defer_pillar = False
 
     # -- entry point ---------------------------------------------------------------------
 
@@ -241,11 +243,12 @@ class RequestHandler:
         cmd = load["cmd"]
         self.metrics.requests.labels(self.metrics.master_id, cmd if cmd in self.commands or cmd == "_pillar" else "other").inc()
         if cmd == "_pillar":
-            pillar = self.pillar_provider(mid, load)
-            return messages.pillar_reply(
-                self.master_priv, sess.pub, pillar, nonce, enc_algo=req.enc_algo if req.enc_algo in crypto.ENC_ALGOS else crypto.DEFAULT_ENC_ALGO,
-                sig_algo=req.sig_algo if req.sig_algo in crypto.SIG_ALGOS else crypto.DEFAULT_SIG_ALGO,
-            )
+            # The id is the authenticated session's (the envelope id, checked equal to the
+            # load's above), never anything else from the request body.
+            pub = sess.pub
+            if allow_defer and self.defer_pillar:
+                raise _NeedsStore(lambda: self._pillar_reply(mid, peer, load, pub, nonce, req))
+            return self._pillar_reply(mid, peer, load, pub, nonce, req)
         fn = self.commands.get(cmd)
         if fn is None:
             self.ratelog.warn("unknown_cmd", f"{mid}@{peer}", "%s@%s sent unknown command %r; answered {}", mid, peer, cmd)
@@ -255,6 +258,25 @@ class RequestHandler:
             session = sess.session
             raise _NeedsStore(lambda: self._run_command(fn, cmd, load, mid, peer, session, nonce))
         return self._run_command(fn, cmd, load, mid, peer, sess.session, nonce)
+
+    def _pillar_reply(self, mid: str, peer: str, load: dict, pub: rsa.RSAPublicKey,
+                      nonce: str | None, req: messages.AesRequest) -> bytes:
+        """Compile ``mid``'s pillar and seal it to the minion's key (never raises)."""
+        try:
+            pillar = self.pillar_provider(mid, load)
+        except Exception:
+            log.exception("pillar for %s@%s failed", mid, peer)
+            pillar = {"_errors": ["Pillar compilation failed on the master (see its log)"]}
+        try:
+            return messages.pillar_reply(
+                self.master_priv, pub, pillar, nonce,
+                enc_algo=req.enc_algo if req.enc_algo in crypto.ENC_ALGOS else crypto.DEFAULT_ENC_ALGO,
+                sig_algo=req.sig_algo if req.sig_algo in crypto.SIG_ALGOS else crypto.DEFAULT_SIG_ALGO,
+            )
+        except Exception:
+            log.exception("cannot encode the pillar of %s", mid)
+            self.metrics.reject("internal")
+            return messages.plain_reply(messages.BAD_LOAD)
 
     def _run_command(self, fn: Callable[[dict], Any], cmd: str, load: dict, mid: str, peer: str,
                      session: Crypticle, nonce: str | None) -> bytes:

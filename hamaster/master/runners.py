@@ -125,7 +125,7 @@ async def cluster_status(master: Master) -> dict:
         return {
             "masters": {master.master_id: {**master.cluster_record(), "alive": True, "last_seen_s": 0.0}},
             "ha": False,
-            "drift": {"config": False, "fileroots": False},
+            "drift": {"config": False, "fileroots": False, "pillar": False},
         }
     store_ok = master.keys.store.healthy() and master._store_ok
     error = "the shared store is unreachable (see the master log)"
@@ -150,6 +150,7 @@ async def cluster_status(master: Master) -> dict:
         "drift": {
             "config": len({r.get("config_hash") for r in alive}) > 1,
             "fileroots": len({r.get("fileroots_hash") for r in alive}) > 1,
+            "pillar": len({r.get("pillar_hash") for r in alive}) > 1,
         },
     }
 
@@ -203,5 +204,29 @@ async def fileroots_list(master: Master, saltenv: str | None = None) -> dict:
     return out
 
 
+async def pillar_push(master: Master, src_dir: str, saltenv: str = "base") -> dict:
+    """Publish the directory ``src_dir`` (on this master) as ``pillar_roots/<saltenv>/`` in the
+    shared store (any backend); files gone from ``src_dir`` are removed from the store."""
+    from hamaster.pillar.tree import push
+
+    store = master.state.store
+    if store is None:
+        raise RunnerError("pillar.push needs a clustered master (a shared store, ha_backend)")
+    try:
+        return await asyncio.to_thread(push, store, str(src_dir), str(saltenv))
+    except ValueError as exc:
+        raise RunnerError(f"pillar.push: {exc}") from None
+
+
+async def pillar_show(master: Master, minion: str, pillarenv: str | None = None) -> dict:
+    """The pillar this master compiles for ``minion`` (with its cached grains), like Salt's
+    ``pillar.show_pillar`` runner."""
+    grains = master.grains.get(str(minion)) or {"id": str(minion)}
+    return await asyncio.to_thread(master.pillar.compiler.compile, str(minion), grains,
+                                   str(pillarenv) if pillarenv else None)
+
+
+register("pillar.push", pillar_push)
+register("pillar.show_pillar", pillar_show)
 register("fileroots.push", fileroots_push)
 register("fileroots.list", fileroots_list)

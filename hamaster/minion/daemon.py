@@ -33,6 +33,7 @@ SEEN_JIDS = 10000
 INLINE_FUNCTIONS = frozenset({
     "test.ping", "test.echo", "test.version", "test.arg", "test.kwarg", "test.true", "test.false",
     "grains.items", "grains.get", "grains.item", "grains.ls", "sys.list_functions", "sys.list_modules",
+    "pillar.get", "pillar.item", "pillar.raw", "pillar.ls",
 })
 RETURN_RETRY_WINDOW = 60.0
 #: Job-control functions answered by the daemon from its table of running jobs (unless a module
@@ -173,6 +174,7 @@ class Minion:
             pillar=self.pillar, registry=self.registry,
         )
         ctx.fetch_file = self._fetch_file_sync
+        ctx.refresh_pillar = self._refresh_pillar_sync
         log.debug("%s: running %s for job %s", self.minion_id, fun, jid)
         if fun in JOB_CONTROL and self.registry.get(fun) is None:
             result = self._job_control(fun, list(arg))
@@ -246,6 +248,24 @@ class Minion:
         loop = self._loop
         fut = asyncio.run_coroutine_threadsafe(fetch_file(conns, path, saltenv), loop)
         return fut.result(timeout=300)
+
+    async def refresh_pillar(self) -> dict:
+        """Fetch the pillar from the first live master that answers; keep and return it."""
+        from hamaster.minion.modules.context import CommandExecutionError
+
+        errors = []
+        for conn in [c for c in self.connections if c.alive and c.session is not None]:
+            try:
+                self.pillar = await conn.request_pillar(self.grains)
+                return self.pillar
+            except Exception as exc:
+                errors.append(f"{conn.name}: {exc}")
+        detail = f" ({'; '.join(errors)})" if errors else ""
+        raise CommandExecutionError(f"no master answered _pillar{detail}")
+
+    def _refresh_pillar_sync(self) -> dict:
+        """``refresh_pillar`` for module functions (called from a worker thread)."""
+        return asyncio.run_coroutine_threadsafe(self.refresh_pillar(), self._loop).result(timeout=120)
 
     async def run_forever(self) -> None:
         """Start and serve until cancelled."""

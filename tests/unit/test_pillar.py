@@ -296,3 +296,29 @@ def test_store_tree_first_local_fallback_and_push(tmp_path: Path) -> None:
     (tmp_path / "ha" / "pillar_roots" / "base" / "a.sls").write_text("a: edited\n")
     assert c.compile("m", {}) == {"a": "edited", "b": "local"}
     assert c.tree.tree_hash() != h1
+
+
+# --------------------------------------------------------------------------- minion module
+
+
+def test_minion_pillar_module() -> None:
+    from hamaster.minion.modules import pillar as mod
+    from hamaster.minion.modules.context import CommandExecutionError, ExecContext
+
+    ctx = ExecContext(opts={}, grains={}, minion_id="m",
+                      pillar={"a": {"b": {"c": 1}}, "l": [{"x": 2}], "s": "v"})
+    assert mod.get(ctx, "a:b:c") == 1
+    assert mod.get(ctx, "l:0:x") == 2
+    assert mod.get(ctx, "a:nope", default="d") == "d"
+    assert mod.get(ctx, "nope") == ""
+    assert mod.get(ctx, "a.b.c", delimiter=".") == 1
+    assert mod.get(ctx, "a", default={"z": 0}, merge=True) == {"z": 0, "b": {"c": 1}}
+    assert mod.item(ctx, "s", "a:b") == {"s": "v", "a:b": {"c": 1}}
+    assert mod.raw(ctx, "s") == "v" and mod.ls(ctx) == ["a", "l", "s"]
+    assert mod.items(ctx) is ctx.pillar  # no master: the pillar held
+    with pytest.raises(CommandExecutionError):
+        mod.refresh(ctx)
+    fresh = {"new": 1}
+    ctx.refresh_pillar = lambda: fresh
+    assert mod.items(ctx) == fresh and mod.items(ctx, "new") == {"new": 1}
+    assert mod.refresh(ctx) is True

@@ -33,3 +33,5 @@ class ExecContext:
     pillar: dict[str, Any] = field(default_factory=dict)
     fetch_file: FetchFile | None = None
     registry: FunctionRegistry | None = None
+    #: Fetch a fresh pillar from a master, keep it for later jobs and return it (pillar.refresh).
+    refresh_pillar: Callable[[], dict[str, Any]] | None = None

@@ -1,0 +1,194 @@
+"""Pillar from the shared store, identical through every master (issue #13).
+
+Two masters on the fs backend share ``ha_dir``; the pillar tree lives in
+``ha_dir/pillar_roots/base/`` (top by grain and by glob, an include, a ``map.jinja`` import).
+A hamaster minion and a stock salt-minion 3008.5 (when its venv is available) list both
+masters. Every process is real and stopped by PID at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq.asyncio
+
+from hamaster.bus import messages
+from hamaster.config import load_minion_config
+from hamaster.minion.connection import MasterConnection
+from hamaster.minion.identity import MinionIdentity
+from tests.integration.harness import Cluster, wait_until
+from tests.integration.interop import saltenv
+
+TREE = {
+    "top.sls": (
+        "base:\n"
+        "  '*':\n    - common\n"
+        "  'role:web':\n    - match: grain\n    - web\n"
+        "  'db*':\n    - db\n"
+    ),
+    "common.sls": "common:\n  motd: hello {{ grains['id'] }}\n  tz: UTC\n",
+    "map.jinja": (
+        "{% set web = salt['grains.filter_by']({'web': {'port': 80}, 'default': {'port': 8080}},"
+        " grain='role') %}\n"
+    ),
+    "web/init.sls": (
+        "include:\n  - .users\n"
+        "{% from 'map.jinja' import web with context %}\n"
+        "web:\n  port: {{ web.port }}\n  vhosts: [a, b]\n"
+    ),
+    "web/users.sls": "web:\n  users: [alice]\n  port: 1\n",
+    "db.sls": "db:\n  engine: postgres\n  secret: s3cr3t-{{ grains['id'] }}\n",
+}
+
+WEB1 = {"common": {"motd": "hello web1", "tz": "UTC"},
+        "web": {"users": ["alice"], "port": 80, "vhosts": ["a", "b"]}}
+DB1 = {"common": {"motd": "hello db1", "tz": "UTC"},
+       "db": {"engine": "postgres", "secret": "s3cr3t-db1"}}
+POLL = 0.2
+
+
+def _write_tree(root: Path) -> None:
+    for rel, text in TREE.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+
+
+def _pillar_items(c: Cluster, tgt: str, master: int) -> dict:
+    res = c.run("hamaster", "--out", "json", "--static", "-t", "15", tgt, "pillar.items",
+                master=master, timeout=60)
+    try:
+        return json.loads(res.stdout) if res.stdout.strip() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _stock_bin() -> Path | None:
+    try:
+        return saltenv.ensure_salt("3008.5")
+    except (RuntimeError, OSError):
+        return None
+
+
+@pytest.fixture
+def pillar_cluster(cluster: Cluster) -> dict[str, Any]:
+    shared = cluster.base / "ha"
+    tree = shared / "pillar_roots" / "base"
+    _write_tree(tree)
+    pub = saltenv.free_port("127.0.0.1")
+    ret = saltenv.free_port("127.0.0.1")
+    for host in ("127.0.0.1", "127.0.0.2"):
+        cluster.add_master({"ha_dir": str(shared), "auto_accept": True, "publish_port": pub,
+                            "ret_port": ret, "ha_poll_interval": POLL,
+                            "pillar_roots": {"base": [str(cluster.base / "no-local")]}},
+                           host=host)
+    cluster.add_minion("web1", extra={"grains": {"role": "web"}})
+    cluster.add_minion("db1", extra={"grains": {"role": "db"}})
+    cluster.wait_all_answer(["web1", "db1"], master=0)
+    cluster.wait_all_answer(["web1", "db1"], master=1)
+    return {"shared": shared, "tree": tree, "pub": pub}
+
+
+def test_pillar_items_equal_through_both_masters_and_live_edit(
+        pillar_cluster: dict[str, Any], cluster: Cluster) -> None:
+    for master in (0, 1):
+        assert _pillar_items(cluster, "*", master) == {"web1": WEB1, "db1": DB1}
+    res = cluster.run("hamaster", "--out", "json", "--static", "web1", "pillar.get", "web:port",
+                      master=1, check=True)
+    assert json.loads(res.stdout) == {"web1": 80}
+    res = cluster.run("hamaster", "--out", "json", "--static", "web1", "pillar.get", "nope:x",
+                      "default=dflt", master=0, check=True)
+    assert json.loads(res.stdout) == {"web1": "dflt"}
+    # edit the tree in place (the fs store is the shared directory): B serves it at once
+    (pillar_cluster["tree"] / "common.sls").write_text("common:\n  motd: edited\n")
+    t0 = time.monotonic()
+    wait_until(lambda: _pillar_items(cluster, "web1", 1).get("web1", {}).get("common")
+               == {"motd": "edited"}, 20, interval=0.05, what="edited pillar through B")
+    took = time.monotonic() - t0
+    assert took < 10, took  # one CLI round trip plus at most the snapshot ttl (POLL)
+    # pillar.refresh keeps the new pillar for pillar.get
+    cluster.run("hamaster", "web1", "pillar.refresh", master=0, check=True)
+    res = cluster.run("hamaster", "--out", "json", "--static", "web1", "pillar.get",
+                      "common:motd", master=0, check=True)
+    assert json.loads(res.stdout) == {"web1": "edited"}
+    # a broken file: _errors for the minions that use it, the others are unaffected
+    (pillar_cluster["tree"] / "db.sls").write_text("db: [unclosed\n")
+    got = wait_until(lambda: (p := _pillar_items(cluster, "*", 0)) and "_errors" in p.get("db1", {})
+                     and p, 20, what="_errors for db1")
+    assert got["db1"]["_errors"] == [
+        "Rendering SLS 'db' failed. Please see master log for details."]
+    assert "_errors" not in got["web1"]
+    status = json.loads(cluster.run("hamaster-run", "--out", "json", "cluster.status",
+                                    master=1, check=True).stdout)
+    hashes = {m["pillar_hash"] for m in status["masters"].values()}
+    assert all(len(h) == 64 for h in hashes), status
+
+
+async def _pillar_requests(opts: dict, mid: str, host: str, port: int) -> dict[str, Any]:
+    """Authenticate as ``mid`` (its real key) and send ``_pillar`` three ways."""
+    ident = MinionIdentity(opts, mid)
+    ctx = zmq.asyncio.Context()
+    conn = MasterConnection(ident, ctx, host, port, lambda c, load: None)
+    out: dict[str, Any] = {}
+    try:
+        conn.start()
+        await asyncio.wait_for(conn.connected_event.wait(), 20)
+        out["own"] = await conn.request_pillar({"id": mid, "role": "db"})
+        assert conn.session is not None
+        for name, env_id in (("forged_load_id", mid), ("forged_envelope_id", "web1")):
+            nonce = messages.new_nonce()
+            load = {"id": "web1", "grains": {"id": "web1", "role": "web"}, "cmd": "_pillar",
+                    "ver": "2", "pillar_override": {}, "pillarenv": None, "saltenv": None}
+            body = messages.stamp_load(load, "web1", ident.tok, nonce)
+            frame = messages.aes_request(env_id, conn.session, body)
+            reply = await conn._roundtrip(frame, 10)
+            try:
+                out[name] = messages.parse_pillar_reply(
+                    reply, minion_priv=ident.priv, master_pub=conn.master_pub, nonce=nonce)
+            except Exception as exc:  # refused: a bare "bad load", never web1's pillar
+                out[name] = f"refused: {type(exc).__name__}"
+            out[name + "_raw"] = reply
+    finally:
+        await conn.stop()
+        ctx.term()
+    return out
+
+
+def test_forged_id_cannot_get_another_minions_pillar(
+        pillar_cluster: dict[str, Any], cluster: Cluster) -> None:
+    opts = load_minion_config(cluster.base / "minion-db1" / "conf")
+    m = cluster.masters[1]
+    got = asyncio.run(_pillar_requests(opts, "db1", m["host"], m["conf"]["ret_port"]))
+    assert got["own"] == DB1  # the same code path with db1's own id works
+    for name in ("forged_load_id", "forged_envelope_id"):
+        assert str(got[name]).startswith("refused"), got[name]
+        assert b"hello web1" not in got[name + "_raw"]
+    assert "load id does not match envelope id" in m["proc"].log_text()
+
+
+def test_stock_minion_pillar_through_both_masters(
+        pillar_cluster: dict[str, Any], cluster: Cluster) -> None:
+    bin_dir = _stock_bin()
+    if bin_dir is None:
+        pytest.skip("no salt 3008.5 venv")
+    addrs = [f"{m['host']}:{m['conf']['ret_port']}" for m in cluster.masters]
+    mn = saltenv.SaltMinionProc(bin_dir, cluster.base / "stock", "web-stock", addrs, extra={
+        "publish_port": pillar_cluster["pub"], "grains": {"role": "web"},
+        "pillar_mask_output": False})
+    try:
+        mn.start()
+        want = {"common": {"motd": "hello web-stock", "tz": "UTC"}, "web": WEB1["web"]}
+        for master in (0, 1):
+            wait_until(lambda m=master: _pillar_items(cluster, "web-stock", m).get("web-stock")
+                       == want, 90, interval=0.5, what=f"stock pillar via master{master}")
+        # 3008.5's pillar.get masks string values (`**********`) unless unmask=True
+        res = cluster.run("hamaster", "--out", "json", "--static", "-t", "15", "web-stock",
+                          "pillar.get", "web:users", "unmask=True", master=1, timeout=60)
+        assert json.loads(res.stdout) == {"web-stock": ["alice"]}, res.stdout
+    finally:
+        mn.stop()
