@@ -28,7 +28,7 @@ from hamaster.master.pubkey import PublishKey
 from hamaster.master.reqhandler import Deferred, RequestHandler
 from hamaster.master.shared import MASTERS_PREFIX, SharedState, config_hash, open_shared_state
 from hamaster.metrics import MasterMetrics
-from hamaster.minion.matcher import check_minions
+from hamaster.minion.matcher import check_minions, expand_nodegroups
 from hamaster.pki_sync.keys import KeyState, load_or_create_master_keypair
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,13 @@ class Master:
         )
         self.handler.pillar_provider = self._pillar
         # -- pillar (hamaster/pillar/): compiled in the store pool, never on the loop --
+        from hamaster.master.datacache import DEFAULT_MAX_RECORD, MinionDataCache
         from hamaster.pillar.service import PillarService
 
-        self.pillar = PillarService(opts, self.state.store)
+        self.data_cache = MinionDataCache(
+            self.state.store, int(opts.get("minion_data_max_size") or DEFAULT_MAX_RECORD))
+        self.data_cache.on_grains = self.grains.__setitem__
+        self.pillar = PillarService(opts, self.state.store, on_compiled=self._on_pillar_compiled)
         self.handler.defer_pillar = True
         # -- end pillar --
         if self.files.reads_shared_store:
@@ -137,10 +141,12 @@ class Master:
             "_return": self._on_return,
             "_syndic_return": lambda load: None,
             "_minion_event": self._on_minion_event,
-            "_mine": lambda load: True,
-            "_mine_get": lambda load: {},
-            "_mine_delete": lambda load: True,
-            "_mine_flush": lambda load: True,
+            # load["id"] is the authenticated minion (reqhandler checks it equals the envelope's)
+            "_mine": lambda load: self.data_cache.mine_store(load["id"], load.get("data"),
+                                                             bool(load.get("clear"))),
+            "_mine_get": self._mine_get,
+            "_mine_delete": lambda load: self.data_cache.mine_delete(load["id"], load.get("fun")),
+            "_mine_flush": lambda load: self.data_cache.mine_flush(load["id"]),
             "_register_resources": lambda load: True,
             "_master_tops": lambda load: {},
             "_ext_nodes": lambda load: {},
@@ -230,6 +236,16 @@ class Master:
         # Runs in the store pool; ``mid`` is the authenticated session's id.
         return self.pillar.answer(mid, load)
 
+    def _on_pillar_compiled(self, mid: str, grains: dict, pillar: dict) -> None:
+        if grains:
+            self.data_cache.put(mid, "grains", grains)
+        self.data_cache.put(mid, "pillar", pillar)
+
+    def _mine_get(self, load: dict) -> dict:
+        tgt_type = load.get("tgt_type") or load.get("expr_form") or "glob"
+        return self.data_cache.mine_get(load["id"], load.get("tgt"), str(tgt_type),
+                                        load.get("fun"), self.resolve_targets)
+
     # -- request commands -------------------------------------------------------------------------
 
     def _on_return(self, load: dict) -> None:
@@ -275,8 +291,11 @@ class Master:
     # -- publishing ---------------------------------------------------------------------------------
 
     def resolve_targets(self, tgt: Any, tgt_type: str) -> list[str]:
-        """Accepted minions matching the target, judged on cached grains."""
-        return check_minions(tgt, tgt_type, self.keys.accepted_ids(), self.grains.get)
+        """Accepted minions matching the target, judged on cached grains and pillar
+        (nodegroups expanded from the ``nodegroups`` option)."""
+        tgt, tgt_type = expand_nodegroups(tgt, tgt_type, self.opts.get("nodegroups") or {})
+        return check_minions(tgt, tgt_type, self.keys.accepted_ids(), self.grains.get,
+                             pillar_of=self.data_cache.pillar_of)
 
     def publish(
         self,
@@ -291,6 +310,8 @@ class Master:
     ) -> dict:
         """Publish a job; returns ``{"jid", "minions"}`` or ``{"jid": None, "error"}``."""
         try:
+            # minions cannot expand nodegroups: publish the compound target they stand for
+            tgt, tgt_type = expand_nodegroups(tgt, tgt_type, self.opts.get("nodegroups") or {})
             minions = self.resolve_targets(tgt, tgt_type)
         except ValueError as exc:
             return {"jid": None, "minions": [], "error": f"invalid target: {exc}"}
@@ -591,6 +612,7 @@ class Master:
         self.keys.load()
         self.keys.attach_watch()
         self.keys.store.start()
+        await asyncio.to_thread(self.data_cache.start)  # minion data cache (grains, pillar, mine)
         self._update_key_metrics()
         self.job_writer.start()
         self._bind()
@@ -628,6 +650,7 @@ class Master:
                 metrics_server.shutdown()
                 metrics_server.server_close()
             self.job_writer.stop()
+            self.data_cache.stop()
             self._store_pool.shutdown(wait=False, cancel_futures=True)
             self.keys.store.close()
             if self.router is not None:

@@ -128,6 +128,8 @@ class Minion:
             self.pillar = await conn.request_pillar(self.grains)
         except Exception as exc:
             log.warning("%s: _pillar from %s failed: %s", self.minion_id, conn.name, exc)
+        if self.opts.get("mine_functions") and not getattr(self, "_mine_task", None):
+            self._mine_task = self._spawn(self._mine_loop())
         for tag in ("minion_start", f"salt/minion/{self.minion_id}/start"):
             try:
                 await conn.request(
@@ -153,7 +155,7 @@ class Minion:
         try:
             targeted = matcher.matches(
                 load["tgt"], str(load.get("tgt_type", "glob")), self.minion_id, self.grains,
-                str(load.get("delimiter", ":")),
+                str(load.get("delimiter", ":")), pillar=self.pillar,
             )
         except (ValueError, TypeError) as exc:
             log.warning("%s: bad target in job %s: %s", self.minion_id, jid, exc)
@@ -175,6 +177,7 @@ class Minion:
         )
         ctx.fetch_file = self._fetch_file_sync
         ctx.refresh_pillar = self._refresh_pillar_sync
+        ctx.master_request = self._master_request_sync
         log.debug("%s: running %s for job %s", self.minion_id, fun, jid)
         if fun in JOB_CONTROL and self.registry.get(fun) is None:
             result = self._job_control(fun, list(arg))
@@ -263,9 +266,42 @@ class Minion:
         detail = f" ({'; '.join(errors)})" if errors else ""
         raise CommandExecutionError(f"no master answered _pillar{detail}")
 
+    async def master_request(self, load: dict) -> Any:
+        """Send ``load`` to the first live master that answers (hamaster masters first: they
+        share the minion data cache)."""
+        from hamaster.minion.modules.context import CommandExecutionError
+
+        conns = [c for c in self.connections if c.alive and c.session is not None]
+        conns.sort(key=lambda c: not c.is_hamaster)
+        errors = []
+        for conn in conns:
+            try:
+                return await conn.request(load)
+            except RequestFailed as exc:
+                errors.append(f"{conn.name}: {exc}")
+        raise CommandExecutionError(f"no master answered {load.get('cmd')} ({'; '.join(errors)})")
+
+    def _master_request_sync(self, load: dict) -> Any:
+        """``master_request`` for module functions (called from a worker thread)."""
+        return asyncio.run_coroutine_threadsafe(self.master_request(load), self._loop).result(timeout=120)
+
     def _refresh_pillar_sync(self) -> dict:
         """``refresh_pillar`` for module functions (called from a worker thread)."""
         return asyncio.run_coroutine_threadsafe(self.refresh_pillar(), self._loop).result(timeout=120)
+
+    async def _mine_loop(self) -> None:
+        """``mine.update`` at start, then every ``mine_interval`` minutes (Salt's default 60)."""
+        interval = max(float(self.opts.get("mine_interval") or 60), 1.0) * 60
+        loop = asyncio.get_running_loop()
+        while True:
+            ctx = ExecContext(opts=self.opts, grains=self.grains, minion_id=self.minion_id,
+                              pillar=self.pillar, registry=self.registry)
+            ctx.master_request = self._master_request_sync
+            ctx.fetch_file = self._fetch_file_sync
+            res = await loop.run_in_executor(self.pool, execute, self.registry, ctx, "mine.update", [])
+            if not res.success:
+                log.warning("%s: mine.update failed: %s", self.minion_id, res.ret)
+            await asyncio.sleep(interval)
 
     async def run_forever(self) -> None:
         """Start and serve until cancelled."""

@@ -4,8 +4,10 @@ Pure functions, no I/O. The minion uses :func:`matches` on every publication; th
 :func:`check_minions` to know which minions it expects a return from.
 
 Supported ``tgt_type`` values: ``glob``, ``list``, ``pcre``, ``grain``, ``grain_pcre``,
-``ipcidr`` and ``compound``. ``pillar*`` targets never match here (pillar is not part of the
-matcher's input) and log a warning; ``nodegroup`` must be expanded by the master first.
+``ipcidr``, ``pillar``, ``pillar_pcre``, ``pillar_exact`` and ``compound`` (``I@``, ``J@``
+included). Pillar targets match the ``pillar`` given (the minion's own, or the master's minion
+data cache); without one they do not match. ``nodegroup`` (and ``N@``) must be expanded first
+(:func:`expand_nodegroups`).
 Malformed targets raise :class:`ValueError` with a message naming the problem.
 """
 
@@ -248,7 +250,20 @@ def parse_compound(tgt: str) -> _Node:
     return _Parser(_tokenize(tgt), tgt).parse()
 
 
-def _eval_term(term: _Term, minion_id: str, grains: Mapping[str, Any], delimiter: str) -> bool:
+def _pillar_exact(expr: str, pillar: Mapping[str, Any], delimiter: str) -> bool:
+    """``key[:subkey...]:value`` where the value equals (as a string) or, for a list, contains it."""
+    parts = expr.split(delimiter)
+    for split in range(1, len(parts)):
+        found, value = _lookup(pillar, parts[:split])
+        want = delimiter.join(parts[split:])
+        if found and (str(value) == want if not isinstance(value, list)
+                      else any(str(v) == want for v in value)):
+            return True
+    return False
+
+
+def _eval_term(term: _Term, minion_id: str, grains: Mapping[str, Any], delimiter: str,
+               pillar: Mapping[str, Any] | None = None) -> bool:
     engine = term.engine
     if engine == "":
         return _glob(term.pattern, minion_id)
@@ -260,20 +275,20 @@ def _eval_term(term: _Term, minion_id: str, grains: Mapping[str, Any], delimiter
         return _grain_match(term.pattern, grains, term.delimiter or delimiter, engine == "P")
     if engine == "S":
         return _ipcidr(term.pattern, grains)
-    log.warning("pillar targeting (%s@%s) is not supported by the matcher: no match",
-                engine, term.pattern)
-    return False
+    # I@ (pillar glob) and J@ (pillar regex)
+    return _grain_match(term.pattern, pillar or {}, term.delimiter or delimiter, engine == "J")
 
 
-def _evaluate(node: _Node, minion_id: str, grains: Mapping[str, Any], delimiter: str) -> bool:
+def _evaluate(node: _Node, minion_id: str, grains: Mapping[str, Any], delimiter: str,
+              pillar: Mapping[str, Any] | None = None) -> bool:
     if isinstance(node, _Term):
-        return _eval_term(node, minion_id, grains, delimiter)
+        return _eval_term(node, minion_id, grains, delimiter, pillar)
     if isinstance(node, _Not):
-        return not _evaluate(node.operand, minion_id, grains, delimiter)
-    left = _evaluate(node.left, minion_id, grains, delimiter)
+        return not _evaluate(node.operand, minion_id, grains, delimiter, pillar)
+    left = _evaluate(node.left, minion_id, grains, delimiter, pillar)
     if node.op == "and":
-        return left and _evaluate(node.right, minion_id, grains, delimiter)
-    return left or _evaluate(node.right, minion_id, grains, delimiter)
+        return left and _evaluate(node.right, minion_id, grains, delimiter, pillar)
+    return left or _evaluate(node.right, minion_id, grains, delimiter, pillar)
 
 
 def _validate_terms(node: _Node, delimiter: str) -> None:
@@ -287,68 +302,112 @@ def _validate_terms(node: _Node, delimiter: str) -> None:
         _compile(node.pattern)
     elif node.engine == "S":
         _ipcidr(node.pattern, {})
-    elif node.engine in ("G", "P"):
+    elif node.engine in ("G", "P", "I", "J"):
         _check_grain_expr(node.pattern, node.delimiter or delimiter)
 
 
 # --------------------------------------------------------------------------- public API
 
 
-def _compiled(tgt: Any, tgt_type: str, delimiter: str) -> Callable[[str, Mapping[str, Any]], bool]:
-    """Validate a target once and return ``f(minion_id, grains) -> bool``."""
+_Match = Callable[[str, Mapping[str, Any], "Mapping[str, Any] | None"], bool]
+
+
+def _compiled(tgt: Any, tgt_type: str, delimiter: str) -> _Match:
+    """Validate a target once and return ``f(minion_id, grains, pillar) -> bool``."""
     if tgt_type == "glob":
-        return lambda mid, _g: _glob(str(tgt), mid)
+        return lambda mid, _g, _p: _glob(str(tgt), mid)
     if tgt_type == "list":
-        return lambda mid, _g: _in_list(tgt, mid)
+        return lambda mid, _g, _p: _in_list(tgt, mid)
     if tgt_type == "pcre":
         rx = _compile(str(tgt))
-        return lambda mid, _g: rx.match(mid) is not None
+        return lambda mid, _g, _p: rx.match(mid) is not None
     if tgt_type in ("grain", "grain_pcre"):
         _check_grain_expr(str(tgt), delimiter)
         regex = tgt_type == "grain_pcre"
-        return lambda _m, g: _grain_match(str(tgt), g, delimiter, regex)
+        return lambda _m, g, _p: _grain_match(str(tgt), g, delimiter, regex)
     if tgt_type == "ipcidr":
         _ipcidr(str(tgt), {})
-        return lambda _m, g: _ipcidr(str(tgt), g)
+        return lambda _m, g, _p: _ipcidr(str(tgt), g)
     if tgt_type == "compound":
         tree = parse_compound(tgt)
         _validate_terms(tree, delimiter)
-        return lambda mid, g: _evaluate(tree, mid, g, delimiter)
-    if tgt_type in _PILLAR_TYPES:
-        log.warning("%s targeting is not supported by the matcher: no match", tgt_type)
-        return lambda _m, _g: False
+        return lambda mid, g, p: _evaluate(tree, mid, g, delimiter, p)
+    if tgt_type in ("pillar", "pillar_pcre"):
+        _check_grain_expr(str(tgt), delimiter)
+        regex = tgt_type == "pillar_pcre"
+        return lambda _m, _g, p: _grain_match(str(tgt), p or {}, delimiter, regex)
+    if tgt_type == "pillar_exact":
+        _check_grain_expr(str(tgt), delimiter)
+        return lambda _m, _g, p: _pillar_exact(str(tgt), p or {}, delimiter)
     if tgt_type == "nodegroup":
         raise ValueError("nodegroup targets must be expanded into a compound target by the master")
     raise ValueError(f"unknown target type {tgt_type!r}")
 
 
+def expand_nodegroups(tgt: Any, tgt_type: str, nodegroups: Mapping[str, Any],
+                      depth: int = 0) -> tuple[Any, str]:
+    """``(tgt, tgt_type)`` with a ``nodegroup`` target or ``N@`` terms replaced by their
+    definitions from the ``nodegroups`` option (a compound string or a list of ids)."""
+    if depth > 10:
+        raise ValueError("nodegroups nest more than 10 levels (a nodegroup refers to itself?)")
+
+    def one(name: str) -> str:
+        group = nodegroups.get(name)
+        if group is None:
+            raise ValueError(f"nodegroup {name!r} is not defined in the nodegroups option")
+        if isinstance(group, (list, tuple)):
+            return "L@" + ",".join(str(x) for x in group)
+        inner, _ = expand_nodegroups(str(group), "compound", nodegroups, depth + 1)
+        return f"( {inner} )"
+
+    if tgt_type == "nodegroup":
+        return one(str(tgt)), "compound"
+    if tgt_type == "compound" and isinstance(tgt, str) and "N@" in tgt:
+        words = []
+        for word in tgt.split():
+            stripped = word.lstrip("(")
+            lead = word[:len(word) - len(stripped)]
+            core = stripped.rstrip(")")
+            trail = stripped[len(core):]
+            if core.startswith("N@"):
+                word = f"{lead}{one(core[2:])}{trail}"
+            words.append(word)
+        return " ".join(words), "compound"
+    return tgt, tgt_type
+
+
 def matches(tgt: Any, tgt_type: str, minion_id: str, grains: Mapping[str, Any],
-            delimiter: str = ":") -> bool:
+            delimiter: str = ":", pillar: Mapping[str, Any] | None = None) -> bool:
     """Return True when ``minion_id`` (with ``grains``) is selected by ``tgt`` of ``tgt_type``.
 
     Raises ValueError for an unknown ``tgt_type``, a nodegroup, or a malformed target
     (bad regex, unbalanced parentheses, dangling operator); callers on the minion treat
     that as "not for me".
     """
-    return _compiled(tgt, tgt_type, delimiter)(minion_id, grains or {})
+    return _compiled(tgt, tgt_type, delimiter)(minion_id, grains or {}, pillar)
 
 
 def check_minions(tgt: Any, tgt_type: str, minion_ids: Sequence[str],
                   grains_of: Callable[[str], Mapping[str, Any] | None],
-                  delimiter: str = ":") -> list[str]:
+                  delimiter: str = ":",
+                  pillar_of: Callable[[str], Mapping[str, Any] | None] | None = None
+                  ) -> list[str]:
     """Return, in input order, the ids among ``minion_ids`` that the target selects.
 
     ``grains_of(id)`` gives a minion's cached grains or None when unknown. A minion with
     unknown grains is included only for id-based targets (glob, list, pcre). The target is
     validated once up front, so a malformed target raises ValueError even with no minions.
+    ``pillar_of(id)`` gives a minion's cached pillar (pillar targets need it).
     """
     match = _compiled(tgt, tgt_type, delimiter)
     id_only = tgt_type in _ID_ONLY_TYPES
+    needs_pillar = tgt_type in _PILLAR_TYPES
     selected: list[str] = []
     for minion_id in minion_ids:
         grains = grains_of(minion_id)
-        if grains is None and not id_only:
+        if grains is None and not id_only and not needs_pillar:
             continue
-        if match(minion_id, grains or {}):
+        pillar = pillar_of(minion_id) if pillar_of is not None else None
+        if match(minion_id, grains or {}, pillar):
             selected.append(minion_id)
     return selected

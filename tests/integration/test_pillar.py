@@ -87,8 +87,9 @@ def pillar_cluster(cluster: Cluster) -> dict[str, Any]:
                             "ret_port": ret, "ha_poll_interval": POLL,
                             "pillar_roots": {"base": [str(cluster.base / "no-local")]}},
                            host=host)
-    cluster.add_minion("web1", extra={"grains": {"role": "web"}})
-    cluster.add_minion("db1", extra={"grains": {"role": "db"}})
+    for mid, role, ip in (("web1", "web", "10.0.0.1"), ("db1", "db", "10.0.0.2")):
+        cluster.add_minion(mid, extra={"grains": {"role": role}, "mine_functions": {
+            "ip": [{"mine_function": "test.echo"}, ip]}})
     cluster.wait_all_answer(["web1", "db1"], master=0)
     cluster.wait_all_answer(["web1", "db1"], master=1)
     return {"shared": shared, "tree": tree, "pub": pub}
@@ -192,3 +193,35 @@ def test_stock_minion_pillar_through_both_masters(
         assert json.loads(res.stdout) == {"web-stock": ["alice"]}, res.stdout
     finally:
         mn.stop()
+
+
+def _json(c: Cluster, *args: str, master: int) -> Any:
+    res = c.run("hamaster", "--out", "json", "--static", "-t", "15", *args, master=master,
+                timeout=60)
+    try:
+        return json.loads(res.stdout) if res.stdout.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
+def test_pillar_targeting_and_mine_from_any_master(
+        pillar_cluster: dict[str, Any], cluster: Cluster) -> None:
+    mine = {"web1": "10.0.0.1", "db1": "10.0.0.2"}
+    for master in (0, 1):
+        # -I is judged on the minion data cache, filled by whichever master compiled the pillar
+        assert _json(cluster, "-I", "web:port:80", "test.ping", master=master) == {"web1": True}
+        assert _json(cluster, "-C", "I@db:engine:postgres or L@nobody", "test.ping",
+                     master=master) == {"db1": True}
+        # the mine was sent once (mine.update at start) through one master, read through both
+        wait_until(lambda m=master: _json(cluster, "db1", "mine.get", "*", "ip", master=m)
+                   == {"db1": mine}, 20, interval=0.2, what=f"mine.get through master{master}")
+    assert _json(cluster, "web1", "mine.get", "G@role:db and I@db:engine:post*", "ip",
+                 "tgt_type=compound",
+                 master=1) == {"web1": {"db1": "10.0.0.2"}}
+    # kill A: B still answers the same mine and pillar targeting
+    cluster.masters[0]["proc"].kill()
+    assert _json(cluster, "db1", "mine.get", "*", "ip", master=1) == {"db1": mine}
+    assert _json(cluster, "-I", "web:port:80", "test.ping", master=1) == {"web1": True}
+    assert _json(cluster, "web1", "mine.delete", "ip", master=1) == {"web1": True}
+    wait_until(lambda: _json(cluster, "db1", "mine.get", "*", "ip", master=1)
+               == {"db1": {"db1": "10.0.0.2"}}, 20, interval=0.2, what="mine.delete seen")

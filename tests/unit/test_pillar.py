@@ -322,3 +322,89 @@ def test_minion_pillar_module() -> None:
     ctx.refresh_pillar = lambda: fresh
     assert mod.items(ctx) == fresh and mod.items(ctx, "new") == {"new": 1}
     assert mod.refresh(ctx) is True
+
+
+# --------------------------------------------------------------------------- targeting, mine
+
+
+def test_pillar_targets_and_nodegroups() -> None:
+    from hamaster.minion.matcher import check_minions, expand_nodegroups, matches
+
+    pillar = {"role": "web", "web": {"port": 80, "vhosts": ["a", "b"]}}
+    assert matches("web:port:80", "pillar", "m", {}, pillar=pillar)
+    assert matches("web:vhosts:a", "pillar", "m", {}, pillar=pillar)
+    assert not matches("web:port:81", "pillar", "m", {}, pillar=pillar)
+    assert not matches("web:port:80", "pillar", "m", {})  # no pillar known: no match
+    assert matches("role:w.b", "pillar_pcre", "m", {}, pillar=pillar)
+    assert matches("web:port:80", "pillar_exact", "m", {}, pillar=pillar)
+    assert not matches("web:port:8*", "pillar_exact", "m", {}, pillar=pillar)
+    assert matches("I@role:web and m*", "compound", "m", {}, pillar=pillar)
+    assert not matches("J@role:^d", "compound", "m", {}, pillar=pillar)
+    groups = {"webs": "I@role:web or L@x", "both": "N@webs or db*", "ids": ["a", "b"]}
+    assert expand_nodegroups("both", "nodegroup", groups) == (
+        "( ( I@role:web or L@x ) or db* )", "compound")
+    assert expand_nodegroups("(N@ids and b)", "compound", groups) == ("(L@a,b and b)", "compound")
+    with pytest.raises(ValueError, match="not defined"):
+        expand_nodegroups("nope", "nodegroup", groups)
+    with pytest.raises(ValueError, match="nest"):
+        expand_nodegroups("loop", "nodegroup", {"loop": "N@loop"})
+    cached = {"m1": pillar, "m2": {"role": "db"}}
+    assert check_minions("role:web", "pillar", ["m1", "m2", "m3"], lambda _m: None,
+                         pillar_of=cached.get) == ["m1"]
+
+
+def test_mine_store_get_delete_flush_and_acl() -> None:
+    from hamaster.master.datacache import MINE_ACL_DATA, MINE_ACL_ID, MinionDataCache
+
+    cache = MinionDataCache(None)
+    ids = ["a", "b", "c"]
+
+    def check(tgt: object, tgt_type: str) -> list[str]:
+        from hamaster.minion.matcher import check_minions
+        return check_minions(tgt, tgt_type, ids, lambda _m: {})
+
+    assert cache.mine_store("a", {"ip": "1.1.1.1", "os": "x"})
+    assert cache.mine_store("b", {"ip": "2.2.2.2"})
+    assert cache.mine_store("b", {"os": "y"})  # merged, not replaced
+    assert cache.mine_store("c", {"ip": {MINE_ACL_ID: True, MINE_ACL_DATA: "3.3.3.3",
+                                         "allow_tgt": "a"}})
+    assert cache.mine_get("a", "*", "glob", "ip", check) == {
+        "a": "1.1.1.1", "b": "2.2.2.2", "c": "3.3.3.3"}
+    assert cache.mine_get("b", "*", "glob", "ip", check) == {"a": "1.1.1.1", "b": "2.2.2.2"}
+    assert cache.mine_get("a", "a,b", "list", "ip,os", check) == {
+        "ip": {"a": "1.1.1.1", "b": "2.2.2.2"}, "os": {"a": "x", "b": "y"}}
+    assert cache.mine_store("b", {"new": 1}, clear=True)
+    assert cache.get("b", "mine") == {"new": 1}
+    assert cache.mine_delete("a", "ip") and cache.get("a", "mine") == {"os": "x"}
+    assert cache.mine_flush("a") and cache.get("a", "mine") is None
+    assert cache.mine_get("a", "[bad", "pcre", "ip", check) == {}
+
+
+def test_data_cache_shared_through_the_store(tmp_path: Path) -> None:
+    from hamaster.master.datacache import MinionDataCache
+    from tests.integration.harness import wait_until
+
+    a_store, b_store = FsStore(tmp_path / "ha", poll_interval=0.05), FsStore(tmp_path / "ha",
+                                                                            poll_interval=0.05)
+    a, b = MinionDataCache(a_store), MinionDataCache(b_store)
+    seen: dict[str, dict] = {}
+    b.on_grains = seen.__setitem__
+    try:
+        for s, c in ((a_store, a), (b_store, b)):
+            c.start()
+            s.start()
+        a.put("m1", "grains", {"os": "Debian"})
+        a.put("m1", "pillar", {"role": "web"})
+        a.mine_store("m1", {"ip": "1.2.3.4"})
+        wait_until(lambda: b.get("m1", "mine") == {"ip": "1.2.3.4"}, 10, what="mine on B")
+        assert b.pillar_of("m1") == {"role": "web"} and seen == {"m1": {"os": "Debian"}}
+        a.mine_flush("m1")
+        wait_until(lambda: b.get("m1", "mine") is None, 10, what="flush seen on B")
+        c2 = MinionDataCache(FsStore(tmp_path / "ha"))  # a master started later loads it all
+        c2.start()
+        assert c2.pillar_of("m1") == {"role": "web"}
+        c2.stop()
+    finally:
+        for s, c in ((a_store, a), (b_store, b)):
+            c.stop()
+            s.close()

@@ -35,3 +35,5 @@ class ExecContext:
     registry: FunctionRegistry | None = None
     #: Fetch a fresh pillar from a master, keep it for later jobs and return it (pillar.refresh).
     refresh_pillar: Callable[[], dict[str, Any]] | None = None
+    #: Send one aes request load to a live master and return its answer (mine.*).
+    master_request: Callable[[dict[str, Any]], Any] | None = None
