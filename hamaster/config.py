@@ -169,6 +169,7 @@ MASTER_TYPES: dict[str, _Spec] = {
     "state_top": STR,
     "nodegroups": DICT,
     "minion_data_max_size": INT,
+    "gpg_keydir": STR_OR_NONE,
     "timeout": INT,
     "keep_jobs": FLOAT,
     "minimum_auth_version": INT,

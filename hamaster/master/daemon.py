@@ -236,10 +236,11 @@ class Master:
         # Runs in the store pool; ``mid`` is the authenticated session's id.
         return self.pillar.answer(mid, load)
 
-    def _on_pillar_compiled(self, mid: str, grains: dict, pillar: dict) -> None:
+    def _on_pillar_compiled(self, mid: str, grains: dict, pillar: dict, secret: bool) -> None:
         if grains:
             self.data_cache.put(mid, "grains", grains)
-        self.data_cache.put(mid, "pillar", pillar)
+        # a pillar holding gpg-decrypted values stays in this master's memory only
+        self.data_cache.put(mid, "pillar", pillar, memory_only=secret)
 
     def _mine_get(self, load: dict) -> dict:
         tgt_type = load.get("tgt_type") or load.get("expr_form") or "glob"

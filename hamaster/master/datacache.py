@@ -145,13 +145,20 @@ class MinionDataCache:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def put(self, mid: str, kind: str, value: dict) -> None:
-        """Record ``value`` in memory now and in the store soon (skipped when unchanged)."""
+    def put(self, mid: str, kind: str, value: dict, memory_only: bool = False) -> None:
+        """Record ``value`` in memory now and in the store soon (skipped when unchanged).
+
+        ``memory_only`` keeps it out of the store (and removes an older stored record)."""
         if not _valid_id(mid) or kind not in KINDS:
             return
+        if memory_only and self.store is not None:
+            with self._lock:
+                stored = f"{PREFIX}{mid}/{kind}" in self._written
+            if stored:
+                self.drop(mid, kind)
         with self._lock:
             self._data.setdefault(mid, {})[kind] = value
-        if self.store is None:
+        if self.store is None or memory_only:
             return
         try:
             raw = codec.dumps(value)

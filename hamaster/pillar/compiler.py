@@ -31,6 +31,8 @@ from __future__ import annotations
 import copy
 import fnmatch
 import logging
+import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,12 +94,23 @@ class PillarCompiler:
         self.settings = settings or PillarSettings()
         self.opts = safe_opts(opts or {})
         self.renderer = renderer or Renderer(self.settings.renderer)
+        self.last_secret = threading.local()
 
     @classmethod
     def from_opts(cls, opts: dict, shared_store: Any = None, renderer: Renderer | None = None
                   ) -> PillarCompiler:
-        """A compiler over ``pillar_roots`` (the shared store's first) for a master's options."""
+        """A compiler over ``pillar_roots`` (the shared store's first) for a master's options.
+
+        ``gpg_keydir`` (a GnuPG home directory) enables the ``gpg`` renderer."""
         settings = PillarSettings.from_opts(opts)
+        if renderer is None:
+            gpg = None
+            keydir = opts.get("gpg_keydir")
+            if isinstance(keydir, str) and keydir:
+                from hamaster.pillar.gpg import GpgDecrypter
+
+                gpg = GpgDecrypter(os.path.expanduser(keydir)).decrypt
+            renderer = Renderer(settings.renderer, gpg)
         return cls(PillarTree.from_opts(opts, shared_store), settings, opts, renderer)
 
     def compile(self, minion_id: str, grains: Mapping[str, Any] | None,
@@ -105,6 +118,7 @@ class PillarCompiler:
                 ) -> dict[str, Any]:
         """The pillar of ``minion_id`` with ``grains`` (``_errors`` listed in it, if any)."""
         run = _Compile(self, self.tree.snapshot(), minion_id, dict(grains or {}))
+        self.last_secret.value = False
         try:
             pillar = run.compile(pillarenv or self.settings.pillarenv)
         except RecursionError:
@@ -115,6 +129,8 @@ class PillarCompiler:
                            self.settings.merge_lists)
         if run.errors:
             pillar["_errors"] = list(run.errors)
+        #: True when this thread's last compile decrypted gpg values (keep them out of the store)
+        self.last_secret.value = bool(run.secret)
         return self._bounded(minion_id, pillar, run.errors)
 
     def _bounded(self, minion_id: str, pillar: dict, errors: list[str]) -> dict:
@@ -146,6 +162,7 @@ class _Compile:
         self.minion_id = minion_id
         self.grains = grains
         self.errors: list[str] = []
+        self.secret: list[bool] = []
         self.ignored: dict[str, set[str]] = {}
         self._envs: dict[str, Any] = {}
 
@@ -166,7 +183,7 @@ class _Compile:
         opts = dict(self.owner.opts, id=self.minion_id, saltenv=saltenv)
         ctx = RenderContext(saltenv=saltenv, sls=sls, path=rel, grains=self.grains, opts=opts,
                             pillar=copy.deepcopy(pillar), minion_id=self.minion_id,
-                            extra=dict(extra or {}))
+                            extra=dict(extra or {}), secret=self.secret)
         return self.owner.renderer.render(data, ctx, self._jinja_env(saltenv))
 
     def _merge(self, a: dict, b: Mapping) -> dict:

@@ -272,13 +272,15 @@ class RenderContext:
     pillar: Mapping[str, Any]
     minion_id: str
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Set by the gpg step when it decrypted something (the result holds secrets).
+    secret: list[bool] = field(default_factory=list)
 
 
 class Renderer:
     """Renders sls files of a tree; one instance serves many compiles (thread-safe)."""
 
     def __init__(self, default_pipeline: str = "jinja|yaml",
-                 gpg_decrypt: Callable[[Any], Any] | None = None) -> None:
+                 gpg_decrypt: Callable[[Any, list[bool]], Any] | None = None) -> None:
         self.default_pipeline = parse_pipeline(default_pipeline)
         self.code_cache = CodeCache()
         self.gpg_decrypt = gpg_decrypt
@@ -328,7 +330,7 @@ class Renderer:
         if name == "gpg":
             if self.gpg_decrypt is None:
                 raise RenderError("the gpg renderer is not configured (no gpg_keydir)")
-            return self.gpg_decrypt(value)
+            return self.gpg_decrypt(value, ctx.secret)
         raise RenderError(f"renderer {name!r} is not available")
 
     def _jinja(self, text: str, ctx: RenderContext, env: jinja2.Environment) -> str:

@@ -23,10 +23,11 @@ class PillarService:
     """One per master: a :class:`PillarCompiler` over the cluster's (or local) pillar tree."""
 
     def __init__(self, opts: dict, shared_store: Store | None = None,
-                 on_compiled: Callable[[str, dict, dict], None] | None = None) -> None:
+                 on_compiled: Callable[[str, dict, dict, bool], None] | None = None) -> None:
         self.compiler = PillarCompiler.from_opts(opts, shared_store)
         self.tree_hash = ""
-        #: Called with ``(minion_id, grains, pillar)`` after each compile (the data cache).
+        #: Called with ``(minion_id, grains, pillar, secret)`` after each compile (the data
+        #: cache); ``secret`` when gpg values were decrypted into it.
         self.on_compiled = on_compiled
 
     def answer(self, minion_id: str, load: dict) -> dict[str, Any]:
@@ -39,10 +40,11 @@ class PillarService:
         t0 = time.perf_counter()
         pillar = self.compiler.compile(minion_id, grains, pillarenv,
                                        override if isinstance(override, dict) else None)
+        secret = bool(getattr(self.compiler.last_secret, "value", False))
         log.debug("pillar for %s compiled in %.1f ms", minion_id, (time.perf_counter() - t0) * 1e3)
         if self.on_compiled is not None:
             try:
-                self.on_compiled(minion_id, grains, pillar)
+                self.on_compiled(minion_id, grains, pillar, secret)
             except Exception:  # the cache never breaks serving
                 log.exception("minion data cache update for %s failed", minion_id)
         return pillar

@@ -408,3 +408,55 @@ def test_data_cache_shared_through_the_store(tmp_path: Path) -> None:
         for s, c in ((a_store, a), (b_store, b)):
             c.stop()
             s.close()
+
+
+# --------------------------------------------------------------------------- gpg
+
+
+def _gpg(home: Path, *args: str, data: bytes | None = None) -> bytes:
+    import subprocess
+
+    return subprocess.run(["gpg", "--homedir", str(home), "--batch", "--pinentry-mode",
+                           "loopback", "--passphrase", "", *args], input=data,
+                          capture_output=True, check=True, timeout=60).stdout
+
+
+@pytest.mark.skipif(not __import__("shutil").which("gpg"), reason="gpg is not installed")
+def test_gpg_renderer_decrypts_in_memory(tmp_path: Path) -> None:
+    from hamaster.master.datacache import MinionDataCache
+    from hamaster.pillar.service import PillarService
+
+    home = tmp_path / "gpgkeys"
+    home.mkdir(mode=0o700)
+    _gpg(home, "--quick-generate-key", "pillar@cluster", "default", "default", "never")
+    cipher = _gpg(home, "--trust-model", "always", "--armor", "--encrypt", "-r",
+                  "pillar@cluster", data=b"hunter2").decode()
+    indented = "\n".join("    " + line for line in cipher.strip().splitlines())
+    files = {"top.sls": "base:\n  '*': [secret, plain]\n",
+             "secret.sls": f"#!yaml|gpg\ndb:\n  password: |-\n{indented}\n  user: app\n",
+             "plain.sls": "plain: 1\n",
+             "bad.sls": "#!yaml|gpg\nx: |\n  -----BEGIN PGP MESSAGE-----\n  junk\n"
+                        "  -----END PGP MESSAGE-----\n"}
+    write(tmp_path / "pillar", files)
+    store = FsStore(tmp_path / "ha")
+    opts = {"pillar_roots": {"base": [str(tmp_path / "pillar")]}, "pillar_tree_ttl": 0,
+            "gpg_keydir": str(home)}
+    cache = MinionDataCache(store)
+    cache.start()
+    svc = PillarService(opts, None, on_compiled=lambda m, g, p, s: cache.put(
+        m, "pillar", p, memory_only=s))
+    pillar = svc.answer("m1", {"grains": {}})
+    assert pillar == {"db": {"password": "hunter2", "user": "app"}, "plain": 1}
+    cache.stop()
+    assert cache.pillar_of("m1") == pillar  # in memory for targeting on this master...
+    assert store.get("minion_data/m1/pillar") is None  # ...never in the store
+    assert b"hunter2" not in b"".join(p.read_bytes() for p in (tmp_path / "ha").rglob("*")
+                                      if p.is_file())
+    # an undecryptable block is an _errors entry; without gpg_keydir the renderer is an error
+    (tmp_path / "pillar" / "top.sls").write_text("base:\n  '*': [bad, plain]\n")
+    assert svc.answer("m1", {})["_errors"] == [
+        "Rendering SLS 'bad' failed. Please see master log for details."]
+    nogpg = PillarCompiler.from_opts({**opts, "gpg_keydir": None, "pillar_safe_render_error":
+                                      False})
+    (tmp_path / "pillar" / "top.sls").write_text("base:\n  '*': [secret]\n")
+    assert "gpg renderer is not configured" in nogpg.compile("m1", {})["_errors"][0]

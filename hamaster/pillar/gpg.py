@@ -1,0 +1,81 @@
+"""The ``gpg`` renderer: decrypt PGP blocks in rendered data with the real ``gpg`` binary.
+
+As Salt's: every string of the data (after ``yaml``) that holds ``-----BEGIN PGP MESSAGE-----``
+… ``-----END PGP MESSAGE-----`` blocks gets each block replaced by its decryption, done by
+``gpg --homedir <gpg_keydir> --decrypt`` (the key must have no passphrase, as Salt requires).
+A block that cannot be decrypted is a render error. Decrypted values live only in memory: a
+small cache keyed by the ciphertext's sha256 spares a ``gpg`` process per compile; nothing is
+written to disk, the store or the log. A compile that decrypted anything is marked secret, and
+its pillar is not copied to the shared minion data cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from hamaster.pillar.render import RenderError
+
+log = logging.getLogger(__name__)
+
+PGP_BLOCK = re.compile(r"-----BEGIN PGP MESSAGE-----.*?-----END PGP MESSAGE-----", re.DOTALL)
+GPG_TIMEOUT = 20.0
+_CACHE_MAX = 4096
+
+
+class GpgDecrypter:
+    """Decrypts PGP blocks with ``gpg`` and one key directory (thread-safe)."""
+
+    def __init__(self, keydir: str, gpg_binary: str | None = None) -> None:
+        self.keydir = keydir
+        self.gpg = gpg_binary or shutil.which("gpg") or "gpg"
+        self._cache: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def decrypt_block(self, block: str) -> str:
+        """The plaintext of one armored PGP message (raises :class:`RenderError`)."""
+        key = hashlib.sha256(block.encode()).hexdigest()
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        if not os.path.isdir(self.keydir):
+            raise RenderError(f"gpg_keydir {self.keydir} does not exist")
+        argv = [self.gpg, "--homedir", self.keydir, "--batch", "--yes", "--quiet", "--no-tty",
+                "--pinentry-mode", "loopback", "--passphrase", "", "--decrypt"]
+        try:
+            proc = subprocess.run(argv, input=block.encode(), capture_output=True,
+                                  timeout=GPG_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise RenderError(f"gpg could not run: {exc}") from None
+        if proc.returncode != 0:
+            # gpg's message names the key, never the plaintext
+            detail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
+            raise RenderError(f"Could not decrypt a PGP block (gpg: {detail[0]})")
+        text = proc.stdout.decode("utf-8", errors="replace")
+        with self._lock:
+            self._cache[key] = text
+            while len(self._cache) > _CACHE_MAX:
+                self._cache.popitem(last=False)
+        return text
+
+    def decrypt(self, data: Any, found: list[bool] | None = None) -> Any:
+        """``data`` with every PGP block in its strings (and keys) decrypted."""
+        if isinstance(data, str):
+            if "-----BEGIN PGP MESSAGE-----" not in data:
+                return data
+            if found is not None:
+                found.append(True)
+            return PGP_BLOCK.sub(lambda m: self.decrypt_block(m.group(0)), data)
+        if isinstance(data, dict):
+            return {self.decrypt(k, found): self.decrypt(v, found) for k, v in data.items()}
+        if isinstance(data, list):
+            return [self.decrypt(v, found) for v in data]
+        return data
