@@ -226,6 +226,29 @@ async def pillar_show(master: Master, minion: str, pillarenv: str | None = None)
                                    str(pillarenv) if pillarenv else None)
 
 
+async def pillar_gpg_push(master: Master, keyfile: str) -> dict:
+    """Store the cluster's pillar GPG key (an armored *secret* key export, e.g. from
+    ``gpg --armor --export-secret-keys``) in the shared store; every master imports it."""
+    import hashlib
+
+    from hamaster.pillar.gpg import STORE_KEY
+
+    store = master.state.store
+    if store is None:
+        raise RunnerError("pillar.gpg_push needs a clustered master; use gpg_keydir on one master")
+    try:
+        with open(str(keyfile), "rb") as fh:
+            data = fh.read(1 << 20)
+    except OSError as exc:
+        raise RunnerError(f"pillar.gpg_push: {exc}") from None
+    if b"-----BEGIN PGP PRIVATE KEY BLOCK-----" not in data:
+        raise RunnerError("pillar.gpg_push: not an armored secret key export "
+                          "(gpg --armor --export-secret-keys)")
+    await asyncio.to_thread(store.put, STORE_KEY, data)
+    return {"stored": STORE_KEY, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+register("pillar.gpg_push", pillar_gpg_push)
 register("pillar.push", pillar_push)
 register("pillar.show_pillar", pillar_show)
 register("fileroots.push", fileroots_push)

@@ -110,6 +110,11 @@ class PillarCompiler:
                 from hamaster.pillar.gpg import GpgDecrypter
 
                 gpg = GpgDecrypter(os.path.expanduser(keydir)).decrypt
+            elif shared_store is not None:
+                from hamaster.pillar.gpg import STORE_KEY, GpgDecrypter
+
+                home = os.path.join(opts.get("cachedir") or ".", "pillar_gpg")
+                gpg = GpgDecrypter(home, key_source=lambda: shared_store.get(STORE_KEY)).decrypt
             renderer = Renderer(settings.renderer, gpg)
         return cls(PillarTree.from_opts(opts, shared_store), settings, opts, renderer)
 

@@ -460,3 +460,32 @@ def test_gpg_renderer_decrypts_in_memory(tmp_path: Path) -> None:
                                       False})
     (tmp_path / "pillar" / "top.sls").write_text("base:\n  '*': [secret]\n")
     assert "gpg renderer is not configured" in nogpg.compile("m1", {})["_errors"][0]
+
+
+@pytest.mark.skipif(not __import__("shutil").which("gpg"), reason="gpg is not installed")
+def test_gpg_cluster_key_from_the_store(tmp_path: Path) -> None:
+    from hamaster.pillar.gpg import STORE_KEY
+
+    home = tmp_path / "operator-gpg"
+    home.mkdir(mode=0o700)
+    _gpg(home, "--quick-generate-key", "cluster@pillar", "default", "default", "never")
+    cipher = _gpg(home, "--trust-model", "always", "--armor", "--encrypt", "-r",
+                  "cluster@pillar", data=b"s3cret").decode()
+    indented = "\n".join("    " + line for line in cipher.strip().splitlines())
+    store = FsStore(tmp_path / "ha")
+    push(store, str(_tree(tmp_path / "src", {
+        "top.sls": "base:\n  '*': [s]\n",
+        "s.sls": f"#!yaml|gpg\npw: |-\n{indented}\n"})), "base")
+    opts = {"pillar_roots": {"base": []}, "pillar_tree_ttl": 0,
+            "cachedir": str(tmp_path / "cache")}
+    c = PillarCompiler.from_opts(opts, store)
+    assert "_errors" in c.compile("m", {})  # no key in the store yet
+    store.put(STORE_KEY, _gpg(home, "--armor", "--export-secret-keys", "cluster@pillar"))
+    c2 = PillarCompiler.from_opts(opts, store)  # another master
+    assert c2.compile("m", {}) == {"pw": "s3cret"}
+    assert (tmp_path / "cache" / "pillar_gpg").stat().st_mode & 0o077 == 0
+
+
+def _tree(root: Path, files: dict[str, str]) -> Path:
+    write(root, files)
+    return root
