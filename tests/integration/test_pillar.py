@@ -225,3 +225,43 @@ def test_pillar_targeting_and_mine_from_any_master(
     assert _json(cluster, "web1", "mine.delete", "ip", master=1) == {"web1": True}
     wait_until(lambda: _json(cluster, "db1", "mine.get", "*", "ip", master=1)
                == {"db1": {"db1": "10.0.0.2"}}, 20, interval=0.2, what="mine.delete seen")
+
+
+def test_pillar_on_etcd_push_and_mine(cluster: Cluster) -> None:
+    """Two masters on etcd: pillar.push on A, pillar through B within a second; mine via B."""
+    from tests.integration.services import etcd_server
+
+    try:
+        ctx = etcd_server()
+        etcd = ctx.__enter__()
+    except Exception as exc:  # no etcd binary
+        pytest.skip(f"etcd unavailable: {exc}")
+    try:
+        for _ in range(2):
+            cluster.add_master({"ha_backend": "etcd", "ha_etcd_endpoints": etcd.endpoints,
+                                "ha_etcd_prefix": "/hm-pillar", "auto_accept": True,
+                                "pillar_roots": {"base": [str(cluster.base / "no-local")]}})
+        cluster.add_minion("web1", extra={"grains": {"role": "web"}, "mine_functions": {
+            "ip": [{"mine_function": "test.echo"}, "10.0.0.1"]}})
+        cluster.wait_all_answer(["web1"], master=0)
+        cluster.wait_all_answer(["web1"], master=1)
+        src = cluster.base / "src"
+        _write_tree(src)
+        res = cluster.run("hamaster-run", "--out", "json", "pillar.push", str(src),
+                          "saltenv=base", master=0, check=True)
+        assert json.loads(res.stdout)["files"] == len(TREE)
+        assert _pillar_items(cluster, "web1", 1) == {"web1": WEB1}
+        # edit and push through A: B serves it within a second
+        (src / "common.sls").write_text("common:\n  motd: pushed\n")
+        cluster.run("hamaster-run", "pillar.push", str(src), master=0, check=True)
+        t0 = time.monotonic()
+        wait_until(lambda: _pillar_items(cluster, "web1", 1).get("web1", {}).get("common")
+                   == {"motd": "pushed"}, 10, interval=0.05, what="pushed pillar through B")
+        assert time.monotonic() - t0 < 1.0 + 2.0  # 1 s objective plus one CLI round trip
+        assert _json(cluster, "web1", "mine.get", "*", "ip", master=1) == {
+            "web1": {"web1": "10.0.0.1"}}
+        assert _json(cluster, "-I", "web:port:80", "test.ping", master=0) == {"web1": True}
+    finally:
+        for m in cluster.masters:
+            m["proc"].stop()
+        ctx.__exit__(None, None, None)
