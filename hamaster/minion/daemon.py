@@ -65,6 +65,7 @@ class Minion:
         self.seen: OrderedDict[str, float] = OrderedDict()
         self.running: dict[str, dict] = {}  # jid -> job data, as saltutil.find_job shows it
         self.pillar: dict = {}
+        self._mine_task: asyncio.Task | None = None  # mine.update at start and every mine_interval
         self.connections: list[MasterConnection] = []
         for host, port in opts.get("master_list") or [(opts.get("master", "salt"), int(opts.get("master_port", 4506)))]:
             self.connections.append(
@@ -128,7 +129,7 @@ class Minion:
             self.pillar = await conn.request_pillar(self.grains)
         except Exception as exc:
             log.warning("%s: _pillar from %s failed: %s", self.minion_id, conn.name, exc)
-        if self.opts.get("mine_functions") and not getattr(self, "_mine_task", None):
+        if self.opts.get("mine_functions") and self._mine_task is None:
             self._mine_task = self._spawn(self._mine_loop())
         for tag in ("minion_start", f"salt/minion/{self.minion_id}/start"):
             try:

@@ -191,6 +191,23 @@ def test_stock_minion_pillar_through_both_masters(
         res = cluster.run("hamaster", "--out", "json", "--static", "-t", "15", "web-stock",
                           "pillar.get", "web:users", "unmask=True", master=1, timeout=60)
         assert json.loads(res.stdout) == {"web-stock": ["alice"]}, res.stdout
+        # a state whose file.managed template reads pillar, file from the shared file_roots
+        states = pillar_cluster["shared"] / "file_roots" / "base" / "app"
+        states.mkdir(parents=True)
+        dest = cluster.base / "stock-app.conf"
+        (states / "init.sls").write_text(
+            f"app-conf:\n  file.managed:\n    - name: {dest}\n"
+            "    - source: salt://app/app.conf.j2\n    - template: jinja\n")
+        (states / "app.conf.j2").write_text(
+            "port={{ pillar['web']['port'] }} users={{ salt['pillar.get']('web:users')|join(',') }}"
+            " motd={{ pillar.common.motd }}\n")
+        res = cluster.run("hamaster", "--out", "json", "--static", "-t", "60", "web-stock",
+                          "state.apply", "app", master=1, timeout=120)
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        assert dest.read_text() == "port=80 users=alice motd=hello web-stock\n"
+        # master A killed: B still serves the same pillar
+        cluster.masters[0]["proc"].kill()
+        assert _pillar_items(cluster, "web-stock", 1).get("web-stock") == want
     finally:
         mn.stop()
 
