@@ -170,6 +170,7 @@ MASTER_TYPES: dict[str, _Spec] = {
     "nodegroups": DICT,
     "minion_data_max_size": INT,
     "gpg_keydir": STR_OR_NONE,
+    "pillar_cache_entries": INT,
     "timeout": INT,
     "keep_jobs": FLOAT,
     "minimum_auth_version": INT,

@@ -28,11 +28,12 @@ master (listings are sorted; nothing depends on hash order or time).
 
 from __future__ import annotations
 
-import copy
 import fnmatch
+import hashlib
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,9 @@ from hamaster.pillar.tree import PillarTree, TreeSnapshot
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SIZE = 10 * 1024 * 1024
+CACHE_ENTRIES = 4096
+#: Pillars larger than this (encoded bytes) are not kept in the result cache.
+CACHE_MAX_PILLAR = 256 * 1024
 MAX_INCLUDE_DEPTH = 64
 _MATCHER_TYPES = frozenset({"glob", "list", "pcre", "grain", "grain_pcre", "ipcidr", "compound"})
 
@@ -94,7 +98,13 @@ class PillarCompiler:
         self.settings = settings or PillarSettings()
         self.opts = safe_opts(opts or {})
         self.renderer = renderer or Renderer(self.settings.renderer)
+        #: ``.value``: whether this thread's last compile decrypted gpg values (keep them out of
+        #: the store).
         self.last_secret = threading.local()
+        #: Compiled pillars by (tree fingerprint, inputs); ``pillar_cache_entries`` (0 = off).
+        self.cache_entries = CACHE_ENTRIES
+        self._cache: OrderedDict[tuple, tuple[dict, bool]] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     @classmethod
     def from_opts(cls, opts: dict, shared_store: Any = None, renderer: Renderer | None = None
@@ -103,6 +113,7 @@ class PillarCompiler:
 
         ``gpg_keydir`` (a GnuPG home directory) enables the ``gpg`` renderer."""
         settings = PillarSettings.from_opts(opts)
+        entries = opts.get("pillar_cache_entries", CACHE_ENTRIES)
         if renderer is None:
             gpg = None
             keydir = opts.get("gpg_keydir")
@@ -116,14 +127,55 @@ class PillarCompiler:
                 home = os.path.join(opts.get("cachedir") or ".", "pillar_gpg")
                 gpg = GpgDecrypter(home, key_source=lambda: shared_store.get(STORE_KEY)).decrypt
             renderer = Renderer(settings.renderer, gpg)
-        return cls(PillarTree.from_opts(opts, shared_store), settings, opts, renderer)
+        compiler = cls(PillarTree.from_opts(opts, shared_store), settings, opts, renderer)
+        compiler.cache_entries = int(entries) if isinstance(entries, int) else CACHE_ENTRIES
+        return compiler
 
     def compile(self, minion_id: str, grains: Mapping[str, Any] | None,
                 pillarenv: str | None = None, override: Mapping[str, Any] | None = None
                 ) -> dict[str, Any]:
-        """The pillar of ``minion_id`` with ``grains`` (``_errors`` listed in it, if any)."""
-        run = _Compile(self, self.tree.snapshot(), minion_id, dict(grains or {}))
-        self.last_secret.value = False
+        """The pillar of ``minion_id`` with ``grains`` (``_errors`` listed in it, if any).
+
+        The result is shared with a cache: callers must not modify it. A compile depends only
+        on the tree's content, the minion id, its grains, ``pillarenv`` and ``override`` (the
+        templates see nothing else), so an unchanged tree gives the cached result again.
+        """
+        snap = self.tree.snapshot()
+        key = self._cache_key(snap, minion_id, grains, pillarenv, override)
+        if key is not None:
+            with self._cache_lock:
+                hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
+            if hit is not None:
+                self.last_secret.value = hit[1]
+                return hit[0]
+        pillar, size, secret = self._compile(snap, minion_id, grains, pillarenv, override)
+        self.last_secret.value = secret
+        if key is not None and size <= CACHE_MAX_PILLAR:
+            with self._cache_lock:
+                self._cache[key] = (pillar, secret)
+                while len(self._cache) > self.cache_entries:
+                    self._cache.popitem(last=False)
+        return pillar
+
+    def _cache_key(self, snap: TreeSnapshot, minion_id: str, grains: Any, pillarenv: Any,
+                   override: Any) -> tuple | None:
+        if self.cache_entries <= 0:
+            return None
+        try:
+            inputs = codec.dumps([minion_id, grains or {}, pillarenv or self.settings.pillarenv,
+                                  override or {}])
+            fingerprint = snap.fingerprint()
+        except Exception:  # unencodable grains, an unreadable tree: just compile
+            return None
+        return (fingerprint, hashlib.sha256(inputs).digest())
+
+    def _compile(self, snap: TreeSnapshot, minion_id: str, grains: Mapping[str, Any] | None,
+                 pillarenv: str | None, override: Mapping[str, Any] | None
+                 ) -> tuple[dict[str, Any], int, bool]:
+        """``(pillar, encoded size, holds gpg-decrypted values)``."""
+        run = _Compile(self, snap, minion_id, dict(grains or {}))
         try:
             pillar = run.compile(pillarenv or self.settings.pillarenv)
         except RecursionError:
@@ -134,26 +186,25 @@ class PillarCompiler:
                            self.settings.merge_lists)
         if run.errors:
             pillar["_errors"] = list(run.errors)
-        #: True when this thread's last compile decrypted gpg values (keep them out of the store)
-        self.last_secret.value = bool(run.secret)
-        return self._bounded(minion_id, pillar, run.errors)
+        pillar, size = self._bounded(minion_id, pillar, run.errors)
+        return pillar, size, bool(run.secret)
 
-    def _bounded(self, minion_id: str, pillar: dict, errors: list[str]) -> dict:
+    def _bounded(self, minion_id: str, pillar: dict, errors: list[str]) -> tuple[dict, int]:
         try:
             size = len(codec.dumps(pillar))
         except (TypeError, ValueError, OverflowError) as exc:
             msg = f"Pillar for {minion_id} cannot be encoded: {exc}"
             log.error("pillar for %s: %s", minion_id, msg)
-            return {"_errors": errors + [msg]}
+            return {"_errors": errors + [msg]}, 0
         if size > self.settings.max_size:
             msg = (f"Pillar for {minion_id} is {size} bytes, over the limit of "
                    f"{self.settings.max_size} (pillar_max_size); no pillar data was sent")
             log.error("%s", msg)
-            return {"_errors": errors + [msg]}
+            return {"_errors": errors + [msg]}, 0
         if errors:
             log.error("pillar for %s has %d error(s): %s", minion_id, len(errors),
                       errors[0].replace("\n", " ")[:500])
-        return pillar
+        return pillar, size
 
 
 class _Compile:
@@ -186,8 +237,11 @@ class _Compile:
         if data is None:
             raise RenderError(f"{rel} vanished from saltenv {saltenv}")
         opts = dict(self.owner.opts, id=self.minion_id, saltenv=saltenv)
+        # A shallow copy: merges never modify their inputs (hamaster.pillar.merge), so what a
+        # template could change in nested data stays within this one compile (as in Salt, where
+        # templates get the pillar by reference); a deep copy per file cost 60% of a compile.
         ctx = RenderContext(saltenv=saltenv, sls=sls, path=rel, grains=self.grains, opts=opts,
-                            pillar=copy.deepcopy(pillar), minion_id=self.minion_id,
+                            pillar=dict(pillar), minion_id=self.minion_id,
                             extra=dict(extra or {}), secret=self.secret)
         return self.owner.renderer.render(data, ctx, self._jinja_env(saltenv))
 

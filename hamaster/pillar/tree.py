@@ -50,6 +50,7 @@ class TreeSnapshot:
         self._data: dict[tuple[str, str], bytes | None] = {}
         self._avail: dict[str, list[str]] = {}
         self._lock = threading.Lock()
+        self._fingerprint: str | None = None
         for env in envs:
             files = server.env_files(env)
             self._files[env] = files
@@ -80,6 +81,22 @@ class TreeSnapshot:
         with self._lock:
             self._data[key] = data
         return data
+
+    def fingerprint(self) -> str:
+        """sha256 over sorted ``(saltenv, path, sha256(content))`` of the whole snapshot
+        (computed once; reads every file)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for env in self.envs:
+                for rel in self.files(env):
+                    try:
+                        data = self.read(env, rel)
+                    except FileTooLarge:
+                        data = b"\0too-large"
+                    digest = hashlib.sha256(data).hexdigest() if data is not None else ""
+                    h.update(f"{env}\0{rel}\0{digest}\n".encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def sls_path(self, env: str, sls: str) -> str | None:
         """The file of sls ``sls`` in ``env``: ``a/b.sls`` or ``a/b/init.sls``; None if absent."""
@@ -143,17 +160,7 @@ class PillarTree:
 
     def tree_hash(self) -> str:
         """sha256 over sorted ``(saltenv, path, sha256(content))`` of the whole tree."""
-        h = hashlib.sha256()
-        snap = TreeSnapshot(self.server, self.envs(), time.monotonic())
-        for env in snap.envs:
-            for rel in snap.files(env):
-                try:
-                    data = snap.read(env, rel)
-                except FileTooLarge:
-                    data = b"\0too-large"
-                digest = hashlib.sha256(data).hexdigest() if data is not None else ""
-                h.update(f"{env}\0{rel}\0{digest}\n".encode())
-        return h.hexdigest()
+        return TreeSnapshot(self.server, self.envs(), time.monotonic()).fingerprint()
 
 
 def push(store: Store, src_dir: str, saltenv: str = "base") -> dict[str, Any]:

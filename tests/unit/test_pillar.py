@@ -489,3 +489,15 @@ def test_gpg_cluster_key_from_the_store(tmp_path: Path) -> None:
 def _tree(root: Path, files: dict[str, str]) -> Path:
     write(root, files)
     return root
+
+
+def test_result_cache_follows_tree_and_inputs(tmp_path: Path) -> None:
+    c = compiler(tmp_path, {"top.sls": "base:\n  '*': [a]\n", "a.sls": "a: {{ grains.x }}\n"})
+    first = c.compile("m", {"x": 1})
+    assert c.compile("m", {"x": 1}) is first  # same tree, same inputs: the cached result
+    assert c.compile("m", {"x": 2}) == {"a": 2}
+    assert c.compile("other", {"x": 1}) is not first
+    (tmp_path / "pillar" / "a.sls").write_text("a: changed\n")
+    assert c.compile("m", {"x": 1}) == {"a": "changed"}
+    off = compiler(tmp_path, {}, pillar_cache_entries=0)
+    assert off.compile("m", {"x": 1}) is not off.compile("m", {"x": 1})
