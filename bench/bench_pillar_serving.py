@@ -105,6 +105,9 @@ def run(n: int, burst: int, repeat: int) -> dict:
         out.update({"burst_minions": burst, "burst_all_pillar_s": round(dt, 2),
                     "burst_complete": ok, "probe_pings": len(lat),
                     "probe_ping_median_s": round(statistics.median(lat), 3) if lat else None,
+                    "probe_ping_p95_s": round(sorted(lat)[int(len(lat) * 0.95) - 1], 3)
+                    if len(lat) >= 20 else None,
+                    "probe_pings_over_target": sum(1 for x in lat if x > 0.2),
                     "probe_ping_max_s": round(max(lat), 3) if lat else None,
                     "target_ping_s": 0.2})
         return out

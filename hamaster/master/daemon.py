@@ -34,6 +34,7 @@ from hamaster.pki_sync.keys import KeyState, load_or_create_master_keypair
 log = logging.getLogger(__name__)
 
 STORE_WORKERS = 4      # threads for requests that need the store (_auth of unknown keys, files)
+PILLAR_WORKERS = 2     # threads compiling pillar (CPU-bound: more would only crowd the loop)
 MAX_DEFERRED = 5000    # requests waiting on the store pool at once; more are dropped (minions retry)
 # File-server commands: with file_roots in the shared store they read it, so they run in the
 # store pool too (a hung NFS mount or a frozen etcd must not stall the loop).
@@ -132,6 +133,9 @@ class Master:
         self._store_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=STORE_WORKERS, thread_name_prefix="store-req")
         self._deferred_in_flight = 0
+        # pillar compiles (CPU-bound) get their own small pool (hamaster/pillar/service.py)
+        self._pillar_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=PILLAR_WORKERS, thread_name_prefix="pillar")
         self._load_grains_cache()
 
     # -- wiring ---------------------------------------------------------------------------------
@@ -448,7 +452,8 @@ class Master:
                                       "dropped a request from %s (the minion retries)", MAX_DEFERRED, ident.hex())
             return
         self._deferred_in_flight += 1
-        fut = asyncio.get_running_loop().run_in_executor(self._store_pool, work.run)
+        pool = self._pillar_pool if work.kind == "pillar" else self._store_pool
+        fut = asyncio.get_running_loop().run_in_executor(pool, work.run)
 
         def done(f: asyncio.Future) -> None:
             self._deferred_in_flight -= 1
@@ -653,6 +658,7 @@ class Master:
             self.job_writer.stop()
             self.data_cache.stop()
             self._store_pool.shutdown(wait=False, cancel_futures=True)
+            self._pillar_pool.shutdown(wait=False, cancel_futures=True)
             self.keys.store.close()
             if self.router is not None:
                 self.router.close(0)

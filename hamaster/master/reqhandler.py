@@ -53,8 +53,12 @@ class Deferred:
     loop must keep answering every other minion meanwhile.
     """
 
-    def __init__(self, work: Callable[[], bytes]) -> None:
+    def __init__(self, work: Callable[[], bytes], kind: str = "store") -> None:
         self._work = work
+        #: ``"store"``, or ``"pillar"`` for a pillar compile (CPU-bound: the daemon gives it a
+        #: pool of its own so that compiles neither starve other store requests nor crowd the
+        #: event loop out of the GIL).
+        self.kind = kind
 
     def run(self) -> bytes:
         """The reply frame (never raises)."""
@@ -64,9 +68,10 @@ class Deferred:
 class _NeedsStore(Exception):
     """Internal: the request must be decided off the event loop (by ``work`` when given)."""
 
-    def __init__(self, work: Callable[[], bytes] | None = None) -> None:
+    def __init__(self, work: Callable[[], bytes] | None = None, kind: str = "store") -> None:
         super().__init__()
         self.work = work
+        self.kind = kind
 
 
 class RequestHandler:
@@ -115,7 +120,7 @@ class RequestHandler:
         try:
             return self._dispatch(req, peer, allow_defer)
         except _NeedsStore as exc:
-            return Deferred(exc.work or (lambda: self._guarded(req, peer)))
+            return Deferred(exc.work or (lambda: self._guarded(req, peer)), exc.kind)
 
     def _guarded(self, req: messages.ClearRequest | messages.AesRequest, peer: str) -> bytes:
         reply = self._dispatch(req, peer, False)
@@ -247,7 +252,8 @@ class RequestHandler:
             # load's above), never anything else from the request body.
             pub = sess.pub
             if allow_defer and self.defer_pillar:
-                raise _NeedsStore(lambda: self._pillar_reply(mid, peer, load, pub, nonce, req))
+                raise _NeedsStore(lambda: self._pillar_reply(mid, peer, load, pub, nonce, req),
+                                  "pillar")
             return self._pillar_reply(mid, peer, load, pub, nonce, req)
         fn = self.commands.get(cmd)
         if fn is None:
