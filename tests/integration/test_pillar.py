@@ -85,7 +85,9 @@ def pillar_cluster(cluster: Cluster) -> dict[str, Any]:
     for host in ("127.0.0.1", "127.0.0.2"):
         cluster.add_master({"ha_dir": str(shared), "auto_accept": True, "publish_port": pub,
                             "ret_port": ret, "ha_poll_interval": POLL,
-                            "pillar_roots": {"base": [str(cluster.base / "no-local")]}},
+                            "pillar_roots": {"base": [str(cluster.base / "no-local")]},
+                            "nodegroups": {"webs": "I@web:port:80 or L@nobody",
+                                           "all": "N@webs or G@role:db"}},
                            host=host)
     for mid, role, ip in (("web1", "web", "10.0.0.1"), ("db1", "db", "10.0.0.2")):
         cluster.add_minion(mid, extra={"grains": {"role": role}, "mine_functions": {
@@ -207,6 +209,14 @@ def test_stock_minion_pillar_through_both_masters(
                           "state.apply", "app", master=1, timeout=120)
         assert res.returncode == 0, (res.stdout, res.stderr)
         assert dest.read_text() == "port=80 users=alice motd=hello web-stock\n"
+        # mine: the stock minion reads the hamaster minions' mine, and sends its own
+        assert _json(cluster, "web-stock", "mine.get", "*", "ip", master=0) == {
+            "web-stock": {"web1": "10.0.0.1", "db1": "10.0.0.2"}}
+        assert _json(cluster, "web-stock", "mine.send", "test.echo", "stock-mined",
+                     master=0) == {"web-stock": True}
+        wait_until(lambda: _json(cluster, "db1", "mine.get", "web-stock", "test.echo", master=1)
+                   == {"db1": {"web-stock": "stock-mined"}}, 20, interval=0.2,
+                   what="stock minion's mine through B")
         # master A killed: B still serves the same pillar
         cluster.masters[0]["proc"].kill()
         assert _pillar_items(cluster, "web-stock", 1).get("web-stock") == want
@@ -234,6 +244,8 @@ def test_pillar_targeting_and_mine_from_any_master(
         # the mine was sent once (mine.update at start) through one master, read through both
         wait_until(lambda m=master: _json(cluster, "db1", "mine.get", "*", "ip", master=m)
                    == {"db1": mine}, 20, interval=0.2, what=f"mine.get through master{master}")
+    assert _json(cluster, "-N", "webs", "test.ping", master=1) == {"web1": True}
+    assert _json(cluster, "-C", "N@all and not web*", "test.ping", master=0) == {"db1": True}
     assert _json(cluster, "web1", "mine.get", "G@role:db and I@db:engine:post*", "ip",
                  "tgt_type=compound",
                  master=1) == {"web1": {"db1": "10.0.0.2"}}
