@@ -187,10 +187,11 @@ def _confirm(reg: KeyRegistry, opts: dict[str, Any], args: argparse.Namespace,
              ids: list[str], accepted: bool) -> int:
     """Wait until every live master has the change of ``ids`` in force (cluster only).
 
-    Returns 0, or 3 after naming each master that has not confirmed within the wait.
+    Returns 0, or :data:`EXIT_UNCONFIRMED` (3) after naming each master that has not
+    confirmed within the wait.
     """
     from hamaster.master.shared import is_ha, master_records
-    from hamaster.pki_sync.confirm import confirm_key_change, expect_for
+    from hamaster.pki_sync.confirm import EXIT_UNCONFIRMED, confirm_key_change, expect_for
 
     timeout = args.wait_timeout if args.wait_timeout is not None else float(
         opts.get("key_confirm_timeout", 5.0))
@@ -222,7 +223,7 @@ def _confirm(reg: KeyRegistry, opts: dict[str, Any], args: argparse.Namespace,
         f"{PROG}: error: the key change is stored, but not confirmed in force by every live "
         f"master: {res.describe_missing()}. Until it applies it, such a master may still serve "
         f"the old key state; check it with `hamaster-run cluster.status`.\n")
-    return 3
+    return EXIT_UNCONFIRMED
 
 
 def _transition(reg: KeyRegistry, args: argparse.Namespace, pattern: str | None,

@@ -54,6 +54,9 @@ REPORT_AFTER_S = 1.0
 #: died before cleaning up).
 SWEEP_AFTER_S = 60.0
 SWEEP_EVERY_S = 30.0
+#: Exit status of ``hamaster-key`` when the change is stored but a live master has not
+#: confirmed it within the wait.
+EXIT_UNCONFIRMED = 3
 #: Largest request accepted from the store (ids of a ``-D`` of a big cluster fit comfortably).
 MAX_REQUEST_BYTES = 900_000
 
