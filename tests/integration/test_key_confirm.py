@@ -179,3 +179,20 @@ def test_single_master_behaves_as_before(cluster: Cluster) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert "key change in force" not in res.stderr     # nothing to wait for without a cluster
     assert took < 3.0 and took2 < 3.0
+
+
+def test_rsync_cli_on_a_host_whose_master_is_down_pushes_its_tree(cluster: Cluster,
+                                                                   stack: ExitStack) -> None:
+    """rsync: nothing on master0's host pushes its tree while master0 is stopped; the CLI run
+    there pushes the change and the request itself, and master1 confirms."""
+    _start_masters(cluster, stack, "rsync")
+    cluster.add_minion("n1")
+    _accept(cluster, "n1")
+    wait_until(_answers_both(cluster, {"n1"}), 20, 0.1, "n1 answers through both")
+    cluster.masters[0]["proc"].stop()
+    res, took = _key_run(cluster, "-d", "n1", "-y", "--log-level", "info", master=0)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "not waiting for master master0: stopped" in res.stderr, res.stderr
+    assert "key change in force on master1" in res.stderr, res.stderr
+    assert "n1" not in cluster.keys(1)["minions"]
+    assert took < 5.0, took
