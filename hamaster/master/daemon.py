@@ -640,7 +640,7 @@ class Master:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             if key_confirm is not None:
-                key_confirm.close()
+                await asyncio.to_thread(key_confirm.close)   # its fence may need this loop
                 await asyncio.to_thread(self._mark_stopped)
             if blob_service is not None:  # file blobs
                 await blob_service.close()

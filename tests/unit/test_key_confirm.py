@@ -272,3 +272,35 @@ def test_sweep_removes_abandoned_requests_and_orphan_acks(tmp_path) -> None:
     assert sweeper.responder.sweep() == 2
     assert store.list(KEYSYNC_PREFIX) == [request_key(fresh.nonce)]
     sweeper.store.close()
+
+
+def test_cli_names_the_master_that_did_not_confirm_and_exits_3(tmp_path, pub, capsys) -> None:
+    from hamaster.cli.key import main
+
+    shared = tmp_path / "shared"
+    confdir = tmp_path / "conf"
+    confdir.mkdir()
+    (confdir / "master").write_text(f"root_dir: {tmp_path / 'root'}\nha_dir: {shared}\n"
+                                    "master_id: here\nlog_level: warning\n")
+    live = _master(shared, "m1")
+    mute = _master(shared, "m2", start=False)       # alive by its record, never answers
+    try:
+        _, reg = _cli(shared)
+        reg.authorize("n7", pub)
+        reg.accept("n7")
+        t0 = time.monotonic()
+        rc = main(["-c", str(confdir), "-d", "n7", "-y", "--wait-timeout", "0.8"])
+        took = time.monotonic() - t0
+        out, err = capsys.readouterr()
+        assert rc == 3 and "Key for minion n7 deleted." in out
+        assert "m2: no confirmation within 0.8 s" in err and "m1:" not in err
+        assert 0.8 <= took < 2.5
+        mute.heartbeat(stopped=True)
+        reg.authorize("n8", pub)
+        assert main(["-c", str(confdir), "-r", "n8", "-y"]) == 0      # m1 alone confirms
+        assert main(["-c", str(confdir), "-a", "n8", "-y", "--include-rejected",
+                     "--wait-timeout", "0"]) == 0
+    finally:
+        for m in (live, mute):
+            m.responder.close()
+            m.store.close()
