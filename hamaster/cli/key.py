@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ _TEXT_ORDER = (
     (KeyState.REJECTED, "Rejected Keys:"),
 )
 _HEADINGS = dict(_TEXT_ORDER)
+#: Ids per key-change confirmation request (see ``_confirm``).
+CONFIRM_CHUNK = 20000
 
 _LIST_ARGS: dict[str, tuple[KeyState, ...]] = {
     "acc": (KeyState.ACCEPTED,), "accepted": (KeyState.ACCEPTED,),
@@ -211,8 +214,16 @@ def _confirm(reg: KeyRegistry, opts: dict[str, Any], args: argparse.Namespace,
         def after_write() -> None:
             push()
 
-    res = confirm_key_change(store, expect_for(ids, accepted), members, timeout,
-                             origin=f"{PROG}@{os.uname().nodename}", after_write=after_write)
+    # One request per CONFIRM_CHUNK ids (a request is one store value; etcd caps those at
+    # 1 MiB), one after another within the one wait.
+    deadline = time.monotonic() + timeout
+    for start in range(0, len(ids), CONFIRM_CHUNK):
+        chunk = ids[start:start + CONFIRM_CHUNK]
+        left = max(0.05, deadline - time.monotonic())
+        res = confirm_key_change(store, expect_for(chunk, accepted), members, left,
+                                 origin=f"{PROG}@{os.uname().nodename}", after_write=after_write)
+        if not res.ok:
+            break
     for master, why in sorted(res.skipped.items()):
         log.info("not waiting for master %s: %s", master, why)
     if res.ok:

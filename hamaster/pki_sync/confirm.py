@@ -261,7 +261,7 @@ def confirm_key_change(store: Store, expect: dict[str, Expect], members: Members
     for master in sorted(pending):
         rec = records.get(master, {})
         why = last_detail.get(master) or "no confirmation"
-        result.missing[master] = (f"{why} within {timeout:g} s (last heartbeat "
+        result.missing[master] = (f"{why} within {timeout:.3g} s (last heartbeat "
                                   f"{rec.get('last_seen_s', '?')} s before the request)")
     result.elapsed = round(time.monotonic() - t0, 3)
     return result
@@ -416,6 +416,8 @@ class KeyChangeResponder:
                 return self._waiting(item, f"not applied on the event loop yet: {exc!r}")
         ack = Ack(self.master_id, True, "", time.time(), gen)
         try:
+            if self.store.get(request_key(req.nonce)) is None:
+                return True     # the requester is gone (gave up or done): nothing to answer
             self.store.put(f"{ack_prefix(req.nonce)}/{self.master_id}", ack.to_bytes())
         except StoreError as exc:
             return self._waiting(item, f"cannot write the ack: {exc}")
