@@ -26,7 +26,13 @@ from hamaster.jobs.jid import gen_jid
 from hamaster.master.jobs import JobTracker, JobWriter
 from hamaster.master.pubkey import PublishKey
 from hamaster.master.reqhandler import Deferred, RequestHandler
-from hamaster.master.shared import MASTERS_PREFIX, SharedState, config_hash, open_shared_state
+from hamaster.master.shared import (
+    MASTERS_PREFIX,
+    SharedState,
+    config_hash,
+    master_records,
+    open_shared_state,
+)
 from hamaster.metrics import MasterMetrics
 from hamaster.minion.matcher import check_minions
 from hamaster.pki_sync.keys import KeyState, load_or_create_master_keypair
@@ -520,23 +526,45 @@ class Master:
     def cluster_masters(self) -> dict[str, dict]:
         """Every master that ever registered, with ``alive`` and ``last_seen_s``."""
         assert self.state.store is not None
-        store = self.state.store
-        out: dict[str, dict] = {}
-        now = time.time()
-        for key in store.list(MASTERS_PREFIX):
-            raw = store.get(key)
-            if raw is None:
-                continue
-            try:
-                rec = json.loads(raw)
-                age = now - float(rec["ts"])
-            except (ValueError, KeyError, TypeError):
-                log.warning("ignoring malformed cluster record %s", key)
-                continue
-            rec["alive"] = age <= float(rec.get("ttl", self.member_ttl))
-            rec["last_seen_s"] = round(age, 2)
-            out[key.rsplit("/", 1)[-1]] = rec
-        return out
+        return master_records(self.state.store, self.member_ttl)
+
+    # -- key-change barrier (hamaster/pki_sync/confirm.py) ------------------------------------
+
+    def _start_key_confirmations(self) -> Any:
+        """Answer key-change requests (``hamaster-key`` waits for every live master's ack)."""
+        from hamaster.pki_sync.confirm import KeyChangeResponder
+
+        assert self.state.store is not None
+        self._loop = asyncio.get_running_loop()
+        responder = KeyChangeResponder(self.state.store, self.keys, self.master_id,
+                                       fence=self._key_change_fence)
+        responder.attach()
+        return responder
+
+    def _key_change_fence(self, ids: list[str]) -> int:
+        """Run on the event loop (so no publication prepared under the old publish key is still
+        being built), drop the sessions of ``ids`` there; returns the publish key generation.
+        Called from the responder's thread; raises TimeoutError if the loop does not answer."""
+        async def apply() -> int:
+            for mid in ids:
+                self.handler.forget(mid)
+            return self.publish_key.generation
+
+        fut = asyncio.run_coroutine_threadsafe(apply(), self._loop)
+        try:
+            return fut.result(timeout=2.0)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise TimeoutError("event loop busy for 2 s") from None
+
+    def _mark_stopped(self) -> None:
+        """Say in ``cluster/masters/<id>`` that this master stopped (no one waits on it)."""
+        assert self.state.store is not None
+        rec = {**self.cluster_record(), "stopped": True}
+        try:
+            self.state.store.put(f"{MASTERS_PREFIX}{self.master_id}", json.dumps(rec).encode())
+        except Exception as exc:
+            log.warning("could not mark this master stopped in the store: %s", exc)
 
     async def _sync_remote_returns(self) -> None:
         """For jobs a CLI is waiting on, pick up returns that reached other masters."""
@@ -577,7 +605,10 @@ class Master:
         self._stop = asyncio.Event()
         self.keys.load()
         self.keys.attach_watch()
+        key_confirm = self._start_key_confirmations() if self.state.ha else None
         self.keys.store.start()
+        if key_confirm is not None:
+            key_confirm.start()
         self._update_key_metrics()
         self.job_writer.start()
         self._bind()
@@ -608,6 +639,9 @@ class Master:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if key_confirm is not None:
+                await asyncio.to_thread(key_confirm.close)   # its fence may need this loop
+                await asyncio.to_thread(self._mark_stopped)
             if blob_service is not None:  # file blobs
                 await blob_service.close()
             await cli.close()

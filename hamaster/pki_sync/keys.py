@@ -64,6 +64,9 @@ class UnknownMinion(KeyRegistryError):
 
 ChangeCallback = Callable[[str, "KeyState | None", "KeyState | None"], None]
 
+#: :meth:`KeyRegistry.refresh` of more ids than this reloads every key at once instead.
+REFRESH_ONE_BY_ONE = 32
+
 # Precedence when one id has files in several states.
 _PRECEDENCE = (KeyState.ACCEPTED, KeyState.REJECTED, KeyState.DENIED, KeyState.PENDING)
 
@@ -153,6 +156,9 @@ class KeyRegistry:
         self._view: dict[KeyState, dict[str, str]] = {s: {} for s in KeyState}
         self._callbacks: list[ChangeCallback] = []
         self._watching = False
+        # Per id: state changes made in the view whose callbacks have not finished yet (see
+        # :meth:`settled`; a key-change barrier must not confirm before they have run).
+        self._unfired: dict[str, int] = {}
 
     # ------------------------------------------------------------------ memory view
 
@@ -176,6 +182,8 @@ class KeyRegistry:
             else:
                 self._view[state][mid] = norm
             new = self._state_in_view(mid)
+            if old != new:
+                self._unfired[mid] = self._unfired.get(mid, 0) + 1
         if old != new:
             events.append((mid, old, new))
 
@@ -183,11 +191,46 @@ class KeyRegistry:
         for mid, old, new in events:
             log.info("minion key %s: %s -> %s", mid, old.name if old else None,
                      new.name if new else None)
-            for cb in list(self._callbacks):
-                try:
-                    cb(mid, old, new)
-                except Exception:
-                    log.exception("key change callback failed for %s", mid)
+            try:
+                for cb in list(self._callbacks):
+                    try:
+                        cb(mid, old, new)
+                    except Exception:
+                        log.exception("key change callback failed for %s", mid)
+            finally:
+                with self._lock:
+                    left = self._unfired.get(mid, 0) - 1
+                    if left > 0:
+                        self._unfired[mid] = left
+                    else:
+                        self._unfired.pop(mid, None)
+
+    def settled(self, mid: str) -> bool:
+        """True when every change of ``mid``'s state seen so far has been handed to the
+        :meth:`on_change` callbacks and they have returned (sessions dropped, publish key
+        rotated): the view's state of ``mid`` is then in force in this process."""
+        with self._lock:
+            return mid not in self._unfired
+
+    def refresh(self, ids: Iterable[str]) -> None:
+        """Re-read the state of ``ids`` from the store (not the watch) and apply any change.
+
+        Used by the key-change barrier (:mod:`hamaster.pki_sync.confirm`): a request names ids
+        whose change this process may not have seen yet through its watch. Many ids are read
+        with one full :meth:`load` (a few range reads) instead of four reads per id. Raises
+        :class:`StoreUnavailable` when the store cannot be read.
+        """
+        ids = [m for m in ids if valid_minion_id(m)]
+        if len(ids) > REFRESH_ONE_BY_ONE:
+            self.load()
+            return
+        events: list[tuple[str, KeyState | None, KeyState | None]] = []
+        try:
+            with self._op_lock:
+                for mid in ids:
+                    self._refresh(mid, events)
+        finally:
+            self._fire(events)
 
     def load(self) -> None:
         """Fill the in-memory view from the store (raises StoreUnavailable if unreachable)."""
@@ -299,10 +342,11 @@ class KeyRegistry:
         if include_denied:
             sources.append(KeyState.DENIED)
         events: list[tuple[str, KeyState | None, KeyState | None]] = []
-        with self._op_lock:
-            moved = self._move(mid, sources, KeyState.ACCEPTED, events)
-        self._fire(events)
-        return moved
+        try:
+            with self._op_lock:
+                return self._move(mid, sources, KeyState.ACCEPTED, events)
+        finally:
+            self._fire(events)
 
     def reject(self, mid: str, include_accepted: bool = False,
                include_denied: bool = False) -> bool:
@@ -313,22 +357,25 @@ class KeyRegistry:
         if include_denied:
             sources.append(KeyState.DENIED)
         events: list[tuple[str, KeyState | None, KeyState | None]] = []
-        with self._op_lock:
-            moved = self._move(mid, sources, KeyState.REJECTED, events)
-        self._fire(events)
-        return moved
+        try:
+            with self._op_lock:
+                return self._move(mid, sources, KeyState.REJECTED, events)
+        finally:
+            self._fire(events)
 
     def delete(self, mid: str, state: KeyState | None = None) -> bool:
         """Delete the key of ``mid`` in ``state`` (all states if None); True if one existed."""
         states = [state] if state else list(KeyState)
         events: list[tuple[str, KeyState | None, KeyState | None]] = []
         found = False
-        with self._op_lock:
-            for st in states:
-                if self.store.delete(self._key(st, mid)):
-                    found = True
-                self._set(mid, st, None, events)
-        self._fire(events)
+        try:
+            with self._op_lock:
+                for st in states:
+                    if self.store.delete(self._key(st, mid)):
+                        found = True
+                    self._set(mid, st, None, events)
+        finally:
+            self._fire(events)
         return found
 
     def accept_all(self, include_rejected: bool = False,
