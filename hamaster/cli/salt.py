@@ -44,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  hamaster -C 'G@os:Debian and web*' cmd.run 'id' cwd=/tmp\n"
             "  hamaster --out json --static '*' grains.items\n"
             "  hamaster -b 10% -p '*' state.apply\n"
-            "Waiting: after -t seconds, minions that have not returned are asked whether they still\n"
-            "run the job (saltutil.find_job, every gather_job_timeout seconds) and waited for while\n"
-            "they do. Ctrl-C stops waiting and leaves the job running.\n"
+            "Waiting: after -t seconds, minions that have not returned are asked whether\n"
+            "they still run the job (saltutil.find_job, every gather_job_timeout seconds)\n"
+            "and waited for while they do. Ctrl-C stops waiting; the job keeps running.\n"
             "Exit status: 0 when every targeted minion returned with retcode 0, 1 otherwise\n"
             "(--retcode-passthrough: the highest retcode; -b: the highest retcode), 2 when no\n"
             "minion matched or the master could not be reached."
@@ -60,18 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("-G", "--grain", dest="tgt_type", action="store_const", const="grain", help="target is grain:value (glob)")
     tg.add_argument("-P", "--grain-pcre", dest="tgt_type", action="store_const", const="grain_pcre", help="target is grain:regex")
     tg.add_argument("-C", "--compound", dest="tgt_type", action="store_const", const="compound", help="compound target (and/or/not, G@, L@, E@, P@)")
-    p.add_argument("-t", "--timeout", type=float, default=None, help="seconds to wait before asking the minions still missing whether they run the job (default: master's `timeout`, 5)")
-    p.add_argument("--out", default=None, choices=["nested", "json", "yaml", "txt", "raw", "quiet"], help="output format (default: nested)")
-    p.add_argument("-s", "--static", action="store_true", help="print all returns at the end as one document")
+    p.add_argument("-t", "--timeout", type=float, default=None,
+                   help="seconds to wait before asking the minions still missing whether they run "
+                        "the job (default: master's `timeout`, 5)")
+    p.add_argument("--out", default=None, choices=["nested", "json", "yaml", "txt", "raw", "quiet"],
+                   help="output format (default: nested)")
+    p.add_argument("-s", "--static", action="store_true",
+                   help="print all returns at the end as one document")
     p.add_argument("--async", dest="async_", action="store_true", help="publish and print the jid without waiting")
     p.add_argument("--no-color", action="store_true", help="no colors in nested output")
-    p.add_argument("-p", "--progress", action="store_true", help="show a progress bar of returns (on a terminal) and a summary")
-    p.add_argument("--summary", action="store_true", help="print how many minions were targeted, returned, did not return, failed")
-    p.add_argument("-v", "--verbose", action="store_true", help="print the jid first, and who did not respond in the summary")
+    p.add_argument("-p", "--progress", action="store_true",
+                   help="show a progress bar of returns (on a terminal) and a summary")
+    p.add_argument("--summary", action="store_true",
+                   help="print how many minions were targeted, returned, did not return, failed")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print the jid first, and who did not respond in the summary")
     p.add_argument("--show-jid", action="store_true", help="print the jid first")
     p.add_argument("-b", "--batch", "--batch-size", dest="batch", default=None, metavar="N|N%",
-                   help="run on at most N minions (or N%% of them) at once; the next starts as each returns")
-    p.add_argument("--retcode-passthrough", action="store_true", help="exit with the highest retcode of the minions")
+                   help="run on at most N minions (or N%% of them) at once; the next starts as "
+                        "each returns")
+    p.add_argument("--retcode-passthrough", action="store_true",
+                   help="exit with the highest retcode of the minions")
     p.add_argument("target", metavar="TARGET")
     p.add_argument("fun", metavar="FUN")
     p.add_argument("args", nargs="*", metavar="ARG", help="positional args and key=value keyword args")
@@ -104,7 +113,8 @@ class ProgressBar:
         fill = int(frac * self.WIDTH)
         secs = int(time.monotonic() - self.started)
         elapsed = f"{secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}"
-        return (f"{int(frac * 100):3d}% |{'#' * fill}{' ' * (self.WIDTH - fill)}| Elapsed Time: {elapsed}"
+        bar = "#" * fill + " " * (self.WIDTH - fill)
+        return (f"{int(frac * 100):3d}% |{bar}| Elapsed Time: {elapsed}"
                 f" Returns: [{self.count}/{self.total}]")
 
     def draw(self) -> None:
@@ -265,7 +275,7 @@ def _main(args: argparse.Namespace, jid_box: list[str]) -> int:
     tgt: object = args.target
     if tgt_type == "list":
         tgt = [t for t in args.target.split(",") if t]
-    timeout = args.timeout if args.timeout is not None and args.timeout > 0 else float(opts.get("timeout", 5))
+    timeout = args.timeout if args.timeout and args.timeout > 0 else float(opts.get("timeout", 5))
     color = not args.no_color and sys.stdout.isatty()
     try:
         client = LocalClient(opts["sock_dir"])
@@ -301,7 +311,9 @@ def _main(args: argparse.Namespace, jid_box: list[str]) -> int:
             print(f"jid: {jid}", flush=True)
         for mid in pub.get("down") or []:
             print(f"Minion {mid} did not respond. No job will be sent.", flush=True)
-        bar = ProgressBar(sys.stdout, len(pub.get("minions") or [])) if args.progress and sys.stdout.isatty() else None
+        bar = None
+        if args.progress and sys.stdout.isatty():
+            bar = ProgressBar(sys.stdout, len(pub.get("minions") or []))
         printer = Printer(args, color, bar)
         if args.batch and not pub.get("minions"):
             print("ERROR: No return received", file=sys.stderr)

@@ -97,7 +97,8 @@ class CliServer:
         finally:
             writer.close()
 
-    async def _publish(self, req: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _publish(self, req: dict, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> bool:
         """Publish a job and stream its returns (Salt's waiting rule, or a batch run).
 
         Returns False when the client went away while waiting (the job keeps running).
@@ -145,7 +146,8 @@ class CliServer:
             async def stream(mid: str, ret: dict) -> None:
                 await send({"ret": {mid: ret}})
 
-            waiting = asyncio.create_task(wait_job(m, pub["jid"], set(pub["minions"]), timeout, gather, stream))
+            waiting = asyncio.create_task(
+                wait_job(m, pub["jid"], set(pub["minions"]), timeout, gather, stream))
             assert watcher is not None
             await asyncio.wait({waiting, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not waiting.done():
@@ -153,7 +155,8 @@ class CliServer:
                 log.debug("local client left while waiting for job %s", pub["jid"])
                 return False
             missing = waiting.result()
-            await send({"done": True, "jid": pub["jid"], "missing": sorted(missing), "not_returned": missing})
+            await send({"done": True, "jid": pub["jid"], "missing": sorted(missing),
+                        "not_returned": missing})
             return True
         except ConnectionError:
             log.debug("local client left during a publish")

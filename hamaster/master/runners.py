@@ -60,7 +60,8 @@ def _jid_time(jid: str) -> str:
     """Salt's ``StartTime`` of a jid: ``2026, Dec 06 12:00:00.123456`` ("" if not a jid)."""
     if len(jid) != 20 or not jid.isdigit() or not 1 <= int(jid[4:6]) <= 12:
         return ""
-    return f"{jid[:4]}, {_MONTHS[int(jid[4:6]) - 1]} {jid[6:8]} {jid[8:10]}:{jid[10:12]}:{jid[12:14]}.{jid[14:]}"
+    month = _MONTHS[int(jid[4:6]) - 1]
+    return f"{jid[:4]}, {month} {jid[6:8]} {jid[8:10]}:{jid[10:12]}:{jid[12:14]}.{jid[14:]}"
 
 
 async def jobs_active(master: Master, display_progress: bool = False) -> dict:
@@ -78,7 +79,8 @@ async def jobs_active(master: Master, display_progress: bool = False) -> dict:
     async def got(mid: str, ret: dict) -> None:
         answers[mid] = ret.get("return")
 
-    await master.tracker.collect(pub["jid"], set(pub["minions"]), float(master.opts.get("timeout", 5)), got)
+    timeout = float(master.opts.get("timeout", 5))
+    await master.tracker.collect(pub["jid"], set(pub["minions"]), timeout, got)
     out: dict[str, dict] = {}
     for mid, jobs in sorted(answers.items()):
         if not isinstance(jobs, list):

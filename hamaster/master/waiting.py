@@ -115,7 +115,8 @@ async def wait_job(
                 if pub.get("jid"):
                     probe = (pub["jid"], _Tag(events, "probe"))
                     tracker.subscribe(*probe)
-                    log.debug("job %s: probing %d minion(s) with job %s", jid, len(pending), pub["jid"])
+                    log.debug("job %s: probing %d minion(s) with job %s",
+                              jid, len(pending), pub["jid"])
                 timeout_at = now + gather_job_timeout
             if now >= timeout_at and not running:
                 if all(now >= minion_timeouts[m] for m in expected - found):
@@ -157,7 +158,8 @@ def batch_size(spec: str | int, count: int) -> int:
     except ValueError:
         size = 0
     if size < 1:
-        raise ValueError(f"Invalid batch data sent: {spec}\nData must be in the form of %10, 10% or 3")
+        raise ValueError(
+            f"Invalid batch data sent: {spec}\nData must be in the form of %10, 10% or 3")
     return size
 
 
@@ -184,8 +186,8 @@ async def run_batch(master: Master, req: dict, send: Send, gone: asyncio.Event) 
     except ValueError as exc:
         await send({"jid": None, "minions": [], "error": str(exc)})
         return
-    ping = master.publish(req.get("tgt", "*"), "test.ping", [], tgt_type=req.get("tgt_type", "glob"),
-                          user=req.get("user", "root"))
+    ping = master.publish(req.get("tgt", "*"), "test.ping", [],
+                          tgt_type=req.get("tgt_type", "glob"), user=req.get("user", "root"))
     if not ping.get("jid"):
         await send(ping)
         return
@@ -246,7 +248,8 @@ async def run_batch(master: Master, req: dict, send: Send, gone: asyncio.Event) 
             else:
                 not_returned[mid] = data
                 await send({"missing": {mid: data}})
-        await send({"done": True, "jid": jid, "missing": sorted(not_returned), "not_returned": not_returned})
+        await send({"done": True, "jid": jid, "missing": sorted(not_returned),
+                    "not_returned": not_returned})
     finally:
         watcher.cancel()
         for t in list(tasks):
