@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--timeout", type=float, default=None,
                    help="seconds to wait before asking the minions still missing whether they run "
                         "the job (default: master's `timeout`, 5)")
+    p.add_argument("--gather-job-timeout", type=float, default=None, metavar="SECONDS",
+                   help="seconds between saltutil.find_job probes (default: the config's "
+                        "`gather_job_timeout`, 10; 0: no probes, give up after -t)")
     p.add_argument("--out", default=None, choices=["nested", "json", "yaml", "txt", "raw", "quiet"],
                    help="output format (default: nested)")
     p.add_argument("-s", "--static", action="store_true",
@@ -284,7 +287,8 @@ def _main(args: argparse.Namespace, jid_box: list[str]) -> int:
     req: dict[str, Any] = {
         "cmd": "publish", "tgt": tgt, "tgt_type": tgt_type, "fun": args.fun,
         "arg": parse_cli_args(args.args), "timeout": timeout, "wait": not args.async_,
-        "gather_job_timeout": float(opts.get("gather_job_timeout", 10)),
+        "gather_job_timeout": (args.gather_job_timeout if args.gather_job_timeout is not None
+                               else float(opts.get("gather_job_timeout", 10))),
     }
     if args.batch and not args.async_:
         req["batch"] = args.batch

@@ -1,8 +1,8 @@
 """Serves the local CLIs (``hamaster``, ``hamaster-run``) on a Unix socket in ``sock_dir``.
 
 Who may connect is decided by file permissions: the directory is 0700 and the socket 0600.
-Requests: ``{"cmd": "publish", ...}`` streams the job's returns as they arrive, waiting as
-Salt's CLI does (:mod:`hamaster.master.waiting`), then a final ``{"done": True, "missing": [...],
+Requests: ``{"cmd": "publish", ...}`` streams the job's returns as they arrive, waiting
+``timeout``, or as Salt's CLI does with ``gather_job_timeout`` (:mod:`hamaster.master.waiting`), then a final ``{"done": True, "missing": [...],
 "not_returned": {id: reason}}``; with ``batch`` it runs the job in batches;
 ``{"cmd": "runner", "fun", "arg"}`` answers once.
 """
@@ -113,7 +113,9 @@ class CliServer:
             return True
         wait = bool(req.get("wait", True))
         timeout = float(req.get("timeout") or m.opts.get("timeout", 5))
-        gather = float(req.get("gather_job_timeout") or m.opts.get("gather_job_timeout", 10))
+        # Salt's probes only when asked (the hamaster CLI sends its gather_job_timeout); other
+        # local clients (the drill pinger) get a plain wait of ``timeout``.
+        gather = float(req.get("gather_job_timeout") or 0)
         gone = asyncio.Event()
 
         async def send(frame: dict) -> None:

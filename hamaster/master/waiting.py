@@ -53,6 +53,12 @@ def no_return_reason(master: Master, minion_id: str) -> str:
     return NO_RESPONSE
 
 
+def _could_run(master: Master, minion_id: str, published: float) -> bool:
+    """Whether the minion had a session with this master (its publish key) at ``published``."""
+    sess = master.handler.sessions.get(minion_id)
+    return sess is not None and sess.created <= published
+
+
 class _Tag:
     """Feeds one job's ``(minion_id, ret)`` into a shared queue as ``(tag, minion_id, ret)``."""
 
@@ -88,16 +94,20 @@ async def wait_job(
 ) -> dict[str, str]:
     """Wait for ``expected``'s returns of ``jid`` by Salt's rule (module docstring).
 
+    With ``gather_job_timeout`` 0 nobody is probed: the wait ends at ``timeout``.
+
     ``on_return(minion_id, ret)`` is awaited for each expected minion's first return. Returns
     ``{minion_id: reason}`` (:data:`NO_RESPONSE` or :data:`NOT_CONNECTED`) for those that did
     not return. Cancelling the task stops waiting (the job itself keeps running).
     """
     tracker = master.tracker
+    probing = gather_job_timeout > 0
     events: asyncio.Queue = asyncio.Queue()
     job_sub = _Tag(events, "job")
     tracker.subscribe(jid, job_sub)
     probe: tuple[str, _Tag] | None = None
     found: set[str] = set()
+    started = time.time()  # just after the publication
     now = time.monotonic()
     timeout_at = now + timeout
     minion_timeouts = {mid: now + timeout for mid in expected}
@@ -109,15 +119,20 @@ async def wait_job(
                 if probe is not None:
                     tracker.unsubscribe(*probe)
                     probe = None
-                pending = sorted(expected - found)
-                pub = master.publish(pending, "saltutil.find_job", [jid], tgt_type="list")
+                # A minion that had no session with this master when the job was published
+                # could not decrypt it, so it cannot be running it: not probed, given up now.
+                pending = sorted(m for m in expected - found if _could_run(master, m, started))
+                for mid in expected - found - set(pending):
+                    minion_timeouts[mid] = now
                 running = False
+                pub = (master.publish(pending, "saltutil.find_job", [jid], tgt_type="list")
+                       if probing and pending else {})
                 if pub.get("jid"):
                     probe = (pub["jid"], _Tag(events, "probe"))
                     tracker.subscribe(*probe)
                     log.debug("job %s: probing %d minion(s) with job %s",
                               jid, len(pending), pub["jid"])
-                timeout_at = now + gather_job_timeout
+                    timeout_at = now + gather_job_timeout
             if now >= timeout_at and not running:
                 if all(now >= minion_timeouts[m] for m in expected - found):
                     break
@@ -180,7 +195,7 @@ async def run_batch(master: Master, req: dict, send: Send, gone: asyncio.Event) 
     """
     spec = str(req.get("batch"))
     timeout = float(req.get("timeout") or master.opts.get("timeout", 5))
-    gather = float(req.get("gather_job_timeout") or master.opts.get("gather_job_timeout", 10))
+    gather = float(req.get("gather_job_timeout") or 0)
     try:
         batch_size(spec, 100)
     except ValueError as exc:

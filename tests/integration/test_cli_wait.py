@@ -211,3 +211,25 @@ def test_cluster_publisher_dies_job_seen_and_finished_on_b(cluster: Cluster) -> 
     wait_until(lambda: _run_json(cluster, "jobs.lookup_jid", jid, master=1) == {"h1": True},
                20, 0.3, "the job's return on B")
     assert jid not in (_run_json(cluster, "jobs.active", master=1) or {})
+
+
+def test_minion_without_a_session_is_not_probed(fleet: Cluster) -> None:
+    """An accepted minion that never authenticated with this master cannot decrypt its jobs: it
+    is reported [Not connected] at the timeout, without waiting for a probe."""
+    from tests.integration.spy import SpyMinion
+
+    spy = SpyMinion("127.0.0.1", fleet.masters[0]["conf"]["ret_port"], "ghost")
+    try:
+        assert spy.auth().status == "pending"
+    finally:
+        spy.close()
+    fleet.run("hamaster-key", "-a", "ghost", "-y", check=True)
+    wait_until(lambda: fleet.run("hamaster", "--async", "ghost", "test.ping").returncode == 0, 10,
+               0.2, "the master targets ghost")
+    t0 = time.monotonic()
+    res = fleet.run("hamaster", "-t", "1", "--summary", "-v", "-L", "ghost,m1", "test.ping")
+    took = time.monotonic() - t0
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert "ghost:\n    Minion did not return. [Not connected]" in res.stdout, res.stdout
+    assert "Minions not connected: ghost" in res.stdout, res.stdout
+    assert took < 1 + GATHER - 0.5, took

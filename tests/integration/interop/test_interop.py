@@ -514,7 +514,9 @@ class TestStockMinionOnHamaster:
         if version not in f.answered_at:
             pytest.skip("the command test did not get this minion answering")
         mid = f.minion(version).minion_id
-        base = [str(BIN / "hamaster"), "-c", str(f.master["confdir"])]
+        # Salt's gather_job_timeout (the harness shortens it): a stock minion forks a process
+        # to answer each probe, slow on a busy machine
+        base = [str(BIN / "hamaster"), "-c", str(f.master["confdir"]), "--gather-job-timeout", "10"]
         t0 = time.monotonic()
         procs = [
             subprocess.Popen([*base, "-t", t, mid, "test.sleep", "8"], stdout=subprocess.PIPE,
