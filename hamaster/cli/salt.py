@@ -270,6 +270,9 @@ def _main(args: argparse.Namespace, jid_box: list[str]) -> int:
     from hamaster.config import ConfigError, load_master_config
     from hamaster.localapi import LocalApiError, LocalClient
 
+    if args.batch and args.async_:
+        # salt hands an async batch to a master-side manager; hamaster has none (yet)
+        return die("--async cannot be combined with --batch: the CLI runs the batches")
     try:
         opts = load_master_config(args.config_dir)
     except ConfigError as exc:
@@ -290,7 +293,7 @@ def _main(args: argparse.Namespace, jid_box: list[str]) -> int:
         "gather_job_timeout": (args.gather_job_timeout if args.gather_job_timeout is not None
                                else float(opts.get("gather_job_timeout", 10))),
     }
-    if args.batch and not args.async_:
+    if args.batch:
         req["batch"] = args.batch
     with client:
         try:
