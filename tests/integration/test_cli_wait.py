@@ -233,3 +233,18 @@ def test_minion_without_a_session_is_not_probed(fleet: Cluster) -> None:
     assert "ghost:\n    Minion did not return. [Not connected]" in res.stdout, res.stdout
     assert "Minions not connected: ghost" in res.stdout, res.stdout
     assert took < 1 + GATHER - 0.5, took
+
+
+def test_ctrl_c_in_a_batch_starts_no_further_minion(fleet: Cluster) -> None:
+    cli = _cli(fleet, "-b", "1", "--show-jid", "b-*", "test.sleep", "2")
+    assert cli.stdout is not None
+    jid = cli.stdout.readline().split()[-1]
+    wait_until(lambda: "Executing run on" in cli.stdout.readline(), 10, 0, "the first batch")
+    cli.send_signal(signal.SIGINT)
+    out, err = cli.communicate(timeout=10)
+    assert cli.returncode == 0 and f"This job's jid is: {jid}" in err, (out, err)
+    # the running minion finishes; none is started after it (it would run 2 s: jobs.active sees it)
+    wait_until(lambda: _run_json(fleet, "jobs.lookup_jid", jid) == {"b-00000": True}, 10, 0.1,
+               "the first minion's return")
+    assert jid not in (_run_json(fleet, "jobs.active") or {})
+    assert _run_json(fleet, "jobs.lookup_jid", jid) == {"b-00000": True}
