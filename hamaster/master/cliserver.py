@@ -1,8 +1,10 @@
 """Serves the local CLIs (``hamaster``, ``hamaster-run``) on a Unix socket in ``sock_dir``.
 
 Who may connect is decided by file permissions: the directory is 0700 and the socket 0600.
-Requests: ``{"cmd": "publish", ...}`` streams the job's returns as they arrive, then a final
-``{"done": True, "missing": [...]}``; ``{"cmd": "runner", "fun", "arg"}`` answers once.
+Requests: ``{"cmd": "publish", ...}`` streams the job's returns as they arrive, waiting
+``timeout``, or as Salt's CLI does with ``gather_job_timeout`` (:mod:`hamaster.master.waiting`), then a final ``{"done": True, "missing": [...],
+"not_returned": {id: reason}}``; with ``batch`` it runs the job in batches;
+``{"cmd": "runner", "fun", "arg"}`` answers once.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ class CliServer:
                     continue
                 cmd = req.get("cmd")
                 if cmd == "publish":
-                    await self._publish(req, writer)
+                    if not await self._publish(req, reader, writer):
+                        return
                 elif cmd == "runner":
                     await self._runner(req, writer)
                 else:
@@ -94,38 +97,75 @@ class CliServer:
         finally:
             writer.close()
 
-    async def _publish(self, req: dict, writer: asyncio.StreamWriter) -> None:
+    async def _publish(self, req: dict, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> bool:
+        """Publish a job and stream its returns (Salt's waiting rule, or a batch run).
+
+        Returns False when the client went away while waiting (the job keeps running).
+        """
+        from hamaster.master.waiting import run_batch, wait_job
+
         m = self.master
         arg = req.get("arg") or []
         if not isinstance(arg, list) or not isinstance(req.get("fun"), str):
             writer.write(pack({"error": "publish needs fun (str) and arg (list)"}))
             await writer.drain()
-            return
+            return True
         wait = bool(req.get("wait", True))
         timeout = float(req.get("timeout") or m.opts.get("timeout", 5))
-        jid_hint = req.get("jid") or None
-        pub = m.publish(
-            req.get("tgt", "*"),
-            req["fun"],
-            arg,
-            tgt_type=req.get("tgt_type", "glob"),
-            ret=req.get("ret", ""),
-            user=req.get("user", "root"),
-            jid=jid_hint,
-        )
-        writer.write(pack(pub))
-        await writer.drain()
-        if not (pub.get("jid") and wait):
-            return
-        expected = set(pub["minions"])
+        # Salt's probes only when asked (the hamaster CLI sends its gather_job_timeout); other
+        # local clients (the drill pinger) get a plain wait of ``timeout``.
+        gather = float(req.get("gather_job_timeout") or 0)
+        gone = asyncio.Event()
 
-        async def stream(mid: str, ret: dict) -> None:
-            writer.write(pack({"ret": {mid: ret}}))
+        async def send(frame: dict) -> None:
+            if gone.is_set():
+                raise ConnectionResetError("the local client left")
+            writer.write(pack(frame))
             await writer.drain()
 
-        seen = await m.tracker.collect(pub["jid"], expected, timeout, stream)
-        writer.write(pack({"done": True, "jid": pub["jid"], "missing": sorted(expected - seen)}))
-        await writer.drain()
+        async def watch() -> None:
+            # The client sends nothing while a job streams: EOF (or anything) means it left.
+            try:
+                await reader.read(1)
+            except (ConnectionError, OSError):
+                pass
+            gone.set()
+
+        watcher = asyncio.create_task(watch()) if wait else None
+        try:
+            if wait and req.get("batch"):
+                await run_batch(m, req, send, gone)
+                return not gone.is_set()
+            pub = m.publish(
+                req.get("tgt", "*"), req["fun"], arg, tgt_type=req.get("tgt_type", "glob"),
+                ret=req.get("ret", ""), user=req.get("user", "root"), jid=req.get("jid") or None,
+            )
+            await send(pub)
+            if not (pub.get("jid") and wait):
+                return True
+
+            async def stream(mid: str, ret: dict) -> None:
+                await send({"ret": {mid: ret}})
+
+            waiting = asyncio.create_task(
+                wait_job(m, pub["jid"], set(pub["minions"]), timeout, gather, stream))
+            assert watcher is not None
+            await asyncio.wait({waiting, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                waiting.cancel()
+                log.debug("local client left while waiting for job %s", pub["jid"])
+                return False
+            missing = waiting.result()
+            await send({"done": True, "jid": pub["jid"], "missing": sorted(missing),
+                        "not_returned": missing})
+            return True
+        except ConnectionError:
+            log.debug("local client left during a publish")
+            return False
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
     async def _runner(self, req: dict, writer: asyncio.StreamWriter) -> None:
         from hamaster.master.runners import RunnerError, run_runner

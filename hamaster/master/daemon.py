@@ -317,8 +317,8 @@ class Master:
         load = {k: v for k, v in inner.items() if k != "serial"}
         load["minions"] = minions
         load["_stamp"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        self.tracker.add(jid, load, minions)
-        self.job_writer.put_load(jid, load)
+        rec = self.tracker.add(jid, load, minions)
+        self.job_writer.put_load(jid, rec.load)  # a batch run's jid: every minion so far
         self.metrics.jobs_published.labels(self.master_id).inc()
         return {"jid": jid, "minions": minions}
 

@@ -104,11 +104,19 @@ class JobTracker:
 
     def __init__(self) -> None:
         self.jobs: OrderedDict[str, JobRecord] = OrderedDict()
-        self.waiters: dict[str, list[asyncio.Queue]] = {}
+        self.waiters: dict[str, list[Any]] = {}
         self.returns_held = 0
 
     def add(self, jid: str, load: dict, minions: list[str]) -> JobRecord:
-        """Remember a new job."""
+        """Remember a new job; publishing a known jid again (a batch run) adds its minions.
+
+        The record's ``load["minions"]`` is then every minion the jid was published to.
+        """
+        rec = self.jobs.get(jid)
+        if rec is not None:
+            rec.minions = sorted(set(rec.minions) | set(minions))
+            rec.load = {**load, "minions": rec.minions}
+            return rec
         rec = JobRecord(jid=jid, load=load, minions=minions, published_at=time.time())
         self.jobs[jid] = rec
         self._evict()
@@ -134,9 +142,13 @@ class JobTracker:
             q.put_nowait((minion_id, ret))
         return latency
 
-    def subscribe(self, jid: str) -> asyncio.Queue:
-        """A queue receiving ``(minion_id, ret)`` for ``jid``."""
-        q: asyncio.Queue = asyncio.Queue()
+    def subscribe(self, jid: str, q: Any = None) -> Any:
+        """A queue receiving ``(minion_id, ret)`` for ``jid`` (returns already in are put first).
+
+        ``q`` may be any object with ``put_nowait``; a new :class:`asyncio.Queue` by default.
+        """
+        if q is None:
+            q = asyncio.Queue()
         self.waiters.setdefault(jid, []).append(q)
         rec = self.jobs.get(jid)
         if rec is not None:
@@ -176,7 +188,7 @@ class JobTracker:
             self.unsubscribe(jid, q)
         return seen
 
-    def unsubscribe(self, jid: str, q: asyncio.Queue) -> None:
+    def unsubscribe(self, jid: str, q: Any) -> None:
         """Stop delivering to ``q``."""
         lst = self.waiters.get(jid)
         if lst and q in lst:

@@ -39,6 +39,7 @@ class MinionSession:
     pub: rsa.RSAPublicKey
     verified_tok: bytes | None = None
     last_seen: float = 0.0
+    created: float = field(default_factory=time.time)  # first accepted _auth of this key
     nonces: OrderedDict[str, None] = field(default_factory=OrderedDict)
     hamaster: bool = False
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hamaster.minion.grains_core import collect_grains, os_grains, parse_os_release
-from hamaster.minion.modules import cmd, cp, grains, test
+from hamaster.minion.modules import cmd, cp, grains, saltutil, test
 from hamaster.minion.modules import sys as sys_mod
 from hamaster.minion.modules.context import CommandExecutionError, ExecContext
 from hamaster.minion.modules.registry import FunctionRegistry
@@ -190,7 +190,7 @@ def test_sys_list_functions(ctx: ExecContext) -> None:
 
 
 def test_sys_list_modules_and_doc(ctx: ExecContext) -> None:
-    assert sys_mod.list_modules(ctx) == ["cmd", "cp", "grains", "sys", "test"]
+    assert sys_mod.list_modules(ctx) == ["cmd", "cp", "grains", "saltutil", "sys", "test"]
     docs = sys_mod.doc(ctx, "test.echo")
     assert list(docs) == ["test.echo"] and "unchanged" in docs["test.echo"]
 
@@ -314,3 +314,19 @@ def test_os_release_parsing() -> None:
         "Rocky", "RedHat", "Rocky Linux-9")
     debian = os_grains(parse_os_release('NAME="Debian GNU/Linux"\nID=debian\nVERSION_ID="12"\n'))
     assert debian["osfullname"] == "Debian" and debian["osfinger"] == "Debian-12"
+
+
+# ------------------------------------------------------------------ saltutil
+
+
+def test_saltutil_find_job_and_running_read_the_minions_running_jobs() -> None:
+    job = {"fun": "test.sleep", "arg": [8], "jid": "20261206120000000001", "pid": 42}
+    running = {job["jid"]: job}
+    ctx = ExecContext(opts={}, grains={}, minion_id="m", running_jobs=running)
+    assert saltutil.find_job(ctx, "20261206120000000001") == job
+    assert saltutil.find_job(ctx, 20261206120000000001) == job  # a CLI word yamlified to int
+    assert saltutil.find_job(ctx, "20261206120000000002") == {}  # not running: {}, as Salt
+    assert saltutil.running(ctx) == [job]
+    running.clear()
+    assert saltutil.running(ctx) == [] and saltutil.find_job(ctx, job["jid"]) == {}
+    assert FunctionRegistry().get("saltutil.find_job") is saltutil.find_job

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,3 +33,5 @@ class ExecContext:
     pillar: dict[str, Any] = field(default_factory=dict)
     fetch_file: FetchFile | None = None
     registry: FunctionRegistry | None = None
+    #: Jobs the minion is running now, by jid (``saltutil.find_job`` / ``saltutil.running``).
+    running_jobs: Mapping[str, dict[str, Any]] = field(default_factory=dict)

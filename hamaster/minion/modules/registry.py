@@ -16,6 +16,7 @@ DEFAULT_MODULES: tuple[tuple[str, str], ...] = (
     ("cmd", "hamaster.minion.modules.cmd"),
     ("cp", "hamaster.minion.modules.cp"),
     ("grains", "hamaster.minion.modules.grains"),
+    ("saltutil", "hamaster.minion.modules.saltutil"),
     ("sys", "hamaster.minion.modules.sys"),
     ("test", "hamaster.minion.modules.test"),
 )
