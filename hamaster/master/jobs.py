@@ -83,11 +83,14 @@ class JobWriter(threading.Thread):
     def _flush(self, items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
         rets = [payload for kind, payload in items if kind == "ret"]
         try:
-            for kind, payload in items:
-                if kind == "load":
-                    self.cache.save_load(*payload)
-            if rets:
-                self.cache.save_returns(rets)
+            try:
+                for kind, payload in items:
+                    if kind == "load":
+                        self.cache.save_load(*payload)
+                if rets:
+                    self.cache.save_returns(rets)
+            except ValueError:  # a caller's error (bad jid or id): drop that item, keep the rest
+                self._flush_one_by_one(items)
         except Exception as exc:
             if self.healthy:
                 log.error("job cache write failed, keeping %d items in memory: %s", len(items), exc)
@@ -97,6 +100,22 @@ class JobWriter(threading.Thread):
             log.warning("job cache writable again")
         self.healthy = True
         return []
+
+
+    def _flush_one_by_one(self, items: list[tuple[str, Any]]) -> None:
+        """Write items singly, dropping (with one warning) those the cache refuses as invalid."""
+        dropped: list[str] = []
+        for kind, payload in items:
+            try:
+                if kind == "load":
+                    self.cache.save_load(*payload)
+                else:
+                    self.cache.save_return(*payload)
+            except ValueError as exc:
+                dropped.append(str(exc))
+        if dropped:
+            log.warning("job cache: dropped %d invalid items (first: %s)", len(dropped),
+                        dropped[0][:300])
 
 
 class JobTracker:

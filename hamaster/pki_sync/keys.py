@@ -23,6 +23,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
+from hamaster.ids import shown, valid_minion_id
 from hamaster.store.base import Change, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -74,20 +75,6 @@ def normalize_pub(pem: str | bytes) -> str:
         pem = pem.decode("utf-8", errors="replace")
     lines = pem.replace("\r\n", "\n").replace("\r", "\n").strip().split("\n")
     return "\n".join(line.rstrip() for line in lines)
-
-
-def valid_minion_id(mid: str) -> bool:
-    """True if ``mid`` is safe as a minion id and file name (Salt's rules)."""
-    return (
-        isinstance(mid, str)
-        and 0 < len(mid) <= 255
-        and "/" not in mid
-        and "\\" not in mid
-        and "\0" not in mid
-        and ".." not in mid
-        and not mid.startswith(".")
-        and mid.strip() == mid
-    )
 
 
 @functools.lru_cache(maxsize=65536)
@@ -400,7 +387,8 @@ class KeyRegistry:
         unavailable, decides from memory and never accepts a key that is not accepted there.
         """
         if not valid_minion_id(mid):
-            log.warning("auth refused: invalid minion id %r", mid)
+            # The request handler refuses (and rate-limits the log of) invalid ids before this.
+            log.debug("auth refused: invalid minion id %s", shown(mid))
             return AuthDecision.REJECTED
         if self.open_mode:
             return AuthDecision.ACCEPTED

@@ -79,13 +79,14 @@ def test_list_jobs_like_salt(cache):
     assert j["StartTime"] == jid_to_time(jid).strftime("%Y, %b %d %H:%M:%S.%f")
 
 
-@pytest.mark.parametrize("jid", ["", "123", "2024010112000000000x", "../../etc/passwd0000"])
+@pytest.mark.parametrize("jid", ["", "123", "2024010112000000000x", "../../etc/passwd0000",
+                                 "00000000000000000000", "20241399000000000000"])
 def test_bad_jid_rejected(cache, jid):
     with pytest.raises(ValueError):
         cache.save_load(jid, {})
 
 
-@pytest.mark.parametrize("mid", ["", "a/b", "..", ".x", "a\\b"])
+@pytest.mark.parametrize("mid", ["", "a/b", "..", ".x", "a\\b", " web1", "a\nb", "é" * 200])
 def test_bad_minion_rejected(cache, mid):
     with pytest.raises(ValueError):
         cache.save_return(gen_jid(), mid, {})
@@ -101,6 +102,23 @@ def test_clean_old(cache, tmp_path):
     assert cache.get_load(old) is None and cache.get_returns(old) == {}
     assert cache.get_load(new) is not None
     assert not (tmp_path / "s" / "jobs" / old).exists()
+
+
+def test_clean_old_skips_a_poisoned_entry(cache, tmp_path, caplog):
+    """One entry whose name is 20 digits but no time (or junk) must not stop expiry."""
+    old = (datetime.datetime.now() - datetime.timedelta(hours=48)).strftime("%Y%m%d%H%M%S%f")
+    cache.save_load(old, {"fun": "test.ping"})
+    for junk in ("00000000000000000000", "20241399000000000000", "notajid"):
+        cache.store.put(f"jobs/{junk}/returns/web1", b"\x80")
+    caplog.set_level("WARNING", logger="hamaster.jobs.cache")
+    assert cache.clean_old(24) == 1
+    assert cache.get_load(old) is None
+    skipped = [r for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skipped) == 3
+    cache.save_load(old, {"fun": "test.ping"})
+    assert cache.clean_old(24) == 1  # again, and the bad names are not logged a second time
+    assert len([r for r in caplog.records if "skipping" in r.getMessage()]) == 3
+    assert cache.list_jids() == []
 
 
 def test_corrupt_return_skipped(cache):
