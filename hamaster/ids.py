@@ -39,6 +39,16 @@ _JID_FORMAT = "%Y%m%d%H%M%S%f"
 # Characters an id may show unquoted in logs and CLI text, and that are safe in a shell word
 # (no quotes, spaces, `$`, globs): what `hamaster-key -a <id>` hints may embed.
 _PLAIN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+=,%-]*", re.ASCII)
+# What one_line escapes: C0 controls but tab, DEL, C1 controls, line/paragraph separators,
+# bidi controls, BOM and lone surrogates (which a UTF-8 log file cannot even hold).
+_UNSAFE_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f"
+                        "\u202a-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    ch = m.group()
+    return ch.encode("unicode_escape", "backslashreplace").decode("ascii") if ch < "\ud800" \
+        else f"\\u{ord(ch):04x}"
 
 
 def minion_id_problem(mid: object) -> str | None:
@@ -108,6 +118,16 @@ def is_plain(text: object) -> bool:
     Such text can be printed as is and embedded in a suggested shell command.
     """
     return isinstance(text, str) and len(text) <= SHOWN_MAX and bool(_PLAIN_RE.fullmatch(text))
+
+
+def one_line(text: str, limit: int | None = None) -> str:
+    """``text`` with control, bidi and line-breaking characters escaped (``\\n``, ``\\x1b``), so it
+    stays one line in a log and cannot move the cursor; cut to ``limit`` characters if given."""
+    if limit is not None and len(text) > limit:
+        text = f"{text[:limit]}...({len(text)} chars)"
+    if _UNSAFE_RE.search(text) is None:
+        return text
+    return _UNSAFE_RE.sub(_escape_char, text)
 
 
 def shown(text: object, limit: int = SHOWN_MAX) -> str:

@@ -457,6 +457,7 @@ class Master:
                         log.warning("cannot hash file_roots: %s", exc)
             self.metrics.minions_connected.labels(self.master_id).set(len(self.handler.connected(CONNECTED_WINDOW)))
             self.metrics.store_up.labels(self.master_id).set(1 if self.keys.store.healthy() else 0)
+            self.handler.ratelog.flush()
             now = time.time()
             if keep and now - last_clean > 3600:
                 last_clean = now
