@@ -95,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(opts, args.log_level)
     except ConfigError as exc:
         return die(str(exc))
+    from hamaster.localdirs import UnsafeDirectory, check_daemon_dirs
+
+    try:
+        check_daemon_dirs(opts, ("pki_dir", "cachedir"))
+    except (UnsafeDirectory, OSError) as exc:
+        return die(f"refusing to start: {exc}")
     swarm = args.swarm or int(opts.get("swarm_count") or 0)
     try:
         asyncio.run(_serve(opts, swarm, args.swarm_prefix))

@@ -61,7 +61,7 @@ class RateLimitedLog:
         if self.suppressed:
             msg = f"{msg} ({self.suppressed} similar lines suppressed before this one)"
             self.suppressed = 0
-        self.logger.warning(msg, *safe)
+        self.logger.warning(msg, *safe, stacklevel=2)  # the caller's line, not this one
         return True
 
     def flush(self) -> None:
