@@ -66,15 +66,21 @@ def _make_parents(path: Path) -> None:
         os.chmod(d, 0o755)
 
 
-def ensure_private_dir(path: str | os.PathLike[str], option: str) -> Path:
-    """Create ``path`` 0700 if missing, else check it is private (see the module doc).
+def ensure_private_dir(path: str | os.PathLike[str], option: str, *, create: bool = True,
+                       only_me: bool = False) -> Path:
+    """Create ``path`` 0700 if missing (with ``create``), else check it is private.
 
-    ``option`` is the config option naming it, for the message. Raises :class:`UnsafeDirectory`.
+    See the module doc for the checks. With ``only_me`` the directory must belong to the running
+    user (root's does not do) and is made 0700 if it is looser (a ``hamaster-cluster``
+    directory: nothing in it is for anyone else). ``option`` names the directory in the message.
+    Raises :class:`UnsafeDirectory`.
     """
     p = Path(path)
     uid = os.geteuid()
     me = _who(uid)
     if not os.path.lexists(p):
+        if not create:
+            raise UnsafeDirectory(f"{option} {p} does not exist")
         _make_parents(p.parent)
     _check_ancestors(p, option, uid)
     try:
@@ -101,6 +107,14 @@ def ensure_private_dir(path: str | os.PathLike[str], option: str) -> Path:
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeDirectory(f"{option} {p} is not a directory. Fix: remove it or set {option} "
                               "to a directory")
+    if only_me and st.st_uid != uid:
+        raise UnsafeDirectory(
+            f"{option} {p} is owned by {_who(st.st_uid)}, not by {me} (who runs this): another "
+            f"user could have planted files in it. Fix: choose a directory of your own "
+            f"(--dir ~/hamaster-demo) or remove {p}")
+    if only_me and stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(p, 0o700)
+        st = os.stat(p)
     if not _owner_ok(st, uid):
         raise UnsafeDirectory(
             f"{option} {p} is owned by {_who(st.st_uid)}, not by {me} (who runs this) or root, "

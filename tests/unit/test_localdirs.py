@@ -106,3 +106,35 @@ def test_a_writable_parent_needs_the_sticky_bit(tmp_path):
     os.chmod(shared, 0o1777)  # like /tmp: others cannot rename our entries
     ensure_private_dir(shared / "sock", "sock_dir")
     assert _mode(shared / "sock") == 0o700
+
+
+def test_cluster_directory_is_created_private(tmp_path, capsys):
+    from hamaster.cli.cluster import main
+
+    base = tmp_path / "demo"
+    assert main(["status", "--dir", str(base)]) != 0  # no cluster there yet
+    assert _mode(base) == 0o700
+    os.chmod(base, 0o755)  # ours but readable by others: made private again
+    main(["status", "--dir", str(base)])
+    assert _mode(base) == 0o700
+
+
+@needs_root
+def test_cluster_directory_of_another_user_is_refused(tmp_path, capsys):
+    """Another user pre-creates the cluster directory (or a symlink to theirs) to plant a
+    master.d file with auto_accept: hamaster-cluster refuses to use it."""
+    from hamaster.cli.cluster import main
+
+    base = tmp_path / "demo"
+    (base / "master1" / "conf" / "master.d").mkdir(parents=True)
+    (base / "master1" / "conf" / "master.d" / "evil.conf").write_text("auto_accept: true\n")
+    os.chown(base, NOBODY, NOBODY)
+    os.chmod(base, 0o755)
+    assert main(["up", "--dir", str(base), "--masters", "1", "--minions", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"cluster directory {base} is owned by nobody" in err
+    assert not (base / "cluster.json").exists()
+    link = tmp_path / "link"
+    link.symlink_to(base)
+    assert main(["up", "--dir", str(link), "--masters", "1", "--minions", "0"]) == 2
+    assert "is owned by nobody" in capsys.readouterr().err
