@@ -125,3 +125,11 @@ def test_master_refuses_a_sock_dir_another_user_owns(cluster: Cluster) -> None:
     os.chown(sock_dir, 0, 0)  # the fix the message names: the master then starts
     m["proc"].start()
     cluster.wait_master_ready(m)
+
+
+def test_minion_with_an_invalid_id_refuses_to_start(cluster: Cluster) -> None:
+    cluster.add_master()
+    proc = cluster.add_minion("web..1", start=False)
+    res = subprocess.run(proc.argv, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "minion id web..1 contains '..'" in res.stderr and "set a valid `id`" in res.stderr
