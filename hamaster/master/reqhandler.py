@@ -153,7 +153,7 @@ class RequestHandler:
         problem = ids.minion_id_problem(areq.minion_id)
         if problem is not None:  # refused before any store access (Salt: "invalid id")
             self.metrics.auth("invalid_id")
-            self.ratelog.warn("invalid_id", "invalid_id", "refused _auth from %s: minion id %s",
+            self.ratelog.warn("invalid_id", areq.minion_id, "refused _auth from %s: minion id %s",
                               who, problem)
             return messages.auth_status_reply(self.master_priv, False, areq.nonce, areq.sig_algo)
         if areq.enc_algo not in crypto.ENC_ALGOS:
