@@ -201,7 +201,7 @@ class FsStore(Store):
             what = what[:200] + f"...({len(what)} chars)"
         if exc.errno in KEY_ERRNOS:
             return InvalidKey(f"store {self.root}: {what} failed: {exc.strerror or exc}")
-        err = StoreUnavailable(f"store {self.root}: {what} failed: {exc.strerror or exc}")
+        err = StoreUnavailable(f"store {self.root}: {what} failed: {exc}")
         self._down(err)
         return err
 
