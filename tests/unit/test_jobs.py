@@ -133,3 +133,26 @@ def test_open_job_cache(tmp_path):
     jid = gen_jid()
     jc.save_load(jid, {"fun": "x"})
     assert (tmp_path / "cache" / "jobs_store" / "jobs" / jid / "load").exists()
+
+
+def test_job_writer_drops_an_item_the_cache_refuses_and_keeps_the_rest(tmp_path, caplog):
+    """A refused item (invalid id, a key that is a directory) must not keep its whole batch
+    retrying forever: the rest is written and the writer stays healthy."""
+    from hamaster.master.jobs import JobWriter
+
+    cache = JobCache(FsStore(tmp_path / "s"))
+    jid = gen_jid()
+    (tmp_path / "s" / "jobs" / jid / "returns" / "dir1").mkdir(parents=True)
+    writer = JobWriter(cache)
+    writer.start()
+    writer.put_load(jid, {"fun": "test.ping"})
+    writer.put_return(jid, "good1", {"return": True})
+    writer.put_return(jid, "bad\nid", {"return": True})
+    writer.put_return(jid, "dir1", {"return": True})
+    writer.put_return(jid, "good2", {"return": True})
+    writer.put_return(jid, "good3", {"return": True})
+    writer.stop()
+    assert not writer.is_alive() and writer.healthy
+    assert set(cache.get_returns(jid)) == {"good1", "good2", "good3"}
+    assert cache.get_load(jid) == {"fun": "test.ping"}
+    assert any("dropped 2 invalid items" in r.getMessage() for r in caplog.records)
