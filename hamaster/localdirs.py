@@ -104,6 +104,7 @@ def ensure_private_dir(path: str | os.PathLike[str], option: str, *, create: boo
         except OSError as exc:
             raise UnsafeDirectory(f"{option} {p} is a dangling symlink ({exc.strerror}). Fix: "
                                   f"remove it (`rm {p}`) or create its target") from None
+        _check_ancestors(Path(os.path.realpath(p)), option, uid)  # where it leads, too
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeDirectory(f"{option} {p} is not a directory. Fix: remove it or set {option} "
                               "to a directory")

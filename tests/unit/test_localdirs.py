@@ -81,6 +81,13 @@ def test_symlinks(tmp_path):
     os.lchown(planted, NOBODY, NOBODY)
     with pytest.raises(UnsafeDirectory, match="symlink owned by"):
         ensure_private_dir(planted, "sock_dir")
+    home = tmp_path / "home-of-nobody"
+    (home / "d").mkdir(parents=True, mode=0o700)
+    os.chown(home, NOBODY, NOBODY)
+    via = tmp_path / "via"
+    via.symlink_to(home / "d")  # our link, our directory, but nobody can rename it away
+    with pytest.raises(UnsafeDirectory, match="home-of-nobody above it is owned by"):
+        ensure_private_dir(via, "sock_dir")
     dangling = tmp_path / "dangling"
     dangling.symlink_to(tmp_path / "nowhere")
     with pytest.raises(UnsafeDirectory, match="dangling"):
