@@ -6,7 +6,8 @@ minion look at each with ``lstat``: a missing directory is created 0700; an exis
 be owned by the running user (or root), not writable by group or others, and reached through
 directories that no one else can rename (owned by the user or root, not group/other-writable
 unless sticky, as ``/tmp`` is). A symlink is followed only if the link itself is owned by the
-user or root, and its target is checked the same way. Anything else refuses the start with one message naming the path and the fix.
+user or root, and its target is checked the same way. Anything else refuses the start with one
+message naming the path and the fix.
 """
 
 from __future__ import annotations

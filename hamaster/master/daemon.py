@@ -233,7 +233,7 @@ class Master:
         mid = load["id"]
         if not ids.valid_jid(jid):
             if jid != "req":
-                self.handler.ratelog.warn("bad_jid", "bad_jid", "return from %s with invalid jid %s "
+                self.handler.ratelog.warn("bad_jid", mid, "return from %s with invalid jid %s "
                                           "dropped", ids.shown(mid), ids.shown(jid))
                 self.metrics.reject("bad_jid")
             return None

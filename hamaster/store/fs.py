@@ -171,7 +171,8 @@ class FsStore(Store):
         validate_key(key)
         for seg in key.split("/"):
             if seg.startswith("."):
-                raise ValueError(f"invalid store key {key[:200]!r}: segments must not start with '.'")
+                raise ValueError(f"invalid store key {key[:200]!r}: segments must not start "
+                                 "with '.'")
             if len(seg) > NAME_MAX // 4 and len(os.fsencode(seg)) > NAME_MAX:
                 raise InvalidKey(f"store {self.root}: key {key[:200]!r}... has a name longer than "
                                  f"{NAME_MAX} bytes (File name too long)")

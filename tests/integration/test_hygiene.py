@@ -95,7 +95,8 @@ def test_a_flood_of_hostile_ids_leaves_few_escaped_lines(cluster: Cluster) -> No
     spy = SpyMinion("127.0.0.1", ret_port, "x")
     try:
         for i in range(150):
-            mid = f"evil{i}\n2026-12-06 00:00:00,000 [hamaster][CRITICAL] FORGED\x1b[2J" + "A" * 30000
+            forged = "\n2026-12-06 00:00:00,000 [hamaster][CRITICAL] FORGED\x1b[2J"
+            mid = f"evil{i}{forged}" + "A" * 30000
             frame, _ = messages.auth_request(mid, spy.pub_text, messages.new_nonce(), None)
             reply = codec.loads(spy.roundtrip(frame))
             assert isinstance(reply, dict)  # a (signed) refusal, not a crash

@@ -64,7 +64,8 @@ def test_log_file_is_private_and_lines_are_escaped(tmp_path):
     path = tmp_path / "logs" / "master"
     try:
         setup_logging({"log_file": str(path), "log_level": "warning"})
-        logging.getLogger("test.hygiene").warning("id %s", "web1\n2026 [x][CRITICAL] forged\x1b]0;t\x07")
+        hostile = "web1\n2026 [x][CRITICAL] forged\x1b]0;t\x07"
+        logging.getLogger("test.hygiene").warning("id %s", hostile)
         for h in logging.getLogger().handlers:
             h.flush()
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
