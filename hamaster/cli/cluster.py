@@ -42,6 +42,8 @@ import yaml
 from hamaster import cluster_services as cs
 from hamaster.cli.common import die
 
+#: The default cluster directory: created 0700 and refused if another user owns it (see
+#: hamaster.localdirs), so no one else can plant a ``master.d`` file or swap a socket in it.
 DEFAULT_DIR = "/tmp/hamaster-demo"
 BACKENDS = ("fs", "etcd", "rsync")
 RSYNC_MAX_BACKOFF = 2.0  # a local peer that is back is retried within 2 s (default 30 s)
@@ -61,7 +63,16 @@ def _bin(name: str) -> str:
 class LocalCluster:
     """Layout, processes and state file of a local cluster under one directory."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, create: bool = False) -> None:
+        """The cluster under ``base``, which must be the user's own private directory.
+
+        Raises :class:`~hamaster.localdirs.UnsafeDirectory` if another user owns it or could
+        write into it (anyone who can add a ``master.d`` file there controls the cluster).
+        ``create`` makes it (0700) when missing.
+        """
+        from hamaster.localdirs import ensure_private_dir
+
+        ensure_private_dir(base, "cluster directory", create=create, only_me=True)
         self.base = base
         self.state_file = base / "cluster.json"
         self._lock = threading.Lock()
@@ -548,9 +559,13 @@ def main(argv: list[str] | None = None) -> int:
         if name == "demo":
             sp.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
     args = p.parse_args(argv)
+    from hamaster.localdirs import UnsafeDirectory
+
     base = Path(args.dir).resolve()
-    base.mkdir(parents=True, exist_ok=True)
-    c = LocalCluster(base)
+    try:
+        c = LocalCluster(base, create=True)
+    except (UnsafeDirectory, OSError) as exc:
+        return die(str(exc))
     backend: dict = {}
     if args.cmd in ("up", "demo"):
         endpoints = [e.strip() for e in (args.etcd_endpoints or "").split(",") if e.strip()]

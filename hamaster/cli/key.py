@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from hamaster.config import ConfigError, load_master_config, setup_logging
+from hamaster.ids import shown
 from hamaster.pki_sync.keys import (
     KeyRegistry,
     KeyRegistryError,
@@ -139,11 +140,13 @@ def _emit(data: dict[str, Any], out: str, text: Callable[[], str]) -> None:
 
 
 def _keys_text(keys: dict[KeyState, list[str]], states: tuple[KeyState, ...]) -> str:
+    # Ids are shown as they are when plain, else quoted and cut (hamaster.ids.shown): a minion
+    # chooses its id, and it must not drive the operator's terminal. JSON/YAML carry the data.
     lines: list[str] = []
     for state, heading in _TEXT_ORDER:
         if state in states:
             lines.append(heading)
-            lines.extend(keys.get(state, []))
+            lines.extend(shown(mid) for mid in keys.get(state, []))
     return "\n".join(lines) + "\n"
 
 
@@ -152,7 +155,7 @@ def _per_key_text(values: dict[KeyState, dict[str, str]]) -> str:
     for state, heading in _TEXT_ORDER:
         if state in values:
             lines.append(heading)
-            lines.extend(f"{mid}:  {val}" for mid, val in sorted(values[state].items()))
+            lines.extend(f"{shown(mid)}:  {val}" for mid, val in sorted(values[state].items()))
     return "\n".join(lines) + "\n"
 
 
@@ -284,7 +287,7 @@ def _transition(reg: KeyRegistry, args: argparse.Namespace, pattern: str | None,
             ok = reg.delete(mid)
         if ok:
             changed.append(mid)
-            sys.stdout.write(f"Key for minion {mid} {past}.\n")
+            sys.stdout.write(f"Key for minion {shown(mid)} {past}.\n")
         else:
             sys.stderr.write(f"{PROG}: key for minion {mid} changed meanwhile; not {past}\n")
     sys.stdout.flush()

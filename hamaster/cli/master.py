@@ -71,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         opts = _with_shared_config(opts, args.config_dir)
     except ConfigError as exc:
         return die(str(exc))
+    from hamaster.localdirs import UnsafeDirectory, check_daemon_dirs
+    from hamaster.master.shared import is_ha
+
+    try:  # pki_dir holds the keys only without a shared store
+        check_daemon_dirs(opts, ("sock_dir", "cachedir") if is_ha(opts) else
+                          ("sock_dir", "cachedir", "pki_dir"))
+    except (UnsafeDirectory, OSError) as exc:
+        return die(f"refusing to start: {exc}")
     try:
         asyncio.run(_serve(opts))
     except OSError as exc:

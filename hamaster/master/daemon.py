@@ -20,7 +20,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from hamaster import __version__, crypto
+from hamaster import __version__, crypto, ids
 from hamaster.bus import codec, messages
 from hamaster.jobs.jid import gen_jid
 from hamaster.master.jobs import JobTracker, JobWriter
@@ -237,9 +237,10 @@ class Master:
     def _on_return(self, load: dict) -> None:
         jid = load.get("jid")
         mid = load["id"]
-        if not isinstance(jid, str) or not (jid.isdigit() and len(jid) == 20):
+        if not ids.valid_jid(jid):
             if jid != "req":
-                log.warning("return from %s with invalid jid %r dropped", mid, jid)
+                self.handler.ratelog.warn("bad_jid", mid, "return from %s with invalid jid %s "
+                                          "dropped", ids.shown(mid), ids.shown(jid))
                 self.metrics.reject("bad_jid")
             return None
         ret = {
@@ -298,6 +299,9 @@ class Master:
             return {"jid": None, "minions": [], "error": f"invalid target: {exc}"}
         if not minions:
             return {"jid": None, "minions": [], "error": "No minions matched the target. No command was sent, no jid was assigned."}
+        if jid and not ids.valid_jid(jid):
+            return {"jid": None, "minions": [], "error": f"invalid jid {ids.shown(jid)}: expected "
+                    "20 digits YYYYMMDDhhmmssffffff that are a real time"}
         jid = jid or gen_jid()
         inner: dict[str, Any] = {
             "fun": fun,
@@ -459,6 +463,7 @@ class Master:
                         log.warning("cannot hash file_roots: %s", exc)
             self.metrics.minions_connected.labels(self.master_id).set(len(self.handler.connected(CONNECTED_WINDOW)))
             self.metrics.store_up.labels(self.master_id).set(1 if self.keys.store.healthy() else 0)
+            self.handler.ratelog.flush()
             now = time.time()
             if keep and now - last_clean > 3600:
                 last_clean = now

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hamaster.jobs.cache import JobCache
+from hamaster.store.base import StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,16 @@ class JobWriter(threading.Thread):
     def _flush(self, items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
         rets = [payload for kind, payload in items if kind == "ret"]
         try:
-            for kind, payload in items:
-                if kind == "load":
-                    self.cache.save_load(*payload)
-            if rets:
-                self.cache.save_returns(rets)
+            try:
+                for kind, payload in items:
+                    if kind == "load":
+                        self.cache.save_load(*payload)
+                if rets:
+                    self.cache.save_returns(rets)
+            except StoreUnavailable:
+                raise
+            except (ValueError, StoreError):  # one item's fault (bad jid or id, a value too big
+                self._flush_one_by_one(items)  # for etcd): drop that item, keep the rest
         except Exception as exc:
             if self.healthy:
                 log.error("job cache write failed, keeping %d items in memory: %s", len(items), exc)
@@ -97,6 +103,29 @@ class JobWriter(threading.Thread):
             log.warning("job cache writable again")
         self.healthy = True
         return []
+
+
+    def _flush_one_by_one(self, items: list[tuple[str, Any]]) -> None:
+        """Write items singly, dropping (with one warning) those the cache refuses.
+
+        Only an outage (``StoreUnavailable``) keeps the items for a retry; any other refusal is
+        about one item (an invalid jid or id, a value over the backend's size limit) and would
+        fail the same way forever.
+        """
+        dropped: list[str] = []
+        for kind, payload in items:
+            try:
+                if kind == "load":
+                    self.cache.save_load(*payload)
+                else:
+                    self.cache.save_return(*payload)
+            except StoreUnavailable:
+                raise
+            except (ValueError, StoreError) as exc:
+                dropped.append(str(exc))
+        if dropped:
+            log.warning("job cache: dropped %d invalid items (first: %s)", len(dropped),
+                        dropped[0][:300])
 
 
 class JobTracker:

@@ -23,6 +23,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
+from hamaster.ids import is_plain, shown, valid_minion_id
 from hamaster.store.base import Change, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -79,20 +80,6 @@ def normalize_pub(pem: str | bytes) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def valid_minion_id(mid: str) -> bool:
-    """True if ``mid`` is safe as a minion id and file name (Salt's rules)."""
-    return (
-        isinstance(mid, str)
-        and 0 < len(mid) <= 255
-        and "/" not in mid
-        and "\\" not in mid
-        and "\0" not in mid
-        and ".." not in mid
-        and not mid.startswith(".")
-        and mid.strip() == mid
-    )
-
-
 @functools.lru_cache(maxsize=65536)
 def is_public_key(pem: str) -> bool:
     """True if ``pem`` parses as a PEM public key (SubjectPublicKeyInfo or PKCS#1); cached."""
@@ -110,6 +97,16 @@ def pem_finger(pem: str) -> str:
     if not is_public_key(normalize_pub(pem)):
         raise KeyRegistryError("key is not a valid PEM public key")
     return pem_fingerprint(pem)
+
+
+def key_hint(flag: str, mid: str) -> str:
+    """"`hamaster-key FLAG ID`" for an id safe in a shell word, else how to do it by hand.
+
+    A log line never suggests a command line built from an id that could carry shell syntax.
+    """
+    if is_plain(mid):
+        return f"`hamaster-key {flag} {mid}`"
+    return f"`hamaster-key {flag}` with this id (quote it; check `hamaster-key -L`)"
 
 
 def _read_pattern_file(path: str | None, what: str) -> list[str]:
@@ -189,14 +186,14 @@ class KeyRegistry:
 
     def _fire(self, events: list[tuple[str, KeyState | None, KeyState | None]]) -> None:
         for mid, old, new in events:
-            log.info("minion key %s: %s -> %s", mid, old.name if old else None,
+            log.info("minion key %s: %s -> %s", shown(mid), old.name if old else None,
                      new.name if new else None)
             try:
                 for cb in list(self._callbacks):
                     try:
                         cb(mid, old, new)
                     except Exception:
-                        log.exception("key change callback failed for %s", mid)
+                        log.exception("key change callback failed for %s", shown(mid))
             finally:
                 with self._lock:
                     left = self._unfired.get(mid, 0) - 1
@@ -447,7 +444,8 @@ class KeyRegistry:
         unavailable, decides from memory and never accepts a key that is not accepted there.
         """
         if not valid_minion_id(mid):
-            log.warning("auth refused: invalid minion id %r", mid)
+            # The request handler refuses (and rate-limits the log of) invalid ids before this.
+            log.debug("auth refused: invalid minion id %s", shown(mid))
             return AuthDecision.REJECTED
         if self.open_mode:
             return AuthDecision.ACCEPTED
@@ -474,19 +472,20 @@ class KeyRegistry:
                 self._refresh(mid, events)
             except StoreUnavailable as exc:
                 store_ok = False
-                log.warning("auth of %s decided from memory, key store unavailable: %s", mid, exc)
+                log.warning("auth of %s decided from memory, key store unavailable: %s",
+                            shown(mid), exc)
         if mid in view[KeyState.REJECTED]:
             return AuthDecision.REJECTED
         accepted = view[KeyState.ACCEPTED].get(mid)
         if accepted is not None:
             if not is_public_key(accepted):
                 log.warning("accepted key file for %s is not a valid public key; ignoring it "
-                            "(delete it with `hamaster-key -d %s`)", mid, mid)
+                            "(delete it with %s)", shown(mid), key_hint("-d", mid))
             elif accepted == pub_n:
                 return AuthDecision.ACCEPTED
             else:
                 log.warning("minion %s presented a key different from its accepted key; "
-                            "stored it as denied (check `hamaster-key -f %s`)", mid, mid)
+                            "stored it as denied (check %s)", shown(mid), key_hint("-f", mid))
                 self._write(mid, KeyState.DENIED, pub_n, events, store_ok)
                 return AuthDecision.DENIED
         if _matches(mid, _read_pattern_file(self.autoreject_file, "autoreject_file")):
@@ -503,7 +502,7 @@ class KeyRegistry:
         if pending is not None:
             if pending != pub_n:
                 log.warning("minion %s presented a key different from its pending key; "
-                            "stored it as denied", mid)
+                            "stored it as denied", shown(mid))
                 self._write(mid, KeyState.DENIED, pub_n, events, store_ok)
                 return AuthDecision.DENIED
             if auto and store_ok and is_public_key(pub_n):
@@ -513,7 +512,7 @@ class KeyRegistry:
         if not store_ok:
             return AuthDecision.PENDING
         if not is_public_key(pub_n):
-            log.warning("minion %s presented something that is not a public key", mid)
+            log.warning("minion %s presented something that is not a public key", shown(mid))
             return AuthDecision.REJECTED
         target = KeyState.ACCEPTED if auto else KeyState.PENDING
         if accepted is not None:  # a corrupted accepted file: replace it only when auto
@@ -526,8 +525,8 @@ class KeyRegistry:
             self._set(mid, target, pub_n, events)
             if target is KeyState.ACCEPTED:
                 return AuthDecision.ACCEPTED
-            log.info("new minion key %s is pending: run `hamaster-key -a %s` to accept it",
-                     mid, mid)
+            log.info("new minion key %s is pending: accept it with %s", shown(mid),
+                     key_hint("-a", mid))
             return AuthDecision.PENDING
         if retry:  # another master wrote this id meanwhile: decide again on fresh state
             return self._decide(mid, pub_n, events, retry=False)
@@ -541,7 +540,7 @@ class KeyRegistry:
         try:
             self.store.put(self._key(state, mid), (pub_n + "\n").encode())
         except StoreUnavailable as exc:
-            log.warning("could not record %s key of %s: %s", state.name.lower(), mid, exc)
+            log.warning("could not record %s key of %s: %s", state.name.lower(), shown(mid), exc)
             return
         self._set(mid, state, pub_n, events)
 

@@ -48,7 +48,7 @@ def test_normalize_pub():
 @pytest.mark.parametrize("mid,ok", [
     ("web1", True), ("web-1.example.com", True), ("", False), ("a/b", False),
     ("a\\b", False), ("a..b", False), (".hidden", False), ("a\0b", False), ("x" * 256, False),
-    ("x" * 255, True),
+    ("x" * 240, True), ("x" * 241, False), ("é" * 121, False), ("a\nb", False), (" web1", False),
 ])
 def test_valid_minion_id(mid, ok):
     assert valid_minion_id(mid) is ok

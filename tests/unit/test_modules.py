@@ -58,6 +58,19 @@ def test_cmd_run_nonzero_exit_sets_retcode(ctx: ExecContext) -> None:
     assert ctx.retcode == 3
 
 
+def test_failing_command_line_is_not_logged_above_debug(ctx: ExecContext, caplog) -> None:
+    """A failing command may carry a password: ERROR/INFO lines name only the program."""
+    caplog.set_level("DEBUG", logger="hamaster.minion.modules.cmd")
+    cmd.run(ctx, "mysql --password=hunter2 -e 'select 1'; exit 3")
+    cmd.retcode(ctx, ["sh", "-c", "exit 4", "--password=hunter2"])
+    cmd.run(ctx, "sleep 5; echo --password=hunter2", timeout=0.2)
+    above = [r.getMessage() for r in caplog.records if r.levelno > 10]
+    assert any("failed with return code: 3" in m and "mysql" in m for m in above), above
+    assert any("returned code 4" in m for m in above) and any("timed out" in m for m in above)
+    assert not [m for m in above if "hunter2" in m], above
+    assert [r for r in caplog.records if r.levelno == 10 and "hunter2" in r.getMessage()]
+
+
 def test_cmd_run_ignore_retcode(ctx: ExecContext) -> None:
     cmd.run(ctx, "exit 3", ignore_retcode=True)
     assert ctx.retcode == 0
