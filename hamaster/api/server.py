@@ -143,16 +143,11 @@ class ApiApp:
                                     float(apiopts.get("login_failure_window", 60.0)))
         self.started = time.time()
         self.codes: collections.Counter[str] = collections.Counter()
-        registry = bridge.metrics_registry
-        existing = getattr(registry, "_hamaster_api_counter", None)
-        if existing is None:
-            existing = Counter("hamaster_api_requests_total",
-                               "REST API answers, by HTTP status code", ["master_id", "code"],
-                               registry=registry)
-            registry._hamaster_api_counter = existing
-            for code in KNOWN_CODES:
-                existing.labels(bridge.master_id, code)
-        self.counter = existing
+        self.counter = Counter("hamaster_api_requests_total",
+                               "REST API answers, refusals included, by HTTP status code",
+                               ["master_id", "code"], registry=bridge.metrics_registry)
+        for code in KNOWN_CODES:
+            self.counter.labels(bridge.master_id, code)
         self.debug = bool(apiopts.get("debug", False))
 
     # -- application ---------------------------------------------------------------------------
@@ -253,6 +248,9 @@ class ApiApp:
             return data, raw
         if ctype in ("application/x-yaml", "text/yaml"):
             try:
+                # no anchors/aliases: a few bytes of them expand to gigabytes once published
+                if any(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(raw)):
+                    raise ApiError(400, "YAML aliases are not accepted")
                 return yaml.safe_load(raw), raw
             except (yaml.YAMLError, RecursionError, ValueError):
                 raise ApiError(400, "Invalid YAML document") from None
@@ -300,7 +298,17 @@ class ApiApp:
             raise ApiError(503, "The token store is unreachable") from None
         if rec is None:
             raise ApiError(401, "Invalid or expired token")
-        return {**rec, "token": token}
+        return self._with_perms({**rec, "token": token})
+
+    def _with_perms(self, rec: dict) -> dict:
+        """The record with the user's permissions from this master's ``external_auth`` now
+        (as Salt, the ACL is read at each call, not frozen into the token); 401 if none."""
+        ext = self.bridge.opts.get("external_auth") or {}
+        perms = eauth.permissions(ext if isinstance(ext, dict) else {}, str(rec.get("eauth")),
+                                  str(rec.get("user")), list(rec.get("groups") or []))
+        if perms is None:
+            raise ApiError(401, "The token's user has no external_auth entry on this master")
+        return {**rec, "perms": perms}
 
     # -- authentication ------------------------------------------------------------------------
 
@@ -414,10 +422,14 @@ class ApiApp:
             token = chunk.get("token")
             if isinstance(token, str) and token:
                 loop = asyncio.get_running_loop()
-                rec = await loop.run_in_executor(self.pool, self.tokens.get, token)
+                try:
+                    rec = await loop.run_in_executor(self.pool, self.tokens.get, token)
+                except (StoreError, OSError) as exc:
+                    log.error("API: cannot read the token store: %s", exc)
+                    raise ApiError(503, "The token store is unreachable") from None
                 if rec is None:
                     raise ApiError(401, "Invalid or expired token")
-                sess = rec
+                sess = self._with_perms(rec)
             else:
                 sess = await self._authenticate(request, chunk)
             out.append(await self.lowstate.run(chunk, sess))
@@ -529,7 +541,6 @@ class ApiApp:
     async def events_get(self, request: web.Request) -> web.StreamResponse:
         """``GET /events``: Server-Sent Events of what this master's API knows (see docs)."""
         await self._session(request, allow_query=True)
-        self._count(200)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)

@@ -57,6 +57,8 @@ def api() -> Iterator[dict[str, Any]]:
             if i == 0:
                 extra["metrics_port"] = metrics
             c.add_master(extra)
+        for port in ports:
+            wait_api(port)
         c.add_minion("web1")
         c.add_minion("db1")
         c.wait_all_answer(["web1", "db1"], master=0)
@@ -65,6 +67,18 @@ def api() -> Iterator[dict[str, Any]]:
         yield {"cluster": c, "urls": urls, "metrics": metrics, "base": c.base}
     finally:
         c.close()
+
+
+def wait_api(port: int) -> None:
+    """Wait until the API accepts connections (it binds just after the CLI socket)."""
+    def up() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    wait_until(up, 20, what=f"API on port {port}")
 
 
 def call(url: str, path: str, data: Any = None, token: str | None = None,
@@ -209,6 +223,17 @@ def test_lowstate_clients_minions_jobs_and_keys(api: dict) -> None:
     assert (status, out) == (200, {"return": [{"web1": True}]})
 
 
+def test_run_takes_credentials_or_a_token_per_chunk(api: dict) -> None:
+    url = api["urls"][1]
+    tok = login(api["urls"][0])
+    ping = {"client": "local", "tgt": "web1", "fun": "test.ping"}
+    assert call(url, "/run", [{**ping, "token": tok}]) == (200, {"return": [{"web1": True}]})
+    creds = {"username": "alice", "password": "secret", "eauth": "file"}
+    assert call(url, "/run", [{**ping, **creds}]) == (200, {"return": [{"web1": True}]})
+    assert call(url, "/run", [{**ping, "token": "ab" * 20}])[0] == 401
+    assert call(url, "/run", [{**ping, **creds, "password": "bad"}])[0] == 401
+
+
 def test_post_keys_returns_an_accepted_keypair_as_tar(api: dict) -> None:
     url = api["urls"][0]
     form = b"mid=kick1&username=alice&password=secret&eauth=file"
@@ -281,6 +306,8 @@ def test_bad_input_answers_4xx_and_is_counted(api: dict) -> None:
     assert status == 400 and "Client disabled: 'ssh'" in out["return"]
     assert call(url, "/", [{"client": "nope"}], tok)[0] == 400
     assert call(url, "/", raw=b"x", token=tok, ctype="application/octet-stream")[0] == 406
+    bomb = b"a: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\n"
+    assert call(url, "/", raw=bomb, token=tok, ctype="application/x-yaml")[0] == 400
     assert call(url, "/", raw=b"[" + b" " * (2 * 1024 * 1024) + b"]", token=tok)[0] == 413
     assert call(url, "/nowhere", token=tok)[0] == 404
     assert call(url, "/login", method="PUT", raw=b"")[0] == 405
@@ -535,3 +562,62 @@ def test_one_token_through_a_balancer_survives_a_master_kill(api: dict) -> None:
         assert out["hamaster_api"]["master_id"] == "master1"
     finally:
         proxy.close()
+
+
+# -- TLS -----------------------------------------------------------------------------------------
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    import ipaddress
+
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    crt, pem = directory / "api.crt", directory / "api.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    return crt, pem
+
+
+def test_tls_with_ssl_crt_and_key_and_a_clear_error_without(cluster: Cluster) -> None:
+    import ssl
+
+    crt, key = _self_signed(cluster.base)
+    users = cluster.base / "users"
+    users.write_text("alice:secret\n")
+    port = free_port()
+    cluster.add_master({"rest_cherrypy": {"port": port, "host": "127.0.0.1",
+                                          "ssl_crt": str(crt), "ssl_key": str(key)},
+                        "external_auth": {"file": {"^filename": str(users), "alice": [".*"]}}})
+    wait_api(port)
+    ctx = ssl.create_default_context(cafile=str(crt))
+    req = urllib.request.Request(f"https://127.0.0.1:{port}/login", json.dumps(
+        {"username": "alice", "password": "secret", "eauth": "file"}).encode(),
+        {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, context=ctx) as resp:
+        assert resp.status == 200 and "Secure" in resp.headers["Set-Cookie"]
+    with pytest.raises(OSError):  # plain HTTP is not served (refused or disconnected)
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read()
+    # neither certificates nor disable_ssl: the master refuses to start and says why
+    info = cluster.add_master({"rest_cherrypy": {"port": free_port(), "host": "127.0.0.1"}},
+                              start=False)
+    proc = info["proc"].start()
+    assert proc.popen is not None
+    assert proc.popen.wait(timeout=30) != 0
+    assert "set ssl_crt and ssl_key" in proc.log_text()
