@@ -147,6 +147,8 @@ MASTER_DEFAULTS: dict[str, Any] = {
     "external_auth": {},
     "token_expire": 43200.0,
     "netapi_enable_clients": [],
+    "publisher_acl": {},
+    "publisher_acl_blacklist": {},
 }
 
 MASTER_TYPES: dict[str, _Spec] = {
@@ -204,6 +206,8 @@ MASTER_TYPES: dict[str, _Spec] = {
     "external_auth": DICT,
     "token_expire": FLOAT,
     "netapi_enable_clients": STR_LIST,
+    "publisher_acl": DICT,
+    "publisher_acl_blacklist": DICT,
 }
 
 MINION_DEFAULTS: dict[str, Any] = {

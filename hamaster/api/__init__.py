@@ -3,8 +3,8 @@
 Owns: the aiohttp application and its thread (:mod:`.server`), eauth and ACLs (:mod:`.eauth`),
 tokens in the shared store (:mod:`.tokens`), the lowstate clients (:mod:`.clients`) and the
 narrow interface to the master's event loop (:mod:`.bridge`). Imports from ``hamaster.master``
-only through :mod:`.bridge`; nothing in ``hamaster.master`` imports this package except the
-daemon, which starts it.
+only through :mod:`.bridge`; in ``hamaster.master`` the daemon starts it and
+``publisher_acl`` reuses :class:`.eauth.Acl` (:mod:`.eauth` imports nothing of the master).
 """
 
 from __future__ import annotations

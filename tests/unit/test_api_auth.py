@@ -213,3 +213,33 @@ def test_login_limiter_per_user_and_source() -> None:
     assert lim2.blocked_for("a", "s") > 0
     time.sleep(0.06)
     assert lim2.blocked_for("a", "s") == 0
+
+
+# -- publisher_acl (the local CLI) ------------------------------------------------------------
+
+
+def test_publisher_acl_users_groups_blacklist_and_root() -> None:
+    from hamaster.master.publisher_acl import Caller, PublisherAcl
+
+    pacl = PublisherAcl({"publisher_acl": {"dev*": ["test.*"], "root%": ["@runner"]},
+                         "publisher_acl_blacklist": {"users": ["^devil$"],
+                                                     "modules": ["cmd\\..*"]}})
+    assert pacl.enabled
+    m = glob_matcher(["web1"])
+    dev = Caller(1000, "devin", False)
+    assert pacl.refuse_publish(dev, "test.ping", [], ["web1"], m) is None
+    assert "may not run" in pacl.refuse_publish(dev, "pkg.install", [], ["web1"], m)
+    assert pacl.refuse_runner(dev, "jobs.list_jobs") is not None
+    assert pacl.refuse_publish(Caller(1001, "devil", False), "test.ping", [], ["web1"], m)
+    # the module blacklist wins over an allowing entry
+    allow_all = PublisherAcl({"publisher_acl": {"ann": [".*"]},
+                              "publisher_acl_blacklist": {"modules": ["cmd\\..*"]}})
+    ann = Caller(1002, "ann", False)
+    assert allow_all.refuse_publish(ann, "test.ping", [], ["web1"], m) is None
+    assert allow_all.refuse_publish(ann, "cmd.run", ["id"], ["web1"], m) is not None
+    # an unknown uid is refused; root and the master's user are not checked at all
+    assert allow_all.refuse_publish(Caller(4242, "", False), "test.ping", [], ["web1"], m)
+    assert allow_all.refuse_publish(Caller(0, "root", True), "cmd.run", [], ["web1"], m) is None
+    # a member of the group root (Salt's "name%") gets that group's entries
+    assert pacl.perms(Caller(0, "root", True)) == ["@runner"]
+    assert not PublisherAcl({}).enabled
