@@ -387,7 +387,14 @@ def key_gen_accept(bridge: MasterBridge, id_: str, keysize: int = 2048,
     return {"pub": pub.decode(), "priv": priv.decode()}
 
 
+def config_values(bridge: MasterBridge) -> dict:
+    """``config.values``: only the ``saltgui_*`` options (SaltGUI reads its settings so); the
+    rest of the master config (paths, backends, secrets of backends) is not handed out."""
+    return {k: v for k, v in bridge.opts.items() if isinstance(k, str) and k.startswith("saltgui_")}
+
+
 WHEEL: dict[str, Callable[..., Any]] = {
+    "config.values": config_values,
     "key.list_all": key_list_all,
     "key.list": key_list,
     "key.accept": key_accept,

@@ -29,6 +29,8 @@ from tests.integration.harness import BIN, Cluster, free_port, wait_until
 
 ALL_CLIENTS = ["local", "local_async", "runner", "wheel"]
 PEPPER = BIN / "pepper"
+needs_pepper = pytest.mark.skipif(not PEPPER.exists(),
+                                  reason="salt-pepper is not installed (pip install -e '.[test]')")
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +124,7 @@ def pepper(api: dict, *args: str, url: int = 0, password: str = "secret",
 # -- pepper --------------------------------------------------------------------------------------
 
 
+@needs_pepper
 def test_pepper_login_ping_runner_wheel_and_token_reused_on_the_other_master(api: dict) -> None:
     cache = api["base"] / "peppercache"
     res = pepper(api, "*", "test.ping", cache=cache)
@@ -151,6 +154,7 @@ def test_pepper_login_ping_runner_wheel_and_token_reused_on_the_other_master(api
     assert status == 200 and set(out["return"]["minions"]) >= {"web1", "db1"}
 
 
+@needs_pepper
 def test_pepper_wrong_password_is_refused(api: dict) -> None:
     res = pepper(api, "*", "test.ping", password="nope")
     assert res.returncode != 0
@@ -284,6 +288,8 @@ def test_acl_refusals_are_403(api: dict) -> None:
         assert call(url, "/", [chunk], tok)[0] == 403
     assert call(url, "/keys", token=tok)[0] == 403
     assert call(url, "/jobs", token=tok)[0] == 403
+    log = api["cluster"].masters[1]["proc"].log_text()
+    assert "API: user bob refused test.ping on 'db1' (glob): not allowed by external_auth" in log
 
 
 def test_bad_input_answers_4xx_and_is_counted(api: dict) -> None:
@@ -612,6 +618,15 @@ def test_tls_with_ssl_crt_and_key_and_a_clear_error_without(cluster: Cluster) ->
         {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, context=ctx) as resp:
         assert resp.status == 200 and "Secure" in resp.headers["Set-Cookie"]
+        token = resp.headers["X-Auth-Token"]
+    # netapi_enable_clients not set: Salt 3006+'s default, every client disabled
+    req = urllib.request.Request(f"https://127.0.0.1:{port}/", json.dumps(
+        {"client": "local", "tgt": "*", "fun": "test.ping"}).encode(),
+        {"Content-Type": "application/json", "X-Auth-Token": token})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, context=ctx)
+    assert err.value.code == 400
+    assert "Client disabled: 'local'" in err.value.read().decode()
     with pytest.raises(OSError):  # plain HTTP is not served (refused or disconnected)
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read()
     # neither certificates nor disable_ssl: the master refuses to start and says why
