@@ -549,6 +549,8 @@ class ApiApp:
             last = int(request.headers.get("Last-Event-ID", "") or self.events.seq)
         except ValueError:
             last = self.events.seq
+        if not 0 <= last <= self.events.seq:  # another master's id (or garbage): from now on
+            last = self.events.seq
         try:
             while True:
                 for seq, tag, data in self.events.since(last):

@@ -350,7 +350,22 @@ def test_logout_on_one_master_invalidates_the_token_on_the_other(api: dict) -> N
     assert call(api["urls"][0], "/keys", token=tok)[0] == 401
 
 
-def test_hook_event_reaches_the_event_stream(api: dict) -> None:
+def _read_event(resp: http.client.HTTPResponse, tag: str, timeout: float = 10) -> dict:
+    """Read SSE records until one with ``tag``; returns ``{"id", "tag", "data"}``."""
+    deadline = time.monotonic() + timeout
+    last_id = None
+    while time.monotonic() < deadline:
+        line = resp.readline().decode()
+        if line.startswith("id: "):
+            last_id = int(line[4:])
+        if line.startswith("data: "):
+            evt = json.loads(line[6:])
+            if evt["tag"] == tag:
+                return {**evt, "id": last_id}
+    raise AssertionError(f"no event {tag} within {timeout}s")
+
+
+def test_hook_event_reaches_the_event_stream_and_resumes(api: dict) -> None:
     url = api["urls"][0]
     tok = login(url)
     port = int(url.rsplit(":", 1)[1])
@@ -361,19 +376,21 @@ def test_hook_event_reaches_the_event_stream(api: dict) -> None:
     assert resp.readline() == b"retry: 400\n"
     status, out = call(url, "/hook/ci/build/done", {"sha": "abc"}, tok)
     assert (status, out) == (200, {"success": True})
-    deadline = time.monotonic() + 10
-    seen = None
-    while time.monotonic() < deadline:
-        line = resp.readline().decode()
-        if line.startswith("data: "):
-            evt = json.loads(line[6:])
-            if evt["tag"] == "salt/netapi/hook/ci/build/done":
-                seen = evt
-                break
+    seen = _read_event(resp, "salt/netapi/hook/ci/build/done")
     conn.close()
-    assert seen is not None and seen["data"]["post"] == {"sha": "abc"}
+    assert seen["data"]["post"] == {"sha": "abc"}
     assert "X-Auth-Token" not in seen["data"]["headers"]
+    # an event while nobody listens; a client resuming with Last-Event-ID gets it
+    assert call(url, "/hook/ci/build/next", {"n": 2}, tok)[0] == 200
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/events", headers={"X-Auth-Token": tok,
+                                            "Last-Event-ID": str(seen["id"])})
+    resp = conn.getresponse()
+    nxt = _read_event(resp, "salt/netapi/hook/ci/build/next")
+    conn.close()
+    assert nxt["id"] > seen["id"] and nxt["data"]["post"] == {"n": 2}
     assert call(url, "/hook/x", {"a": 1})[0] == 401  # webhooks need a token by default
+    assert call(url, "/events")[0] == 401
 
 
 def test_fuzzed_requests_never_get_a_server_error(api: dict) -> None:
