@@ -653,3 +653,51 @@ def test_tls_with_ssl_crt_and_key_and_a_clear_error_without(cluster: Cluster) ->
     assert proc.popen is not None
     assert proc.popen.wait(timeout=30) != 0
     assert "set ssl_crt and ssl_key" in proc.log_text()
+
+
+def test_slow_password_checks_do_not_hold_up_the_master(cluster: Cluster) -> None:
+    """Three bcrypt logins (cost 13, ~0.9 s of CPU each) at once: they run in the API's worker
+    threads, so a CLI publication through the master loop keeps coming back in well under one
+    bcrypt check (on a loaded 2-core machine the CPU is shared, hence 0.8 s, not 0.1)."""
+    import bcrypt
+
+    from hamaster.localapi import LocalClient
+
+    users = cluster.base / "htpasswd"
+    users.write_text("slow:" + bcrypt.hashpw(b"pw", bcrypt.gensalt(13)).decode() + "\n")
+    port = free_port()
+    m = cluster.add_master({
+        "auto_accept": True,
+        "rest_cherrypy": {"port": port, "host": "127.0.0.1", "disable_ssl": True},
+        "external_auth": {"file": {"^filename": str(users), "^filetype": "htpasswd",
+                                   "slow": [".*"]}}})
+    cluster.add_minion("p1")
+    cluster.wait_all_answer(["p1"])
+    wait_api(port)
+    url = f"http://127.0.0.1:{port}"
+    results: list[int] = []
+
+    def slow_login() -> None:
+        results.append(call(url, "/login", {"username": "slow", "password": "pw",
+                                            "eauth": "file"})[0])
+
+    threads = [threading.Thread(target=slow_login) for _ in range(3)]
+    sock_dir = str(Path(m["conf"]["root_dir"]) / "var/run/hamaster/master")
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    latencies = []
+    while any(t.is_alive() for t in threads):
+        start = time.monotonic()
+        with LocalClient(sock_dir, timeout=10) as client:
+            client.send({"cmd": "publish", "tgt": "p1", "fun": "test.ping", "arg": [],
+                         "timeout": 5})
+            frames = list(client.stream())
+        latencies.append(time.monotonic() - start)
+        assert {"p1": True} in [{k: v.get("return") for k, v in f["ret"].items()}
+                                for f in frames if "ret" in f]
+    for t in threads:
+        t.join()
+    assert results == [200] * 3
+    assert time.monotonic() - t0 > 0.8  # the logins really took a while …
+    assert len(latencies) >= 2 and max(latencies) < 0.8, latencies  # … the master did not
