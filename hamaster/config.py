@@ -90,6 +90,7 @@ def _is_roots(v: Any) -> bool:
 
 
 ROOTS = _Spec("a mapping of environment name to a list of directories", _is_roots)
+DICT_OR_NONE = _Spec("a mapping or null", lambda v: v is None or isinstance(v, dict))
 
 # --------------------------------------------------------------------------- defaults
 
@@ -143,6 +144,14 @@ MASTER_DEFAULTS: dict[str, Any] = {
     "ha_rsync_ssh": "ssh -o BatchMode=yes -o ConnectTimeout=5",
     "user": "root",
     "worker_threads": 5,
+    # REST API (hamaster/api): salt-api's block name, an alias, eauth and its ACLs
+    "rest_cherrypy": None,
+    "rest_api": None,
+    "external_auth": {},
+    "token_expire": 43200.0,
+    "netapi_enable_clients": [],
+    "publisher_acl": {},
+    "publisher_acl_blacklist": {},
 }
 
 MASTER_TYPES: dict[str, _Spec] = {
@@ -195,6 +204,13 @@ MASTER_TYPES: dict[str, _Spec] = {
     "ha_rsync_ssh": STR,
     "user": STR,
     "worker_threads": INT,
+    "rest_cherrypy": DICT_OR_NONE,
+    "rest_api": DICT_OR_NONE,
+    "external_auth": DICT,
+    "token_expire": FLOAT,
+    "netapi_enable_clients": STR_LIST,
+    "publisher_acl": DICT,
+    "publisher_acl_blacklist": DICT,
 }
 
 MINION_DEFAULTS: dict[str, Any] = {

@@ -30,6 +30,9 @@ class CliServer:
         self.master = master
         self.path = socket_path(master.opts["sock_dir"])
         self.server: asyncio.AbstractServer | None = None
+        from hamaster.master.publisher_acl import PublisherAcl
+
+        self.publisher_acl = PublisherAcl(master.opts)  # non-root callers (SO_PEERCRED)
 
     async def start(self) -> None:
         """Create the socket with safe permissions and start serving."""
@@ -39,8 +42,10 @@ class CliServer:
                 f"the CLI socket path {self.path} is longer than a Unix socket allows (107 bytes): "
                 "set a shorter sock_dir in the master config"
             )
+        # publisher_acl: every local user may connect; the peer's uid decides what it may do
+        shared = self.publisher_acl.enabled
         os.makedirs(sock_dir, mode=0o700, exist_ok=True)
-        os.chmod(sock_dir, 0o700)
+        os.chmod(sock_dir, 0o755 if shared else 0o700)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -50,7 +55,7 @@ class CliServer:
             self.server = await asyncio.start_unix_server(self._client, path=self.path)
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
+        os.chmod(self.path, 0o666 if shared else 0o600)
 
     async def close(self) -> None:
         """Stop serving and remove the socket."""
@@ -73,6 +78,9 @@ class CliServer:
         return unpack_body(await reader.readexactly(size))
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from hamaster.master.publisher_acl import peer_caller
+
+        caller = peer_caller(writer.get_extra_info("socket"))
         try:
             while True:
                 try:
@@ -85,10 +93,10 @@ class CliServer:
                     continue
                 cmd = req.get("cmd")
                 if cmd == "publish":
-                    if not await self._publish(req, reader, writer):
+                    if not await self._publish(req, reader, writer, caller):
                         return
                 elif cmd == "runner":
-                    await self._runner(req, writer)
+                    await self._runner(req, writer, caller)
                 else:
                     writer.write(pack({"error": f"unknown local command {cmd!r}"}))
                     await writer.drain()
@@ -98,7 +106,7 @@ class CliServer:
             writer.close()
 
     async def _publish(self, req: dict, reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter) -> bool:
+                       writer: asyncio.StreamWriter, caller: Any = None) -> bool:
         """Publish a job and stream its returns (Salt's waiting rule, or a batch run).
 
         Returns False when the client went away while waiting (the job keeps running).
@@ -111,6 +119,14 @@ class CliServer:
             writer.write(pack({"error": "publish needs fun (str) and arg (list)"}))
             await writer.drain()
             return True
+        if caller is not None and not caller.unrestricted:  # publisher_acl
+            refusal = self._refuse_publish(caller, req, arg)
+            if refusal:
+                log.warning("CLI: %s", refusal)
+                writer.write(pack({"jid": None, "minions": [], "error": refusal}))
+                await writer.drain()
+                return True
+            req = {**req, "user": caller.name}
         wait = bool(req.get("wait", True))
         timeout = float(req.get("timeout") or m.opts.get("timeout", 5))
         # Salt's probes only when asked (the hamaster CLI sends its gather_job_timeout); other
@@ -167,9 +183,32 @@ class CliServer:
             if watcher is not None:
                 watcher.cancel()
 
-    async def _runner(self, req: dict, writer: asyncio.StreamWriter) -> None:
+    def _refuse_publish(self, caller: Any, req: dict, arg: list) -> str | None:
+        """publisher_acl's verdict on a publication, judged on the minions it targets."""
+        m = self.master
+
+        def matches(expr: str) -> set[str]:
+            try:
+                return set(m.resolve_targets(expr, "compound"))
+            except ValueError:
+                return set()
+
+        try:
+            targeted = m.resolve_targets(req.get("tgt", "*"), req.get("tgt_type", "glob"))
+        except ValueError:
+            targeted = []
+        return self.publisher_acl.refuse_publish(caller, req["fun"], arg, targeted, matches)
+
+    async def _runner(self, req: dict, writer: asyncio.StreamWriter, caller: Any = None) -> None:
         from hamaster.master.runners import RunnerError, run_runner
 
+        refusal = (self.publisher_acl.refuse_runner(caller, str(req.get("fun")))
+                   if caller is not None else None)
+        if refusal:
+            log.warning("CLI: %s", refusal)
+            writer.write(pack({"error": refusal}))
+            await writer.drain()
+            return
         try:
             result = await run_runner(self.master, str(req.get("fun")), list(req.get("arg") or []), dict(req.get("kwarg") or {}))
             reply = {"return": result}

@@ -636,11 +636,24 @@ class Master:
             self.blob_address = blob_service.address
             tasks.append(asyncio.create_task(blob_service.sync_forever(self._stop), name="file-blobs"))
         # -- end file blobs --
+        # -- REST API (hamaster/api): its own thread and event loop --
+        api_service = None
+        from hamaster.api import api_options
+
+        if api_options(self.opts) is not None:
+            from hamaster.api.server import ApiService
+
+            api_service = ApiService.for_master(self)
+            assert api_service is not None
+            await api_service.start()
+        # -- end REST API --
         self.ready.set()
         log.info("master %s ready (hamaster %s)", self.master_id, __version__)
         try:
             await self._stop.wait()
         finally:
+            if api_service is not None:  # REST API first: its requests may need this loop
+                await asyncio.to_thread(api_service.close)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
