@@ -10,6 +10,7 @@ Requests: ``{"cmd": "publish", ...}`` streams the job's returns as they arrive, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import struct
@@ -182,6 +183,10 @@ class CliServer:
         finally:
             if watcher is not None:
                 watcher.cancel()
+                # Awaited, so its pending read is gone before the connection reads again
+                # (otherwise: "readexactly() called while another coroutine is waiting").
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
 
     def _refuse_publish(self, caller: Any, req: dict, arg: list) -> str | None:
         """publisher_acl's verdict on a publication, judged on the minions it targets."""
