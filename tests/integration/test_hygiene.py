@@ -25,11 +25,19 @@ from tests.integration.harness import BIN, Cluster, free_port, wait_until
 from tests.integration.spy import SpyMinion
 
 
+def _metrics(port: int) -> str:
+    """The master's /metrics text, or "" while it does not answer yet."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            return resp.read().decode()
+    except OSError:  # URLError included: not listening yet
+        return ""
+
+
 def _store_up(port: int) -> float | None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith("hamaster_store_up{"):
-                return float(line.rsplit(" ", 1)[1])
+    for line in _metrics(port).splitlines():
+        if line.startswith("hamaster_store_up{"):
+            return float(line.rsplit(" ", 1)[1])
     return None
 
 
@@ -49,8 +57,7 @@ def test_long_byte_id_is_refused_and_the_store_stays_up(cluster: Cluster, tmp_pa
         assert good.auth().status == "accepted"  # the store took the new key at once
         for _ in range(3):  # the metric is refreshed every 2 s: look over a few refreshes
             assert _store_up(port) == 1
-        wait_until(lambda: "invalid_id" in urllib.request.urlopen(
-            f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode(), 10, what="metric")
+        wait_until(lambda: "invalid_id" in _metrics(port), 10, what="metric")
     finally:
         for s in spies:
             s.close()
