@@ -125,7 +125,7 @@ async def cluster_status(master: Master) -> dict:
         return {
             "masters": {master.master_id: {**master.cluster_record(), "alive": True, "last_seen_s": 0.0}},
             "ha": False,
-            "drift": {"config": False, "fileroots": False},
+            "drift": {"config": False, "fileroots": False, "master_key": False},
         }
     store_ok = master.keys.store.healthy() and master._store_ok
     error = "the shared store is unreachable (see the master log)"
@@ -150,7 +150,12 @@ async def cluster_status(master: Master) -> dict:
         "drift": {
             "config": len({r.get("config_hash") for r in alive}) > 1,
             "fileroots": len({r.get("fileroots_hash") for r in alive}) > 1,
+            # every live master must serve the cluster's one master key (Salt's pem_finger)
+            "master_key": len({r.get("master_key_finger") for r in alive
+                               if r.get("master_key_finger")} | {master.master_finger}) > 1,
         },
+        "master_key": {"finger": master.master_finger,
+                       "mismatch": bool(master._key_mismatch_store or master._key_mismatch_peers)},
     }
 
 
