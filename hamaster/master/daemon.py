@@ -37,6 +37,7 @@ from hamaster.pki_sync.keys import (
     master_key_names,
     public_pem_of,
     read_master_keypair,
+    write_master_pub,
 )
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,8 @@ class Master:
                         log.warning("could not write back %s: %s", pem_key, exc)
                 return
             finger = crypto.pem_fingerprint(pair[1])
+            if priv_pem is False or finger != self.master_finger:
+                write_master_pub(store, prefix, pair[1])   # Salt's layout follows master.pem
             if finger == self.master_finger:
                 if self._key_mismatch_store:
                     log.warning("the store's master key matches this master's again (%s)", finger)
@@ -230,8 +233,6 @@ class Master:
             loop.call_soon_threadsafe(self._adopt_identity, pair[0], pair[1])
 
     def _restore_store_identity(self) -> None:
-        from hamaster.pki_sync.keys import write_master_pub
-
         pem_key, _ = master_key_names(self.keys.prefix)
         if self.keys.store.compare_and_put(pem_key, None, self._master_priv_pem):
             write_master_pub(self.keys.store, self.keys.prefix, public_pem_of(self._master_priv_pem))
