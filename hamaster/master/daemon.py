@@ -253,6 +253,9 @@ class Master:
         self.handler.master_pub_text = self.master_pub_text
         self.publish_key.rekey(self.master_priv, f"master key changed {old_finger} -> {new_finger}")
         self.handler.sessions.clear()
+        server = getattr(getattr(self, "blob_service", None), "server", None)
+        if server is not None:      # peers fetching file blobs now sign with the new key
+            server.pub = self.master_priv.public_key()
         self._key_mismatch_store = False
         self.metrics.master_key_changes.labels(self.master_id).inc()
         self._update_mismatch_metric()
@@ -753,7 +756,7 @@ class Master:
         # -- file blobs between masters (hamaster/fileroots/blobs.py) --
         from hamaster.fileroots.blobs import BlobService
 
-        blob_service = BlobService.for_master(self)
+        blob_service = self.blob_service = BlobService.for_master(self)
         if blob_service is not None:
             await blob_service.start()
             self.blob_address = blob_service.address
