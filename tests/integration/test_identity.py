@@ -209,3 +209,21 @@ def test_minion_listing_masters_with_two_keys_pins_exactly_one(cluster: Cluster)
     cluster.wait_all_answer(["two"], master=trusted)
     assert PINNED.findall(minion.log_text()) == pins
     assert crypto.pem_fingerprint(pinfile.read_text()) == pins[0]
+
+
+def test_rsync_two_masters_half_a_second_apart_key_accepted_on_one_used_through_other(
+        cluster: Cluster) -> None:
+    """The issue's first report: the second rsync master no longer exits at start; a key
+    accepted on the first works through the second."""
+    _need("rsync")
+    with backend_confs("rsync", cluster, 2) as confs:
+        start_masters(cluster, confs, 0.5, extra={"auto_accept": False})
+        finger, _ = wait_one_key(cluster)
+        for m in cluster.masters:
+            cluster.wait_master_ready(m, timeout=60)
+        assert all(v == [finger] for v in served_keys(cluster).values())
+        cluster.add_minion("acc1")
+        wait_until(lambda: "acc1" in cluster.keys(0)["minions_pre"], 30, what="pending on A")
+        cluster.run("hamaster-key", "-a", "acc1", "-y", master=0, check=True)
+        cluster.wait_all_answer(["acc1"], master=1, timeout=30)
+        cluster.wait_all_answer(["acc1"], master=0, timeout=30)
