@@ -58,11 +58,13 @@ def backend_confs(backend: str, c: Cluster, n: int) -> Iterator[list[dict[str, A
                    for i in range(n)]
 
 
-def start_masters(c: Cluster, confs: list[dict], spacing: float, extra: dict | None = None) -> float:
-    """Configure and start one master per conf, ``spacing`` seconds apart; returns the
-    monotonic time the first one was started."""
-    infos = [c.add_master({**conf, "auto_accept": True, **(extra or {})}, start=False)
-             for conf in confs]
+def start_masters(c: Cluster, confs: list[dict], spacing: float, extra: dict | None = None,
+                  hosts: list[str] | None = None) -> float:
+    """Configure and start one master per conf (on ``hosts[i]`` if given), ``spacing`` seconds
+    apart; returns the monotonic time the first one was started."""
+    infos = [c.add_master({**conf, "auto_accept": True, **(extra or {})}, start=False,
+                          host=hosts[i] if hosts else "127.0.0.1")
+             for i, conf in enumerate(confs)]
     t0 = time.monotonic()
     for i, info in enumerate(infos):
         if i and spacing:

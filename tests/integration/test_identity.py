@@ -227,3 +227,29 @@ def test_rsync_two_masters_half_a_second_apart_key_accepted_on_one_used_through_
         cluster.run("hamaster-key", "-a", "acc1", "-y", master=0, check=True)
         cluster.wait_all_answer(["acc1"], master=1, timeout=30)
         cluster.wait_all_answer(["acc1"], master=0, timeout=30)
+
+
+def test_rsync_master_waits_for_its_peer_and_says_so(cluster: Cluster) -> None:
+    """A lone rsync master on an empty tree does not invent an identity: it waits (log line,
+    ``state: waiting_for_master_key`` in its cluster record, no socket), and serves the agreed
+    key once its peer starts."""
+    _need("rsync")
+    with backend_confs("rsync", cluster, 2) as confs:
+        infos = [cluster.add_master({**c, "auto_accept": True}, start=False) for c in confs]
+        infos[0]["proc"].start()
+        wait_until(lambda: "waiting for the cluster's master keypair" in
+                   infos[0]["proc"].log_text(), 20, what="the waiting log line")
+        record = Path(confs[1]["ha_dir"]) / "cluster/masters/master0"
+        wait_until(lambda: record.exists() and json.loads(record.read_text()).get("state")
+                   == "waiting_for_master_key", 20, what="waiting record pushed to the peer")
+        assert served_keys(cluster) == {"master0": [], "master1": []}
+        assert not list(Path(infos[0]["conf"]["root_dir"]).rglob("master.sock"))
+        infos[1]["proc"].start()
+        finger, _ = wait_one_key(cluster)
+        assert all(v == [finger] for v in served_keys(cluster).values())
+        for m in infos:
+            cluster.wait_master_ready(m, timeout=30)
+        status = _status(cluster, 1)
+        wait_until(lambda: {r.get("state") for r in _status(cluster, 1)["masters"].values()}
+                   == {"serving"}, 15, what="both records serving")
+        assert status["drift"]["master_key"] is False
