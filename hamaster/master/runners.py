@@ -120,7 +120,8 @@ async def run_runner(master: Master, fun: str, args: list, kwargs: dict) -> Any:
 
 
 async def cluster_status(master: Master) -> dict:
-    """Masters of the cluster: alive, last seen, version, config and file_roots hashes, store health."""
+    """Masters of the cluster: alive, last seen, version, config and file_roots hashes, master-key
+    fingerprint, store health; drift flags for config, file_roots and the master key."""
     if not master.state.ha:
         return {
             "masters": {master.master_id: {**master.cluster_record(), "alive": True, "last_seen_s": 0.0}},

@@ -253,3 +253,28 @@ def test_rsync_master_waits_for_its_peer_and_says_so(cluster: Cluster) -> None:
         wait_until(lambda: {r.get("state") for r in _status(cluster, 1)["masters"].values()}
                    == {"serving"}, 15, what="both records serving")
         assert status["drift"]["master_key"] is False
+
+
+def test_fs_invalid_master_pem_in_the_store_keeps_the_key_and_reports(cluster: Cluster) -> None:
+    """A master.pem that is not a key (a bad restore): the master keeps serving its pair, logs
+    an ERROR and shows the mismatch (gauge, cluster.status); a valid pair put back clears it."""
+    port = free_port()
+    with backend_confs("fs", cluster, 1) as confs:
+        start_masters(cluster, [{**confs[0], "metrics_port": port}], 0.0)
+        finger, _ = wait_one_key(cluster)
+        cluster.wait_master_ready(cluster.masters[0])
+        minion = cluster.add_minion("inv1")
+        cluster.wait_all_answer(["inv1"])
+        pem = Path(confs[0]["ha_dir"]) / "pki/master/master.pem"
+        good = pem.read_bytes()
+        pem.write_bytes(b"-----BEGIN RSA PRIVATE KEY-----\nnot a key\n-----END RSA PRIVATE KEY-----\n")
+        wait_until(lambda: _metric(port, "hamaster_master_key_mismatch") == 1.0, 10,
+                   what="mismatch gauge")
+        assert "is not a valid private key" in cluster.masters[0]["proc"].log_text()
+        assert _status(cluster, 0)["master_key"] == {"finger": finger, "mismatch": True}
+        cluster.wait_all_answer(["inv1"])          # still serving its pair
+        pem.write_bytes(good)
+        wait_until(lambda: _metric(port, "hamaster_master_key_mismatch") == 0.0, 10,
+                   what="mismatch cleared")
+        assert _metric(port, "hamaster_master_key_changes_total") == 0.0
+        assert PINNED.findall(minion.log_text()) == [finger]
