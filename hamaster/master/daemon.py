@@ -244,6 +244,14 @@ class Master:
         if new_finger == self.master_finger:
             return
         old_finger = self.master_finger
+        try:
+            crypto.load_private_key(priv_pem)     # RSA, consistent
+        except crypto.CryptoError as exc:
+            log.error("the store's master key %s cannot be used (%s); this master keeps serving %s",
+                      new_finger, exc, old_finger)
+            self._key_mismatch_store = True
+            self._update_mismatch_metric()
+            return
         log.error("the cluster master keypair in the store (%s) differs from the one this master "
                   "serves (%s): adopting the store's pair; minions that pinned %s will refuse "
                   "every master until their minion_master.pub is replaced",
