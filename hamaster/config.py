@@ -142,6 +142,7 @@ MASTER_DEFAULTS: dict[str, Any] = {
     "ha_rsync_max_backoff": 30.0,
     "ha_rsync_tombstone_ttl": 604800.0,
     "ha_rsync_ssh": "ssh -o BatchMode=yes -o ConnectTimeout=5",
+    "ha_create_master_key": False,
     "user": "root",
     "worker_threads": 5,
     # REST API (hamaster/api): salt-api's block name, an alias, eauth and its ACLs
@@ -202,6 +203,7 @@ MASTER_TYPES: dict[str, _Spec] = {
     "ha_rsync_max_backoff": FLOAT,
     "ha_rsync_tombstone_ttl": FLOAT,
     "ha_rsync_ssh": STR,
+    "ha_create_master_key": BOOL,
     "user": STR,
     "worker_threads": INT,
     "rest_cherrypy": DICT_OR_NONE,

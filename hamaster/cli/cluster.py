@@ -263,16 +263,6 @@ class LocalCluster:
         finally:
             store.close()
 
-    def wait_replicated(self, m: dict, timeout: float = 30) -> None:
-        """rsync: wait until the first master's keypair reached ``m``'s tree (one pair for all)."""
-        pki = Path(m["conf"]["ha_dir"]) / "pki" / "master"
-        deadline = time.monotonic() + timeout
-        while not ((pki / "master.pem").is_file() and (pki / "master.pub").is_file()):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the master keypair did not reach {m['name']}'s ha_dir ({pki}) "
-                                   f"in {timeout:g}s; see {self.base}/rsyncd-{m['name']}.log and master1.log")
-            time.sleep(0.05)
-
     # -- processes ----------------------------------------------------------------------------------
 
     def _start(self, entry: dict, kind: str) -> None:
@@ -328,10 +318,15 @@ class LocalCluster:
         self.save()
 
     def start_master(self, m: dict, timeout: float = 20) -> None:
+        """Start master ``m`` and wait until it is ready."""
+        self._start(m, "master")
+        self.wait_master(m, timeout)
+
+    def wait_master(self, m: dict, timeout: float = 20) -> None:
+        """Wait until master ``m`` (started) accepts CLI connections."""
         from hamaster.config import load_master_config
         from hamaster.localapi import socket_path
 
-        self._start(m, "master")
         sock = socket_path(load_master_config(m["confdir"])["sock_dir"])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -443,10 +438,16 @@ def cmd_up(c: LocalCluster, n_masters: int, n_minions: int, backend: str = "fs",
         print(f"rsync: {len(c.services('rsyncd'))} authenticated daemons listening in {took:.2f} s: "
               + ", ".join(f"{e['master']} 127.0.0.1:{e['port']}" for e in c.services("rsyncd")))
     c.seed_store()
-    for i, m in enumerate(c.state["masters"]):
-        if backend == "rsync" and i > 0:
-            c.wait_replicated(m)
-        c.start_master(m)
+    if backend == "rsync":
+        # rsync masters agree on the cluster's one master keypair before serving: each waits
+        # for the candidates of all its peers (docs/architecture.md), so they start together.
+        for m in c.state["masters"]:
+            c._start(m, "master")
+        for m in c.state["masters"]:
+            c.wait_master(m, timeout=60)
+    else:
+        for m in c.state["masters"]:
+            c.start_master(m)
     for n in c.state["minions"]:
         c._start(n, "minion")
     ids = [n["name"] for n in c.state["minions"]]

@@ -190,16 +190,23 @@ class RequestHandler:
             try:
                 token_plain = crypto.oaep_decrypt(self.master_priv, areq.token, areq.enc_algo)
             except crypto.CryptoError:
+                # The minion encrypted its token for another master key (it pinned another
+                # one). Like salt-master, answer without the token echo: the minion then
+                # refuses our key itself, clearly, and retries. A "rejected" reply instead makes
+                # a stock salt-minion exit (rejected_retry is off by default).
                 self.metrics.auth("bad_token")
-                self.ratelog.warn("bad_token", who, "_auth from %s carries a token we cannot decrypt", who)
-                return messages.auth_status_reply(self.master_priv, False, areq.nonce, areq.sig_algo)
+                self.ratelog.warn("bad_token", who, "_auth from %s carries a token we cannot decrypt "
+                                  "(it was encrypted for another master key: the minion pinned "
+                                  "another key than this master's %s)", who,
+                                  crypto.pem_fingerprint(self.master_pub_text))
         sess = self.sessions.get(areq.minion_id)
         norm = crypto.normalize_pem(areq.pub)
         if sess is None or sess.pub_text != norm:
             sess = MinionSession(session=Crypticle(generate_key_string()), pub_text=norm, pub=minion_pub)
             self.sessions[areq.minion_id] = sess
         sess.last_seen = time.time()
-        self.metrics.auth("accepted")
+        if token_plain is not None or areq.token is None:
+            self.metrics.auth("accepted")
         pk = self.publish_key
         return messages.auth_accepted_reply(
             self.master_priv,

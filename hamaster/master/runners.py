@@ -176,12 +176,13 @@ async def run_runner(master: Master, fun: str, args: list, kwargs: dict) -> Any:
 
 
 async def cluster_status(master: Master) -> dict:
-    """Masters of the cluster: alive, last seen, version, config and file_roots hashes, store health."""
+    """Masters of the cluster: alive, last seen, version, config and file_roots hashes, master-key
+    fingerprint, store health; drift flags for config, file_roots and the master key."""
     if not master.state.ha:
         return {
             "masters": {master.master_id: {**master.cluster_record(), "alive": True, "last_seen_s": 0.0}},
             "ha": False,
-            "drift": {"config": False, "fileroots": False},
+            "drift": {"config": False, "fileroots": False, "master_key": False},
         }
     store_ok = master.keys.store.healthy() and master._store_ok
     error = "the shared store is unreachable (see the master log)"
@@ -206,7 +207,12 @@ async def cluster_status(master: Master) -> dict:
         "drift": {
             "config": len({r.get("config_hash") for r in alive}) > 1,
             "fileroots": len({r.get("fileroots_hash") for r in alive}) > 1,
+            # every live master must serve the cluster's one master key (Salt's pem_finger)
+            "master_key": len({r.get("master_key_finger") for r in alive
+                               if r.get("master_key_finger")} | {master.master_finger}) > 1,
         },
+        "master_key": {"finger": master.master_finger,
+                       "mismatch": bool(master._key_mismatch_store or master._key_mismatch_peers)},
     }
 
 

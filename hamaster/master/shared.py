@@ -38,7 +38,7 @@ PER_HOST_OPTIONS = frozenset({
     "ha_rsync_password_file", "metrics_port", "metrics_interface", "conf_file", "config_dir",
     "__role", "user", "ha_poll_interval", "ha_etcd_prefix", "ha_etcd_timeout",
     "ha_rsync_interval", "ha_rsync_debounce", "ha_rsync_max_backoff", "ha_rsync_tombstone_ttl",
-    "ha_rsync_ssh", "file_blob_port", "file_blob_interface",
+    "ha_rsync_ssh", "file_blob_port", "file_blob_interface", "ha_create_master_key",
 })
 
 

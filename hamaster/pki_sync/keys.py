@@ -156,6 +156,10 @@ class KeyRegistry:
         # Per id: state changes made in the view whose callbacks have not finished yet (see
         # :meth:`settled`; a key-change barrier must not confirm before they have run).
         self._unfired: dict[str, int] = {}
+        # Per id, how many watch changes were applied: a direct store read (refresh, load)
+        # that raced with the watch must not undo what the watch applied meanwhile (a stale
+        # "absent" would turn ACCEPTED -> None -> ACCEPTED and rotate the publish key).
+        self._wseq: dict[str, int] = {}
 
     # ------------------------------------------------------------------ memory view
 
@@ -230,7 +234,12 @@ class KeyRegistry:
             self._fire(events)
 
     def load(self) -> None:
-        """Fill the in-memory view from the store (raises StoreUnavailable if unreachable)."""
+        """Fill the in-memory view from the store (raises StoreUnavailable if unreachable).
+
+        Ids the watch changed while the store was being read keep what the watch applied.
+        """
+        with self._lock:
+            seq0 = dict(self._wseq)
         fresh: dict[KeyState, dict[str, str]] = {s: {} for s in KeyState}
         for state in KeyState:
             base = f"{self.prefix}{state.value}"
@@ -246,6 +255,8 @@ class KeyRegistry:
             ids = {m for s in KeyState for m in self._view[s]} | {
                 m for s in KeyState for m in fresh[s]}
             for mid in ids:
+                if self._wseq.get(mid, 0) != seq0.get(mid, 0):
+                    continue
                 for state in KeyState:
                     new = fresh[state].get(mid)
                     if self._view[state].get(mid) != new:
@@ -263,8 +274,11 @@ class KeyRegistry:
             log.warning("key store unavailable while loading keys: %s (using memory)", exc)
 
     def _on_store_changes(self, changes: list[Change]) -> None:
+        """Apply a batch from the watch; one event per id for the whole batch (a move seen as
+        "pending deleted, accepted put" in one batch is PENDING -> ACCEPTED, nothing between)."""
         events: list[tuple[str, KeyState | None, KeyState | None]] = []
         with self._lock:
+            before: dict[str, KeyState | None] = {}
             for change in changes:
                 if not change.key.startswith(self.prefix):
                     continue
@@ -275,8 +289,20 @@ class KeyRegistry:
                     state = KeyState(parts[0])
                 except ValueError:
                     continue
-                self._set(parts[1], state, change.value.decode("utf-8", "replace")
-                          if change.value is not None else None, events)
+                mid = parts[1]
+                if mid not in before:
+                    before[mid] = self._state_in_view(mid)
+                self._wseq[mid] = self._wseq.get(mid, 0) + 1
+                if change.value is None:
+                    self._view[state].pop(mid, None)
+                else:
+                    self._view[state][mid] = normalize_pub(
+                        change.value.decode("utf-8", "replace"))
+            for mid, old in before.items():
+                new = self._state_in_view(mid)
+                if old != new:
+                    self._unfired[mid] = self._unfired.get(mid, 0) + 1   # see settled()
+                    events.append((mid, old, new))
         self._fire(events)
 
     def on_change(self, cb: ChangeCallback) -> None:
@@ -418,13 +444,30 @@ class KeyRegistry:
 
     def _refresh(self, mid: str,
                  events: list[tuple[str, KeyState | None, KeyState | None]]) -> None:
-        """Re-read all states of ``mid`` from the store into memory."""
-        fresh = {s: self.store.get(self._key(s, mid)) for s in KeyState}
-        for state, raw in fresh.items():
-            pem = raw.decode("utf-8", "replace") if raw is not None else None
-            cur = self._view[state].get(mid)
-            if (pem is None) != (cur is None) or (pem is not None and normalize_pub(pem) != cur):
-                self._set(mid, state, pem, events)
+        """Re-read all states of ``mid`` from the store into memory.
+
+        The reads are not one snapshot, and the watch may apply a change of ``mid`` while they
+        run: then the read is repeated (it is at least as new as that change when it starts
+        after it). If the watch keeps racing, only what the read found present is applied:
+        a stale "absent" never removes a key the watch has just added.
+        """
+        for attempt in range(3):
+            with self._lock:
+                seq0 = self._wseq.get(mid, 0)
+            fresh = {s: self.store.get(self._key(s, mid)) for s in KeyState}
+            with self._lock:
+                raced = self._wseq.get(mid, 0) != seq0
+                if raced and attempt < 2:
+                    continue
+                for state, raw in fresh.items():
+                    pem = raw.decode("utf-8", "replace") if raw is not None else None
+                    if pem is None and raced:
+                        continue
+                    cur = self._view[state].get(mid)
+                    if (pem is None) != (cur is None) or (
+                            pem is not None and normalize_pub(pem) != cur):
+                        self._set(mid, state, pem, events)
+                return
 
     def accepted_in_memory(self, mid: str, pub: str | bytes) -> bool:
         """True when memory holds exactly this accepted key: :meth:`authorize` would answer
@@ -506,8 +549,10 @@ class KeyRegistry:
                 self._write(mid, KeyState.DENIED, pub_n, events, store_ok)
                 return AuthDecision.DENIED
             if auto and store_ok and is_public_key(pub_n):
-                self._move(mid, [KeyState.PENDING], KeyState.ACCEPTED, events)
-                return AuthDecision.ACCEPTED
+                if self._move(mid, [KeyState.PENDING], KeyState.ACCEPTED, events) or not retry:
+                    return AuthDecision.ACCEPTED
+                # another master moved (or removed) it meanwhile: decide on fresh state
+                return self._decide(mid, pub_n, events, retry=False)
             return AuthDecision.PENDING
         if not store_ok:
             return AuthDecision.PENDING
@@ -562,41 +607,72 @@ def public_pem_of(private_pem: bytes) -> bytes:
                                          serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def load_or_create_master_keypair(store: Store, prefix: str,
-                                  keysize: int = 2048) -> tuple[bytes, bytes]:
-    """Return the master's (private PEM, public PEM), creating them once for the whole cluster.
-
-    Creation is create-if-absent (``compare_and_put(expected=None)``): a master that loses the
-    race adopts the winner's pair; an existing ``master.pem`` is never overwritten.
-    """
+def master_key_names(prefix: str) -> tuple[str, str]:
+    """The store keys of the cluster's (private, public) master key under ``prefix``."""
     pre = _join_prefix(prefix)
-    pem_key, pub_key = f"{pre}master.pem", f"{pre}master.pub"
+    return f"{pre}master.pem", f"{pre}master.pub"
+
+
+def read_master_keypair(store: Store, prefix: str) -> tuple[bytes, bytes] | None:
+    """The cluster's (private PEM, public PEM) as the store holds it now, or None if absent.
+
+    The public key is always *derived* from ``master.pem``: the two files can never be read
+    as a mixed pair. Raises :class:`KeyRegistryError` if ``master.pem`` is not a valid key.
+    """
+    pem_key, _ = master_key_names(prefix)
     priv = store.get(pem_key)
     if priv is None:
-        new_priv, _ = generate_keypair(keysize)
-        if store.compare_and_put(pem_key, None, new_priv):
-            log.info("created master keypair %s", pem_key)
-        priv = store.get(pem_key)
-        if priv is None:
-            raise KeyRegistryError(f"master key {pem_key} vanished right after creation; "
-                                   "is another process deleting it?")
+        return None
     try:
-        pub = public_pem_of(priv)
+        return priv, public_pem_of(priv)
     except (ValueError, TypeError) as exc:
         raise KeyRegistryError(
             f"master key {pem_key} is not a valid unencrypted PEM private key ({exc}); "
             "restore it from backup (minions trust it) or remove master.pem and master.pub "
             "to generate a new pair"
         ) from exc
-    existing = store.get(pub_key)
-    if existing is None:
-        store.compare_and_put(pub_key, None, pub)
-    elif normalize_pub(existing) != normalize_pub(pub):
-        raise KeyRegistryError(
-            f"{pub_key} does not match {pem_key}; remove {pub_key} to have it regenerated "
-            "from the private key"
-        )
-    return priv, pub
+
+
+def write_master_pub(store: Store, prefix: str, pub: bytes) -> None:
+    """Keep ``master.pub`` (Salt's layout) equal to the key derived from ``master.pem``.
+
+    Written when absent, rewritten (with a warning) when it differs; never an error: the
+    public key the master serves is the one derived from ``master.pem``.
+    """
+    _, pub_key = master_key_names(prefix)
+    try:
+        existing = store.get(pub_key)
+        if existing is None:
+            store.compare_and_put(pub_key, None, pub)
+        elif normalize_pub(existing) != normalize_pub(pub):
+            log.warning("%s did not match master.pem; rewrote it from the private key", pub_key)
+            store.put(pub_key, pub)
+    except StoreUnavailable as exc:
+        log.warning("could not write %s: %s", pub_key, exc)
+
+
+def load_or_create_master_keypair(store: Store, prefix: str,
+                                  keysize: int = 2048) -> tuple[bytes, bytes]:
+    """Return the master's (private PEM, public PEM), creating them once for the whole cluster.
+
+    Creation is create-if-absent (``compare_and_put(expected=None)``): a master that loses the
+    race adopts the winner's pair; an existing ``master.pem`` is never overwritten. The public
+    key is derived from ``master.pem`` (``master.pub`` is (re)written to match it). This is the
+    rule for stores whose create-if-absent is atomic across masters (fs, etcd); the rsync
+    backend agrees on the pair first (:mod:`hamaster.pki_sync.masterkey`).
+    """
+    pem_key, _ = master_key_names(prefix)
+    pair = read_master_keypair(store, prefix)
+    if pair is None:
+        new_priv, _ = generate_keypair(keysize)
+        if store.compare_and_put(pem_key, None, new_priv):
+            log.info("created master keypair %s", pem_key)
+        pair = read_master_keypair(store, prefix)
+        if pair is None:
+            raise KeyRegistryError(f"master key {pem_key} vanished right after creation; "
+                                   "is another process deleting it?")
+    write_master_pub(store, prefix, pair[1])
+    return pair
 
 
 def open_key_registry(opts: dict[str, Any]) -> KeyRegistry:
