@@ -14,6 +14,7 @@ import copy
 import logging
 import os
 import socket
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +28,8 @@ DEFAULT_CONFIG_DIR = "/etc/hamaster"
 CONFIG_DIR_ENV = "HAMASTER_CONFIG_DIR"
 
 LOG_FORMAT = "%(asctime)s [%(name)s:%(lineno)d][%(levelname)s] %(message)s"
+#: A log message longer than this (characters) is cut: one line never floods the log.
+MAX_LOG_MESSAGE = 16384
 
 
 class ConfigError(Exception):
@@ -87,6 +90,7 @@ def _is_roots(v: Any) -> bool:
 
 
 ROOTS = _Spec("a mapping of environment name to a list of directories", _is_roots)
+DICT_OR_NONE = _Spec("a mapping or null", lambda v: v is None or isinstance(v, dict))
 
 # --------------------------------------------------------------------------- defaults
 
@@ -109,17 +113,20 @@ MASTER_DEFAULTS: dict[str, Any] = {
     "file_roots": {"base": ["/srv/salt"]},
     "pillar_roots": {"base": ["/srv/pillar"]},
     "timeout": 5,
+    "gather_job_timeout": 10,
     "keep_jobs": 24,
     "minimum_auth_version": 3,
     "request_server_ttl": 0,
     "zmq_filtering": False,
     "master_id": None,
     "rotate_aes_key": True,
+    "key_confirm_timeout": 5.0,
     "metrics_port": 0,
     "metrics_interface": "127.0.0.1",
     "ha_backend": "fs",
     "ha_dir": None,
     "ha_poll_interval": 0.5,
+    "ha_member_ttl": 5.0,
     "ha_etcd_endpoints": [],
     "ha_etcd_prefix": "/hamaster",
     "ha_rsync_peers": [],
@@ -135,8 +142,17 @@ MASTER_DEFAULTS: dict[str, Any] = {
     "ha_rsync_max_backoff": 30.0,
     "ha_rsync_tombstone_ttl": 604800.0,
     "ha_rsync_ssh": "ssh -o BatchMode=yes -o ConnectTimeout=5",
+    "ha_create_master_key": False,
     "user": "root",
     "worker_threads": 5,
+    # REST API (hamaster/api): salt-api's block name, an alias, eauth and its ACLs
+    "rest_cherrypy": None,
+    "rest_api": None,
+    "external_auth": {},
+    "token_expire": 43200.0,
+    "netapi_enable_clients": [],
+    "publisher_acl": {},
+    "publisher_acl_blacklist": {},
 }
 
 MASTER_TYPES: dict[str, _Spec] = {
@@ -172,17 +188,20 @@ MASTER_TYPES: dict[str, _Spec] = {
     "gpg_keydir": STR_OR_NONE,
     "pillar_cache_entries": INT,
     "timeout": INT,
+    "gather_job_timeout": FLOAT,
     "keep_jobs": FLOAT,
     "minimum_auth_version": INT,
     "request_server_ttl": INT,
     "zmq_filtering": BOOL,
     "master_id": STR_OR_NONE,
     "rotate_aes_key": BOOL,
+    "key_confirm_timeout": FLOAT,
     "metrics_port": INT,
     "metrics_interface": STR,
     "ha_backend": STR,
     "ha_dir": STR_OR_NONE,
     "ha_poll_interval": FLOAT,
+    "ha_member_ttl": FLOAT,
     "ha_etcd_endpoints": STR_LIST,
     "ha_etcd_prefix": STR,
     "ha_rsync_peers": STR_LIST,
@@ -198,8 +217,16 @@ MASTER_TYPES: dict[str, _Spec] = {
     "ha_rsync_max_backoff": FLOAT,
     "ha_rsync_tombstone_ttl": FLOAT,
     "ha_rsync_ssh": STR,
+    "ha_create_master_key": BOOL,
     "user": STR,
     "worker_threads": INT,
+    "rest_cherrypy": DICT_OR_NONE,
+    "rest_api": DICT_OR_NONE,
+    "external_auth": DICT,
+    "token_expire": FLOAT,
+    "netapi_enable_clients": STR_LIST,
+    "publisher_acl": DICT,
+    "publisher_acl_blacklist": DICT,
 }
 
 MINION_DEFAULTS: dict[str, Any] = {
@@ -474,12 +501,47 @@ def _level_of(name: str | None) -> int:
 _HANDLER_MARK = "_hamaster_handler"
 
 
+class OneLineFormatter(logging.Formatter):
+    """``LOG_FORMAT`` with every message kept on one line and cut at :data:`MAX_LOG_MESSAGE`.
+
+    Control characters, newlines, escape sequences and bidi controls in a message (say, from a
+    minion id or a command's output) come out escaped (``\\n``, ``\\x1b``), so no text can forge
+    a log line or drive a terminal. A traceback after the message is left as it is.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        """The formatted line with the message escaped and cut."""
+        from hamaster.ids import one_line
+
+        record.message = one_line(record.message, MAX_LOG_MESSAGE)
+        return super().formatMessage(record)
+
+
+def _open_private_log(path: str) -> None:
+    """Create ``path`` (and its directory, 0700) if missing; make our own log file 0600."""
+    parent = Path(path).parent
+    if not parent.exists():
+        parent.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            parent.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid == os.geteuid() and st.st_mode & 0o077 and stat.S_ISREG(st.st_mode):
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def setup_logging(opts: dict[str, Any], level: str | None = None) -> None:
     """Configure the root logger: console (stderr) at ``level`` or ``log_level``, plus a file.
 
-    The file handler writes to ``log_file`` when it is a plain path (its parent directory is
-    created), at ``log_level_logfile`` or else ``log_level``. Calling again replaces the
-    handlers installed by a previous call.
+    The file handler writes to ``log_file`` when it is a plain path (created 0600, its parent
+    directory 0700 when missing; an existing log file of ours is made 0600), at
+    ``log_level_logfile`` or else ``log_level``. Messages are kept on one line
+    (:class:`OneLineFormatter`). Calling again replaces the handlers installed by a previous call.
     """
     console_level = _level_of(level or opts.get("log_level") or "warning")
     file_level_name = opts.get("log_level_logfile") or opts.get("log_level") or "warning"
@@ -489,7 +551,7 @@ def setup_logging(opts: dict[str, Any], level: str | None = None) -> None:
         if getattr(handler, _HANDLER_MARK, False):
             root.removeHandler(handler)
             handler.close()
-    formatter = logging.Formatter(LOG_FORMAT)
+    formatter = OneLineFormatter(LOG_FORMAT)
     levels = [console_level]
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(console_level)
@@ -502,7 +564,7 @@ def setup_logging(opts: dict[str, Any], level: str | None = None) -> None:
         path = log_file[len("file://"):] if log_file.startswith("file://") else log_file
         if not path.startswith(("udp://", "tcp://")):
             try:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                _open_private_log(path)
                 fh = logging.FileHandler(path, encoding="utf-8")
             except OSError as exc:
                 log.warning("cannot open log file %s: %s (logging to stderr only)", path, exc)

@@ -8,6 +8,7 @@ imports nothing heavy so ``hamaster`` starts fast.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 from collections.abc import Iterator
@@ -81,6 +82,13 @@ class LocalClient:
         if size > MAX_LOCAL_FRAME:
             raise LocalApiError("oversized frame from master")
         return unpack_body(self._read_exact(size))
+
+    def poll(self, timeout: float) -> bool:
+        """Whether a frame (or part of one) can be read within ``timeout`` seconds."""
+        if self._buf:
+            return True
+        readable, _, _ = select.select([self.sock], [], [], max(timeout, 0.0))
+        return bool(readable)
 
     def stream(self) -> Iterator[Any]:
         """Yield frames until the master closes the stream (a frame with ``"done"``)."""

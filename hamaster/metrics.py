@@ -78,7 +78,17 @@ class MasterMetrics:
         )
         self.config_info = Info("hamaster_config", "Hash of the effective master configuration", labels, registry=r)
         self.fileroots_info = Info("hamaster_fileroots", "Hash of the file_roots view", labels, registry=r)
-        for name in ("minions_connected", "store_up", "masters_alive"):
+        # -- cluster identity (the master keypair: hamaster/master/daemon.py, "identity") --
+        self.master_key_mismatch = Gauge(
+            "hamaster_master_key_mismatch",
+            "1 when the master key this master serves differs from the store's or from another "
+            "live master's", labels, registry=r)
+        self.master_key_changes = Counter(
+            "hamaster_master_key_changes_total",
+            "Times this master adopted a different cluster master keypair while running",
+            labels, registry=r)
+        self.master_key_changes.labels(master_id)
+        for name in ("minions_connected", "store_up", "masters_alive", "master_key_mismatch"):
             getattr(self, name).labels(master_id)
         self.jobs_published.labels(master_id)
         self.returns_received.labels(master_id)

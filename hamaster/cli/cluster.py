@@ -42,6 +42,8 @@ import yaml
 from hamaster import cluster_services as cs
 from hamaster.cli.common import die
 
+#: The default cluster directory: created 0700 and refused if another user owns it (see
+#: hamaster.localdirs), so no one else can plant a ``master.d`` file or swap a socket in it.
 DEFAULT_DIR = "/tmp/hamaster-demo"
 BACKENDS = ("fs", "etcd", "rsync")
 RSYNC_MAX_BACKOFF = 2.0  # a local peer that is back is retried within 2 s (default 30 s)
@@ -61,7 +63,16 @@ def _bin(name: str) -> str:
 class LocalCluster:
     """Layout, processes and state file of a local cluster under one directory."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, create: bool = False) -> None:
+        """The cluster under ``base``, which must be the user's own private directory.
+
+        Raises :class:`~hamaster.localdirs.UnsafeDirectory` if another user owns it or could
+        write into it (anyone who can add a ``master.d`` file there controls the cluster).
+        ``create`` makes it (0700) when missing.
+        """
+        from hamaster.localdirs import ensure_private_dir
+
+        ensure_private_dir(base, "cluster directory", create=create, only_me=True)
         self.base = base
         self.state_file = base / "cluster.json"
         self._lock = threading.Lock()
@@ -252,16 +263,6 @@ class LocalCluster:
         finally:
             store.close()
 
-    def wait_replicated(self, m: dict, timeout: float = 30) -> None:
-        """rsync: wait until the first master's keypair reached ``m``'s tree (one pair for all)."""
-        pki = Path(m["conf"]["ha_dir"]) / "pki" / "master"
-        deadline = time.monotonic() + timeout
-        while not ((pki / "master.pem").is_file() and (pki / "master.pub").is_file()):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the master keypair did not reach {m['name']}'s ha_dir ({pki}) "
-                                   f"in {timeout:g}s; see {self.base}/rsyncd-{m['name']}.log and master1.log")
-            time.sleep(0.05)
-
     # -- processes ----------------------------------------------------------------------------------
 
     def _start(self, entry: dict, kind: str) -> None:
@@ -317,10 +318,15 @@ class LocalCluster:
         self.save()
 
     def start_master(self, m: dict, timeout: float = 20) -> None:
+        """Start master ``m`` and wait until it is ready."""
+        self._start(m, "master")
+        self.wait_master(m, timeout)
+
+    def wait_master(self, m: dict, timeout: float = 20) -> None:
+        """Wait until master ``m`` (started) accepts CLI connections."""
         from hamaster.config import load_master_config
         from hamaster.localapi import socket_path
 
-        self._start(m, "master")
         sock = socket_path(load_master_config(m["confdir"])["sock_dir"])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -432,10 +438,16 @@ def cmd_up(c: LocalCluster, n_masters: int, n_minions: int, backend: str = "fs",
         print(f"rsync: {len(c.services('rsyncd'))} authenticated daemons listening in {took:.2f} s: "
               + ", ".join(f"{e['master']} 127.0.0.1:{e['port']}" for e in c.services("rsyncd")))
     c.seed_store()
-    for i, m in enumerate(c.state["masters"]):
-        if backend == "rsync" and i > 0:
-            c.wait_replicated(m)
-        c.start_master(m)
+    if backend == "rsync":
+        # rsync masters agree on the cluster's one master keypair before serving: each waits
+        # for the candidates of all its peers (docs/architecture.md), so they start together.
+        for m in c.state["masters"]:
+            c._start(m, "master")
+        for m in c.state["masters"]:
+            c.wait_master(m, timeout=60)
+    else:
+        for m in c.state["masters"]:
+            c.start_master(m)
     for n in c.state["minions"]:
         c._start(n, "minion")
     ids = [n["name"] for n in c.state["minions"]]
@@ -548,9 +560,13 @@ def main(argv: list[str] | None = None) -> int:
         if name == "demo":
             sp.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
     args = p.parse_args(argv)
+    from hamaster.localdirs import UnsafeDirectory
+
     base = Path(args.dir).resolve()
-    base.mkdir(parents=True, exist_ok=True)
-    c = LocalCluster(base)
+    try:
+        c = LocalCluster(base, create=True)
+    except (UnsafeDirectory, OSError) as exc:
+        return die(str(exc))
     backend: dict = {}
     if args.cmd in ("up", "demo"):
         endpoints = [e.strip() for e in (args.etcd_endpoints or "").split(",") if e.strip()]

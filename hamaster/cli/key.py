@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 from hamaster.config import ConfigError, load_master_config, setup_logging
+from hamaster.ids import shown
 from hamaster.pki_sync.keys import (
     KeyRegistry,
     KeyRegistryError,
@@ -36,6 +38,8 @@ _TEXT_ORDER = (
     (KeyState.REJECTED, "Rejected Keys:"),
 )
 _HEADINGS = dict(_TEXT_ORDER)
+#: Ids per key-change confirmation request (see ``_confirm``).
+CONFIRM_CHUNK = 20000
 
 _LIST_ARGS: dict[str, tuple[KeyState, ...]] = {
     "acc": (KeyState.ACCEPTED,), "accepted": (KeyState.ACCEPTED,),
@@ -54,7 +58,8 @@ examples:
   hamaster-key -a 'web*' -y            accept every pending key matching web*, no question
   hamaster-key -A --include-rejected   accept all pending and rejected keys
   hamaster-key -r db1                  reject the pending key of db1
-  hamaster-key -d web1 -y              delete web1's key in every state
+  hamaster-key -d web1 -y              delete web1's key in every state; returns once every
+                                       live master has dropped it (exit 3 if one has not)
   hamaster-key -f web1                 show web1's key fingerprint (sha256)
   hamaster-key -F --out json           all fingerprints as JSON
   hamaster-key --gen-keys minion1 --gen-keys-dir /tmp/keys
@@ -94,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with -r/-R: also reject accepted keys")
     p.add_argument("--include-all", action="store_true",
                    help="act on keys in every relevant state")
+    p.add_argument("--wait-timeout", type=float, default=None, metavar="SECONDS",
+                   help="cluster: with -a/-A/-r/-R/-d/-D, wait at most this long for every live "
+                        "master to confirm the change is in force (default: key_confirm_timeout, "
+                        "5; 0: do not wait)")
     act = p.add_mutually_exclusive_group()
     act.add_argument("-L", "--list-all", action="store_true", help="list all keys (default)")
     act.add_argument("-l", "--list", metavar="ARG", choices=sorted(_LIST_ARGS),
@@ -131,11 +140,13 @@ def _emit(data: dict[str, Any], out: str, text: Callable[[], str]) -> None:
 
 
 def _keys_text(keys: dict[KeyState, list[str]], states: tuple[KeyState, ...]) -> str:
+    # Ids are shown as they are when plain, else quoted and cut (hamaster.ids.shown): a minion
+    # chooses its id, and it must not drive the operator's terminal. JSON/YAML carry the data.
     lines: list[str] = []
     for state, heading in _TEXT_ORDER:
         if state in states:
             lines.append(heading)
-            lines.extend(keys.get(state, []))
+            lines.extend(shown(mid) for mid in keys.get(state, []))
     return "\n".join(lines) + "\n"
 
 
@@ -144,7 +155,7 @@ def _per_key_text(values: dict[KeyState, dict[str, str]]) -> str:
     for state, heading in _TEXT_ORDER:
         if state in values:
             lines.append(heading)
-            lines.extend(f"{mid}:  {val}" for mid, val in sorted(values[state].items()))
+            lines.extend(f"{shown(mid)}:  {val}" for mid, val in sorted(values[state].items()))
     return "\n".join(lines) + "\n"
 
 
@@ -178,8 +189,59 @@ def _match(keys: dict[KeyState, list[str]], pattern: str,
     return found
 
 
+def _confirm(reg: KeyRegistry, opts: dict[str, Any], args: argparse.Namespace,
+             ids: list[str], accepted: bool) -> int:
+    """Wait until every live master has the change of ``ids`` in force (cluster only).
+
+    Returns 0, or :data:`EXIT_UNCONFIRMED` (3) after naming each master that has not
+    confirmed within the wait.
+    """
+    from hamaster.master.shared import is_ha, master_records
+    from hamaster.pki_sync.confirm import EXIT_UNCONFIRMED, confirm_key_change, expect_for
+
+    timeout = args.wait_timeout if args.wait_timeout is not None else float(
+        opts.get("key_confirm_timeout", 5.0))
+    if not ids or timeout <= 0 or not is_ha(opts):
+        return 0
+    store = reg.store
+    ttl = float(opts.get("ha_member_ttl", 5.0))
+
+    def members() -> dict[str, dict]:
+        return master_records(store, ttl)
+
+    after_write = None
+    push = getattr(store, "push_now", None)
+    local = opts.get("master_id") or os.uname().nodename
+    if push is not None and not members().get(local, {}).get("alive"):
+        # rsync: no running master here pushes this tree; send the change and the request.
+        def after_write() -> None:
+            push()
+
+    # One request per CONFIRM_CHUNK ids (a request is one store value; etcd caps those at
+    # 1 MiB), one after another within the one wait.
+    deadline = time.monotonic() + timeout
+    for start in range(0, len(ids), CONFIRM_CHUNK):
+        chunk = ids[start:start + CONFIRM_CHUNK]
+        left = max(0.05, deadline - time.monotonic())
+        res = confirm_key_change(store, expect_for(chunk, accepted), members, left,
+                                 origin=f"{PROG}@{os.uname().nodename}", after_write=after_write)
+        if not res.ok:
+            break
+    for master, why in sorted(res.skipped.items()):
+        log.info("not waiting for master %s: %s", master, why)
+    if res.ok:
+        log.info("key change in force on %s (%.3f s)",
+                 ", ".join(sorted(res.confirmed)) or "no live master", res.elapsed)
+        return 0
+    sys.stderr.write(
+        f"{PROG}: error: the key change is stored, but not confirmed in force by every live "
+        f"master: {res.describe_missing()}. Until it applies it, such a master may still serve "
+        f"the old key state; check it with `hamaster-run cluster.status`.\n")
+    return EXIT_UNCONFIRMED
+
+
 def _transition(reg: KeyRegistry, args: argparse.Namespace, pattern: str | None,
-                verb: str) -> int:
+                verb: str, opts: dict[str, Any] | None = None) -> int:
     keys = reg.list_keys()
     inc_all = args.include_all
     if verb == "accept":
@@ -213,6 +275,7 @@ def _transition(reg: KeyRegistry, args: argparse.Namespace, pattern: str | None,
         sys.stdout.write("Nothing done.\n")
         return 1
     ids = sorted({m for lst in found.values() for m in lst})
+    changed: list[str] = []
     for mid in ids:
         if verb == "accept":
             ok = reg.accept(mid, include_rejected=KeyState.REJECTED in states,
@@ -223,10 +286,12 @@ def _transition(reg: KeyRegistry, args: argparse.Namespace, pattern: str | None,
         else:
             ok = reg.delete(mid)
         if ok:
-            sys.stdout.write(f"Key for minion {mid} {past}.\n")
+            changed.append(mid)
+            sys.stdout.write(f"Key for minion {shown(mid)} {past}.\n")
         else:
             sys.stderr.write(f"{PROG}: key for minion {mid} changed meanwhile; not {past}\n")
-    return 0
+    sys.stdout.flush()
+    return _confirm(reg, opts or {}, args, changed, verb == "accept")
 
 
 def _per_key(reg: KeyRegistry, args: argparse.Namespace, pattern: str,
@@ -298,11 +363,11 @@ def _run(args: argparse.Namespace) -> int:
     keys = reg.list_keys()
 
     if args.accept or args.accept_all:
-        return _transition(reg, args, args.accept, "accept")
+        return _transition(reg, args, args.accept, "accept", opts)
     if args.reject or args.reject_all:
-        return _transition(reg, args, args.reject, "reject")
+        return _transition(reg, args, args.reject, "reject", opts)
     if args.delete or args.delete_all:
-        return _transition(reg, args, args.delete, "delete")
+        return _transition(reg, args, args.delete, "delete", opts)
     if args.finger or args.finger_all:
         return _per_key(reg, args, args.finger or "*", lambda m, s: reg.finger(m, s))
     if args.print or args.print_all:

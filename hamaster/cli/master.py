@@ -21,6 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: hamaster-master -c /etc/hamaster -l info",
     )
     add_config_args(p)
+    p.add_argument(
+        "--create-cluster-key", action="store_true",
+        help="rsync backend: if this master's tree has no master keypair, create the cluster's "
+        "pair now instead of waiting for the candidates of all peers (use on ONE master, at the "
+        "cluster's first start, when the peers cannot be reached yet); same as "
+        "ha_create_master_key: true",
+    )
     return p
 
 
@@ -69,8 +76,18 @@ def main(argv: list[str] | None = None) -> int:
         opts = load_master_config(args.config_dir)
         setup_logging(opts, args.log_level)
         opts = _with_shared_config(opts, args.config_dir)
+        if args.create_cluster_key:
+            opts["ha_create_master_key"] = True
     except ConfigError as exc:
         return die(str(exc))
+    from hamaster.localdirs import UnsafeDirectory, check_daemon_dirs
+    from hamaster.master.shared import is_ha
+
+    try:  # pki_dir holds the keys only without a shared store
+        check_daemon_dirs(opts, ("sock_dir", "cachedir") if is_ha(opts) else
+                          ("sock_dir", "cachedir", "pki_dir"))
+    except (UnsafeDirectory, OSError) as exc:
+        return die(f"refusing to start: {exc}")
     try:
         asyncio.run(_serve(opts))
     except OSError as exc:

@@ -95,6 +95,21 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(opts, args.log_level)
     except ConfigError as exc:
         return die(str(exc))
+    from hamaster.localdirs import UnsafeDirectory, check_daemon_dirs
+
+    try:
+        check_daemon_dirs(opts, ("pki_dir", "cachedir"))
+    except (UnsafeDirectory, OSError) as exc:
+        return die(f"refusing to start: {exc}")
+    from hamaster.ids import minion_id_problem, shown
+    from hamaster.minion.identity import resolve_minion_id
+
+    mid = resolve_minion_id(opts)
+    problem = minion_id_problem(mid)
+    if problem is not None:
+        return die(f"minion id {shown(mid)} {problem}; masters refuse such an id at _auth: set a "
+                   "valid `id` in the minion config (at most 240 bytes, printable, no '/', '\\', "
+                   "'..' or leading '.')")
     swarm = args.swarm or int(opts.get("swarm_count") or 0)
     try:
         asyncio.run(_serve(opts, swarm, args.swarm_prefix))

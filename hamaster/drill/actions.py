@@ -77,8 +77,12 @@ class Actions:
         self.cluster = None
         if drill.cluster_dir:
             from hamaster.cli.cluster import LocalCluster
+            from hamaster.localdirs import UnsafeDirectory
 
-            self.cluster = LocalCluster(Path(drill.cluster_dir))
+            try:
+                self.cluster = LocalCluster(Path(drill.cluster_dir))
+            except UnsafeDirectory as exc:
+                raise DrillError(f"cluster_dir: {exc}") from None
             self.cluster.save = self._save_cluster  # type: ignore[method-assign]  # thread-safe, atomic
             entries = {e["name"]: e for e in self.cluster.state.get("masters", []) + self.cluster.state.get("minions", [])}
             for n in drill.masters + drill.minions:

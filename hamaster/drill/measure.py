@@ -65,7 +65,8 @@ class MasterApi:
         """
         why = why if why is not None else []
         if self.sock_dir is None:
-            res = self._cli("hamaster", "-t", str(timeout), "--out", "json", "--static", "-L", ",".join(ids),
+            res = self._cli("hamaster", "-t", str(timeout), "--gather-job-timeout", "0",  # no probes
+                            "--out", "json", "--static", "-L", ",".join(ids),
                             "test.ping", timeout=timeout + 30)
             try:
                 got = json.loads(res.stdout) if res.stdout.strip() else {}

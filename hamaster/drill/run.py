@@ -29,6 +29,7 @@ from hamaster.drill.measure import (
     wait_for,
 )
 from hamaster.drill.spec import SCENARIOS, Drill, Node
+from hamaster.pki_sync.confirm import EXIT_UNCONFIRMED as KEY_UNCONFIRMED
 
 OBJECTIVE_MEASURE = {
     "max_failed_pings": "failed_pings",
@@ -209,7 +210,7 @@ class DrillRun:
         errors = []
         for api in self.apis.values():
             res = api.key("-d", self.kid, "-y")
-            if res.returncode == 0:
+            if res.returncode in (0, KEY_UNCONFIRMED):   # stored; a peer applies it later
                 return
             errors.append(res.stderr.strip())
         raise DrillError(f"could not delete {self.kid}: {errors}")
@@ -218,8 +219,9 @@ class DrillRun:
         if not self.kid:
             return
         res = via.key("-a", self.kid, "-y")
-        self.measured["key_change_made"] = res.returncode == 0
-        if res.returncode == 0:
+        self.measured["key_change_made"] = res.returncode in (0, KEY_UNCONFIRMED)
+        self._note_unconfirmed(res, via)
+        if res.returncode in (0, KEY_UNCONFIRMED):
             self.say(f"key change: accepted {self.kid} through {via.name}")
         else:
             self.say(f"key change through {via.name} FAILED: {(res.stderr or res.stdout).strip()}")
@@ -433,7 +435,8 @@ class DrillRun:
         t = time.monotonic()
         res = via.key("-a", self.kid, "-y")
         took = time.monotonic() - t
-        made = res.returncode == 0
+        made = res.returncode in (0, KEY_UNCONFIRMED)
+        self._note_unconfirmed(res, via)
         self.measured["key_change_made"] = made
         self.measured["key_change_s"] = round(took, 3)
         if made:
@@ -449,6 +452,16 @@ class DrillRun:
             self.measured["key_change_refused"] = res.returncode != 124 and bool(lines)
         self.say(f"key change during the loss through {via.name} refused after {took:.2f} s: {err}")
         self.notes.append(f"key change during the loss (through {via.name}, {took:.1f} s): {err}")
+
+    def _note_unconfirmed(self, res: Any, via: MasterApi) -> None:
+        """hamaster-key exit 3: stored, but a live master did not confirm it within the wait
+        (e.g. rsync, a peer that cannot be pushed to); kept as a figure, not a failure."""
+        if res.returncode != KEY_UNCONFIRMED:
+            return
+        lines = [ln for ln in (res.stderr or "").splitlines() if "not confirmed" in ln]
+        msg = lines[-1].strip() if lines else "not confirmed by every live master"
+        self.measured["key_change_unconfirmed"] = msg
+        self.notes.append(f"key change through {via.name} stored but not confirmed everywhere: {msg}")
 
     def _converge_key(self, via: MasterApi, apis: list[MasterApi]) -> None:
         """After a refused key change: the key converges, or is accepted again, once the store is back."""

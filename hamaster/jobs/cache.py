@@ -13,8 +13,9 @@ from typing import Any
 
 import msgpack
 
+from hamaster import ids
 from hamaster.jobs.jid import is_jid, jid_to_time
-from hamaster.store.base import Store
+from hamaster.store.base import Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -23,19 +24,8 @@ JOBS_PREFIX = "jobs"
 JOBS_STORE_DIRNAME = "jobs_store"
 
 
-def _check_jid(jid: str) -> str:
-    if not is_jid(jid):
-        raise ValueError(f"invalid jid {jid!r}: expected 20 digits YYYYMMDDhhmmssffffff")
-    return jid
-
-
-def _check_minion(mid: str) -> str:
-    # Same rule as hamaster.pki_sync.keys.valid_minion_id (jobs must not import pki_sync).
-    if (not isinstance(mid, str) or not 0 < len(mid) <= 255 or mid.startswith(".")
-            or any(bad in mid for bad in ("/", "\\", "\0", ".."))):
-        raise ValueError(f"invalid minion id {mid!r}: must be 1-255 chars without '/', "
-                         "'\\', '..', NUL and not start with '.'")
-    return mid
+_check_jid = ids.check_jid
+_check_minion = ids.check_minion_id
 
 
 def _pack(obj: Any) -> bytes:
@@ -57,6 +47,7 @@ class JobCache:
         """Use ``store`` with keys under ``prefix`` (default ``jobs``)."""
         self.store = store
         self.prefix = prefix.strip("/")
+        self._skipped: set[str] = set()
 
     def _load_key(self, jid: str) -> str:
         return f"{self.prefix}/{_check_jid(jid)}/load"
@@ -95,10 +86,13 @@ class JobCache:
                 out[mid] = ret
         return out
 
+    def _names(self) -> set[str]:
+        """Every first-level name under the prefix (valid jids or not)."""
+        return {k[len(self.prefix) + 1:].split("/", 1)[0] for k in self.store.list(self.prefix)}
+
     def list_jids(self) -> list[str]:
-        """All jids with a load or a return, sorted."""
-        jids = {k[len(self.prefix) + 1:].split("/", 1)[0] for k in self.store.list(self.prefix)}
-        return sorted(j for j in jids if is_jid(j))
+        """All valid jids with a load or a return, sorted (other names are ignored)."""
+        return sorted(j for j in self._names() if is_jid(j))
 
     def list_jobs(self) -> dict[str, dict[str, Any]]:
         """jid → summary like Salt's ``jobs.list_jobs`` (Function, Arguments, Target …)."""
@@ -118,16 +112,41 @@ class JobCache:
         return out
 
     def clean_old(self, keep_hours: float) -> int:
-        """Delete jobs whose jid is older than ``keep_hours``; returns how many jobs."""
+        """Delete jobs whose jid is older than ``keep_hours``; returns how many jobs.
+
+        A name that is not a valid jid (written by an older version or by hand), or a job that
+        cannot be deleted for a reason other than an outage, is skipped with one warning per
+        name and process: one bad entry never stops the others from expiring.
+        ``StoreUnavailable`` ends the pass (the next pass retries).
+        """
         cutoff = datetime.datetime.now() - datetime.timedelta(hours=keep_hours)
         removed = 0
-        for jid in self.list_jids():
-            if jid_to_time(jid) < cutoff:
-                self.store.delete_tree(f"{self.prefix}/{jid}")
-                removed += 1
+        for name in sorted(self._names()):
+            when = ids.jid_time(name)
+            if when is None:
+                self._skip_once(name, "its name is not a valid jid")
+                continue
+            if when >= cutoff:
+                continue
+            try:
+                self.store.delete_tree(f"{self.prefix}/{name}")
+            except StoreUnavailable:
+                raise
+            except (ValueError, OSError, StoreError) as exc:
+                self._skip_once(name, f"cannot delete it: {exc}")
+                continue
+            removed += 1
         if removed:
             log.info("job cache: removed %d jobs older than %s hours", removed, keep_hours)
         return removed
+
+    def _skip_once(self, name: str, why: str) -> None:
+        if name in self._skipped:
+            return
+        if len(self._skipped) >= 10000:
+            self._skipped.clear()
+        self._skipped.add(name)
+        log.warning("job cache: skipping %s/%s in expiry: %s", self.prefix, ids.shown(name), why)
 
 
 def open_job_cache(opts: dict[str, Any]) -> JobCache:

@@ -1,12 +1,15 @@
-"""Job ids: Salt's 20-digit ``YYYYMMDDhhmmssffffff`` (local time), strictly increasing."""
+"""Job ids: Salt's 20-digit ``YYYYMMDDhhmmssffffff`` (local time), strictly increasing.
+
+What a valid jid is lives in :mod:`hamaster.ids` (one rule for every layer).
+"""
 
 from __future__ import annotations
 
 import datetime
-import re
 import threading
 
-_JID_RE = re.compile(r"^\d{20}$")
+from hamaster import ids
+
 _lock = threading.Lock()
 _last: datetime.datetime | None = None
 
@@ -22,13 +25,15 @@ def gen_jid() -> str:
         return now.strftime("%Y%m%d%H%M%S%f")
 
 
-def is_jid(jid: str) -> bool:
-    """True if ``jid`` is 20 digits."""
-    return isinstance(jid, str) and bool(_JID_RE.match(jid))
+def is_jid(jid: object) -> bool:
+    """True if ``jid`` is a valid Salt jid (:func:`hamaster.ids.valid_jid`)."""
+    return ids.valid_jid(jid)
 
 
-def jid_to_time(jid: str) -> datetime.datetime:
-    """The local time a jid was made (ValueError if it is not a jid)."""
-    if not is_jid(jid):
-        raise ValueError(f"invalid jid {jid!r}: expected 20 digits YYYYMMDDhhmmssffffff")
-    return datetime.datetime.strptime(jid, "%Y%m%d%H%M%S%f")
+def jid_to_time(jid: object) -> datetime.datetime:
+    """The local time a jid was made (ValueError if it is not a valid jid)."""
+    when = ids.jid_time(jid)
+    if when is None:
+        ids.check_jid(jid)  # raises with the reason
+    assert when is not None
+    return when

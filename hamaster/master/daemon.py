@@ -14,22 +14,37 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from hamaster import __version__, crypto
+from hamaster import __version__, crypto, ids
 from hamaster.bus import codec, messages
 from hamaster.jobs.jid import gen_jid
 from hamaster.master.jobs import JobTracker, JobWriter
 from hamaster.master.pubkey import PublishKey
 from hamaster.master.reqhandler import Deferred, RequestHandler
-from hamaster.master.shared import MASTERS_PREFIX, SharedState, config_hash, open_shared_state
+from hamaster.master.shared import (
+    MASTERS_PREFIX,
+    SharedState,
+    config_hash,
+    master_records,
+    open_shared_state,
+)
 from hamaster.metrics import MasterMetrics
 from hamaster.minion.matcher import check_minions, expand_nodegroups
-from hamaster.pki_sync.keys import KeyState, load_or_create_master_keypair
+from hamaster.pki_sync.keys import (
+    KeyRegistryError,
+    KeyState,
+    load_or_create_master_keypair,
+    master_key_names,
+    public_pem_of,
+    read_master_keypair,
+    write_master_pub,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +93,9 @@ class Master:
         self.state = state or open_shared_state(opts)
         self.keys = self.state.keys
         self.metrics.instrument_store(self.keys.store, MASTERS_PREFIX if self.state.ha else None)
-        priv_pem, pub_pem = load_or_create_master_keypair(
-            self.keys.store, self.keys.prefix, int(opts.get("keysize", 2048))
-        )
-        self.master_priv = crypto.load_private_key(priv_pem)
-        self.master_pub_text = crypto.normalize_pem(pub_pem)
+        self.member_ttl = float(opts.get("ha_member_ttl", 5.0))
+        self.started_at = time.time()
+        self._init_identity()
         self.publish_key = PublishKey(self.master_priv)
         self.job_cache = self.state.job_cache
         self.config_hash = config_hash(opts)
@@ -119,8 +132,6 @@ class Master:
         self.pub_sock: zmq.asyncio.Socket | None = None
         self.router: zmq.asyncio.Socket | None = None
         self._stop = asyncio.Event()
-        self.started_at = time.time()
-        self.member_ttl = float(opts.get("ha_member_ttl", 5.0))
         self.fileroots_hash = ""
         self._store_ok = True
         self._keys_dirty = True
@@ -137,6 +148,164 @@ class Master:
         self._pillar_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=PILLAR_WORKERS, thread_name_prefix="pillar")
         self._load_grains_cache()
+
+    # -- cluster identity (the master keypair) -----------------------------------------------------
+    # One keypair for the whole cluster: taken (or created, or agreed on rsync) before anything
+    # is served, then watched: a different pair in the store is adopted within a poll interval.
+
+    def _init_identity(self) -> None:
+        """Obtain the cluster's master keypair (blocks on rsync until the masters agree)."""
+        store, prefix = self.keys.store, self.keys.prefix
+        keysize = int(self.opts.get("keysize", 2048))
+        self._identity_lock = threading.Lock()
+        self._key_mismatch_store = False
+        self._key_mismatch_peers: list[str] = []
+        self._identity_loop: asyncio.AbstractEventLoop | None = None
+        if self.state.ha and self.opts.get("ha_backend", "fs") == "rsync":
+            from hamaster.pki_sync.masterkey import agree_master_keypair
+
+            store.start()   # the pusher carries our candidate to the peers (idempotent)
+            priv_pem, pub_pem = agree_master_keypair(
+                store, prefix, member_id=self.master_id,
+                expected=1 + len(getattr(store, "peers", [])), keysize=keysize,
+                create_now=bool(self.opts.get("ha_create_master_key")),
+                poll=min(float(self.opts.get("ha_poll_interval", 0.5)), 0.5),
+                on_wait=self._announce_waiting)
+        else:
+            priv_pem, pub_pem = load_or_create_master_keypair(store, prefix, keysize)
+        self._set_identity(priv_pem, pub_pem)
+        log.info("master %s serves the cluster master key %s", self.master_id, self.master_finger)
+
+    def _set_identity(self, priv_pem: bytes, pub_pem: bytes) -> None:
+        self._master_priv_pem = priv_pem
+        self.master_priv = crypto.load_private_key(priv_pem)
+        self.master_pub_text = crypto.normalize_pem(pub_pem)
+        self.master_finger = crypto.pem_fingerprint(self.master_pub_text)
+
+    def _announce_waiting(self, status: dict) -> None:
+        """While the rsync masters agree on the keypair: say so in our cluster record."""
+        if self.state.store is None or time.monotonic() - getattr(self, "_announced", -9.0) < 1.0:
+            return
+        self._announced = time.monotonic()
+        rec = {"master_id": self.master_id, "version": __version__, "ts": time.time(),
+               "ttl": self.member_ttl, "started": self.started_at, **status}
+        self.state.store.put(f"{MASTERS_PREFIX}{self.master_id}", json.dumps(rec).encode())
+
+    def _watch_identity(self) -> None:
+        """Watch ``master.pem`` in the store (called from :meth:`run`, on the event loop)."""
+        self._identity_loop = asyncio.get_running_loop()
+        pem_key, _ = master_key_names(self.keys.prefix)
+
+        def on_changes(changes: list) -> None:
+            for change in changes:
+                if change.key == pem_key:
+                    self._check_store_identity(change.value)
+
+        self.keys.store.watch(self.keys.prefix.rstrip("/"), on_changes)
+
+    def _check_store_identity(self, priv_pem: bytes | None | bool = False) -> None:
+        """Compare the store's ``master.pem`` with the key we serve; adopt a valid different one.
+
+        ``priv_pem``: the new value from the watch (None: deleted), or False to read the store.
+        Runs in the watcher thread or a worker thread; adoption happens on the event loop.
+        """
+        store, prefix = self.keys.store, self.keys.prefix
+        pem_key, _ = master_key_names(prefix)
+        with self._identity_lock:
+            try:
+                if priv_pem is False:
+                    pair = read_master_keypair(store, prefix)
+                elif priv_pem is None:
+                    pair = None
+                else:
+                    pair = (priv_pem, public_pem_of(priv_pem))
+            except (KeyRegistryError, ValueError, TypeError) as exc:
+                if not self._key_mismatch_store:
+                    log.error("the store's %s is not a valid private key (%s); this master keeps "
+                              "serving %s: restore the cluster key file", pem_key, exc,
+                              self.master_finger)
+                self._key_mismatch_store = True
+                self._update_mismatch_metric()
+                return
+            except Exception as exc:  # store down: nothing to compare with now
+                log.debug("identity check skipped: %s", exc)
+                return
+            if pair is None:
+                if priv_pem is False:   # really gone (not only a watch event): write ours back
+                    log.warning("%s vanished from the store; writing back the pair this master "
+                                "serves (%s)", pem_key, self.master_finger)
+                    try:
+                        self._restore_store_identity()
+                    except Exception as exc:
+                        log.warning("could not write back %s: %s", pem_key, exc)
+                return
+            finger = crypto.pem_fingerprint(pair[1])
+            if priv_pem is False or finger != self.master_finger:
+                write_master_pub(store, prefix, pair[1])   # Salt's layout follows master.pem
+            if finger == self.master_finger:
+                if self._key_mismatch_store:
+                    log.warning("the store's master key matches this master's again (%s)", finger)
+                self._key_mismatch_store = False
+                self._update_mismatch_metric()
+                return
+        loop = self._identity_loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._adopt_identity, pair[0], pair[1])
+
+    def _restore_store_identity(self) -> None:
+        pem_key, _ = master_key_names(self.keys.prefix)
+        if self.keys.store.compare_and_put(pem_key, None, self._master_priv_pem):
+            write_master_pub(self.keys.store, self.keys.prefix, public_pem_of(self._master_priv_pem))
+
+    def _adopt_identity(self, priv_pem: bytes, pub_pem: bytes) -> None:
+        """Serve the store's keypair from now on (on the event loop): new signing key, new
+        publish key, every session dropped (minions re-authenticate and check their pin)."""
+        new_finger = crypto.pem_fingerprint(pub_pem)
+        if new_finger == self.master_finger:
+            return
+        old_finger = self.master_finger
+        try:
+            crypto.load_private_key(priv_pem)     # RSA, consistent
+        except crypto.CryptoError as exc:
+            log.error("the store's master key %s cannot be used (%s); this master keeps serving %s",
+                      new_finger, exc, old_finger)
+            self._key_mismatch_store = True
+            self._update_mismatch_metric()
+            return
+        log.error("the cluster master keypair in the store (%s) differs from the one this master "
+                  "serves (%s): adopting the store's pair; minions that pinned %s will refuse "
+                  "every master until their minion_master.pub is replaced",
+                  new_finger, old_finger, old_finger)
+        self._set_identity(priv_pem, pub_pem)
+        self.handler.master_priv = self.master_priv
+        self.handler.master_pub_text = self.master_pub_text
+        self.publish_key.rekey(self.master_priv, f"master key changed {old_finger} -> {new_finger}")
+        self.handler.sessions.clear()
+        server = getattr(getattr(self, "blob_service", None), "server", None)
+        if server is not None:      # peers fetching file blobs now sign with the new key
+            server.pub = self.master_priv.public_key()
+        self._key_mismatch_store = False
+        self.metrics.master_key_changes.labels(self.master_id).inc()
+        self._update_mismatch_metric()
+
+    def _check_peer_identities(self, masters: dict[str, dict]) -> None:
+        """Flag live masters whose cluster record shows another master-key fingerprint."""
+        differ = sorted(mid for mid, rec in masters.items()
+                        if mid != self.master_id and rec.get("alive")
+                        and rec.get("master_key_finger")
+                        and rec.get("master_key_finger") != self.master_finger)
+        if differ and differ != self._key_mismatch_peers:
+            log.error("live masters %s serve another master key than this master (%s): %s",
+                      ", ".join(differ), self.master_finger,
+                      ", ".join(f"{m}={masters[m].get('master_key_finger')}" for m in differ))
+        self._key_mismatch_peers = differ
+        self._update_mismatch_metric()
+
+    def _update_mismatch_metric(self) -> None:
+        bad = self._key_mismatch_store or bool(self._key_mismatch_peers)
+        self.metrics.master_key_mismatch.labels(self.master_id).set(1 if bad else 0)
+
+    # -- end cluster identity --
 
     # -- wiring ---------------------------------------------------------------------------------
 
@@ -256,9 +425,10 @@ class Master:
     def _on_return(self, load: dict) -> None:
         jid = load.get("jid")
         mid = load["id"]
-        if not isinstance(jid, str) or not (jid.isdigit() and len(jid) == 20):
+        if not ids.valid_jid(jid):
             if jid != "req":
-                log.warning("return from %s with invalid jid %r dropped", mid, jid)
+                self.handler.ratelog.warn("bad_jid", mid, "return from %s with invalid jid %s "
+                                          "dropped", ids.shown(mid), ids.shown(jid))
                 self.metrics.reject("bad_jid")
             return None
         ret = {
@@ -322,6 +492,9 @@ class Master:
             return {"jid": None, "minions": [], "error": f"invalid target: {exc}"}
         if not minions:
             return {"jid": None, "minions": [], "error": "No minions matched the target. No command was sent, no jid was assigned."}
+        if jid and not ids.valid_jid(jid):
+            return {"jid": None, "minions": [], "error": f"invalid jid {ids.shown(jid)}: expected "
+                    "20 digits YYYYMMDDhhmmssffffff that are a real time"}
         jid = jid or gen_jid()
         inner: dict[str, Any] = {
             "fun": fun,
@@ -341,8 +514,8 @@ class Master:
         load = {k: v for k, v in inner.items() if k != "serial"}
         load["minions"] = minions
         load["_stamp"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        self.tracker.add(jid, load, minions)
-        self.job_writer.put_load(jid, load)
+        rec = self.tracker.add(jid, load, minions)
+        self.job_writer.put_load(jid, rec.load)  # a batch run's jid: every minion so far
         self.metrics.jobs_published.labels(self.master_id).inc()
         return {"jid": jid, "minions": minions}
 
@@ -485,6 +658,9 @@ class Master:
                     await self._refresh_pillar_hash()
             self.metrics.minions_connected.labels(self.master_id).set(len(self.handler.connected(CONNECTED_WINDOW)))
             self.metrics.store_up.labels(self.master_id).set(1 if self.keys.store.healthy() else 0)
+            self.handler.ratelog.flush()
+            if self.state.ha and self.keys.store.healthy():  # cluster identity: a safety net
+                await asyncio.to_thread(self._check_store_identity)
             now = time.time()
             if keep and now - last_clean > 3600:
                 last_clean = now
@@ -512,6 +688,8 @@ class Master:
             "ttl": self.member_ttl,
             "started": self.started_at,
             "config_hash": self.config_hash,
+            "master_key_finger": self.master_finger,  # cluster identity
+            "state": "serving",
             "fileroots_hash": self.fileroots_hash,
             "pillar_hash": self.pillar.tree_hash,
             "store_ok": self.keys.store.healthy(),
@@ -550,6 +728,7 @@ class Master:
             try:
                 alive = await asyncio.to_thread(self.cluster_masters)
                 self.metrics.masters_alive.labels(self.master_id).set(sum(1 for r in alive.values() if r.get("alive")))
+                self._check_peer_identities(alive)  # cluster identity
             except Exception:
                 pass
             try:
@@ -560,23 +739,45 @@ class Master:
     def cluster_masters(self) -> dict[str, dict]:
         """Every master that ever registered, with ``alive`` and ``last_seen_s``."""
         assert self.state.store is not None
-        store = self.state.store
-        out: dict[str, dict] = {}
-        now = time.time()
-        for key in store.list(MASTERS_PREFIX):
-            raw = store.get(key)
-            if raw is None:
-                continue
-            try:
-                rec = json.loads(raw)
-                age = now - float(rec["ts"])
-            except (ValueError, KeyError, TypeError):
-                log.warning("ignoring malformed cluster record %s", key)
-                continue
-            rec["alive"] = age <= float(rec.get("ttl", self.member_ttl))
-            rec["last_seen_s"] = round(age, 2)
-            out[key.rsplit("/", 1)[-1]] = rec
-        return out
+        return master_records(self.state.store, self.member_ttl)
+
+    # -- key-change barrier (hamaster/pki_sync/confirm.py) ------------------------------------
+
+    def _start_key_confirmations(self) -> Any:
+        """Answer key-change requests (``hamaster-key`` waits for every live master's ack)."""
+        from hamaster.pki_sync.confirm import KeyChangeResponder
+
+        assert self.state.store is not None
+        self._loop = asyncio.get_running_loop()
+        responder = KeyChangeResponder(self.state.store, self.keys, self.master_id,
+                                       fence=self._key_change_fence)
+        responder.attach()
+        return responder
+
+    def _key_change_fence(self, ids: list[str]) -> int:
+        """Run on the event loop (so no publication prepared under the old publish key is still
+        being built), drop the sessions of ``ids`` there; returns the publish key generation.
+        Called from the responder's thread; raises TimeoutError if the loop does not answer."""
+        async def apply() -> int:
+            for mid in ids:
+                self.handler.forget(mid)
+            return self.publish_key.generation
+
+        fut = asyncio.run_coroutine_threadsafe(apply(), self._loop)
+        try:
+            return fut.result(timeout=2.0)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise TimeoutError("event loop busy for 2 s") from None
+
+    def _mark_stopped(self) -> None:
+        """Say in ``cluster/masters/<id>`` that this master stopped (no one waits on it)."""
+        assert self.state.store is not None
+        rec = {**self.cluster_record(), "stopped": True}
+        try:
+            self.state.store.put(f"{MASTERS_PREFIX}{self.master_id}", json.dumps(rec).encode())
+        except Exception as exc:
+            log.warning("could not mark this master stopped in the store: %s", exc)
 
     async def _sync_remote_returns(self) -> None:
         """For jobs a CLI is waiting on, pick up returns that reached other masters."""
@@ -617,7 +818,12 @@ class Master:
         self._stop = asyncio.Event()
         self.keys.load()
         self.keys.attach_watch()
+        key_confirm = self._start_key_confirmations() if self.state.ha else None
+        if self.state.ha:
+            self._watch_identity()  # cluster identity
         self.keys.store.start()
+        if key_confirm is not None:
+            key_confirm.start()
         await asyncio.to_thread(self.data_cache.start)  # minion data cache (grains, pillar, mine)
         self._update_key_metrics()
         self.job_writer.start()
@@ -635,20 +841,36 @@ class Master:
         # -- file blobs between masters (hamaster/fileroots/blobs.py) --
         from hamaster.fileroots.blobs import BlobService
 
-        blob_service = BlobService.for_master(self)
+        blob_service = self.blob_service = BlobService.for_master(self)
         if blob_service is not None:
             await blob_service.start()
             self.blob_address = blob_service.address
             tasks.append(asyncio.create_task(blob_service.sync_forever(self._stop), name="file-blobs"))
         # -- end file blobs --
+        # -- REST API (hamaster/api): its own thread and event loop --
+        api_service = None
+        from hamaster.api import api_options
+
+        if api_options(self.opts) is not None:
+            from hamaster.api.server import ApiService
+
+            api_service = ApiService.for_master(self)
+            assert api_service is not None
+            await api_service.start()
+        # -- end REST API --
         self.ready.set()
         log.info("master %s ready (hamaster %s)", self.master_id, __version__)
         try:
             await self._stop.wait()
         finally:
+            if api_service is not None:  # REST API first: its requests may need this loop
+                await asyncio.to_thread(api_service.close)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if key_confirm is not None:
+                await asyncio.to_thread(key_confirm.close)   # its fence may need this loop
+                await asyncio.to_thread(self._mark_stopped)
             if blob_service is not None:  # file blobs
                 await blob_service.close()
             await cli.close()

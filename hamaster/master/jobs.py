@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hamaster.jobs.cache import JobCache
+from hamaster.store.base import StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,16 @@ class JobWriter(threading.Thread):
     def _flush(self, items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
         rets = [payload for kind, payload in items if kind == "ret"]
         try:
-            for kind, payload in items:
-                if kind == "load":
-                    self.cache.save_load(*payload)
-            if rets:
-                self.cache.save_returns(rets)
+            try:
+                for kind, payload in items:
+                    if kind == "load":
+                        self.cache.save_load(*payload)
+                if rets:
+                    self.cache.save_returns(rets)
+            except StoreUnavailable:
+                raise
+            except (ValueError, StoreError):  # one item's fault (bad jid or id, a value too big
+                self._flush_one_by_one(items)  # for etcd): drop that item, keep the rest
         except Exception as exc:
             if self.healthy:
                 log.error("job cache write failed, keeping %d items in memory: %s", len(items), exc)
@@ -99,16 +105,47 @@ class JobWriter(threading.Thread):
         return []
 
 
+    def _flush_one_by_one(self, items: list[tuple[str, Any]]) -> None:
+        """Write items singly, dropping (with one warning) those the cache refuses.
+
+        Only an outage (``StoreUnavailable``) keeps the items for a retry; any other refusal is
+        about one item (an invalid jid or id, a value over the backend's size limit) and would
+        fail the same way forever.
+        """
+        dropped: list[str] = []
+        for kind, payload in items:
+            try:
+                if kind == "load":
+                    self.cache.save_load(*payload)
+                else:
+                    self.cache.save_return(*payload)
+            except StoreUnavailable:
+                raise
+            except (ValueError, StoreError) as exc:
+                dropped.append(str(exc))
+        if dropped:
+            log.warning("job cache: dropped %d invalid items (first: %s)", len(dropped),
+                        dropped[0][:300])
+
+
 class JobTracker:
     """Recent jobs in memory, and the CLIs waiting for their returns."""
 
     def __init__(self) -> None:
         self.jobs: OrderedDict[str, JobRecord] = OrderedDict()
-        self.waiters: dict[str, list[asyncio.Queue]] = {}
+        self.waiters: dict[str, list[Any]] = {}
         self.returns_held = 0
 
     def add(self, jid: str, load: dict, minions: list[str]) -> JobRecord:
-        """Remember a new job."""
+        """Remember a new job; publishing a known jid again (a batch run) adds its minions.
+
+        The record's ``load["minions"]`` is then every minion the jid was published to.
+        """
+        rec = self.jobs.get(jid)
+        if rec is not None:
+            rec.minions = sorted(set(rec.minions) | set(minions))
+            rec.load = {**load, "minions": rec.minions}
+            return rec
         rec = JobRecord(jid=jid, load=load, minions=minions, published_at=time.time())
         self.jobs[jid] = rec
         self._evict()
@@ -134,9 +171,13 @@ class JobTracker:
             q.put_nowait((minion_id, ret))
         return latency
 
-    def subscribe(self, jid: str) -> asyncio.Queue:
-        """A queue receiving ``(minion_id, ret)`` for ``jid``."""
-        q: asyncio.Queue = asyncio.Queue()
+    def subscribe(self, jid: str, q: Any = None) -> Any:
+        """A queue receiving ``(minion_id, ret)`` for ``jid`` (returns already in are put first).
+
+        ``q`` may be any object with ``put_nowait``; a new :class:`asyncio.Queue` by default.
+        """
+        if q is None:
+            q = asyncio.Queue()
         self.waiters.setdefault(jid, []).append(q)
         rec = self.jobs.get(jid)
         if rec is not None:
@@ -176,7 +217,7 @@ class JobTracker:
             self.unsubscribe(jid, q)
         return seen
 
-    def unsubscribe(self, jid: str, q: asyncio.Queue) -> None:
+    def unsubscribe(self, jid: str, q: Any) -> None:
         """Stop delivering to ``q``."""
         lst = self.waiters.get(jid)
         if lst and q in lst:

@@ -40,6 +40,14 @@ class PublishKey:
             self._set(generate_key_string())
         log.info("rotated the publish key (%s)", reason)
 
+    def rekey(self, master_priv: rsa.RSAPrivateKey, reason: str) -> None:
+        """Sign with a new master key from now on, and rotate (the old key's signature and
+        every minion's copy of the publish key become useless)."""
+        with self._lock:
+            self._priv = master_priv
+            self._set(generate_key_string())
+        log.info("rotated the publish key (%s)", reason)
+
     def next_serial(self) -> int:
         """The serial for the next publication under the current key."""
         with self._lock:

@@ -16,13 +16,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from hamaster import __version__, crypto
+from hamaster import __version__, crypto, ids
 from hamaster.bus import codec, messages
 from hamaster.bus.crypticle import Crypticle, generate_key_string
 from hamaster.master.pubkey import PublishKey
 from hamaster.master.ratelog import RateLimitedLog
 from hamaster.metrics import MasterMetrics
-from hamaster.pki_sync.keys import AuthDecision, KeyRegistry
+from hamaster.pki_sync.keys import AuthDecision, KeyRegistry, key_hint
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class MinionSession:
     pub: rsa.RSAPublicKey
     verified_tok: bytes | None = None
     last_seen: float = 0.0
+    created: float = field(default_factory=time.time)  # first accepted _auth of this key
     nonces: OrderedDict[str, None] = field(default_factory=OrderedDict)
     hamaster: bool = False
 
@@ -156,7 +157,13 @@ class RequestHandler:
         if cmd != "_auth":
             raise messages.BadRequest("unknown_clear_cmd", f"clear command {cmd!r} is not served")
         areq = messages.parse_auth_load(req.load)
-        who = f"{areq.minion_id}@{peer}"
+        who = f"{ids.shown(areq.minion_id)}@{peer}"
+        problem = ids.minion_id_problem(areq.minion_id)
+        if problem is not None:  # refused before any store access (Salt: "invalid id")
+            self.metrics.auth("invalid_id")
+            self.ratelog.warn("invalid_id", areq.minion_id, "refused _auth from %s: minion id %s",
+                              who, problem)
+            return messages.auth_status_reply(self.master_priv, False, areq.nonce, areq.sig_algo)
         if areq.enc_algo not in crypto.ENC_ALGOS:
             self.metrics.auth("bad_algo")
             self.ratelog.warn("bad_algo", who, "_auth from %s with unsupported enc_algo %r", who, areq.enc_algo)
@@ -172,9 +179,8 @@ class RequestHandler:
         decision = self.keys.authorize(areq.minion_id, areq.pub)
         if decision is AuthDecision.PENDING:
             self.metrics.auth("pending")
-            self.ratelog.warn(
-                "pending", areq.minion_id, "minion key for %s is pending: run `hamaster-key -a %s`", who, areq.minion_id
-            )
+            self.ratelog.warn("pending", areq.minion_id, "minion key for %s is pending: accept "
+                              "it with %s", who, key_hint("-a", areq.minion_id))
             return messages.auth_status_reply(self.master_priv, True, areq.nonce, areq.sig_algo)
         if decision is not AuthDecision.ACCEPTED:
             self.metrics.auth(decision.value)
@@ -191,16 +197,23 @@ class RequestHandler:
             try:
                 token_plain = crypto.oaep_decrypt(self.master_priv, areq.token, areq.enc_algo)
             except crypto.CryptoError:
+                # The minion encrypted its token for another master key (it pinned another
+                # one). Like salt-master, answer without the token echo: the minion then
+                # refuses our key itself, clearly, and retries. A "rejected" reply instead makes
+                # a stock salt-minion exit (rejected_retry is off by default).
                 self.metrics.auth("bad_token")
-                self.ratelog.warn("bad_token", who, "_auth from %s carries a token we cannot decrypt", who)
-                return messages.auth_status_reply(self.master_priv, False, areq.nonce, areq.sig_algo)
+                self.ratelog.warn("bad_token", who, "_auth from %s carries a token we cannot decrypt "
+                                  "(it was encrypted for another master key: the minion pinned "
+                                  "another key than this master's %s)", who,
+                                  crypto.pem_fingerprint(self.master_pub_text))
         sess = self.sessions.get(areq.minion_id)
         norm = crypto.normalize_pem(areq.pub)
         if sess is None or sess.pub_text != norm:
             sess = MinionSession(session=Crypticle(generate_key_string()), pub_text=norm, pub=minion_pub)
             self.sessions[areq.minion_id] = sess
         sess.last_seen = time.time()
-        self.metrics.auth("accepted")
+        if token_plain is not None or areq.token is None:
+            self.metrics.auth("accepted")
         pk = self.publish_key
         return messages.auth_accepted_reply(
             self.master_priv,

@@ -1,4 +1,4 @@
-"""Master-side runner functions for ``hamaster-run``: jobs.*, manage.*.
+"""Master-side runner functions for ``hamaster-run``: jobs.*, manage.*, cluster.*, fileroots.*.
 
 Each runner is ``async def name(master, *args, **kwargs)``, registered in :data:`RUNNERS`.
 """
@@ -53,6 +53,61 @@ async def jobs_lookup_jid(master: Master, jid: str, ext_source: str | None = Non
     return out
 
 
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _jid_time(jid: str) -> str:
+    """Salt's ``StartTime`` of a jid: ``2026, Dec 06 12:00:00.123456`` ("" if not a jid)."""
+    if len(jid) != 20 or not jid.isdigit() or not 1 <= int(jid[4:6]) <= 12:
+        return ""
+    month = _MONTHS[int(jid[4:6]) - 1]
+    return f"{jid[:4]}, {month} {jid[6:8]} {jid[8:10]}:{jid[10:12]}:{jid[12:14]}.{jid[14:]}"
+
+
+async def jobs_active(master: Master, display_progress: bool = False) -> dict:
+    """Jobs running now, by jid, as Salt's ``jobs.active``: asks every minion
+    (``saltutil.running``, through this master) and adds who has returned already.
+
+    ``{jid: {Function, Arguments, Target, Target-type, User, StartTime,
+    Running: [{minion: pid}], Returned: [minion]}}``.
+    """
+    pub = master.publish("*", "saltutil.running", [], tgt_type="glob")
+    if not pub.get("jid"):
+        return {}
+    answers: dict[str, Any] = {}
+
+    async def got(mid: str, ret: dict) -> None:
+        answers[mid] = ret.get("return")
+
+    timeout = float(master.opts.get("timeout", 5))
+    await master.tracker.collect(pub["jid"], set(pub["minions"]), timeout, got)
+    out: dict[str, dict] = {}
+    for mid, jobs in sorted(answers.items()):
+        if not isinstance(jobs, list):
+            continue
+        for job in jobs:
+            if not isinstance(job, dict) or not job.get("jid"):
+                continue
+            jid = str(job["jid"])
+            if jid not in out:
+                out[jid] = {
+                    "Function": job.get("fun", "unknown-function"),
+                    "Arguments": list(job.get("arg") or []),
+                    "Target": job.get("tgt", "unknown-target"),
+                    "Target-type": job.get("tgt_type", "list"),
+                    "User": job.get("user", "root"),
+                    "StartTime": _jid_time(jid),
+                    "Running": [],
+                    "Returned": [],
+                }
+            out[jid]["Running"].append({mid: job.get("pid")})
+    for jid, entry in out.items():
+        returned = await asyncio.to_thread(master.job_cache.get_returns, jid)
+        rec = master.tracker.jobs.get(jid)
+        entry["Returned"] = sorted(set(returned) | set(rec.returns if rec else ()))
+    return out
+
+
 async def jobs_print_job(master: Master, jid: str) -> dict:
     """Load and returns of one job."""
     jid = str(jid)
@@ -93,6 +148,7 @@ async def manage_down(master: Master, timeout: float | None = None) -> list[str]
 
 
 RUNNERS: dict[str, Callable[..., Awaitable[Any]]] = {
+    "jobs.active": jobs_active,
     "jobs.list_jobs": jobs_list_jobs,
     "jobs.lookup_jid": jobs_lookup_jid,
     "jobs.print_job": jobs_print_job,
@@ -120,12 +176,14 @@ async def run_runner(master: Master, fun: str, args: list, kwargs: dict) -> Any:
 
 
 async def cluster_status(master: Master) -> dict:
-    """Masters of the cluster: alive, last seen, version, config and file_roots hashes, store health."""
+    """Masters of the cluster: alive, last seen, version, config and file_roots hashes, master-key
+    fingerprint, store health; drift flags for config, file_roots and the master key."""
     if not master.state.ha:
         return {
             "masters": {master.master_id: {**master.cluster_record(), "alive": True, "last_seen_s": 0.0}},
             "ha": False,
-            "drift": {"config": False, "fileroots": False, "pillar": False},
+            "drift": {"config": False, "fileroots": False, "master_key": False,
+                      "pillar": False},
         }
     store_ok = master.keys.store.healthy() and master._store_ok
     error = "the shared store is unreachable (see the master log)"
@@ -151,7 +209,12 @@ async def cluster_status(master: Master) -> dict:
             "config": len({r.get("config_hash") for r in alive}) > 1,
             "fileroots": len({r.get("fileroots_hash") for r in alive}) > 1,
             "pillar": len({r.get("pillar_hash") for r in alive}) > 1,
+            # every live master must serve the cluster's one master key (Salt's pem_finger)
+            "master_key": len({r.get("master_key_finger") for r in alive
+                               if r.get("master_key_finger")} | {master.master_finger}) > 1,
         },
+        "master_key": {"finger": master.master_finger,
+                       "mismatch": bool(master._key_mismatch_store or master._key_mismatch_peers)},
     }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,7 @@ PER_HOST_OPTIONS = frozenset({
     "ha_rsync_password_file", "metrics_port", "metrics_interface", "conf_file", "config_dir",
     "__role", "user", "ha_poll_interval", "ha_etcd_prefix", "ha_etcd_timeout",
     "ha_rsync_interval", "ha_rsync_debounce", "ha_rsync_max_backoff", "ha_rsync_tombstone_ttl",
-    "ha_rsync_ssh", "file_blob_port", "file_blob_interface",
+    "ha_rsync_ssh", "file_blob_port", "file_blob_interface", "ha_create_master_key",
 })
 
 
@@ -127,6 +128,33 @@ def open_shared_state(opts: dict, store: Store | None = None) -> SharedState:
     )
     keys.load()
     return SharedState(keys=keys, job_cache=JobCache(store, JOBS_PREFIX), store=store)
+
+
+def master_records(store: Store, default_ttl: float = 5.0) -> dict[str, dict]:
+    """Every master that ever wrote ``cluster/masters/<id>``, with ``alive`` and ``last_seen_s``.
+
+    A master is alive while its record is younger than its ``ttl`` (``ha_member_ttl``) and it
+    has not marked itself ``stopped`` (a graceful stop does); clocks must be roughly in sync.
+    """
+    out: dict[str, dict] = {}
+    now = time.time()
+    for key in store.list(MASTERS_PREFIX):
+        raw = store.get(key)
+        if raw is None:
+            continue
+        try:
+            rec = json.loads(raw)
+            age = now - float(rec["ts"])
+            ttl = float(rec.get("ttl", default_ttl))
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring malformed cluster record %s", key)
+            continue
+        if not isinstance(rec, dict):
+            continue
+        rec["alive"] = age <= ttl and not rec.get("stopped")
+        rec["last_seen_s"] = round(age, 2)
+        out[key.rsplit("/", 1)[-1]] = rec
+    return out
 
 
 def shared_config(store: Store) -> tuple[dict, list[str]]:

@@ -254,7 +254,15 @@ class MasterConnection:
         )
         if result.status == "accepted":
             if not pinned and result.master_pub_text:
-                self.ident.pin_master_pub(result.master_pub_text)
+                # Trust on first use happens once per minion, not once per connection: another
+                # master may have been pinned while this reply was on its way.
+                trusted = self.ident.pin_master_pub(result.master_pub_text)
+                if trusted != crypto.normalize_pem(result.master_pub_text):
+                    raise messages.MasterKeyMismatch(
+                        f"master presented key {crypto.pem_fingerprint(result.master_pub_text)}, "
+                        "not the pinned master key "
+                        f"({crypto.pem_fingerprint(trusted)}) another master presented first: "
+                        "this master's key is not the one this minion trusts")
             try:
                 inner = codec.loads(codec.to_bytes(codec.loads(reply)["load"]))
                 self.is_hamaster = bool(inner.get("hamaster"))

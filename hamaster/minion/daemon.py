@@ -20,7 +20,7 @@ import zmq.asyncio
 
 from hamaster.minion import matcher
 from hamaster.minion.connection import MasterConnection, RequestFailed
-from hamaster.minion.executor import ExecResult, execute
+from hamaster.minion.executor import execute
 from hamaster.minion.grains_core import collect_grains
 from hamaster.minion.identity import MinionIdentity
 from hamaster.minion.modules.context import ExecContext
@@ -34,13 +34,11 @@ INLINE_FUNCTIONS = frozenset({
     "test.ping", "test.echo", "test.version", "test.arg", "test.kwarg", "test.true", "test.false",
     "grains.items", "grains.get", "grains.item", "grains.ls", "sys.list_functions", "sys.list_modules",
     "pillar.get", "pillar.item", "pillar.raw", "pillar.ls",
+    # Salt's CLI probes a long job with saltutil.find_job (modules/saltutil.py): answered at
+    # once from ``self.running``, and never listed there themselves.
+    "saltutil.find_job", "saltutil.running",
 })
 RETURN_RETRY_WINDOW = 60.0
-#: Job-control functions answered by the daemon from its table of running jobs (unless a module
-#: provides them). Salt's CLI depends on them: when a minion has not returned within the
-#: timeout, ``LocalClient`` publishes ``saltutil.find_job`` and keeps waiting only for the
-#: minions that report the job as running; an error reply makes it give up on that minion.
-JOB_CONTROL = ("saltutil.find_job", "saltutil.running")
 
 
 class Minion:
@@ -174,15 +172,13 @@ class Minion:
         jid = str(load["jid"])
         ctx = ExecContext(
             opts=self.opts, grains=self.grains, minion_id=self.minion_id, jid=jid,
-            pillar=self.pillar, registry=self.registry,
+            pillar=self.pillar, registry=self.registry, running_jobs=self.running,
         )
         ctx.fetch_file = self._fetch_file_sync
         ctx.refresh_pillar = self._refresh_pillar_sync
         ctx.master_request = self._master_request_sync
         log.debug("%s: running %s for job %s", self.minion_id, fun, jid)
-        if fun in JOB_CONTROL and self.registry.get(fun) is None:
-            result = self._job_control(fun, list(arg))
-        elif fun in INLINE_FUNCTIONS:
+        if fun in INLINE_FUNCTIONS:
             result = execute(self.registry, ctx, fun, list(arg), load)
         else:
             self.running[jid] = {
@@ -210,15 +206,6 @@ class Minion:
         if load.get("master_id"):
             ret["master_id"] = load["master_id"]
         await self._send_return(origin, ret)
-
-    def _job_control(self, fun: str, arg: list) -> ExecResult:
-        """``saltutil.find_job JID`` (the job's data, ``{}`` when it is not running) and
-        ``saltutil.running`` (a list of them), as Salt's minion answers them."""
-        if fun == "saltutil.running":
-            return ExecResult([dict(job) for job in self.running.values()], 0, True)
-        if not arg or isinstance(arg[0], dict):
-            return ExecResult("Passed invalid arguments to saltutil.find_job: a jid is required", 1, False, "invalid_args")
-        return ExecResult(dict(self.running.get(str(arg[0]), {})), 0, True)
 
     async def _send_return(self, origin: MasterConnection, ret: dict) -> None:
         """Return through the origin master; if it is gone, through any other live master."""

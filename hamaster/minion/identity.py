@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
+import threading
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -67,6 +69,7 @@ class MinionIdentity:
         self.pub_text = crypto.normalize_pem(pub_pem)
         self.tok = crypto.x931_sign(self.priv, b"salt")
         self._pinned: str | None = None
+        self._pin_lock = threading.Lock()
 
     def _load_or_create_keys(self, keysize: int) -> tuple[bytes, bytes, rsa.RSAPrivateKey]:
         priv_path = self.pki_dir / "minion.pem"
@@ -103,8 +106,39 @@ class MinionIdentity:
                 return None
         return self._pinned
 
-    def pin_master_pub(self, text: str) -> None:
-        """Trust ``text`` as the master key from now on (trust on first use)."""
-        crypto.write_secret_file(self.pinned_path, (crypto.normalize_pem(text) + "\n").encode(), 0o644)
-        self._pinned = crypto.normalize_pem(text)
-        log.info("%s: pinned master key %s", self.minion_id, crypto.pem_fingerprint(text))
+    def pin_master_pub(self, text: str) -> str:
+        """Trust ``text`` as the master key from now on, unless a key is pinned already.
+
+        Check-and-pin is atomic (a lock in this process, an exclusive create on disk): of
+        several concurrent first authentications exactly one key is pinned, and every caller
+        gets that key back; a caller whose ``text`` differs must refuse its master. Memory and
+        ``minion_master.pub`` always hold the same key.
+        """
+        norm = crypto.normalize_pem(text)
+        with self._pin_lock:
+            current = self.pinned_master_pub()
+            if current is not None:
+                return current
+            path = self.pinned_path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+            try:
+                os.fchmod(fd, 0o644)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write((norm + "\n").encode())
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.link(tmp, path)          # fails if another process pinned first
+            except FileExistsError:
+                current = self.pinned_master_pub()
+                if current is not None:
+                    return current
+                raise
+            finally:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+            self._pinned = norm
+        log.info("%s: pinned master key %s", self.minion_id, crypto.pem_fingerprint(norm))
+        return norm

@@ -23,6 +23,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
+from hamaster.ids import is_plain, shown, valid_minion_id
 from hamaster.store.base import Change, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ class UnknownMinion(KeyRegistryError):
 
 ChangeCallback = Callable[[str, "KeyState | None", "KeyState | None"], None]
 
+#: :meth:`KeyRegistry.refresh` of more ids than this reloads every key at once instead.
+REFRESH_ONE_BY_ONE = 32
+
 # Precedence when one id has files in several states.
 _PRECEDENCE = (KeyState.ACCEPTED, KeyState.REJECTED, KeyState.DENIED, KeyState.PENDING)
 
@@ -74,20 +78,6 @@ def normalize_pub(pem: str | bytes) -> str:
         pem = pem.decode("utf-8", errors="replace")
     lines = pem.replace("\r\n", "\n").replace("\r", "\n").strip().split("\n")
     return "\n".join(line.rstrip() for line in lines)
-
-
-def valid_minion_id(mid: str) -> bool:
-    """True if ``mid`` is safe as a minion id and file name (Salt's rules)."""
-    return (
-        isinstance(mid, str)
-        and 0 < len(mid) <= 255
-        and "/" not in mid
-        and "\\" not in mid
-        and "\0" not in mid
-        and ".." not in mid
-        and not mid.startswith(".")
-        and mid.strip() == mid
-    )
 
 
 @functools.lru_cache(maxsize=65536)
@@ -107,6 +97,16 @@ def pem_finger(pem: str) -> str:
     if not is_public_key(normalize_pub(pem)):
         raise KeyRegistryError("key is not a valid PEM public key")
     return pem_fingerprint(pem)
+
+
+def key_hint(flag: str, mid: str) -> str:
+    """"`hamaster-key FLAG ID`" for an id safe in a shell word, else how to do it by hand.
+
+    A log line never suggests a command line built from an id that could carry shell syntax.
+    """
+    if is_plain(mid):
+        return f"`hamaster-key {flag} {mid}`"
+    return f"`hamaster-key {flag}` with this id (quote it; check `hamaster-key -L`)"
 
 
 def _read_pattern_file(path: str | None, what: str) -> list[str]:
@@ -153,6 +153,13 @@ class KeyRegistry:
         self._view: dict[KeyState, dict[str, str]] = {s: {} for s in KeyState}
         self._callbacks: list[ChangeCallback] = []
         self._watching = False
+        # Per id: state changes made in the view whose callbacks have not finished yet (see
+        # :meth:`settled`; a key-change barrier must not confirm before they have run).
+        self._unfired: dict[str, int] = {}
+        # Per id, how many watch changes were applied: a direct store read (refresh, load)
+        # that raced with the watch must not undo what the watch applied meanwhile (a stale
+        # "absent" would turn ACCEPTED -> None -> ACCEPTED and rotate the publish key).
+        self._wseq: dict[str, int] = {}
 
     # ------------------------------------------------------------------ memory view
 
@@ -176,21 +183,63 @@ class KeyRegistry:
             else:
                 self._view[state][mid] = norm
             new = self._state_in_view(mid)
+            if old != new:
+                self._unfired[mid] = self._unfired.get(mid, 0) + 1
         if old != new:
             events.append((mid, old, new))
 
     def _fire(self, events: list[tuple[str, KeyState | None, KeyState | None]]) -> None:
         for mid, old, new in events:
-            log.info("minion key %s: %s -> %s", mid, old.name if old else None,
+            log.info("minion key %s: %s -> %s", shown(mid), old.name if old else None,
                      new.name if new else None)
-            for cb in list(self._callbacks):
-                try:
-                    cb(mid, old, new)
-                except Exception:
-                    log.exception("key change callback failed for %s", mid)
+            try:
+                for cb in list(self._callbacks):
+                    try:
+                        cb(mid, old, new)
+                    except Exception:
+                        log.exception("key change callback failed for %s", shown(mid))
+            finally:
+                with self._lock:
+                    left = self._unfired.get(mid, 0) - 1
+                    if left > 0:
+                        self._unfired[mid] = left
+                    else:
+                        self._unfired.pop(mid, None)
+
+    def settled(self, mid: str) -> bool:
+        """True when every change of ``mid``'s state seen so far has been handed to the
+        :meth:`on_change` callbacks and they have returned (sessions dropped, publish key
+        rotated): the view's state of ``mid`` is then in force in this process."""
+        with self._lock:
+            return mid not in self._unfired
+
+    def refresh(self, ids: Iterable[str]) -> None:
+        """Re-read the state of ``ids`` from the store (not the watch) and apply any change.
+
+        Used by the key-change barrier (:mod:`hamaster.pki_sync.confirm`): a request names ids
+        whose change this process may not have seen yet through its watch. Many ids are read
+        with one full :meth:`load` (a few range reads) instead of four reads per id. Raises
+        :class:`StoreUnavailable` when the store cannot be read.
+        """
+        ids = [m for m in ids if valid_minion_id(m)]
+        if len(ids) > REFRESH_ONE_BY_ONE:
+            self.load()
+            return
+        events: list[tuple[str, KeyState | None, KeyState | None]] = []
+        try:
+            with self._op_lock:
+                for mid in ids:
+                    self._refresh(mid, events)
+        finally:
+            self._fire(events)
 
     def load(self) -> None:
-        """Fill the in-memory view from the store (raises StoreUnavailable if unreachable)."""
+        """Fill the in-memory view from the store (raises StoreUnavailable if unreachable).
+
+        Ids the watch changed while the store was being read keep what the watch applied.
+        """
+        with self._lock:
+            seq0 = dict(self._wseq)
         fresh: dict[KeyState, dict[str, str]] = {s: {} for s in KeyState}
         for state in KeyState:
             base = f"{self.prefix}{state.value}"
@@ -206,6 +255,8 @@ class KeyRegistry:
             ids = {m for s in KeyState for m in self._view[s]} | {
                 m for s in KeyState for m in fresh[s]}
             for mid in ids:
+                if self._wseq.get(mid, 0) != seq0.get(mid, 0):
+                    continue
                 for state in KeyState:
                     new = fresh[state].get(mid)
                     if self._view[state].get(mid) != new:
@@ -223,8 +274,11 @@ class KeyRegistry:
             log.warning("key store unavailable while loading keys: %s (using memory)", exc)
 
     def _on_store_changes(self, changes: list[Change]) -> None:
+        """Apply a batch from the watch; one event per id for the whole batch (a move seen as
+        "pending deleted, accepted put" in one batch is PENDING -> ACCEPTED, nothing between)."""
         events: list[tuple[str, KeyState | None, KeyState | None]] = []
         with self._lock:
+            before: dict[str, KeyState | None] = {}
             for change in changes:
                 if not change.key.startswith(self.prefix):
                     continue
@@ -235,8 +289,20 @@ class KeyRegistry:
                     state = KeyState(parts[0])
                 except ValueError:
                     continue
-                self._set(parts[1], state, change.value.decode("utf-8", "replace")
-                          if change.value is not None else None, events)
+                mid = parts[1]
+                if mid not in before:
+                    before[mid] = self._state_in_view(mid)
+                self._wseq[mid] = self._wseq.get(mid, 0) + 1
+                if change.value is None:
+                    self._view[state].pop(mid, None)
+                else:
+                    self._view[state][mid] = normalize_pub(
+                        change.value.decode("utf-8", "replace"))
+            for mid, old in before.items():
+                new = self._state_in_view(mid)
+                if old != new:
+                    self._unfired[mid] = self._unfired.get(mid, 0) + 1   # see settled()
+                    events.append((mid, old, new))
         self._fire(events)
 
     def on_change(self, cb: ChangeCallback) -> None:
@@ -299,10 +365,11 @@ class KeyRegistry:
         if include_denied:
             sources.append(KeyState.DENIED)
         events: list[tuple[str, KeyState | None, KeyState | None]] = []
-        with self._op_lock:
-            moved = self._move(mid, sources, KeyState.ACCEPTED, events)
-        self._fire(events)
-        return moved
+        try:
+            with self._op_lock:
+                return self._move(mid, sources, KeyState.ACCEPTED, events)
+        finally:
+            self._fire(events)
 
     def reject(self, mid: str, include_accepted: bool = False,
                include_denied: bool = False) -> bool:
@@ -313,22 +380,25 @@ class KeyRegistry:
         if include_denied:
             sources.append(KeyState.DENIED)
         events: list[tuple[str, KeyState | None, KeyState | None]] = []
-        with self._op_lock:
-            moved = self._move(mid, sources, KeyState.REJECTED, events)
-        self._fire(events)
-        return moved
+        try:
+            with self._op_lock:
+                return self._move(mid, sources, KeyState.REJECTED, events)
+        finally:
+            self._fire(events)
 
     def delete(self, mid: str, state: KeyState | None = None) -> bool:
         """Delete the key of ``mid`` in ``state`` (all states if None); True if one existed."""
         states = [state] if state else list(KeyState)
         events: list[tuple[str, KeyState | None, KeyState | None]] = []
         found = False
-        with self._op_lock:
-            for st in states:
-                if self.store.delete(self._key(st, mid)):
-                    found = True
-                self._set(mid, st, None, events)
-        self._fire(events)
+        try:
+            with self._op_lock:
+                for st in states:
+                    if self.store.delete(self._key(st, mid)):
+                        found = True
+                    self._set(mid, st, None, events)
+        finally:
+            self._fire(events)
         return found
 
     def accept_all(self, include_rejected: bool = False,
@@ -374,13 +444,30 @@ class KeyRegistry:
 
     def _refresh(self, mid: str,
                  events: list[tuple[str, KeyState | None, KeyState | None]]) -> None:
-        """Re-read all states of ``mid`` from the store into memory."""
-        fresh = {s: self.store.get(self._key(s, mid)) for s in KeyState}
-        for state, raw in fresh.items():
-            pem = raw.decode("utf-8", "replace") if raw is not None else None
-            cur = self._view[state].get(mid)
-            if (pem is None) != (cur is None) or (pem is not None and normalize_pub(pem) != cur):
-                self._set(mid, state, pem, events)
+        """Re-read all states of ``mid`` from the store into memory.
+
+        The reads are not one snapshot, and the watch may apply a change of ``mid`` while they
+        run: then the read is repeated (it is at least as new as that change when it starts
+        after it). If the watch keeps racing, only what the read found present is applied:
+        a stale "absent" never removes a key the watch has just added.
+        """
+        for attempt in range(3):
+            with self._lock:
+                seq0 = self._wseq.get(mid, 0)
+            fresh = {s: self.store.get(self._key(s, mid)) for s in KeyState}
+            with self._lock:
+                raced = self._wseq.get(mid, 0) != seq0
+                if raced and attempt < 2:
+                    continue
+                for state, raw in fresh.items():
+                    pem = raw.decode("utf-8", "replace") if raw is not None else None
+                    if pem is None and raced:
+                        continue
+                    cur = self._view[state].get(mid)
+                    if (pem is None) != (cur is None) or (
+                            pem is not None and normalize_pub(pem) != cur):
+                        self._set(mid, state, pem, events)
+                return
 
     def accepted_in_memory(self, mid: str, pub: str | bytes) -> bool:
         """True when memory holds exactly this accepted key: :meth:`authorize` would answer
@@ -400,7 +487,8 @@ class KeyRegistry:
         unavailable, decides from memory and never accepts a key that is not accepted there.
         """
         if not valid_minion_id(mid):
-            log.warning("auth refused: invalid minion id %r", mid)
+            # The request handler refuses (and rate-limits the log of) invalid ids before this.
+            log.debug("auth refused: invalid minion id %s", shown(mid))
             return AuthDecision.REJECTED
         if self.open_mode:
             return AuthDecision.ACCEPTED
@@ -427,19 +515,20 @@ class KeyRegistry:
                 self._refresh(mid, events)
             except StoreUnavailable as exc:
                 store_ok = False
-                log.warning("auth of %s decided from memory, key store unavailable: %s", mid, exc)
+                log.warning("auth of %s decided from memory, key store unavailable: %s",
+                            shown(mid), exc)
         if mid in view[KeyState.REJECTED]:
             return AuthDecision.REJECTED
         accepted = view[KeyState.ACCEPTED].get(mid)
         if accepted is not None:
             if not is_public_key(accepted):
                 log.warning("accepted key file for %s is not a valid public key; ignoring it "
-                            "(delete it with `hamaster-key -d %s`)", mid, mid)
+                            "(delete it with %s)", shown(mid), key_hint("-d", mid))
             elif accepted == pub_n:
                 return AuthDecision.ACCEPTED
             else:
                 log.warning("minion %s presented a key different from its accepted key; "
-                            "stored it as denied (check `hamaster-key -f %s`)", mid, mid)
+                            "stored it as denied (check %s)", shown(mid), key_hint("-f", mid))
                 self._write(mid, KeyState.DENIED, pub_n, events, store_ok)
                 return AuthDecision.DENIED
         if _matches(mid, _read_pattern_file(self.autoreject_file, "autoreject_file")):
@@ -456,17 +545,19 @@ class KeyRegistry:
         if pending is not None:
             if pending != pub_n:
                 log.warning("minion %s presented a key different from its pending key; "
-                            "stored it as denied", mid)
+                            "stored it as denied", shown(mid))
                 self._write(mid, KeyState.DENIED, pub_n, events, store_ok)
                 return AuthDecision.DENIED
             if auto and store_ok and is_public_key(pub_n):
-                self._move(mid, [KeyState.PENDING], KeyState.ACCEPTED, events)
-                return AuthDecision.ACCEPTED
+                if self._move(mid, [KeyState.PENDING], KeyState.ACCEPTED, events) or not retry:
+                    return AuthDecision.ACCEPTED
+                # another master moved (or removed) it meanwhile: decide on fresh state
+                return self._decide(mid, pub_n, events, retry=False)
             return AuthDecision.PENDING
         if not store_ok:
             return AuthDecision.PENDING
         if not is_public_key(pub_n):
-            log.warning("minion %s presented something that is not a public key", mid)
+            log.warning("minion %s presented something that is not a public key", shown(mid))
             return AuthDecision.REJECTED
         target = KeyState.ACCEPTED if auto else KeyState.PENDING
         if accepted is not None:  # a corrupted accepted file: replace it only when auto
@@ -479,8 +570,8 @@ class KeyRegistry:
             self._set(mid, target, pub_n, events)
             if target is KeyState.ACCEPTED:
                 return AuthDecision.ACCEPTED
-            log.info("new minion key %s is pending: run `hamaster-key -a %s` to accept it",
-                     mid, mid)
+            log.info("new minion key %s is pending: accept it with %s", shown(mid),
+                     key_hint("-a", mid))
             return AuthDecision.PENDING
         if retry:  # another master wrote this id meanwhile: decide again on fresh state
             return self._decide(mid, pub_n, events, retry=False)
@@ -494,7 +585,7 @@ class KeyRegistry:
         try:
             self.store.put(self._key(state, mid), (pub_n + "\n").encode())
         except StoreUnavailable as exc:
-            log.warning("could not record %s key of %s: %s", state.name.lower(), mid, exc)
+            log.warning("could not record %s key of %s: %s", state.name.lower(), shown(mid), exc)
             return
         self._set(mid, state, pub_n, events)
 
@@ -516,41 +607,72 @@ def public_pem_of(private_pem: bytes) -> bytes:
                                          serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def load_or_create_master_keypair(store: Store, prefix: str,
-                                  keysize: int = 2048) -> tuple[bytes, bytes]:
-    """Return the master's (private PEM, public PEM), creating them once for the whole cluster.
-
-    Creation is create-if-absent (``compare_and_put(expected=None)``): a master that loses the
-    race adopts the winner's pair; an existing ``master.pem`` is never overwritten.
-    """
+def master_key_names(prefix: str) -> tuple[str, str]:
+    """The store keys of the cluster's (private, public) master key under ``prefix``."""
     pre = _join_prefix(prefix)
-    pem_key, pub_key = f"{pre}master.pem", f"{pre}master.pub"
+    return f"{pre}master.pem", f"{pre}master.pub"
+
+
+def read_master_keypair(store: Store, prefix: str) -> tuple[bytes, bytes] | None:
+    """The cluster's (private PEM, public PEM) as the store holds it now, or None if absent.
+
+    The public key is always *derived* from ``master.pem``: the two files can never be read
+    as a mixed pair. Raises :class:`KeyRegistryError` if ``master.pem`` is not a valid key.
+    """
+    pem_key, _ = master_key_names(prefix)
     priv = store.get(pem_key)
     if priv is None:
-        new_priv, _ = generate_keypair(keysize)
-        if store.compare_and_put(pem_key, None, new_priv):
-            log.info("created master keypair %s", pem_key)
-        priv = store.get(pem_key)
-        if priv is None:
-            raise KeyRegistryError(f"master key {pem_key} vanished right after creation; "
-                                   "is another process deleting it?")
+        return None
     try:
-        pub = public_pem_of(priv)
+        return priv, public_pem_of(priv)
     except (ValueError, TypeError) as exc:
         raise KeyRegistryError(
             f"master key {pem_key} is not a valid unencrypted PEM private key ({exc}); "
             "restore it from backup (minions trust it) or remove master.pem and master.pub "
             "to generate a new pair"
         ) from exc
-    existing = store.get(pub_key)
-    if existing is None:
-        store.compare_and_put(pub_key, None, pub)
-    elif normalize_pub(existing) != normalize_pub(pub):
-        raise KeyRegistryError(
-            f"{pub_key} does not match {pem_key}; remove {pub_key} to have it regenerated "
-            "from the private key"
-        )
-    return priv, pub
+
+
+def write_master_pub(store: Store, prefix: str, pub: bytes) -> None:
+    """Keep ``master.pub`` (Salt's layout) equal to the key derived from ``master.pem``.
+
+    Written when absent, rewritten (with a warning) when it differs; never an error: the
+    public key the master serves is the one derived from ``master.pem``.
+    """
+    _, pub_key = master_key_names(prefix)
+    try:
+        existing = store.get(pub_key)
+        if existing is None:
+            store.compare_and_put(pub_key, None, pub)
+        elif normalize_pub(existing) != normalize_pub(pub):
+            log.warning("%s did not match master.pem; rewrote it from the private key", pub_key)
+            store.put(pub_key, pub)
+    except StoreUnavailable as exc:
+        log.warning("could not write %s: %s", pub_key, exc)
+
+
+def load_or_create_master_keypair(store: Store, prefix: str,
+                                  keysize: int = 2048) -> tuple[bytes, bytes]:
+    """Return the master's (private PEM, public PEM), creating them once for the whole cluster.
+
+    Creation is create-if-absent (``compare_and_put(expected=None)``): a master that loses the
+    race adopts the winner's pair; an existing ``master.pem`` is never overwritten. The public
+    key is derived from ``master.pem`` (``master.pub`` is (re)written to match it). This is the
+    rule for stores whose create-if-absent is atomic across masters (fs, etcd); the rsync
+    backend agrees on the pair first (:mod:`hamaster.pki_sync.masterkey`).
+    """
+    pem_key, _ = master_key_names(prefix)
+    pair = read_master_keypair(store, prefix)
+    if pair is None:
+        new_priv, _ = generate_keypair(keysize)
+        if store.compare_and_put(pem_key, None, new_priv):
+            log.info("created master keypair %s", pem_key)
+        pair = read_master_keypair(store, prefix)
+        if pair is None:
+            raise KeyRegistryError(f"master key {pem_key} vanished right after creation; "
+                                   "is another process deleting it?")
+    write_master_pub(store, prefix, pair[1])
+    return pair
 
 
 def open_key_registry(opts: dict[str, Any]) -> KeyRegistry:

@@ -29,6 +29,14 @@ class StoreUnavailable(StoreError):
     """The backend is unreachable (I/O error, unmounted share, permission denied, no quorum)."""
 
 
+class InvalidKey(StoreError, ValueError):
+    """This key cannot be stored by this backend (a name too long, bytes the file system refuses).
+
+    A caller's error, like the ``ValueError`` of :func:`validate_key`: the store is fine and
+    stays healthy.
+    """
+
+
 WatchCallback = Callable[[list[Change]], None]
 
 

@@ -23,6 +23,8 @@ effort (a concurrent writer between the re-read and the rename can be overwritte
 Unavailability (root gone, EIO, ESTALE, EACCES, the root marker missing because the share is
 unmounted) raises :class:`StoreUnavailable` from operations and turns ``healthy()`` False; the
 watcher logs once per outage, keeps polling and resyncs (emitting the diff) on recovery.
+An error that belongs to one key (``ENAMETOOLONG``, ``EINVAL``, ``EILSEQ``: a name the file system
+refuses) raises :class:`InvalidKey` (a ``ValueError``) instead and leaves the store healthy.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from typing import Any
 
 from hamaster.store.base import (
     Change,
+    InvalidKey,
     Store,
     StoreError,
     StoreUnavailable,
@@ -66,6 +69,11 @@ STAT_RESCAN_EVERY = 120
 HOT_WINDOW_NS = 2_000_000_000
 
 _Sig = tuple[int, int, int]
+
+#: Longest file name (bytes) on Linux file systems; longer key segments are refused up front.
+NAME_MAX = 255
+#: errnos that are about one key's name, not the store: a caller's error, never an outage.
+KEY_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ})
 
 # One lock per store root shared by every FsStore of this process (compare_and_put replace).
 _ROOT_LOCKS: dict[str, threading.Lock] = {}
@@ -179,7 +187,11 @@ class FsStore(Store):
         validate_key(key)
         for seg in key.split("/"):
             if seg.startswith("."):
-                raise ValueError(f"invalid store key {key!r}: segments must not start with '.'")
+                raise ValueError(f"invalid store key {key[:200]!r}: segments must not start "
+                                 "with '.'")
+            if len(seg) > NAME_MAX // 4 and len(os.fsencode(seg)) > NAME_MAX:
+                raise InvalidKey(f"store {self.root}: key {key[:200]!r}... has a name longer than "
+                                 f"{NAME_MAX} bytes (File name too long)")
         return self.root / key
 
     def _prefix_path(self, prefix: str) -> tuple[str, Path]:
@@ -200,7 +212,12 @@ class FsStore(Store):
                       self.root, exc)
         self._healthy = False
 
-    def _unavailable(self, what: str, exc: OSError) -> StoreUnavailable:
+    def _unavailable(self, what: str, exc: OSError) -> StoreError:
+        """The exception for a failed operation: InvalidKey for a per-key errno, else an outage."""
+        if len(what) > 200:
+            what = what[:200] + f"...({len(what)} chars)"
+        if exc.errno in KEY_ERRNOS:
+            return InvalidKey(f"store {self.root}: {what} failed: {exc.strerror or exc}")
         err = StoreUnavailable(f"store {self.root}: {what} failed: {exc}")
         self._down(err)
         return err
@@ -303,11 +320,12 @@ class FsStore(Store):
                 self.put(key, value, mode)
             return
         staged: builtins.list[tuple[Path, Path]] = []
+        paths = [self._path(key) for key, _ in items]  # a bad key fails the batch before any write
+        for key, value in items:
+            if not isinstance(value, (bytes, bytearray, memoryview)):
+                raise TypeError(f"store values are bytes, got {type(value).__name__} for {key!r}")
         try:
-            for key, value in items:
-                path = self._path(key)
-                if not isinstance(value, (bytes, bytearray, memoryview)):
-                    raise TypeError(f"store values are bytes, got {type(value).__name__} for {key!r}")
+            for path, (_, value) in zip(paths, items, strict=True):
                 staged.append((self._write_tmp(path.parent, bytes(value), mode, sync=False), path))
             _syncfs(self.root)
             for tmp, path in staged:

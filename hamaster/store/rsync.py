@@ -67,7 +67,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hamaster.store.base import Change, StoreUnavailable
+from hamaster.store.base import Change, StoreUnavailable, WatchCallback
 from hamaster.store.fs import MARKER_NAME, FsStore, _unlink_quiet
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,26 @@ class RsyncStore(FsStore):
             _unlink_quiet(live)         # an older value came back from a peer: stays deleted
             log.debug("rsync store: %s deleted again by its tombstone", key)
 
+    def _superseded(self, key: str) -> bool:
+        """True if ``key``'s live file is no newer than its tombstone.
+
+        That is an old value a peer pushed back after the delete; it is removed here, as the
+        next reconcile pass would, so neither a read nor a watch ever reports it (a push landing
+        between the reconcile pass and the watch pass used to show a deleted key for a moment).
+        """
+        try:
+            tst = os.stat(self._tomb(key))
+        except OSError:
+            return False
+        try:
+            lst = os.stat(self.root / key)
+        except OSError:
+            return True
+        if lst.st_mtime_ns > tst.st_mtime_ns:
+            return False
+        self._reconcile_key(key)
+        return True
+
     def _reconcile_all(self) -> None:
         for dirpath, _dirs, files in os.walk(self.tomb_root):
             for name in files:
@@ -278,6 +298,22 @@ class RsyncStore(FsStore):
         return removed
 
     # ------------------------------------------------------------------ writes
+
+    def get(self, key: str) -> bytes | None:
+        """The local value of ``key``, None if absent or superseded by its tombstone."""
+        value = super().get(key)
+        if value is not None and self._superseded(key):
+            return None
+        return value
+
+    def watch(self, prefix: str, callback: WatchCallback) -> None:
+        """As :meth:`FsStore.watch`, without values that a newer tombstone has deleted."""
+        def live_only(changes: builtins.list[Change]) -> None:
+            kept = [c for c in changes if c.value is None or not self._superseded(c.key)]
+            if kept:
+                callback(kept)
+
+        super().watch(prefix, live_only)
 
     def put(self, key: str, value: bytes, mode: int = 0o600) -> None:
         """Write locally (atomic), clear any tombstone, schedule a push."""

@@ -141,6 +141,9 @@ class Cluster:
             "master_id": f"master{idx}",
             "log_level": "debug",
             "timeout": 10,
+            # the CLI probes minions that have not returned after -t every gather_job_timeout
+            # (Salt's 10 s): short here, so a test pinging a stopped minion does not wait long
+            "gather_job_timeout": 2,
             "ha_poll_interval": 0.2,
         }
         conf.update(extra or {})

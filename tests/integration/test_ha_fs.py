@@ -76,7 +76,8 @@ def test_files_jobs_and_returns_shared(cluster: Cluster) -> None:
     status = json.loads(cluster.run("hamaster-run", "--out", "json", "cluster.status", master=1, check=True).stdout)
     assert set(status["masters"]) == {"master0", "master1"}
     assert all(m["alive"] for m in status["masters"].values())
-    assert status["drift"] == {"config": False, "fileroots": False, "pillar": False}
+    assert status["drift"] == {"config": False, "fileroots": False, "master_key": False,
+                               "pillar": False}
 
 
 def test_origin_master_killed_mid_job_return_survives(cluster: Cluster) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from hamaster.jobs.cache import JobCache
-from hamaster.store.base import Change, Store, StoreUnavailable
+from hamaster.store.base import Change, InvalidKey, Store, StoreUnavailable
 from hamaster.store.fs import FsStore
 from tests.integration.services import EtcdCluster, etcd_cluster, etcd_server, rsync_daemon
 
@@ -212,6 +212,25 @@ def test_put_get_delete_list_from_other_master(backend: Backend, pair) -> None:
         a.put("../escape", b"x")
     with pytest.raises(ValueError):
         a.get("/abs")
+
+
+def test_a_key_the_backend_cannot_hold_is_a_caller_error(backend: Backend, pair) -> None:
+    """A name over 255 bytes (an id of 200 'é'): stored, or refused as InvalidKey (a ValueError);
+    either way the store stays healthy and keeps working (#18: it used to go "unavailable")."""
+    a, b = pair
+    key = "pki/master/minions_pre/" + "é" * 200
+    try:
+        a.put(key, b"PUB\n")
+    except InvalidKey as exc:
+        assert isinstance(exc, ValueError)
+        with pytest.raises(InvalidKey):
+            a.get(key)
+    else:
+        assert a.get(key) == b"PUB\n"
+    assert a.healthy() and b.healthy()
+    a.put("pki/master/minions_pre/web9", b"P9\n")
+    eventually(lambda: b.get("pki/master/minions_pre/web9") == b"P9\n", what="store still works")
+    assert a.healthy() and b.healthy()
 
 
 def test_put_many_and_delete_tree(backend: Backend, pair) -> None:

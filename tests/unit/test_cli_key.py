@@ -52,6 +52,23 @@ def test_list_all_text(env, monkeypatch, capsys):
     assert (rc2, out2) == (rc, out)
 
 
+def test_list_text_quotes_odd_ids_and_never_prints_raw_escapes(env, monkeypatch, capsys):
+    """An id is chosen by the minion: the text output quotes one that is not plain, the JSON
+    output carries it as data, and a file planted with control characters is not listed."""
+    confdir, pki = env
+    odd = "evil $(reboot) ünïcode"
+    (pki / "minions_pre" / odd).write_text("x")
+    (pki / "minions_pre" / "a\x1b]0;pwned\x07\nAccepted Keys:\nroot").write_text("x")
+    (pki / "minions_pre" / "bidi\u202etxt.exe").write_text("x")
+    rc, out, _ = run(["-c", str(confdir), "-L"], monkeypatch, capsys)
+    assert rc == 0
+    assert "\x1b" not in out and "\u202e" not in out and "pwned" not in out
+    assert out.count("Accepted Keys:") == 1
+    assert "'evil $(reboot) ünïcode'" in out.splitlines()
+    rc, out, _ = run(["-c", str(confdir), "-L", "--out", "json"], monkeypatch, capsys)
+    assert odd in json.loads(out)["minions_pre"]
+
+
 def test_list_json_and_filter(env, monkeypatch, capsys):
     confdir, _ = env
     rc, out, _ = run(["-c", str(confdir), "-L", "--out", "json"], monkeypatch, capsys)

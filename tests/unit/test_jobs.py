@@ -79,13 +79,14 @@ def test_list_jobs_like_salt(cache):
     assert j["StartTime"] == jid_to_time(jid).strftime("%Y, %b %d %H:%M:%S.%f")
 
 
-@pytest.mark.parametrize("jid", ["", "123", "2024010112000000000x", "../../etc/passwd0000"])
+@pytest.mark.parametrize("jid", ["", "123", "2024010112000000000x", "../../etc/passwd0000",
+                                 "00000000000000000000", "20241399000000000000"])
 def test_bad_jid_rejected(cache, jid):
     with pytest.raises(ValueError):
         cache.save_load(jid, {})
 
 
-@pytest.mark.parametrize("mid", ["", "a/b", "..", ".x", "a\\b"])
+@pytest.mark.parametrize("mid", ["", "a/b", "..", ".x", "a\\b", " web1", "a\nb", "é" * 200])
 def test_bad_minion_rejected(cache, mid):
     with pytest.raises(ValueError):
         cache.save_return(gen_jid(), mid, {})
@@ -103,6 +104,23 @@ def test_clean_old(cache, tmp_path):
     assert not (tmp_path / "s" / "jobs" / old).exists()
 
 
+def test_clean_old_skips_a_poisoned_entry(cache, tmp_path, caplog):
+    """One entry whose name is 20 digits but no time (or junk) must not stop expiry."""
+    old = (datetime.datetime.now() - datetime.timedelta(hours=48)).strftime("%Y%m%d%H%M%S%f")
+    cache.save_load(old, {"fun": "test.ping"})
+    for junk in ("00000000000000000000", "20241399000000000000", "notajid"):
+        cache.store.put(f"jobs/{junk}/returns/web1", b"\x80")
+    caplog.set_level("WARNING", logger="hamaster.jobs.cache")
+    assert cache.clean_old(24) == 1
+    assert cache.get_load(old) is None
+    skipped = [r for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skipped) == 3
+    cache.save_load(old, {"fun": "test.ping"})
+    assert cache.clean_old(24) == 1  # again, and the bad names are not logged a second time
+    assert len([r for r in caplog.records if "skipping" in r.getMessage()]) == 3
+    assert cache.list_jids() == []
+
+
 def test_corrupt_return_skipped(cache):
     jid = gen_jid()
     cache.save_return(jid, "good", {"return": 1})
@@ -115,3 +133,26 @@ def test_open_job_cache(tmp_path):
     jid = gen_jid()
     jc.save_load(jid, {"fun": "x"})
     assert (tmp_path / "cache" / "jobs_store" / "jobs" / jid / "load").exists()
+
+
+def test_job_writer_drops_an_item_the_cache_refuses_and_keeps_the_rest(tmp_path, caplog):
+    """A refused item (invalid id, a key that is a directory) must not keep its whole batch
+    retrying forever: the rest is written and the writer stays healthy."""
+    from hamaster.master.jobs import JobWriter
+
+    cache = JobCache(FsStore(tmp_path / "s"))
+    jid = gen_jid()
+    (tmp_path / "s" / "jobs" / jid / "returns" / "dir1").mkdir(parents=True)
+    writer = JobWriter(cache)
+    writer.start()
+    writer.put_load(jid, {"fun": "test.ping"})
+    writer.put_return(jid, "good1", {"return": True})
+    writer.put_return(jid, "bad\nid", {"return": True})
+    writer.put_return(jid, "dir1", {"return": True})
+    writer.put_return(jid, "good2", {"return": True})
+    writer.put_return(jid, "good3", {"return": True})
+    writer.stop()
+    assert not writer.is_alive() and writer.healthy
+    assert set(cache.get_returns(jid)) == {"good1", "good2", "good3"}
+    assert cache.get_load(jid) == {"fun": "test.ping"}
+    assert any("dropped 2 invalid items" in r.getMessage() for r in caplog.records)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hamaster.minion.grains_core import collect_grains, os_grains, parse_os_release
-from hamaster.minion.modules import cmd, cp, grains, test
+from hamaster.minion.modules import cmd, cp, grains, saltutil, test
 from hamaster.minion.modules import sys as sys_mod
 from hamaster.minion.modules.context import CommandExecutionError, ExecContext
 from hamaster.minion.modules.registry import FunctionRegistry
@@ -56,6 +56,19 @@ def test_cmd_run_env_dict_and_salt_list_form(ctx: ExecContext) -> None:
 def test_cmd_run_nonzero_exit_sets_retcode(ctx: ExecContext) -> None:
     assert cmd.run(ctx, "echo oops; exit 3") == "oops"
     assert ctx.retcode == 3
+
+
+def test_failing_command_line_is_not_logged_above_debug(ctx: ExecContext, caplog) -> None:
+    """A failing command may carry a password: ERROR/INFO lines name only the program."""
+    caplog.set_level("DEBUG", logger="hamaster.minion.modules.cmd")
+    cmd.run(ctx, "mysql --password=hunter2 -e 'select 1'; exit 3")
+    cmd.retcode(ctx, ["sh", "-c", "exit 4", "--password=hunter2"])
+    cmd.run(ctx, "sleep 5; echo --password=hunter2", timeout=0.2)
+    above = [r.getMessage() for r in caplog.records if r.levelno > 10]
+    assert any("failed with return code: 3" in m and "mysql" in m for m in above), above
+    assert any("returned code 4" in m for m in above) and any("timed out" in m for m in above)
+    assert not [m for m in above if "hunter2" in m], above
+    assert [r for r in caplog.records if r.levelno == 10 and "hunter2" in r.getMessage()]
 
 
 def test_cmd_run_ignore_retcode(ctx: ExecContext) -> None:
@@ -190,7 +203,8 @@ def test_sys_list_functions(ctx: ExecContext) -> None:
 
 
 def test_sys_list_modules_and_doc(ctx: ExecContext) -> None:
-    assert sys_mod.list_modules(ctx) == ["cmd", "cp", "grains", "mine", "pillar", "sys", "test"]
+    assert sys_mod.list_modules(ctx) == [
+        "cmd", "cp", "grains", "mine", "pillar", "saltutil", "sys", "test"]
     docs = sys_mod.doc(ctx, "test.echo")
     assert list(docs) == ["test.echo"] and "unchanged" in docs["test.echo"]
 
@@ -314,3 +328,19 @@ def test_os_release_parsing() -> None:
         "Rocky", "RedHat", "Rocky Linux-9")
     debian = os_grains(parse_os_release('NAME="Debian GNU/Linux"\nID=debian\nVERSION_ID="12"\n'))
     assert debian["osfullname"] == "Debian" and debian["osfinger"] == "Debian-12"
+
+
+# ------------------------------------------------------------------ saltutil
+
+
+def test_saltutil_find_job_and_running_read_the_minions_running_jobs() -> None:
+    job = {"fun": "test.sleep", "arg": [8], "jid": "20261206120000000001", "pid": 42}
+    running = {job["jid"]: job}
+    ctx = ExecContext(opts={}, grains={}, minion_id="m", running_jobs=running)
+    assert saltutil.find_job(ctx, "20261206120000000001") == job
+    assert saltutil.find_job(ctx, 20261206120000000001) == job  # a CLI word yamlified to int
+    assert saltutil.find_job(ctx, "20261206120000000002") == {}  # not running: {}, as Salt
+    assert saltutil.running(ctx) == [job]
+    running.clear()
+    assert saltutil.running(ctx) == [] and saltutil.find_job(ctx, job["jid"]) == {}
+    assert FunctionRegistry().get("saltutil.find_job") is saltutil.find_job

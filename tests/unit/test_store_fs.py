@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hamaster.store.base import Change, StoreUnavailable
+from hamaster.store.base import Change, InvalidKey, StoreUnavailable
 from hamaster.store.fs import MARKER_NAME, STAT_RESCAN_EVERY, FsStore
 
 
@@ -58,6 +58,33 @@ def test_invalid_keys(tmp_path, key):
     s = FsStore(tmp_path / "s")
     with pytest.raises(ValueError):
         s.put(key, b"x")
+
+
+def test_name_too_long_is_a_caller_error_not_an_outage(tmp_path, caplog):
+    """A key segment over the file system's 255-byte name limit (an id within 255 characters
+    but over 255 UTF-8 bytes) is refused as InvalidKey (a ValueError); the store stays up."""
+    s = FsStore(tmp_path / "s")
+    s.put("pki/minions/web1", b"k")
+    key = "pki/minions_pre/" + "é" * 200
+    caplog.set_level("ERROR", logger="hamaster.store.fs")
+    for op in (lambda: s.put(key, b"x"), lambda: s.get(key), lambda: s.delete(key),
+               lambda: s.compare_and_put(key, None, b"x"), lambda: s.list(key),
+               lambda: s.put_many([(f"pki/m{i}", b"x") for i in range(4)] + [(key, b"x")])):
+        with pytest.raises(InvalidKey) as info:
+            op()
+        assert isinstance(info.value, ValueError) and not isinstance(info.value, StoreUnavailable)
+        assert "too long" in str(info.value) and len(str(info.value)) < 600
+        assert s.healthy()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert s.get("pki/minions/web1") == b"k"
+    assert [k for k in s.list("pki") if k.startswith("pki/m")] == ["pki/minions/web1"]
+    assert not [n for n in os.listdir(tmp_path / "s" / "pki") if n.startswith(".tmp-")]
+    # a path over PATH_MAX made of short names: the kernel's ENAMETOOLONG is classified the same
+    deep = "/".join(["d" * 200] * 25)
+    for op in (lambda: s.put(deep, b"x"), lambda: s.get(deep), lambda: s.delete(deep)):
+        with pytest.raises(InvalidKey):
+            op()
+    assert s.healthy()
 
 
 def test_delete_tree(tmp_path):

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from hamaster.ids import shown
 from hamaster.minion.modules.context import CommandExecutionError, ExecContext
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,20 @@ def _build_argv(cmd: Any, shell: str | None, python_shell: bool) -> list[str]:
     return argv
 
 
+def _program(cmd: Any) -> str:
+    """The program a command runs, for log lines above ``output_loglevel``.
+
+    A failing or timed-out command is logged by its program name only: the whole command line
+    (which may carry a password) goes only to the "Executing command" line, at the job's
+    ``output_loglevel`` (debug by default, nothing with ``quiet``).
+    """
+    if isinstance(cmd, (list, tuple)):
+        first = str(cmd[0]) if cmd else ""
+    else:
+        first = str(cmd).strip().split(None, 1)[0] if str(cmd).strip() else ""
+    return shown(os.path.basename(first) or first, 60)
+
+
 def _log_command(cmd: Any, output_loglevel: str, cwd: str, runas: str | None) -> None:
     level_name = str(output_loglevel).lower()
     if level_name == "quiet":
@@ -143,9 +158,11 @@ def _run(cmd: Any, *, cwd: str | None, env: Any, timeout: Any, shell: str | None
         try:
             proc.communicate(timeout=5)
         except subprocess.TimeoutExpired:
-            log.warning("command %r (pid %d) left pipes open after being killed", cmd, proc.pid)
+            log.warning("command %s (pid %d) left pipes open after being killed", _program(cmd),
+                        proc.pid)
         proc.wait()
-        log.info("command %r timed out after %s seconds; process group killed", cmd, timeout)
+        log.info("command %s timed out after %s seconds; process group killed", _program(cmd),
+                 timeout)
         return _Completed(proc.pid, 1, f"Timed out after {timeout} seconds", "", timed_out=True)
 
     def decode(raw: bytes | None) -> str:
@@ -157,7 +174,8 @@ def _run(cmd: Any, *, cwd: str | None, env: Any, timeout: Any, shell: str | None
 
 def _set_retcode(ctx: ExecContext, result: _Completed, ignore_retcode: bool, cmd: Any) -> None:
     if result.retcode != 0 and not ignore_retcode:
-        log.error("Command %r failed with return code: %d", cmd, result.retcode)
+        log.error("Command %s... (pid %d) failed with return code: %d", _program(cmd), result.pid,
+                  result.retcode)
         ctx.retcode = result.retcode
 
 
@@ -227,7 +245,7 @@ def retcode(ctx: ExecContext, cmd: str | list[str], cwd: str | None = None, env:
                   stdin=stdin, runas=runas, output_loglevel=output_loglevel,
                   redirect_stderr=redirect_stderr)
     if result.retcode != 0 and not ignore_retcode:
-        log.info("Command %r returned code %d", cmd, result.retcode)
+        log.info("Command %s... returned code %d", _program(cmd), result.retcode)
     return result.retcode
 
 

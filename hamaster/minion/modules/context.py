@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,8 @@ class ExecContext:
     pillar: dict[str, Any] = field(default_factory=dict)
     fetch_file: FetchFile | None = None
     registry: FunctionRegistry | None = None
+    #: Jobs the minion is running now, by jid (``saltutil.find_job`` / ``saltutil.running``).
+    running_jobs: Mapping[str, dict[str, Any]] = field(default_factory=dict)
     #: Fetch a fresh pillar from a master, keep it for later jobs and return it (pillar.refresh).
     refresh_pillar: Callable[[], dict[str, Any]] | None = None
     #: Send one aes request load to a live master and return its answer (mine.*).

@@ -18,6 +18,7 @@ DEFAULT_MODULES: tuple[tuple[str, str], ...] = (
     ("grains", "hamaster.minion.modules.grains"),
     ("mine", "hamaster.minion.modules.mine"),
     ("pillar", "hamaster.minion.modules.pillar"),
+    ("saltutil", "hamaster.minion.modules.saltutil"),
     ("sys", "hamaster.minion.modules.sys"),
     ("test", "hamaster.minion.modules.test"),
 )

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterable
@@ -45,7 +46,7 @@ import yaml
 
 from hamaster.bus import messages
 from hamaster.bus.crypticle import Crypticle
-from tests.integration.harness import Cluster, Proc, wait_until
+from tests.integration.harness import BIN, Cluster, Proc, wait_until
 from tests.integration.spy import SpyMinion
 
 try:
@@ -502,6 +503,32 @@ class TestStockMinionOnHamaster:
         # start-up; the pending retries before acceptance are the only other _auth requests
         print(f"{mn.minion_id}: {len(auth_requests(full))} _auth requests in its whole log "
               f"(pending retries before acceptance + the accepted one)")
+
+    def test_cli_waits_for_a_long_job(self, stock_fleet: StockFleet, version: str) -> None:
+        """Issue 17: a job longer than the CLI's timeout on a stock minion is waited for: the
+        master asks it ``saltutil.find_job`` (answered natively) and keeps waiting while it runs.
+        Salt's default timeout (5) and -t 2, at once; 3008.5 only (the probe is the same RPC)."""
+        f = stock_fleet
+        if version != SALT_MASTER_VERSION:
+            pytest.skip(f"checked on {SALT_MASTER_VERSION} only")
+        if version not in f.answered_at:
+            pytest.skip("the command test did not get this minion answering")
+        mid = f.minion(version).minion_id
+        # Salt's gather_job_timeout (the harness shortens it): a stock minion forks a process
+        # to answer each probe, slow on a busy machine
+        base = [str(BIN / "hamaster"), "-c", str(f.master["confdir"]), "--gather-job-timeout", "10"]
+        t0 = time.monotonic()
+        procs = [
+            subprocess.Popen([*base, "-t", t, mid, "test.sleep", "8"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+            for t in ("5", "2")
+        ]
+        outs = [p.communicate(timeout=60) for p in procs]
+        took = time.monotonic() - t0
+        for p, (out, err) in zip(procs, outs, strict=True):
+            assert p.returncode == 0, (out, err)
+            assert out.split() == [f"{mid}:", "True"], (out, err)
+        assert 7.5 <= took < 14, took
 
     def test_back_after_master_restart(self, stock_fleet: StockFleet, version: str) -> None:
         """SIGKILL + start of the hamaster master: the stock minion answers again on its own."""
