@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from hamaster.bus import codec
+from hamaster.ids import valid_minion_id
 from hamaster.store.base import Change, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,8 @@ TargetCheck = Callable[[Any, str], list[str]]
 
 
 def _valid_id(mid: Any) -> bool:
-    return (isinstance(mid, str) and 0 < len(mid) <= 255 and "/" not in mid and "\0" not in mid
-            and not mid.startswith(".") and mid not in (".", ".."))
+    """The project's one minion-id rule (:mod:`hamaster.ids`)."""
+    return valid_minion_id(mid)
 
 
 class MinionDataCache:

@@ -114,8 +114,10 @@ def test_pillar_items_equal_through_both_masters_and_live_edit(
                == {"motd": "edited"}, 20, interval=0.05, what="edited pillar through B")
     took = time.monotonic() - t0
     assert took < 10, took  # one CLI round trip plus at most the snapshot ttl (POLL)
-    # pillar.refresh keeps the new pillar for pillar.get
-    cluster.run("hamaster", "web1", "pillar.refresh", master=0, check=True)
+    # saltutil.refresh_pillar keeps the new pillar for pillar.get
+    res = cluster.run("hamaster", "--out", "json", "--static", "web1", "saltutil.refresh_pillar",
+                      master=0, check=True)
+    assert json.loads(res.stdout) == {"web1": True}
     res = cluster.run("hamaster", "--out", "json", "--static", "web1", "pillar.get",
                       "common:motd", master=0, check=True)
     assert json.loads(res.stdout) == {"web1": "edited"}
