@@ -235,7 +235,7 @@ class MinionDataCache:
     def mine_delete(self, mid: str, fun: Any) -> bool:
         """``_mine_delete``: drop function ``fun`` from ``mid``'s mine."""
         mine = self.get(mid, "mine")
-        if not isinstance(mine, dict):
+        if not isinstance(mine, dict) or not isinstance(fun, str):
             return False
         if fun in mine:
             self.put(mid, "mine", {k: v for k, v in mine.items() if k != fun})

@@ -501,3 +501,25 @@ def test_result_cache_follows_tree_and_inputs(tmp_path: Path) -> None:
     assert c.compile("m", {"x": 1}) == {"a": "changed"}
     off = compiler(tmp_path, {}, pillar_cache_entries=0)
     assert off.compile("m", {"x": 1}) is not off.compile("m", {"x": 1})
+
+
+def test_mine_commands_survive_bad_input() -> None:
+    from hamaster.master.datacache import MinionDataCache
+
+    cache = MinionDataCache(None)
+
+    def check(tgt: object, tgt_type: str) -> list[str]:
+        from hamaster.minion.matcher import check_minions
+        return check_minions(tgt, tgt_type, ["a"], lambda _m: {})
+
+    cache.mine_store("a", {"f": 1})
+    for data in (None, [], "x", 3):
+        assert cache.mine_store("a", data) is False
+    for fun in (None, ["f"], {"f": 1}, 3):
+        assert cache.mine_delete("a", fun) is False
+    for fun in (None, {"f": 1}, 3):
+        assert cache.mine_get("a", "*", "glob", fun, check) == {}
+    assert cache.mine_get("a", "*", "glob", ["f", 3], check) == {"f": {"a": 1}}
+    for tgt, tgt_type in ((None, "glob"), ({"x": 1}, "compound"), ("*", "nope"), ("(", "compound")):
+        assert cache.mine_get("a", tgt, tgt_type, "f", check) in ({}, {"a": 1})
+    assert cache.mine_store("../x", {"f": 1}) is True and cache.get("../x", "mine") is None
