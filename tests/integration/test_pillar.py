@@ -270,10 +270,15 @@ def test_pillar_on_etcd_push_and_mine(cluster: Cluster) -> None:
     except Exception as exc:  # no etcd binary
         pytest.skip(f"etcd unavailable: {exc}")
     try:
-        for _ in range(2):
+        # master0 has a local fallback file master1 lacks: not used by the top, but the trees
+        # differ, and cluster.status says so
+        local0 = cluster.base / "local0"
+        local0.mkdir()
+        (local0 / "extra.sls").write_text("extra: 1\n")
+        for local in (local0, cluster.base / "no-local"):
             cluster.add_master({"ha_backend": "etcd", "ha_etcd_endpoints": etcd.endpoints,
                                 "ha_etcd_prefix": "/hm-pillar", "auto_accept": True,
-                                "pillar_roots": {"base": [str(cluster.base / "no-local")]}})
+                                "pillar_roots": {"base": [str(local)]}})
         cluster.add_minion("web1", extra={"grains": {"role": "web"}, "mine_functions": {
             "ip": [{"mine_function": "test.echo"}, "10.0.0.1"]}})
         cluster.wait_all_answer(["web1"], master=0)
@@ -294,6 +299,14 @@ def test_pillar_on_etcd_push_and_mine(cluster: Cluster) -> None:
         assert _json(cluster, "web1", "mine.get", "*", "ip", master=1) == {
             "web1": {"web1": "10.0.0.1"}}
         assert _json(cluster, "-I", "web:port:80", "test.ping", master=0) == {"web1": True}
+
+        def pillar_drift() -> bool:
+            res = cluster.run("hamaster-run", "--out", "json", "cluster.status", master=1)
+            return bool(res.stdout.strip()) and json.loads(res.stdout)["drift"]["pillar"]
+        wait_until(pillar_drift, 30, interval=0.5, what="pillar drift flagged")
+        res = cluster.run("hamaster-run", "--out", "json", "pillar.show_pillar", "web1",
+                          master=1, check=True)
+        assert json.loads(res.stdout) == {**WEB1, "common": {"motd": "pushed"}}
     finally:
         for m in cluster.masters:
             m["proc"].stop()
