@@ -362,6 +362,8 @@ class Master:
             self.handler.forget(mid)
             if self.opts.get("rotate_aes_key", True):
                 self.publish_key.rotate(f"key of {mid} left the accepted state ({new.value if new else 'deleted'})")
+        if new is None and old is not None:
+            self.data_cache.forget(mid)  # as salt-key -d clears the minion's cached data
         # Counting keys costs O(keys); a bulk accept fires one event per key. Recount at most
         # once per housekeeping pass (2 s) instead of once per event.
         self._keys_dirty = True

@@ -220,6 +220,11 @@ class MinionDataCache:
                     if attempt == 2:
                         log.warning("minion data cache: cannot write %s: %s", key, exc)
 
+    def forget(self, mid: str) -> None:
+        """Drop everything cached for ``mid`` (its key was deleted)."""
+        for kind in KINDS:
+            self.drop(mid, kind)
+
     # -- mine ----------------------------------------------------------------------------------
 
     def mine_store(self, mid: str, data: Any, clear: bool = False) -> bool:

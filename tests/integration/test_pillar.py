@@ -258,6 +258,11 @@ def test_pillar_targeting_and_mine_from_any_master(
     assert _json(cluster, "web1", "mine.delete", "ip", master=1) == {"web1": True}
     wait_until(lambda: _json(cluster, "db1", "mine.get", "*", "ip", master=1)
                == {"db1": {"db1": "10.0.0.2"}}, 20, interval=0.2, what="mine.delete seen")
+    # deleting a key clears the minion's cached data from the store (as salt-key -d does)
+    record = pillar_cluster["shared"] / "minion_data" / "db1" / "pillar"
+    assert record.exists()
+    cluster.run("hamaster-key", "-d", "db1", "-y", master=1, check=True)
+    wait_until(lambda: not record.exists(), 20, what="db1's cached data removed")
 
 
 def test_pillar_on_etcd_push_and_mine(cluster: Cluster) -> None:
