@@ -186,24 +186,30 @@ class PillarCompiler:
                            self.settings.merge_lists)
         if run.errors:
             pillar["_errors"] = list(run.errors)
-        pillar, size = self._bounded(minion_id, pillar, run.errors)
+        pillar, size = self._bounded(minion_id, pillar, run.errors, run.details)
         return pillar, size, bool(run.secret)
 
-    def _bounded(self, minion_id: str, pillar: dict, errors: list[str]) -> tuple[dict, int]:
+    def _bounded(self, minion_id: str, pillar: dict, errors: list[str], details: list[str]
+                 ) -> tuple[dict, int]:
+        """``(pillar, encoded size)``, the pillar replaced by ``_errors`` when it cannot be sent;
+        one log line per compile that has errors."""
+        size = 0
+        extra = None
         try:
             size = len(codec.dumps(pillar))
         except (TypeError, ValueError, OverflowError) as exc:
-            msg = f"Pillar for {minion_id} cannot be encoded: {exc}"
-            log.error("pillar for %s: %s", minion_id, msg)
-            return {"_errors": errors + [msg]}, 0
-        if size > self.settings.max_size:
-            msg = (f"Pillar for {minion_id} is {size} bytes, over the limit of "
-                   f"{self.settings.max_size} (pillar_max_size); no pillar data was sent")
-            log.error("%s", msg)
-            return {"_errors": errors + [msg]}, 0
+            extra = f"Pillar for {minion_id} cannot be encoded: {exc}"
+        else:
+            if size > self.settings.max_size:
+                extra = (f"Pillar for {minion_id} is {size} bytes, over the limit of "
+                         f"{self.settings.max_size} (pillar_max_size); no pillar data was sent")
+        if extra is not None:
+            errors, details = errors + [extra], details + [extra]
+            pillar, size = {"_errors": errors}, 0
         if errors:
-            log.error("pillar for %s has %d error(s): %s", minion_id, len(errors),
-                      errors[0].replace("\n", " ")[:500])
+            text = "; ".join(details).replace("\n", " ")
+            log.error("pillar for %s: %d error(s): %s", minion_id, len(errors),
+                      text if len(text) <= 2000 else text[:2000] + " ...")
         return pillar, size
 
 
@@ -218,11 +224,18 @@ class _Compile:
         self.minion_id = minion_id
         self.grains = grains
         self.errors: list[str] = []
+        #: What the master log says about each error (the render detail ``_errors`` may hide).
+        self.details: list[str] = []
         self.secret: list[bool] = []
         self.ignored: dict[str, set[str]] = {}
         self._envs: dict[str, Any] = {}
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _error(self, public: str, detail: str | None = None) -> None:
+        """Record an ``_errors`` entry; ``detail`` (default: the same) goes to the log line."""
+        self.errors.append(public)
+        self.details.append(detail or public)
 
     def _jinja_env(self, saltenv: str) -> Any:
         env = self._envs.get(saltenv)
@@ -260,13 +273,13 @@ class _Compile:
         try:
             data = self._render(saltenv, rel, rel[:-4].replace("/", "."), {})
         except (RenderError, FileTooLarge) as exc:
-            log.error("pillar %s %s of saltenv %s failed to render: %s", what, rel, saltenv, exc)
-            self.errors.append(f"Rendering {what} failed, render error:\n{exc}")
+            self._error(f"Rendering {what} failed, render error:\n{exc}",
+                        f"{what} {rel} (saltenv {saltenv}): {exc}")
             return None
         if data is None:
             return None
         if not isinstance(data, dict):
-            self.errors.append(f"{what} {rel} in environment '{saltenv}' does not render "
+            self._error(f"{what} {rel} in environment '{saltenv}' does not render "
                                "to a dictionary")
             return None
         return data
@@ -294,7 +307,7 @@ class _Compile:
                 done[saltenv].add(sls)
                 rel = self.snap.sls_path(saltenv, sls)
                 if rel is None:
-                    self.errors.append(f"Rendering Top file {sls} failed, render error:\n"
+                    self._error(f"Rendering Top file {sls} failed, render error:\n"
                                        f"top file '{sls}' not found in environment '{saltenv}'")
                     continue
                 sub = self._render_top(saltenv, rel, f"Top file {sls}")
@@ -310,7 +323,7 @@ class _Compile:
             for saltenv, targets in ctop.items():
                 saltenv = str(saltenv)
                 if not isinstance(targets, dict):
-                    self.errors.append(f"Top file saltenv '{saltenv}' is not formed as a mapping "
+                    self._error(f"Top file saltenv '{saltenv}' is not formed as a mapping "
                                        "of targets to lists of sls")
                     continue
                 for tgt, comps in targets.items():
@@ -318,7 +331,7 @@ class _Compile:
                     if isinstance(comps, str):
                         comps = [comps]
                     if not isinstance(comps, list):
-                        self.errors.append(f"Top file target '{tgt}' in saltenv '{saltenv}' is "
+                        self._error(f"Top file target '{tgt}' in saltenv '{saltenv}' is "
                                            "not formed as a list")
                         continue
                     matches: list[Any] = []
@@ -392,7 +405,7 @@ class _Compile:
         for saltenv, pstates in matches.items():
             avail = self.snap.avail(saltenv)
             if saltenv not in self.snap.envs:
-                self.errors.append(f"No matching pillar environment for environment "
+                self._error(f"No matching pillar environment for environment "
                                    f"'{saltenv}' found")
             pstatefiles: list[str] = []
             for sls_match in pstates:
@@ -404,7 +417,7 @@ class _Compile:
                 if pstate is None:
                     continue
                 if not isinstance(pstate, dict):
-                    log.error("pillar sls %s of %s did not render to a dictionary", sls, saltenv)
+                    log.debug("pillar sls %s of %s did not render to a dictionary", sls, saltenv)
                     continue
                 pillar = self._merge(pillar, pstate)
         return pillar
@@ -418,30 +431,29 @@ class _Compile:
             if saltenv in self.snap.envs:
                 msg = (f"Specified SLS '{sls}' in environment '{saltenv}' is not available on "
                        "the salt master")
-                self.errors.append(msg)
+                self._error(msg)
             return None
         state: Any = None
         try:
             state = self._render(saltenv, rel, sls, pillar, defaults)
         except (RenderError, FileTooLarge) as exc:
-            log.error("Rendering SLS '%s' (saltenv %s) for %s failed: %s", sls, saltenv,
-                      self.minion_id, exc)
+            detail = f"SLS '{sls}' ({saltenv}:{rel}): {exc}"
             if self.settings.safe_render_error:
-                self.errors.append(f"Rendering SLS '{sls}' failed. Please see master log for "
-                                   "details.")
+                self._error(f"Rendering SLS '{sls}' failed. Please see master log for "
+                            "details.", detail)
             else:
-                self.errors.append(f"Rendering SLS '{sls}' failed, render error:\n{exc}")
+                self._error(f"Rendering SLS '{sls}' failed, render error:\n{exc}", detail)
         mods[sls] = state
         if not state:
             return state
         if not isinstance(state, dict):
-            self.errors.append(f"SLS '{sls}' does not render to a dictionary")
+            self._error(f"SLS '{sls}' does not render to a dictionary")
             return None
         if "include" not in state:
             return state
         includes = state.pop("include")
         if not isinstance(includes, list):
-            self.errors.append(f"Include Declaration in SLS '{sls}' is not formed as a list")
+            self._error(f"Include Declaration in SLS '{sls}' is not formed as a list")
             return state
         merged = self._includes(sls, rel, saltenv, state, includes, mods, pillar, stack + (sls,))
         mods[sls] = merged
@@ -450,7 +462,7 @@ class _Compile:
     def _includes(self, sls: str, rel: str, saltenv: str, state: dict, includes: list,
                   mods: dict[str, Any], pillar: dict, stack: tuple[str, ...]) -> Any:
         if len(stack) > self.settings.max_include_depth:
-            self.errors.append(f"Include depth of SLS '{sls}' in environment '{saltenv}' is over "
+            self._error(f"Include depth of SLS '{sls}' in environment '{saltenv}' is over "
                                f"{self.settings.max_include_depth} ({' -> '.join(stack[:5])} ...)")
             return state
         include_states: list[dict] = []
@@ -465,7 +477,7 @@ class _Compile:
                     defaults = given if isinstance(given, dict) else None
                     key = opts.get("key")
             if not isinstance(sub, str) or not sub:
-                self.errors.append(f"Include Declaration in SLS '{sls}' has an invalid entry "
+                self._error(f"Include Declaration in SLS '{sls}' has an invalid entry "
                                    f"{sub!r}")
                 continue
             name = sub
@@ -478,7 +490,7 @@ class _Compile:
             matched = fnmatch.filter(avail, name.replace("/", "."))
             if not matched:
                 if name not in self.ignored.get(saltenv, ()):
-                    self.errors.append(f"Specified SLS '{name}' in environment '{saltenv}' is "
+                    self._error(f"Specified SLS '{name}' in environment '{saltenv}' is "
                                        f"not available on the salt master (included from "
                                        f"'{sls}')")
                 continue
@@ -486,8 +498,7 @@ class _Compile:
                 if m_sub in stack:
                     msg = (f"Recursive include of SLS '{m_sub}' in environment '{saltenv}': "
                            f"{' -> '.join(stack + (m_sub,))}")
-                    log.error("pillar for %s: %s", self.minion_id, msg)
-                    self.errors.append(msg)
+                    self._error(msg)
                     continue
                 if m_sub not in mods:
                     nstate = self._render_pstate(m_sub, saltenv, mods, pillar, stack, defaults)

@@ -230,13 +230,19 @@ def test_template_cannot_read_outside_the_tree(tmp_path: Path) -> None:
     assert any("sandbox" in e for e in p["_errors"])
 
 
-def test_render_errors_become_errors_list(tmp_path: Path) -> None:
+def test_render_errors_become_errors_list(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                          ) -> None:
     c = compiler(tmp_path, {
         "top.sls": "base:\n  '*': [good, badyaml, badjinja, notdict, missing, dup]\n",
         "good.sls": "good: 1\n", "badyaml": "", "badyaml.sls": "a: [1\n",
         "badjinja.sls": "{% if %}\n", "notdict.sls": "- 1\n", "dup.sls": "a: 1\na: 2\n",
     })
-    p = c.compile("m", {})
+    with caplog.at_level("DEBUG", logger="hamaster.pillar"):
+        p = c.compile("m", {})
+    logged = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(logged) == 1  # one line per compile, with the detail _errors leaves out
+    assert "5 error(s)" in logged[0].getMessage() and "YAML error" in logged[0].getMessage()
+    assert "conflicting ID" in logged[0].getMessage()
     assert p["good"] == 1
     assert p["_errors"] == [
         "Rendering SLS 'badyaml' failed. Please see master log for details.",
