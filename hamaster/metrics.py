@@ -57,6 +57,12 @@ class MasterMetrics:
         self.requests_rejected = Counter(
             "hamaster_requests_rejected_total", "Requests refused, by reason", labels + ["reason"], registry=r
         )
+        self.keys_throttled = Counter(
+            "hamaster_keys_throttled_total",
+            "New minion keys not recorded as pending: over pending_keys_per_second (rate) or "
+            "max_pending_keys (cap)",
+            labels + ["reason"], registry=r,
+        )
         self.requests = Counter("hamaster_requests_total", "Requests served, by command", labels + ["cmd"], registry=r)
         self.store_up = Gauge("hamaster_store_up", "1 when the shared-state backend answers", labels, registry=r)
         self.store_op_latency = Histogram(
@@ -96,6 +102,10 @@ class MasterMetrics:
     def reject(self, reason: str) -> None:
         """Count one refused request."""
         self.requests_rejected.labels(self.master_id, reason).inc()
+
+    def key_throttled(self, reason: str) -> None:
+        """Count one new key held back by the new-key throttle (``rate`` or ``cap``)."""
+        self.keys_throttled.labels(self.master_id, reason).inc()
 
     def auth(self, result: str) -> None:
         """Count one _auth request by its outcome."""

@@ -95,18 +95,36 @@ class Crypticle:
 
 
 class SerialGuard:
-    """Replay guard for publications: serials must increase, per publish key."""
+    """Replay guard for publications: serials must increase, per publish key.
 
-    __slots__ = ("_last",)
+    A process that has not seen a key yet learns a *floor* for it from a hamaster master's
+    signed auth reply (the key's current serial, :meth:`set_floor`): a publication made before
+    that auth (one captured before this minion restarted, say) is refused. A publication that
+    arrived before the auth and only decrypted after it (the master had just rotated its key)
+    is checked with ``ignore_floor``: it was not run by this process, since this process did not
+    hold the key.
+    """
+
+    __slots__ = ("_last", "_floor")
 
     def __init__(self) -> None:
         self._last: dict[str, int] = {}
+        self._floor: dict[str, int] = {}
 
-    def accept(self, key_string: str, serial: Any) -> bool:
+    def set_floor(self, key_string: str, serial: Any) -> None:
+        """Refuse serials up to ``serial`` under a key this guard has not seen publications of."""
+        if not isinstance(serial, int) or isinstance(serial, bool) or key_string in self._last:
+            return
+        self._floor[key_string] = max(serial, self._floor.get(key_string, 0))
+
+    def accept(self, key_string: str, serial: Any, ignore_floor: bool = False) -> bool:
         """True if ``serial`` is newer than the last one seen under ``key_string``."""
         if not isinstance(serial, int) or isinstance(serial, bool):
             return False
-        if serial <= self._last.get(key_string, 0):
+        last = self._last.get(key_string, 0)
+        if not ignore_floor:
+            last = max(last, self._floor.get(key_string, 0))
+        if serial <= last:
             return False
         self._last[key_string] = serial
         return True

@@ -23,7 +23,14 @@ from hamaster.bus import codec
 from hamaster.bus.crypticle import Crypticle, CrypticleError, generate_key_string
 
 ENVELOPE_VERSION = 3
+CLEAR_REQUEST_MAX = 64 * 1024
+"""Default cap on a clear (``_auth``) request frame; a real one is about 1 KiB."""
+REQUEST_MAX = 32 * 1024 * 1024
+"""Default cap on any request frame (an aes request carrying a large return)."""
 BAD_LOAD = "bad load"
+PUBLISH_SERIAL_FIELD = "hamaster_serial"
+"""Extra field of a hamaster master's accepted auth reply: the publish key's current serial
+(signed with the reply; stock minions ignore it)."""
 TOKEN_MESSAGE = b"salt"
 
 
@@ -77,10 +84,29 @@ class AesRequest:
     sig_algo: str
 
 
-def parse_request(frame: bytes, minimum_version: int = ENVELOPE_VERSION) -> ClearRequest | AesRequest:
-    """Decode one request frame; raises :class:`BadRequest` for anything malformed or too old."""
+def _envelope(frame: bytes, max_size: int = codec.MAX_FRAME) -> Any:
+    """Decode an unauthenticated envelope with the shape limits (raises ``DecodeError``)."""
+    return codec.loads(frame, max_size=max_size, max_objects=codec.ENVELOPE_MAX_OBJECTS)
+
+
+def parse_request(
+    frame: bytes,
+    minimum_version: int = ENVELOPE_VERSION,
+    *,
+    max_size: int = REQUEST_MAX,
+    max_clear: int = CLEAR_REQUEST_MAX,
+) -> ClearRequest | AesRequest:
+    """Decode one request frame; raises :class:`BadRequest` for anything malformed or too old.
+
+    Before anything is decoded: a frame over ``max_size`` bytes is refused (``too_large``), and
+    the frame's shape is checked (at most :data:`codec.ENVELOPE_MAX_OBJECTS` objects, nesting
+    at most :data:`codec.ENVELOPE_MAX_DEPTH`), so no frame costs more than about a millisecond.
+    A clear request over ``max_clear`` bytes is refused too.
+    """
+    if isinstance(frame, (bytes, bytearray, memoryview)) and len(frame) > max_size:
+        raise BadRequest("too_large", f"request of {len(frame)} bytes exceeds {max_size}")
     try:
-        env = codec.loads(frame)
+        env = _envelope(frame)
     except codec.DecodeError as exc:
         raise BadRequest("malformed", str(exc)) from None
     if not isinstance(env, dict) or "enc" not in env or "load" not in env:
@@ -92,6 +118,8 @@ def parse_request(frame: bytes, minimum_version: int = ENVELOPE_VERSION) -> Clea
         raise BadRequest("version", f"envelope version {version} < minimum {minimum_version}")
     enc = env["enc"]
     if enc == "clear":
+        if len(frame) > max_clear:
+            raise BadRequest("too_large", f"clear request of {len(frame)} bytes exceeds {max_clear}")
         if not isinstance(env["load"], dict):
             raise BadRequest("malformed", "clear load is not a map")
         return ClearRequest(load=env["load"], version=version)
@@ -344,6 +372,8 @@ class AuthResult:
     session_key: str | None = None
     publish_port: int | None = None
     master_pub_text: str | None = None
+    #: The publish key's serial at auth time (hamaster masters only): the replay floor.
+    publish_serial: int | None = None
 
 
 def parse_auth_reply(
@@ -365,7 +395,7 @@ def parse_auth_reply(
     the token must round-trip. Raises :class:`AuthReplyError` otherwise.
     """
     try:
-        env = codec.loads(frame)
+        env = _envelope(frame)
     except codec.DecodeError as exc:
         raise AuthReplyError(f"undecodable auth reply: {exc}") from None
     if isinstance(env, str):
@@ -379,7 +409,7 @@ def parse_auth_reply(
     try:
         body = codec.to_bytes(env["load"])
         sig = codec.to_bytes(env["sig"])
-        inner = codec.loads(body)
+        inner = _envelope(body)
     except codec.DecodeError as exc:
         raise AuthReplyError(f"undecodable signed auth load: {exc}") from None
     if not isinstance(inner, dict):
@@ -439,12 +469,14 @@ def parse_auth_reply(
         if echoed != token_plain:
             raise AuthReplyError("token round trip failed: master did not prove its key")
     port = inner.get("publish_port")
+    serial = inner.get(PUBLISH_SERIAL_FIELD)
     return AuthResult(
         status="accepted",
         aes_key=aes_key,
         session_key=session_key,
         publish_port=port if isinstance(port, int) else None,
         master_pub_text=crypto.normalize_pem(verify_text),
+        publish_serial=serial if isinstance(serial, int) and not isinstance(serial, bool) else None,
     )
 
 
@@ -482,7 +514,7 @@ def stamp_load(load: dict, minion_id: str, tok: bytes, nonce: str, now: float | 
 def parse_aes_reply(frame: bytes, session: Crypticle, nonce: str) -> Any:
     """Decrypt a master's reply to an aes request; raises :class:`BadLoadReply` on ``"bad load"``."""
     try:
-        obj = codec.loads(frame)
+        obj = _envelope(frame)
     except codec.DecodeError as exc:
         raise BadLoadReply(f"undecodable reply: {exc}") from None
     if isinstance(obj, str):
@@ -507,7 +539,7 @@ def parse_pillar_reply(
 ) -> dict:
     """Open a private ``_pillar`` reply; checks the signature and that our nonce is inside."""
     try:
-        env = codec.loads(frame)
+        env = _envelope(frame)
     except codec.DecodeError as exc:
         raise AuthReplyError(f"undecodable pillar reply: {exc}") from None
     if isinstance(env, str):
@@ -550,7 +582,7 @@ def open_publication(frame: bytes, pub_cipher: Crypticle, master_pub: rsa.RSAPub
     :class:`PublicationError` for everything else.
     """
     try:
-        env = codec.loads(frame)
+        env = _envelope(frame)
     except codec.DecodeError as exc:
         raise PublicationError(str(exc)) from None
     if not isinstance(env, dict) or env.get("enc") != "aes" or "load" not in env:

@@ -280,6 +280,7 @@ class MasterConnection:
     def _apply(self, result: messages.AuthResult) -> None:
         assert result.aes_key and result.session_key
         self.aes = Crypticle(result.aes_key)
+        self.serials.set_floor(result.aes_key, result.publish_serial)
         self.session = Crypticle(result.session_key)
         self.publish_port = result.publish_port or int(self.opts.get("publish_port", 4505))
         self.master_pub = crypto.load_public_key(result.master_pub_text or "")
@@ -385,9 +386,11 @@ class MasterConnection:
     async def _on_frame(self, frame: bytes) -> None:
         if self.aes is None or self.master_pub is None:
             return
+        after_reauth = False
         try:
             load = self._open(frame)
         except CrypticleError:
+            after_reauth = True
             generation = self.aes
             async with self._reauth_lock:
                 pass
@@ -403,7 +406,7 @@ class MasterConnection:
         except messages.PublicationError as exc:
             log.warning("%s: dropping publication from %s: %s", self.ident.minion_id, self.name, exc)
             return
-        if not self.serials.accept(self.aes.key_string, load.get("serial")):
+        if not self.serials.accept(self.aes.key_string, load.get("serial"), ignore_floor=after_reauth):
             log.warning("%s: dropping replayed publication (serial %r) from %s", self.ident.minion_id, load.get("serial"), self.name)
             return
         self.last_ok = time.monotonic()
