@@ -242,6 +242,12 @@ class Master:
                 log.warning("return from %s with invalid jid %r dropped", mid, jid)
                 self.metrics.reject("bad_jid")
             return None
+        ts = load.get("ts")
+        if self.tracker.is_stale_return(jid, mid, float(ts) if isinstance(ts, int | float) else None):
+            log.warning("return from %s for job %s is older than the one already received; dropped",
+                        mid, jid)
+            self.metrics.reject("stale_return")
+            return None
         ret = {
             "return": load.get("return"),
             "retcode": load.get("retcode", 0),
