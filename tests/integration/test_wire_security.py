@@ -81,8 +81,9 @@ def test_big_nested_frame_refused_at_once_and_pings_keep_answering(cluster: Clus
     stop = threading.Event()
 
     def attacker() -> None:
-        try:
-            while not stop.is_set() and len(reply_times) < 5:
+        start = time.monotonic()
+        try:  # at least 5 frames, and frames for at least 3 s
+            while not stop.is_set() and (len(reply_times) < 5 or time.monotonic() - start < 3):
                 sock = ctx.socket(zmq.REQ)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.RCVTIMEO, 60000)
@@ -117,7 +118,7 @@ def test_big_nested_frame_refused_at_once_and_pings_keep_answering(cluster: Clus
           f"master peak RSS +{hwm_growth_mib:.0f} MiB; {len(ping_times)} pings meanwhile, "
           f"max {max(ping_times):.2f} s")
     assert not errors, errors
-    assert len(reply_times) == 5
+    assert len(reply_times) >= 5
     assert max(reply_times) < 1.0, reply_times
     assert hwm_growth_mib < 150, hwm_growth_mib
     assert all(a == {"bf1": True} for a in answers), answers
@@ -191,6 +192,7 @@ class Relay:
     def __init__(self, ret_port: int, pub_port: int) -> None:
         self.ret_port, self.pub_port = ret_port, pub_port
         self.captured: list[bytes] = []
+        self.subscriptions = 0
         self._inject: queue.Queue[bytes] = queue.Queue()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -236,6 +238,8 @@ class Relay:
                             poller.register(dealer, zmq.POLLIN)
                         dealer.send_multipart(frames[1:])
                     elif sock is xpub:
+                        if frames[0][:1] == b"\x01":
+                            self.subscriptions += 1
                         xsub.send_multipart(frames)
                     elif sock is xsub:
                         self.captured.append(frames[-1])
@@ -282,9 +286,12 @@ def test_publication_replayed_after_minion_restart_is_refused(cluster: Cluster, 
         assert marker.read_text().count("ran") == 1
         job_frames = relay.captured[before:]
         assert len(job_frames) == 1, len(job_frames)
+        subscribed = relay.subscriptions
         minion.stop()
         minion.start()
-        cluster.wait_all_answer(["pr1"])
+        # the restarted minion authenticated and subscribed, and has seen no newer publication
+        # (one would raise its in-memory serial mark): the replay comes first
+        wait_until(lambda: relay.subscriptions > subscribed, 20, what="minion subscribed again")
         relay.inject(job_frames[0])
         wait_until(lambda: "dropping replayed publication" in minion.log_text()
                    or marker.read_text().count("ran") > 1, 15, what="the replay dropped or run")
