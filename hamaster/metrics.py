@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 KNOWN_REJECT_REASONS = (
     "malformed", "version", "decrypt", "forged", "no_token", "bad_token", "replay",
     "unknown_minion", "no_session", "bad_key", "bad_jid", "unknown_clear_cmd", "internal", "busy",
+    "too_large", "no_nonce", "stale_return",
 )
 KNOWN_AUTH_RESULTS = ("accepted", "pending", "rejected", "denied", "bad_key", "bad_token", "bad_algo")
 KEY_STATES = ("minions", "minions_pre", "minions_rejected", "minions_denied")
@@ -96,6 +97,8 @@ class MasterMetrics:
             self.requests_rejected.labels(master_id, reason)
         for result in KNOWN_AUTH_RESULTS:
             self.auth_requests.labels(master_id, result)
+        for reason in ("rate", "cap"):
+            self.keys_throttled.labels(master_id, reason)
         for state in KEY_STATES:
             self.keys.labels(master_id, state)
 
