@@ -139,16 +139,17 @@ def test_request_replayed_after_many_newer_is_refused(cluster: Cluster) -> None:
         session = Crypticle(spy.result.session_key)
         jid = gen_jid()
 
-        def ret_frame(value: str) -> tuple[bytes, str]:
+        def ret_frame(value: str, padding: int = 0) -> tuple[bytes, str]:
             body = messages.stamp_load(
                 {"cmd": "_return", "jid": jid, "fun": "test.echo", "fun_args": [value],
-                 "return": value, "retcode": 0, "success": True},
+                 "return": value, "retcode": 0, "success": True, "padding": "p" * padding},
                 "rp1", spy.tok, messages.new_nonce())
             return messages.aes_request("rp1", session, body), body["nonce"]
 
         captured, nonce = ret_frame("first")
         assert messages.parse_aes_reply(spy.roundtrip(captured), session, nonce) is None
-        newer, nonce = ret_frame("second")
+        # the newer one is large: decrypted in the master's decode pool, finished on its loop
+        newer, nonce = ret_frame("second", padding=600 * 1024)
         assert messages.parse_aes_reply(spy.roundtrip(newer), session, nonce) is None
 
         def lookup() -> dict:
