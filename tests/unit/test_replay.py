@@ -185,3 +185,25 @@ def test_auth_reply_carries_the_publish_serial(rig: Rig) -> None:
         resolve(rig.handler.handle(frame)), minion_priv=rig.minion_priv, nonce=nonce,
         token_plain=token, pinned_master_pub=rig.handler.master_pub_text)
     assert result.publish_serial == 2
+
+
+# -- saved serial marks (a stock salt-master gives no serial at auth) ---------------------------
+
+
+def test_serial_marks_survive_a_restart(tmp_path) -> None:
+    from hamaster.minion.serialmarks import SerialMarks
+
+    marks = SerialMarks(str(tmp_path / "cache"))
+    assert marks.get("K") is None
+    marks.record("K", 5)
+    marks.record("K", 3)  # never lowered
+    path = tmp_path / "cache" / "publication_serials.json"
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert "K" not in path.read_text()  # digests, not keys
+    again = SerialMarks(str(tmp_path / "cache"))  # the minion restarted
+    assert again.get("K") == 5
+    guard = SerialGuard()
+    guard.set_floor("K", again.get("K"))
+    assert not guard.accept("K", 5) and guard.accept("K", 6)
+    path.write_text("{not json")
+    assert SerialMarks(str(tmp_path / "cache")).get("K") is None
