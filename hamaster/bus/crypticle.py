@@ -97,12 +97,11 @@ class Crypticle:
 class SerialGuard:
     """Replay guard for publications: serials must increase, per publish key.
 
-    A process that has not seen a key yet learns a *floor* for it from a hamaster master's
-    signed auth reply (the key's current serial, :meth:`set_floor`): a publication made before
-    that auth (one captured before this minion restarted, say) is refused. A publication that
-    arrived before the auth and only decrypted after it (the master had just rotated its key)
-    is checked with ``ignore_floor``: it was not run by this process, since this process did not
-    hold the key.
+    At its first auth a process learns a *floor* for the key it is given, from a hamaster
+    master's signed auth reply (the key's current serial, :meth:`set_floor`): a publication made
+    before that auth (one captured before this minion restarted, say) is refused. A publication
+    that arrived before an auth and only decrypted after it is checked with ``ignore_floor``:
+    this process did not hold that key, so it did not run it.
     """
 
     __slots__ = ("_last", "_floor")

@@ -283,10 +283,15 @@ class MasterConnection:
 
     def _apply(self, result: messages.AuthResult) -> None:
         assert result.aes_key and result.session_key
+        first = self.aes is None
         self.aes = Crypticle(result.aes_key)
         if result.publish_serial is not None:
             self._saved_marks = None
-            self.serials.set_floor(result.aes_key, result.publish_serial)
+            if first:
+                # Only the first auth of this process needs it: later ones come while subscribed,
+                # so every publication under a new key reaches us live, and a publication
+                # still in flight when the auth reply was made must not be refused.
+                self.serials.set_floor(result.aes_key, result.publish_serial)
         else:
             self._saved_marks = SerialMarks.for_dir(str(self.opts.get("cachedir") or "."))
             self.serials.set_floor(result.aes_key, self._saved_marks.get(result.aes_key))
