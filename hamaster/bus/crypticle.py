@@ -58,7 +58,7 @@ class Crypticle:
         body = iv + enc.update(data + bytes([pad]) * pad) + enc.finalize()
         return body + hmac.new(self._hmac_key, body, sha256).digest()
 
-    def decrypt(self, data: bytes) -> bytes:
+    def decrypt(self, data: bytes | memoryview) -> bytes:
         """Check the HMAC (constant time) and padding, and return the plaintext."""
         if len(data) < 16 + 16 + SIG_SIZE or (len(data) - SIG_SIZE) % 16:
             raise CrypticleError("ciphertext has an impossible length")
@@ -77,9 +77,9 @@ class Crypticle:
         prefix = PICKLE_PREFIX + (nonce.encode("ascii") if nonce else b"")
         return self.encrypt(prefix + codec.dumps(obj), iv=iv)
 
-    def loads(self, data: bytes, nonce: str | None = None) -> Any:
+    def loads(self, data: bytes | memoryview, nonce: str | None = None) -> Any:
         """Decrypt and deserialise; when ``nonce`` is given it must follow the prefix."""
-        plain = self.decrypt(codec.to_bytes(data))
+        plain = self.decrypt(data if isinstance(data, memoryview) else codec.to_bytes(data))
         if not plain.startswith(PICKLE_PREFIX):
             raise CrypticleError("plaintext lacks the pickle:: prefix")
         plain = plain[len(PICKLE_PREFIX) :]

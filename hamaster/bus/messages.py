@@ -75,10 +75,11 @@ class ClearRequest:
 
 @dataclass(frozen=True)
 class AesRequest:
-    """An ``enc: aes`` request, still encrypted with the sender's session key."""
+    """An ``enc: aes`` request, still encrypted with the sender's session key. ``payload`` is a
+    view into the received frame (no copy of a large request is made before its HMAC check)."""
 
     minion_id: str
-    payload: bytes
+    payload: bytes | memoryview
     version: int
     enc_algo: str
     sig_algo: str
@@ -87,6 +88,11 @@ class AesRequest:
 def _envelope(frame: bytes, max_size: int = codec.MAX_FRAME) -> Any:
     """Decode an unauthenticated envelope with the shape limits (raises ``DecodeError``)."""
     return codec.loads(frame, max_size=max_size, max_objects=codec.ENVELOPE_MAX_OBJECTS)
+
+
+_FIELD_MAX = 1024
+"""Envelope keys and small values (enc, version, id, algorithms) longer than this are refused."""
+_TOO_BIG = object()
 
 
 def parse_request(
@@ -103,42 +109,65 @@ def parse_request(
     at most :data:`codec.ENVELOPE_MAX_DEPTH`), so no frame costs more than about a millisecond.
     A clear request over ``max_clear`` bytes is refused too.
     """
-    if isinstance(frame, (bytes, bytearray, memoryview)) and len(frame) > max_size:
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        raise BadRequest("malformed", f"expected bytes, got {type(frame).__name__}")
+    if len(frame) > max_size:
         raise BadRequest("too_large", f"request of {len(frame)} bytes exceeds {max_size}")
+    data = frame if isinstance(frame, bytes) else bytes(frame)
     try:
-        env = _envelope(frame)
+        spans = codec.map_spans(data)
+        if spans is None:
+            raise BadRequest("malformed", "not a request envelope (no enc/load)")
+        fields: dict[str, codec.Span] = {}
+        for (ks, ke), value in spans:
+            if ke - ks <= _FIELD_MAX:
+                key = codec.loads(data[ks:ke])
+                if isinstance(key, str):
+                    fields[key] = value
+        if "enc" not in fields or "load" not in fields:
+            raise BadRequest("malformed", "not a request envelope (no enc/load)")
+
+        def small(name: str, default: Any = None) -> Any:
+            span = fields.get(name)
+            if span is None:
+                return default
+            if span[1] - span[0] > _FIELD_MAX:
+                return _TOO_BIG
+            return codec.loads(data[span[0]:span[1]])
+
+        version = small("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise BadRequest("malformed", "envelope version is not an integer")
+        if version < minimum_version:
+            raise BadRequest("version", f"envelope version {version} < minimum {minimum_version}")
+        enc = small("enc")
+        if enc == "clear":
+            if len(data) > max_clear:
+                raise BadRequest("too_large", f"clear request of {len(data)} bytes exceeds {max_clear}")
+            ls, le = fields["load"]
+            load = codec.loads(data[ls:le])
+            if not isinstance(load, dict):
+                raise BadRequest("malformed", "clear load is not a map")
+            return ClearRequest(load=load, version=version)
+        if enc == "aes":
+            mid = small("id")
+            if not isinstance(mid, str) or not mid:
+                raise BadRequest("malformed", "aes envelope without an id")
+            payload = codec.raw_span(data, fields["load"])
+            if payload is None:
+                raise BadRequest("malformed", "aes load is not a string or binary")
+            enc_algo = small("enc_algo", crypto.DEFAULT_ENC_ALGO)
+            sig_algo = small("sig_algo", crypto.DEFAULT_SIG_ALGO)
+            return AesRequest(
+                minion_id=mid,
+                payload=payload,
+                version=version,
+                enc_algo=str(enc_algo) if enc_algo is not _TOO_BIG else "?",
+                sig_algo=str(sig_algo) if sig_algo is not _TOO_BIG else "?",
+            )
     except codec.DecodeError as exc:
         raise BadRequest("malformed", str(exc)) from None
-    if not isinstance(env, dict) or "enc" not in env or "load" not in env:
-        raise BadRequest("malformed", "not a request envelope (no enc/load)")
-    version = env.get("version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise BadRequest("malformed", "envelope version is not an integer")
-    if version < minimum_version:
-        raise BadRequest("version", f"envelope version {version} < minimum {minimum_version}")
-    enc = env["enc"]
-    if enc == "clear":
-        if len(frame) > max_clear:
-            raise BadRequest("too_large", f"clear request of {len(frame)} bytes exceeds {max_clear}")
-        if not isinstance(env["load"], dict):
-            raise BadRequest("malformed", "clear load is not a map")
-        return ClearRequest(load=env["load"], version=version)
-    if enc == "aes":
-        mid = env.get("id")
-        if not isinstance(mid, str) or not mid:
-            raise BadRequest("malformed", "aes envelope without an id")
-        try:
-            payload = codec.to_bytes(env["load"])
-        except codec.DecodeError as exc:
-            raise BadRequest("malformed", str(exc)) from None
-        return AesRequest(
-            minion_id=mid,
-            payload=payload,
-            version=version,
-            enc_algo=str(env.get("enc_algo", crypto.DEFAULT_ENC_ALGO)),
-            sig_algo=str(env.get("sig_algo", crypto.DEFAULT_SIG_ALGO)),
-        )
-    raise BadRequest("malformed", f"unknown enc {enc!r}")
+    raise BadRequest("malformed", f"unknown enc {enc!r}" if enc is not _TOO_BIG else "unknown enc")
 
 
 def open_aes_request(
