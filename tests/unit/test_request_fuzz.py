@@ -91,3 +91,31 @@ def test_coverage_guided_mutation(rig: Rig) -> None:
     assert report.execs > 50
     assert report.kinds.get("refused", 0) > 0
     assert report.lines > 100  # the run reaches the codec, the envelope checks and the handler
+
+
+@FAST
+@given(obj=values, bin_type=st.booleans())
+def test_shape_walk_agrees_with_msgpack(obj: object, bin_type: bool) -> None:
+    """``check_shape`` accepts what msgpack produces, ``map_spans`` slices a map into exactly
+    the entries msgpack decodes, and a truncated frame is always refused."""
+    data = msgpack.packb(obj, use_bin_type=bin_type)
+    codec.check_shape(data, max_objects=10**6, max_depth=64)
+    spans = codec.map_spans(data, max_objects=10**6, max_depth=64)
+    if isinstance(obj, dict):
+        assert spans is not None
+        decoded = msgpack.unpackb(data, raw=True, strict_map_key=False)
+        got = [(msgpack.unpackb(data[ks:ke], raw=True, strict_map_key=False),
+                msgpack.unpackb(data[vs:ve], raw=True, strict_map_key=False))
+               for (ks, ke), (vs, ve) in spans]
+        assert repr(dict(got)) == repr(decoded)  # repr: NaN is not equal to itself
+        for (_, _), span in spans:
+            view = codec.raw_span(data, span)
+            value = msgpack.unpackb(data[span[0]:span[1]], raw=True, strict_map_key=False)
+            assert (view is not None) == isinstance(value, bytes)
+            if view is not None:
+                assert bytes(view) == value
+    else:
+        assert spans is None
+    if len(data) > 1:
+        with pytest.raises(codec.DecodeError):
+            codec.check_shape(data[:-1], max_objects=10**6, max_depth=64)
