@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 KNOWN_REJECT_REASONS = (
     "malformed", "version", "decrypt", "forged", "no_token", "bad_token", "replay",
     "unknown_minion", "no_session", "bad_key", "bad_jid", "unknown_clear_cmd", "internal", "busy",
+    "too_large", "no_nonce", "stale_return",
 )
 KNOWN_AUTH_RESULTS = ("accepted", "pending", "rejected", "denied", "bad_key", "bad_token", "bad_algo")
 KEY_STATES = ("minions", "minions_pre", "minions_rejected", "minions_denied")
@@ -56,6 +57,12 @@ class MasterMetrics:
         )
         self.requests_rejected = Counter(
             "hamaster_requests_rejected_total", "Requests refused, by reason", labels + ["reason"], registry=r
+        )
+        self.keys_throttled = Counter(
+            "hamaster_keys_throttled_total",
+            "New minion keys not recorded as pending: over pending_keys_per_second (rate) or "
+            "max_pending_keys (cap)",
+            labels + ["reason"], registry=r,
         )
         self.requests = Counter("hamaster_requests_total", "Requests served, by command", labels + ["cmd"], registry=r)
         self.store_up = Gauge("hamaster_store_up", "1 when the shared-state backend answers", labels, registry=r)
@@ -100,12 +107,18 @@ class MasterMetrics:
             self.requests_rejected.labels(master_id, reason)
         for result in KNOWN_AUTH_RESULTS:
             self.auth_requests.labels(master_id, result)
+        for reason in ("rate", "cap"):
+            self.keys_throttled.labels(master_id, reason)
         for state in KEY_STATES:
             self.keys.labels(master_id, state)
 
     def reject(self, reason: str) -> None:
         """Count one refused request."""
         self.requests_rejected.labels(self.master_id, reason).inc()
+
+    def key_throttled(self, reason: str) -> None:
+        """Count one new key held back by the new-key throttle (``rate`` or ``cap``)."""
+        self.keys_throttled.labels(self.master_id, reason).inc()
 
     def auth(self, result: str) -> None:
         """Count one _auth request by its outcome."""

@@ -58,7 +58,7 @@ class Crypticle:
         body = iv + enc.update(data + bytes([pad]) * pad) + enc.finalize()
         return body + hmac.new(self._hmac_key, body, sha256).digest()
 
-    def decrypt(self, data: bytes) -> bytes:
+    def decrypt(self, data: bytes | memoryview) -> bytes:
         """Check the HMAC (constant time) and padding, and return the plaintext."""
         if len(data) < 16 + 16 + SIG_SIZE or (len(data) - SIG_SIZE) % 16:
             raise CrypticleError("ciphertext has an impossible length")
@@ -77,9 +77,9 @@ class Crypticle:
         prefix = PICKLE_PREFIX + (nonce.encode("ascii") if nonce else b"")
         return self.encrypt(prefix + codec.dumps(obj), iv=iv)
 
-    def loads(self, data: bytes, nonce: str | None = None) -> Any:
+    def loads(self, data: bytes | memoryview, nonce: str | None = None) -> Any:
         """Decrypt and deserialise; when ``nonce`` is given it must follow the prefix."""
-        plain = self.decrypt(codec.to_bytes(data))
+        plain = self.decrypt(data if isinstance(data, memoryview) else codec.to_bytes(data))
         if not plain.startswith(PICKLE_PREFIX):
             raise CrypticleError("plaintext lacks the pickle:: prefix")
         plain = plain[len(PICKLE_PREFIX) :]
@@ -95,18 +95,35 @@ class Crypticle:
 
 
 class SerialGuard:
-    """Replay guard for publications: serials must increase, per publish key."""
+    """Replay guard for publications: serials must increase, per publish key.
 
-    __slots__ = ("_last",)
+    At its first auth a process learns a *floor* for the key it is given, from a hamaster
+    master's signed auth reply (the key's current serial, :meth:`set_floor`): a publication made
+    before that auth (one captured before this minion restarted, say) is refused. A publication
+    that arrived before an auth and only decrypted after it is checked with ``ignore_floor``:
+    this process did not hold that key, so it did not run it.
+    """
+
+    __slots__ = ("_last", "_floor")
 
     def __init__(self) -> None:
         self._last: dict[str, int] = {}
+        self._floor: dict[str, int] = {}
 
-    def accept(self, key_string: str, serial: Any) -> bool:
+    def set_floor(self, key_string: str, serial: Any) -> None:
+        """Refuse serials up to ``serial`` under a key this guard has not seen publications of."""
+        if not isinstance(serial, int) or isinstance(serial, bool) or key_string in self._last:
+            return
+        self._floor[key_string] = max(serial, self._floor.get(key_string, 0))
+
+    def accept(self, key_string: str, serial: Any, ignore_floor: bool = False) -> bool:
         """True if ``serial`` is newer than the last one seen under ``key_string``."""
         if not isinstance(serial, int) or isinstance(serial, bool):
             return False
-        if serial <= self._last.get(key_string, 0):
+        last = self._last.get(key_string, 0)
+        if not ignore_floor:
+            last = max(last, self._floor.get(key_string, 0))
+        if serial <= last:
             return False
         self._last[key_string] = serial
         return True

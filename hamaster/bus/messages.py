@@ -23,7 +23,14 @@ from hamaster.bus import codec
 from hamaster.bus.crypticle import Crypticle, CrypticleError, generate_key_string
 
 ENVELOPE_VERSION = 3
+CLEAR_REQUEST_MAX = 64 * 1024
+"""Default cap on a clear (``_auth``) request frame; a real one is about 1 KiB."""
+REQUEST_MAX = 32 * 1024 * 1024
+"""Default cap on any request frame (an aes request carrying a large return)."""
 BAD_LOAD = "bad load"
+PUBLISH_SERIAL_FIELD = "hamaster_serial"
+"""Extra field of a hamaster master's accepted auth reply: the publish key's current serial
+(signed with the reply; stock minions ignore it)."""
 TOKEN_MESSAGE = b"salt"
 
 
@@ -68,49 +75,99 @@ class ClearRequest:
 
 @dataclass(frozen=True)
 class AesRequest:
-    """An ``enc: aes`` request, still encrypted with the sender's session key."""
+    """An ``enc: aes`` request, still encrypted with the sender's session key. ``payload`` is a
+    view into the received frame (no copy of a large request is made before its HMAC check)."""
 
     minion_id: str
-    payload: bytes
+    payload: bytes | memoryview
     version: int
     enc_algo: str
     sig_algo: str
 
 
-def parse_request(frame: bytes, minimum_version: int = ENVELOPE_VERSION) -> ClearRequest | AesRequest:
-    """Decode one request frame; raises :class:`BadRequest` for anything malformed or too old."""
+def _envelope(frame: bytes, max_size: int = codec.MAX_FRAME) -> Any:
+    """Decode an unauthenticated envelope with the shape limits (raises ``DecodeError``)."""
+    return codec.loads(frame, max_size=max_size, max_objects=codec.ENVELOPE_MAX_OBJECTS)
+
+
+_FIELD_MAX = 1024
+"""Envelope keys and small values (enc, version, id, algorithms) longer than this are refused."""
+_TOO_BIG = object()
+
+
+def parse_request(
+    frame: bytes,
+    minimum_version: int = ENVELOPE_VERSION,
+    *,
+    max_size: int = REQUEST_MAX,
+    max_clear: int = CLEAR_REQUEST_MAX,
+) -> ClearRequest | AesRequest:
+    """Decode one request frame; raises :class:`BadRequest` for anything malformed or too old.
+
+    Before anything is decoded: a frame over ``max_size`` bytes is refused (``too_large``), and
+    the frame's shape is checked (at most :data:`codec.ENVELOPE_MAX_OBJECTS` objects, nesting
+    at most :data:`codec.ENVELOPE_MAX_DEPTH`), so no frame costs more than about a millisecond.
+    A clear request over ``max_clear`` bytes is refused too.
+    """
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        raise BadRequest("malformed", f"expected bytes, got {type(frame).__name__}")
+    if len(frame) > max_size:
+        raise BadRequest("too_large", f"request of {len(frame)} bytes exceeds {max_size}")
+    data = frame if isinstance(frame, bytes) else bytes(frame)
     try:
-        env = codec.loads(frame)
+        spans = codec.map_spans(data)
+        if spans is None:
+            raise BadRequest("malformed", "not a request envelope (no enc/load)")
+        fields: dict[str, codec.Span] = {}
+        for (ks, ke), value in spans:
+            if ke - ks <= _FIELD_MAX:
+                key = codec.loads(data[ks:ke])
+                if isinstance(key, str):
+                    fields[key] = value
+        if "enc" not in fields or "load" not in fields:
+            raise BadRequest("malformed", "not a request envelope (no enc/load)")
+
+        def small(name: str, default: Any = None) -> Any:
+            span = fields.get(name)
+            if span is None:
+                return default
+            if span[1] - span[0] > _FIELD_MAX:
+                return _TOO_BIG
+            return codec.loads(data[span[0]:span[1]])
+
+        version = small("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise BadRequest("malformed", "envelope version is not an integer")
+        if version < minimum_version:
+            raise BadRequest("version", f"envelope version {version} < minimum {minimum_version}")
+        enc = small("enc")
+        if enc == "clear":
+            if len(data) > max_clear:
+                raise BadRequest("too_large", f"clear request of {len(data)} bytes exceeds {max_clear}")
+            ls, le = fields["load"]
+            load = codec.loads(data[ls:le])
+            if not isinstance(load, dict):
+                raise BadRequest("malformed", "clear load is not a map")
+            return ClearRequest(load=load, version=version)
+        if enc == "aes":
+            mid = small("id")
+            if not isinstance(mid, str) or not mid:
+                raise BadRequest("malformed", "aes envelope without an id")
+            payload = codec.raw_span(data, fields["load"])
+            if payload is None:
+                raise BadRequest("malformed", "aes load is not a string or binary")
+            enc_algo = small("enc_algo", crypto.DEFAULT_ENC_ALGO)
+            sig_algo = small("sig_algo", crypto.DEFAULT_SIG_ALGO)
+            return AesRequest(
+                minion_id=mid,
+                payload=payload,
+                version=version,
+                enc_algo=str(enc_algo) if enc_algo is not _TOO_BIG else "?",
+                sig_algo=str(sig_algo) if sig_algo is not _TOO_BIG else "?",
+            )
     except codec.DecodeError as exc:
         raise BadRequest("malformed", str(exc)) from None
-    if not isinstance(env, dict) or "enc" not in env or "load" not in env:
-        raise BadRequest("malformed", "not a request envelope (no enc/load)")
-    version = env.get("version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise BadRequest("malformed", "envelope version is not an integer")
-    if version < minimum_version:
-        raise BadRequest("version", f"envelope version {version} < minimum {minimum_version}")
-    enc = env["enc"]
-    if enc == "clear":
-        if not isinstance(env["load"], dict):
-            raise BadRequest("malformed", "clear load is not a map")
-        return ClearRequest(load=env["load"], version=version)
-    if enc == "aes":
-        mid = env.get("id")
-        if not isinstance(mid, str) or not mid:
-            raise BadRequest("malformed", "aes envelope without an id")
-        try:
-            payload = codec.to_bytes(env["load"])
-        except codec.DecodeError as exc:
-            raise BadRequest("malformed", str(exc)) from None
-        return AesRequest(
-            minion_id=mid,
-            payload=payload,
-            version=version,
-            enc_algo=str(env.get("enc_algo", crypto.DEFAULT_ENC_ALGO)),
-            sig_algo=str(env.get("sig_algo", crypto.DEFAULT_SIG_ALGO)),
-        )
-    raise BadRequest("malformed", f"unknown enc {enc!r}")
+    raise BadRequest("malformed", f"unknown enc {enc!r}" if enc is not _TOO_BIG else "unknown enc")
 
 
 def open_aes_request(
@@ -344,6 +401,8 @@ class AuthResult:
     session_key: str | None = None
     publish_port: int | None = None
     master_pub_text: str | None = None
+    #: The publish key's serial at auth time (hamaster masters only): the replay floor.
+    publish_serial: int | None = None
 
 
 def parse_auth_reply(
@@ -365,7 +424,7 @@ def parse_auth_reply(
     the token must round-trip. Raises :class:`AuthReplyError` otherwise.
     """
     try:
-        env = codec.loads(frame)
+        env = _envelope(frame)
     except codec.DecodeError as exc:
         raise AuthReplyError(f"undecodable auth reply: {exc}") from None
     if isinstance(env, str):
@@ -379,7 +438,7 @@ def parse_auth_reply(
     try:
         body = codec.to_bytes(env["load"])
         sig = codec.to_bytes(env["sig"])
-        inner = codec.loads(body)
+        inner = _envelope(body)
     except codec.DecodeError as exc:
         raise AuthReplyError(f"undecodable signed auth load: {exc}") from None
     if not isinstance(inner, dict):
@@ -439,12 +498,14 @@ def parse_auth_reply(
         if echoed != token_plain:
             raise AuthReplyError("token round trip failed: master did not prove its key")
     port = inner.get("publish_port")
+    serial = inner.get(PUBLISH_SERIAL_FIELD)
     return AuthResult(
         status="accepted",
         aes_key=aes_key,
         session_key=session_key,
         publish_port=port if isinstance(port, int) else None,
         master_pub_text=crypto.normalize_pem(verify_text),
+        publish_serial=serial if isinstance(serial, int) and not isinstance(serial, bool) else None,
     )
 
 
@@ -482,7 +543,7 @@ def stamp_load(load: dict, minion_id: str, tok: bytes, nonce: str, now: float | 
 def parse_aes_reply(frame: bytes, session: Crypticle, nonce: str) -> Any:
     """Decrypt a master's reply to an aes request; raises :class:`BadLoadReply` on ``"bad load"``."""
     try:
-        obj = codec.loads(frame)
+        obj = _envelope(frame)
     except codec.DecodeError as exc:
         raise BadLoadReply(f"undecodable reply: {exc}") from None
     if isinstance(obj, str):
@@ -507,7 +568,7 @@ def parse_pillar_reply(
 ) -> dict:
     """Open a private ``_pillar`` reply; checks the signature and that our nonce is inside."""
     try:
-        env = codec.loads(frame)
+        env = _envelope(frame)
     except codec.DecodeError as exc:
         raise AuthReplyError(f"undecodable pillar reply: {exc}") from None
     if isinstance(env, str):
@@ -550,7 +611,7 @@ def open_publication(frame: bytes, pub_cipher: Crypticle, master_pub: rsa.RSAPub
     :class:`PublicationError` for everything else.
     """
     try:
-        env = codec.loads(frame)
+        env = _envelope(frame)
     except codec.DecodeError as exc:
         raise PublicationError(str(exc)) from None
     if not isinstance(env, dict) or env.get("enc") != "aes" or "load" not in env:

@@ -80,7 +80,9 @@ MASTER_OPTS_FOR_MINIONS: dict[str, Any] = {
     "jinja_trim_blocks": False,
 }
 MASTER_OPTS_ENV_ONLY = ("top_file_merging_strategy", "env_order", "default_top")
-MAX_REQUEST_FRAME = 64 * 1024 * 1024
+DECODE_WORKERS = 2        # threads that decrypt large aes requests (Deferred.finish)
+#: Bytes of large requests being decrypted at once; more are refused (``busy``; minions retry).
+DECODE_BUDGET = 256 * 1024 * 1024
 
 
 class Master:
@@ -128,6 +130,7 @@ class Master:
         if self.files.reads_shared_store:
             self.handler.store_commands = FILE_COMMANDS
         self.keys.on_change(self._on_key_change)
+        self.keys.throttle.on_throttle = self.metrics.key_throttled
         self.ctx: zmq.asyncio.Context | None = None
         self.pub_sock: zmq.asyncio.Socket | None = None
         self.router: zmq.asyncio.Socket | None = None
@@ -144,6 +147,9 @@ class Master:
         self._store_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=STORE_WORKERS, thread_name_prefix="store-req")
         self._deferred_in_flight = 0
+        self._decode_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=DECODE_WORKERS, thread_name_prefix="decode-req")
+        self._decode_bytes = 0
         # pillar compiles (CPU-bound) get their own small pool (hamaster/pillar/service.py)
         self._pillar_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=PILLAR_WORKERS, thread_name_prefix="pillar")
@@ -433,6 +439,12 @@ class Master:
                                           "dropped", ids.shown(mid), ids.shown(jid))
                 self.metrics.reject("bad_jid")
             return None
+        ts = load.get("ts")
+        if self.tracker.is_stale_return(jid, mid, float(ts) if isinstance(ts, int | float) else None):
+            log.warning("return from %s for job %s is older than the one already received; dropped",
+                        mid, jid)
+            self.metrics.reject("stale_return")
+            return None
         ret = {
             "return": load.get("return"),
             "retcode": load.get("retcode", 0),
@@ -550,7 +562,8 @@ class Master:
         self.pub_sock.bind(f"tcp://{host}:{self.opts['publish_port']}")
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_FRAME)
+        # libzmq drops a connection that announces a bigger frame, before reading it.
+        self.router.setsockopt(zmq.MAXMSGSIZE, self.handler.max_request + 1024)
         self.router.setsockopt(zmq.RCVHWM, 100000)
         self.router.setsockopt(zmq.SNDHWM, 100000)
         self.router.setsockopt(zmq.HEARTBEAT_IVL, 5000)
@@ -620,6 +633,9 @@ class Master:
 
     def _run_deferred(self, sock: zmq.Socket, ident: bytes, envelope: list[bytes], work: Deferred) -> None:
         """Decide ``work`` in the store pool; the reply is sent from the loop thread when done."""
+        if work.finish is not None:
+            self._run_decode(sock, ident, envelope, work)
+            return
         if self._deferred_in_flight >= MAX_DEFERRED:
             # The minion retries after its request timeout; nothing is lost by not queueing more.
             self.metrics.reject("busy")
@@ -637,6 +653,30 @@ class Master:
                 return
             if not self._stop.is_set():
                 self._send_reply(sock, ident, envelope, f.result())
+
+        fut.add_done_callback(done)
+
+    def _run_decode(self, sock: zmq.Socket, ident: bytes, envelope: list[bytes], work: Deferred) -> None:
+        """Decrypt a large aes request in the decode pool, then finish it on the loop thread."""
+        if self._decode_bytes + work.size > DECODE_BUDGET:
+            self.metrics.reject("busy")
+            self.handler.ratelog.warn("busy", "decode-pool", "%d bytes of large requests being "
+                                      "decrypted; dropped one from %s (the minion retries)",
+                                      self._decode_bytes, ident.hex())
+            return
+        self._decode_bytes += work.size
+        fut = asyncio.get_running_loop().run_in_executor(self._decode_pool, work.run)
+
+        def done(f: asyncio.Future) -> None:
+            self._decode_bytes -= work.size
+            if f.cancelled() or f.exception() is not None or self._stop.is_set():
+                return
+            assert work.finish is not None
+            reply = work.finish(f.result())
+            if isinstance(reply, Deferred):
+                self._run_deferred(sock, ident, envelope, reply)
+            else:
+                self._send_reply(sock, ident, envelope, reply)
 
         fut.add_done_callback(done)
 
@@ -882,6 +922,7 @@ class Master:
             self.job_writer.stop()
             self.data_cache.stop()
             self._store_pool.shutdown(wait=False, cancel_futures=True)
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
             self._pillar_pool.shutdown(wait=False, cancel_futures=True)
             self.keys.store.close()
             if self.router is not None:

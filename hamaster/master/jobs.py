@@ -35,6 +35,8 @@ class JobRecord:
     minions: list[str]
     published_at: float
     returns: dict[str, dict] = field(default_factory=dict)
+    #: The request timestamp (``ts``) of each minion's return, to refuse an older one later.
+    return_ts: dict[str, float] = field(default_factory=dict)
 
 
 class JobWriter(threading.Thread):
@@ -155,6 +157,17 @@ class JobTracker:
         while len(self.jobs) > 1 and (len(self.jobs) > RECENT_JOBS or self.returns_held > MAX_RETURNS_IN_MEMORY):
             _, old = self.jobs.popitem(last=False)
             self.returns_held -= len(old.returns)
+
+    def is_stale_return(self, jid: str, minion_id: str, ts: float | None) -> bool:
+        """True when a return of ``minion_id`` for ``jid`` sent at a later ``ts`` is already
+        here: an older copy (a replay) must not replace it. Records ``ts`` otherwise."""
+        rec = self.jobs.get(jid)
+        if rec is None or ts is None:
+            return False
+        if ts < rec.return_ts.get(minion_id, ts):
+            return True
+        rec.return_ts[minion_id] = ts
+        return False
 
     def add_return(self, jid: str, minion_id: str, ret: dict) -> float | None:
         """Record a return and wake waiters; returns the latency when the job is known."""

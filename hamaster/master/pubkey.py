@@ -48,6 +48,11 @@ class PublishKey:
             self._set(generate_key_string())
         log.info("rotated the publish key (%s)", reason)
 
+    def snapshot(self) -> tuple[str, bytes, int]:
+        """``(key, signature, serial)`` read together (a rotation may run in another thread)."""
+        with self._lock:
+            return self.key, self.signature, self.serial
+
     def next_serial(self) -> int:
         """The serial for the next publication under the current key."""
         with self._lock:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hamaster import __version__, crypto, ids
 from hamaster.bus import codec, messages
 from hamaster.bus.crypticle import Crypticle, generate_key_string
+from hamaster.bus.replay import RequestReplayGuard
 from hamaster.master.pubkey import PublishKey
 from hamaster.master.ratelog import RateLimitedLog
 from hamaster.metrics import MasterMetrics
@@ -27,7 +27,12 @@ from hamaster.pki_sync.keys import AuthDecision, KeyRegistry, key_hint
 log = logging.getLogger(__name__)
 
 EXC_HANDLING_REPLY = "Some exception handling minion payload"
-NONCE_CACHE_PER_MINION = 512
+NONCE_CACHE_PER_MINION = 4096
+#: Default ``request_server_ttl`` (seconds): a request's ``ts`` must be this close to our clock.
+REQUEST_TTL_DEFAULT = 300
+#: aes requests larger than this are decrypted and decoded in a worker thread (``Deferred``),
+#: so a big return (or a big forgery that fails its HMAC) never holds the event loop.
+INLINE_DECRYPT_MAX = 256 * 1024
 
 
 @dataclass
@@ -40,7 +45,7 @@ class MinionSession:
     verified_tok: bytes | None = None
     last_seen: float = 0.0
     created: float = field(default_factory=time.time)  # first accepted _auth of this key
-    nonces: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    replay: RequestReplayGuard = field(default_factory=lambda: RequestReplayGuard(REQUEST_TTL_DEFAULT))
     hamaster: bool = False
 
 
@@ -54,15 +59,21 @@ class Deferred:
     loop must keep answering every other minion meanwhile.
     """
 
-    def __init__(self, work: Callable[[], bytes], kind: str = "store") -> None:
+    def __init__(self, work: Callable[[], Any], finish: Callable[[Any], bytes | Deferred] | None = None,
+                 size: int = 0, kind: str = "store") -> None:
         self._work = work
+        #: Set for a large aes request: ``run`` only decrypts it (in a thread, ``size`` bytes);
+        #: ``finish(result)`` must then run on the event loop and gives the reply (or, for a
+        #: store command, another ``Deferred``).
+        self.finish = finish
+        self.size = size
         #: ``"store"``, or ``"pillar"`` for a pillar compile (CPU-bound: the daemon gives it a
         #: pool of its own so that compiles neither starve other store requests nor crowd the
         #: event loop out of the GIL).
         self.kind = kind
 
-    def run(self) -> bytes:
-        """The reply frame (never raises)."""
+    def run(self) -> Any:
+        """The reply frame, or with :attr:`finish` the intermediate result (never raises)."""
         return self._work()
 
 
@@ -97,7 +108,10 @@ class RequestHandler:
         self.commands = commands
         self.sessions: dict[str, MinionSession] = {}
         self.minimum_version = int(opts.get("minimum_auth_version", 3))
-        self.request_ttl = float(opts.get("request_server_ttl") or 0)
+        self.request_ttl = float(opts.get("request_server_ttl", REQUEST_TTL_DEFAULT) or 0)
+        self.max_request = int(opts.get("max_request_size") or messages.REQUEST_MAX)
+        self.max_clear = int(opts.get("max_clear_request_size") or messages.CLEAR_REQUEST_MAX)
+        self.clock: Callable[[], float] = time.time
         self.publish_port = int(opts["publish_port"])
         self.ratelog = RateLimitedLog(log)
         self.pillar_provider: Callable[[str, dict], dict] = lambda mid, load: {}
@@ -115,13 +129,55 @@ class RequestHandler:
         returned as a :class:`Deferred` for the caller to run in a worker thread.
         """
         try:
-            req = messages.parse_request(payload, self.minimum_version)
+            req = messages.parse_request(
+                payload, self.minimum_version, max_size=self.max_request, max_clear=self.max_clear)
         except messages.BadRequest as exc:
-            return self._refuse(exc.reason, _claimed_id(payload) or peer, exc.detail)
+            claimed = _claimed_id(payload) if exc.reason != "too_large" else None
+            return self._refuse(exc.reason, claimed or peer, exc.detail)
+        if allow_defer and isinstance(req, messages.AesRequest) and len(req.payload) > INLINE_DECRYPT_MAX:
+            return self._defer_decrypt(req, peer)
         try:
             return self._dispatch(req, peer, allow_defer)
         except _NeedsStore as exc:
-            return Deferred(exc.work or (lambda: self._guarded(req, peer)), exc.kind)
+            return Deferred(exc.work or (lambda: self._guarded(req, peer)), kind=exc.kind)
+
+    def _defer_decrypt(self, req: messages.AesRequest, peer: str) -> bytes | Deferred:
+        """A large aes request: the checks that need no crypto now, decryption in a thread,
+        everything that touches session state back on the loop (``Deferred.finish``)."""
+        try:
+            sess = self._aes_session(req, peer)
+        except messages.BadRequest as exc:
+            return self._refuse(exc.reason, f"{req.minion_id}@{peer}", exc.detail)
+        ttl, verified = self.request_ttl, sess.verified_tok
+
+        def work() -> Any:
+            try:
+                return messages.open_aes_request(
+                    req, sess.session, sess.pub, now=self.clock(), ttl=ttl, verified_tok=verified)
+            except messages.BadRequest as exc:
+                return exc
+            except Exception as exc:  # never raise out of a worker
+                return messages.BadRequest("internal", repr(exc))
+
+        def finish(opened: Any) -> bytes | Deferred:
+            try:
+                if isinstance(opened, messages.BadRequest):
+                    raise opened
+                if self.sessions.get(req.minion_id) is not sess:
+                    raise messages.BadRequest("no_session", f"{req.minion_id}@{peer} session changed meanwhile")
+                load, tok = opened
+                return self._aes_opened(req, peer, sess, load, tok, True)
+            except _NeedsStore as exc:
+                assert exc.work is not None
+                return Deferred(exc.work, kind=exc.kind)
+            except messages.BadRequest as exc:
+                return self._refuse(exc.reason, f"{req.minion_id}@{peer}", exc.detail)
+            except Exception:
+                log.exception("internal error handling a request from %s", peer)
+                self.metrics.reject("internal")
+                return messages.plain_reply(messages.BAD_LOAD)
+
+        return Deferred(work, finish, size=len(req.payload))
 
     def _guarded(self, req: messages.ClearRequest | messages.AesRequest, peer: str) -> bytes:
         reply = self._dispatch(req, peer, False)
@@ -185,7 +241,8 @@ class RequestHandler:
         if decision is not AuthDecision.ACCEPTED:
             self.metrics.auth(decision.value)
             self.ratelog.warn(decision.value, areq.minion_id, "refused _auth from %s: key %s", who, decision.value)
-            self.sessions.pop(areq.minion_id, None)
+            # The session of the accepted key stays: whoever knows an id can send this. A key
+            # that really leaves the accepted state drops it through ``forget`` (key change).
             return messages.auth_status_reply(self.master_priv, False, areq.nonce, areq.sig_algo)
         try:
             minion_pub = crypto.load_public_key(areq.pub)
@@ -209,30 +266,34 @@ class RequestHandler:
         sess = self.sessions.get(areq.minion_id)
         norm = crypto.normalize_pem(areq.pub)
         if sess is None or sess.pub_text != norm:
-            sess = MinionSession(session=Crypticle(generate_key_string()), pub_text=norm, pub=minion_pub)
+            sess = MinionSession(session=Crypticle(generate_key_string()), pub_text=norm, pub=minion_pub,
+                                 replay=RequestReplayGuard(self.request_ttl, NONCE_CACHE_PER_MINION))
             self.sessions[areq.minion_id] = sess
         sess.last_seen = time.time()
         if token_plain is not None or areq.token is None:
             self.metrics.auth("accepted")
-        pk = self.publish_key
+        pub_key, pub_sig, serial = self.publish_key.snapshot()
         return messages.auth_accepted_reply(
             self.master_priv,
             self.master_pub_text,
             minion_pub,
-            aes_key=pk.key,
+            aes_key=pub_key,
             session_key=sess.session.key_string,
             publish_port=self.publish_port,
             nonce=areq.nonce,
             token_plain=token_plain,
             enc_algo=areq.enc_algo,
             sig_algo=areq.sig_algo,
-            aes_sig=pk.signature,
-            extra={"hamaster": __version__},
+            aes_sig=pub_sig,
+            # The serial lets our minions refuse publications made before this auth (replays
+            # of captured frames after a minion restart).
+            extra={"hamaster": __version__, messages.PUBLISH_SERIAL_FIELD: serial},
         )
 
     # -- aes requests -----------------------------------------------------------------------
 
-    def _handle_aes(self, req: messages.AesRequest, peer: str, allow_defer: bool = False) -> bytes:
+    def _aes_session(self, req: messages.AesRequest, peer: str) -> MinionSession:
+        """The session an aes request must decrypt with (raises :class:`BadRequest`)."""
         mid = req.minion_id
         sess = self.sessions.get(mid)
         accepted = self.keys.accepted_pub(mid)
@@ -244,20 +305,30 @@ class RequestHandler:
         if crypto.normalize_pem(accepted) != sess.pub_text:
             self.sessions.pop(mid, None)
             raise messages.BadRequest("unknown_minion", f"{mid}@{peer} session predates its current key")
+        return sess
+
+    def _handle_aes(self, req: messages.AesRequest, peer: str, allow_defer: bool = False) -> bytes:
+        sess = self._aes_session(req, peer)
         load, tok = messages.open_aes_request(
-            req, sess.session, sess.pub, ttl=self.request_ttl, verified_tok=sess.verified_tok
+            req, sess.session, sess.pub, now=self.clock(), ttl=self.request_ttl, verified_tok=sess.verified_tok
         )
+        return self._aes_opened(req, peer, sess, load, tok, allow_defer)
+
+    def _aes_opened(self, req: messages.AesRequest, peer: str, sess: MinionSession, load: dict,
+                    tok: bytes, allow_defer: bool) -> bytes:
+        """A decrypted, authenticated aes request: replay check, then the command."""
+        mid = req.minion_id
         sess.verified_tok = tok
         nonce = load.get("nonce")
-        if isinstance(nonce, str):
-            if nonce in sess.nonces:
-                raise messages.BadRequest("replay", f"{mid}@{peer} replayed request nonce {nonce}")
-            sess.nonces[nonce] = None
-            if len(sess.nonces) > NONCE_CACHE_PER_MINION:
-                sess.nonces.popitem(last=False)
-        else:
-            nonce = None
-        sess.last_seen = time.time()
+        if not isinstance(nonce, str) or not nonce:
+            raise messages.BadRequest("no_nonce", f"{mid}@{peer} request carries no nonce")
+        ts = load.get("ts")
+        ts = float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else None
+        now = self.clock()
+        why = sess.replay.admit(nonce, ts, now)
+        if why is not None:
+            raise messages.BadRequest("replay", f"{mid}@{peer} replayed request: {why}")
+        sess.last_seen = now
         cmd = load["cmd"]
         self.metrics.requests.labels(self.metrics.master_id, cmd if cmd in self.commands or cmd == "_pillar" else "other").inc()
         if cmd == "_pillar":
@@ -329,7 +400,7 @@ class RequestHandler:
 def _claimed_id(payload: bytes) -> str | None:
     """The minion id a refused frame claims, for logging only (never trusted)."""
     try:
-        env = codec.loads(payload, max_size=1 << 20)
+        env = codec.loads(payload, max_size=1 << 20, max_objects=codec.ENVELOPE_MAX_OBJECTS)
     except codec.DecodeError:
         return None
     if not isinstance(env, dict):

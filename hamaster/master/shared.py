@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from hamaster.jobs.cache import JobCache, open_job_cache
-from hamaster.pki_sync.keys import KeyRegistry, open_key_registry
+from hamaster.pki_sync.keys import KeyRegistry, open_key_registry, throttle_from_opts
 from hamaster.store.base import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ def open_shared_state(opts: dict, store: Store | None = None) -> SharedState:
         autosign_file=opts.get("autosign_file"),
         autoreject_file=opts.get("autoreject_file"),
         open_mode=bool(opts.get("open_mode", False)),
+        throttle=throttle_from_opts(opts),
     )
     keys.load()
     return SharedState(keys=keys, job_cache=JobCache(store, JOBS_PREFIX), store=store)

@@ -22,6 +22,7 @@ import zmq.asyncio
 from hamaster import crypto
 from hamaster.bus import codec, messages
 from hamaster.bus.crypticle import Crypticle, CrypticleError, SerialGuard
+from hamaster.minion.serialmarks import SerialMarks
 
 if TYPE_CHECKING:
     from hamaster.minion.identity import MinionIdentity
@@ -84,6 +85,9 @@ class MasterConnection:
         self.is_hamaster = False
         self.master_id: str | None = None
         self.serials = SerialGuard()
+        #: Set when the master gives no serial at auth (a stock salt-master): the serial mark
+        #: is then saved in ``cachedir`` so that it survives a restart.
+        self._saved_marks: SerialMarks | None = None
         self.last_ok = 0.0
         self.connected_event = asyncio.Event()
         # REQ sockets carry one request at a time: keep a few, so a slow request (a large file
@@ -287,7 +291,18 @@ class MasterConnection:
 
     def _apply(self, result: messages.AuthResult) -> None:
         assert result.aes_key and result.session_key
+        first = self.aes is None
         self.aes = Crypticle(result.aes_key)
+        if result.publish_serial is not None:
+            self._saved_marks = None
+            if first:
+                # Only the first auth of this process needs it: later ones come while subscribed,
+                # so every publication under a new key reaches us live, and a publication
+                # still in flight when the auth reply was made must not be refused.
+                self.serials.set_floor(result.aes_key, result.publish_serial)
+        else:
+            self._saved_marks = SerialMarks.for_dir(str(self.opts.get("cachedir") or "."))
+            self.serials.set_floor(result.aes_key, self._saved_marks.get(result.aes_key))
         self.session = Crypticle(result.session_key)
         self.publish_port = result.publish_port or int(self.opts.get("publish_port", 4505))
         self.master_pub = crypto.load_public_key(result.master_pub_text or "")
@@ -393,9 +408,11 @@ class MasterConnection:
     async def _on_frame(self, frame: bytes) -> None:
         if self.aes is None or self.master_pub is None:
             return
+        after_reauth = False
         try:
             load = self._open(frame)
         except CrypticleError:
+            after_reauth = True
             generation = self.aes
             async with self._reauth_lock:
                 pass
@@ -411,9 +428,11 @@ class MasterConnection:
         except messages.PublicationError as exc:
             log.warning("%s: dropping publication from %s: %s", self.ident.minion_id, self.name, exc)
             return
-        if not self.serials.accept(self.aes.key_string, load.get("serial")):
+        if not self.serials.accept(self.aes.key_string, load.get("serial"), ignore_floor=after_reauth):
             log.warning("%s: dropping replayed publication (serial %r) from %s", self.ident.minion_id, load.get("serial"), self.name)
             return
+        if self._saved_marks is not None:
+            self._saved_marks.record(self.aes.key_string, load["serial"])
         self.last_ok = time.monotonic()
         self.on_publication(self, load)
 

@@ -16,6 +16,7 @@ import fnmatch
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from enum import StrEnum
 from pathlib import Path
@@ -132,13 +133,56 @@ def _join_prefix(prefix: str) -> str:
     return prefix + "/" if prefix else ""
 
 
+class NewKeyThrottle:
+    """Bounds how fast unknown ids can add pending keys: a token bucket (``rate`` new keys per
+    second, bursts of ``rate``) and a cap on the pending keys in total. Zero disables either.
+    Keys accepted at once (``auto_accept``, ``autosign_file``) are not bounded: such a master
+    accepts whoever asks, by the operator's choice."""
+
+    def __init__(self, rate: float = 0.0, max_pending: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = float(rate)
+        self.max_pending = int(max_pending)
+        self.clock = clock
+        self._tokens = max(self.rate, 1.0)
+        self._at = clock()
+        self._lock = threading.Lock()
+        #: Called with ``"rate"`` or ``"cap"`` for every key not recorded (a metric).
+        self.on_throttle: Callable[[str], None] | None = None
+
+    def allow(self, pending_now: int) -> bool:
+        """True when one more pending key may be written now (and spend a token)."""
+        reason = None
+        with self._lock:
+            if self.max_pending and pending_now >= self.max_pending:
+                reason = "cap"
+            elif self.rate > 0:
+                now = self.clock()
+                self._tokens = min(max(self.rate, 1.0), self._tokens + (now - self._at) * self.rate)
+                self._at = now
+                if self._tokens >= 1.0:
+                    self._tokens -= 1.0
+                else:
+                    reason = "rate"
+        if reason is None:
+            return True
+        if self.on_throttle is not None:
+            self.on_throttle(reason)
+        return False
+
+
 class KeyRegistry:
     """Minion key states on a store, with an in-memory view kept current by the store's watch."""
 
     def __init__(self, store: Store, prefix: str = "", *, auto_accept: bool = False,
                  autosign_file: str | None = None, autoreject_file: str | None = None,
-                 open_mode: bool = False):
-        """Create a registry for keys under ``prefix`` of ``store``; call :meth:`load`."""
+                 open_mode: bool = False, throttle: NewKeyThrottle | None = None):
+        """Create a registry for keys under ``prefix`` of ``store``; call :meth:`load`.
+
+        ``throttle`` bounds new pending keys (a key it holds back is answered as pending without
+        being recorded: the minion asks again after ``acceptance_wait_time``).
+        """
+        self.throttle = throttle or NewKeyThrottle()
         self.store = store
         self.prefix = _join_prefix(prefix)
         self.auto_accept = auto_accept
@@ -560,6 +604,10 @@ class KeyRegistry:
             log.warning("minion %s presented something that is not a public key", shown(mid))
             return AuthDecision.REJECTED
         target = KeyState.ACCEPTED if auto else KeyState.PENDING
+        if target is KeyState.PENDING and not self.throttle.allow(len(view[KeyState.PENDING])):
+            log.debug("new key of %r not recorded: too many new keys (pending_keys_per_second, "
+                      "max_pending_keys)", mid[:64])
+            return AuthDecision.PENDING
         if accepted is not None:  # a corrupted accepted file: replace it only when auto
             if auto:
                 self.store.put(self._key(target, mid), (pub_n + "\n").encode())
@@ -686,6 +734,13 @@ def open_key_registry(opts: dict[str, Any]) -> KeyRegistry:
         autosign_file=opts.get("autosign_file"),
         autoreject_file=opts.get("autoreject_file"),
         open_mode=bool(opts.get("open_mode", False)),
+        throttle=throttle_from_opts(opts),
     )
     registry.load()
     return registry
+
+
+def throttle_from_opts(opts: dict[str, Any]) -> NewKeyThrottle:
+    """The new-key throttle of ``pending_keys_per_second`` and ``max_pending_keys``."""
+    return NewKeyThrottle(float(opts.get("pending_keys_per_second", 50.0) or 0),
+                          int(opts.get("max_pending_keys", 10000) or 0))

@@ -8,7 +8,6 @@ bare string); ``parse_aes_reply`` → :class:`BadLoadReply`; ``open_publication`
 
 from __future__ import annotations
 
-import functools
 import random
 from dataclasses import dataclass
 
@@ -214,21 +213,32 @@ def test_garbage_msgpack_is_bad_request(data):
     _expect_bad_request(data)
 
 
-def test_oversized_frame_refused_before_parsing(valid_frames, monkeypatch):
+def test_oversized_frame_refused_before_parsing(valid_frames):
     frame = valid_frames[0]
     with pytest.raises(codec.DecodeError, match="limit"):
         codec.loads(frame, max_size=len(frame) - 1)
     assert codec.loads(frame, max_size=len(frame))
-    # parse_request uses codec.loads's limit: shrink it to check the refusal path quickly.
-    monkeypatch.setattr(codec, "loads", functools.partial(codec.loads, max_size=len(frame) - 1))
-    exc = _expect_bad_request(frame, "malformed")
-    assert "limit" in str(exc)
+    with pytest.raises(BadRequest) as exc:
+        messages.parse_request(frame, max_size=len(frame) - 1)
+    assert exc.value.reason == "too_large"
+    assert isinstance(messages.parse_request(frame, max_size=len(frame)), messages.AesRequest)
 
 
-def test_frame_beyond_max_frame_refused():
-    big = bytearray(codec.MAX_FRAME + 1)  # zero bytes: length check comes first
-    exc = _expect_bad_request(memoryview(big), "malformed")
-    assert "limit" in str(exc)
+def test_frame_beyond_max_request_refused():
+    big = bytearray(messages.REQUEST_MAX + 1)  # zero bytes: length check comes first
+    exc = _expect_bad_request(memoryview(big), "too_large")
+    assert "exceeds" in str(exc)
+
+
+def test_clear_request_capped(valid_frames):
+    clear = valid_frames[-1]
+    assert isinstance(messages.parse_request(clear, max_clear=len(clear)), messages.ClearRequest)
+    with pytest.raises(BadRequest) as exc:
+        messages.parse_request(clear, max_clear=len(clear) - 1)
+    assert exc.value.reason == "too_large"
+    # an aes request of the same size is not a clear request: only max_size applies to it
+    aes = valid_frames[0]
+    assert isinstance(messages.parse_request(aes, max_clear=10), messages.AesRequest)
 
 
 # --------------------------------------------------------------------------------------------

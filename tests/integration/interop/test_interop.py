@@ -564,8 +564,11 @@ class TestStockMinionOnHamaster:
         c = f.c
         c.run("hamaster-key", "-d", mid, "-y", check=True)
         assert mid not in key_lists(c)["minions"]
-        res = c.run("hamaster", "-t", "3", mid, "test.ping")
-        assert res.returncode == 2 and "No minions matched" in res.stderr, (res.stdout, res.stderr)
+        # The master learns of the deletion at its next store poll (ha_poll_interval, 0.2 s here);
+        # two CLI runs can take less than that, so the first targeting may still match.
+        res = wait_until(lambda: (r := c.run("hamaster", "-t", "3", mid, "test.ping")).returncode == 2
+                         and r, 10, 0.2, f"{mid} no longer targeted")
+        assert "No minions matched" in res.stderr, (res.stdout, res.stderr)
         # The deletion rotated the publish key: a job for everyone is not readable by it any more
         # (it fails to decrypt, re-authenticates, and is told its key is pending again).
         before = len(mn.log_text())
