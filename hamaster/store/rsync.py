@@ -198,7 +198,19 @@ class RsyncStore(FsStore):
             self._clear_tomb(key)       # re-created after the delete: the put wins
         else:
             _unlink_quiet(live)         # an older value came back from a peer: stays deleted
+            self._forget_live(key)
             log.debug("rsync store: %s deleted again by its tombstone", key)
+
+    def _forget_live(self, key: str) -> None:
+        """Drop ``key`` from the internal live watcher's snapshot after removing it here.
+
+        The same old value can come back from another peer before the next pass, as a new file
+        with the old mtime and size and, often, the freed inode number: with ``key`` still in
+        the snapshot that return would look unchanged, and the stale file would stay.
+        """
+        with self._live._poll_lock:
+            for w in self._live._watches.values():
+                w.files.pop(key, None)
 
     def _superseded(self, key: str) -> bool:
         """True if ``key``'s live file is no newer than its tombstone.
@@ -298,6 +310,10 @@ class RsyncStore(FsStore):
         return removed
 
     # ------------------------------------------------------------------ writes
+
+    def list(self, prefix: str) -> builtins.list[str]:
+        """As :meth:`FsStore.list`, without keys that a newer tombstone has deleted."""
+        return [k for k in super().list(prefix) if not self._superseded(k)]
 
     def get(self, key: str) -> bytes | None:
         """The local value of ``key``, None if absent or superseded by its tombstone."""
