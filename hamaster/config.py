@@ -138,6 +138,7 @@ MASTER_DEFAULTS: dict[str, Any] = {
     "ha_rsync_max_backoff": 30.0,
     "ha_rsync_tombstone_ttl": 604800.0,
     "ha_rsync_ssh": "ssh -o BatchMode=yes -o ConnectTimeout=5",
+    "ha_lease_ttl": 5.0,
     "user": "root",
     "worker_threads": 5,
 }
@@ -192,6 +193,13 @@ MASTER_TYPES: dict[str, _Spec] = {
     "ha_rsync_ssh": STR,
     "user": STR,
     "worker_threads": INT,
+    # event bus, leader lease, reactor, schedule (hamaster/events/, docs/operator-guide.md)
+    "ha_lease_ttl": FLOAT,
+    "event_retention": FLOAT,
+    "event_memory": INT,
+    "event_merge_window": FLOAT,
+    "reactor": LIST,
+    "schedule": DICT,
 }
 
 MINION_DEFAULTS: dict[str, Any] = {

@@ -129,6 +129,10 @@ class Master:
             max_workers=STORE_WORKERS, thread_name_prefix="store-req")
         self._deferred_in_flight = 0
         self._load_grains_cache()
+        # -- event bus, leader lease, reactor, schedule (hamaster/events/service.py) --
+        from hamaster.events.service import EventServices
+
+        self.events = EventServices.for_master(self)
 
     # -- wiring ---------------------------------------------------------------------------------
 
@@ -260,12 +264,14 @@ class Master:
         if latency is not None:
             self.metrics.return_latency.labels(self.master_id).observe(latency)
         self.job_writer.put_return(jid, mid, ret)
+        self.events.job_ret(jid, mid, ret)
         return None
 
     def _on_minion_event(self, load: dict) -> None:
         tag = load.get("tag")
         if tag:
             log.debug("event %s from %s", tag, load.get("id"))
+        self.events.minion_event(load)
         return None
 
     def _on_ping(self, load: dict) -> dict:
@@ -319,6 +325,7 @@ class Master:
         load["_stamp"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         rec = self.tracker.add(jid, load, minions)
         self.job_writer.put_load(jid, rec.load)  # a batch run's jid: every minion so far
+        self.events.job_new(jid, load, minions)
         self.metrics.jobs_published.labels(self.master_id).inc()
         return {"jid": jid, "minions": minions}
 
@@ -631,6 +638,7 @@ class Master:
             self.blob_address = blob_service.address
             tasks.append(asyncio.create_task(blob_service.sync_forever(self._stop), name="file-blobs"))
         # -- end file blobs --
+        await self.events.start()  # event bus, leader lease, reactor, schedule
         self.ready.set()
         log.info("master %s ready (hamaster %s)", self.master_id, __version__)
         try:
@@ -639,6 +647,7 @@ class Master:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.events.close()  # event bus, leader lease, reactor, schedule
             if key_confirm is not None:
                 await asyncio.to_thread(key_confirm.close)   # its fence may need this loop
                 await asyncio.to_thread(self._mark_stopped)
