@@ -21,13 +21,20 @@ names the sources it has seen; events of a source it does not name are all new t
 
 Merging: a multi-master minion sends one copy of each event to every master. Minion events
 (``_minion_event``, start events) and key events carry a fingerprint ``fp`` = sha256 of
-(minion id, tag, data without ``_stamp``). Two events with the same fingerprint whose
-receipt times (``ts``, each receiving master's wall clock) are within ``merge_window`` seconds
-(default 5) are one event: the copy that arrives first at a master is delivered there, the later
-ones are marked ``dup`` and skipped (counted in ``hamaster_events_merged_total``). Limits: the
-same minion firing the *identical* event twice within the window is merged too (add a counter or
-a timestamp to the data to keep them apart); master clocks skewed by more than the window keep
-copies apart. The reactor applies the same rule cluster-wide through its claims
+(minion id, tag, data without ``_stamp``). The copy that arrives first at a master is delivered
+there; later copies are marked ``dup`` and skipped (counted in ``hamaster_events_merged_total``):
+
+- *strong* fingerprints — the data carries the job id it was fired from (``__pub_jid``, which
+  Salt's ``event.send`` adds inside a job): copies are merged however far apart they arrive (a
+  stock minion with one master down delivers the other copies seconds late), within the
+  retention;
+- other fingerprints (start events, ``event.fire_master`` outside a job, key events): copies
+  whose receipt times (``ts``, each receiving master's clock) are within ``merge_window``
+  seconds (default 5) are one event. Limits: the same minion firing the *identical* event twice
+  within the window is merged (add a counter or a timestamp to the data to keep them apart);
+  copies delivered further apart than the window, or master clocks skewed by more, stay apart.
+
+The reactor applies the same rule cluster-wide through its claims
 (:mod:`hamaster.events.reactor`).
 
 Retention: batches older than ``retention`` seconds (by their ``seq``) are deleted by every
@@ -57,6 +64,7 @@ EVENTS_PREFIX = "events"
 BATCH_INTERVAL = 0.05
 MAX_BATCH = 500
 MAX_QUEUED = 100_000
+MAX_FINGERPRINTS = 500_000
 SWEEP_EVERY = 30.0
 DEFAULT_RETENTION = 3600.0
 DEFAULT_MEMORY = 20_000
@@ -69,6 +77,14 @@ def stamp(ts: float | None = None) -> str:
     """Salt's ``_stamp``: ISO 8601 with microseconds, UTC (``2026-12-06T13:05:29.123456``)."""
     when = datetime.fromtimestamp(time.time() if ts is None else ts, UTC)
     return when.replace(tzinfo=None).isoformat(timespec="microseconds")
+
+
+def strong_id(data: Any) -> bool:
+    """True when the event data names the job it was fired from (``__pub_jid``): one firing."""
+    if not isinstance(data, dict):
+        return False
+    inner = data.get("data")
+    return "__pub_jid" in data or (isinstance(inner, dict) and "__pub_jid" in inner)
 
 
 def fingerprint(minion_id: str, tag: str, data: Any) -> str:
@@ -121,6 +137,7 @@ class Event:
     ts: float
     fp: str | None = None
     dup: bool = False
+    strong: bool = False
 
     @property
     def pos(self) -> tuple[int, int]:
@@ -154,7 +171,7 @@ class EventBus:
         self._lock = threading.Lock()
         self._stream: deque[Event] = deque(maxlen=int(memory))
         self._seen_batches: dict[tuple[str, int], float] = {}
-        self._fps: dict[str, list[float]] = {}
+        self._fps: dict[str, list[float]] = {}      # fingerprint -> receipt times seen
         self._tips: Position = {}
         self._last_seq = 0
         self._listeners: list[Callable[[list[Event]], None]] = []
@@ -166,9 +183,12 @@ class EventBus:
 
     # -- emitting -----------------------------------------------------------------------------
 
-    def emit(self, tag: str, data: Any, merge_id: str | None = None) -> None:
+    def emit(self, tag: str, data: Any, merge_id: str | None = None,
+             merge_data: Any = None) -> None:
         """Queue one event (never blocks, never raises). ``merge_id``: the minion id of an event
-        several masters may receive copies of (see the module's merging rule)."""
+        several masters may receive copies of (see the module's merging rule); ``merge_data``:
+        what identifies it (default ``data``; a ``_minion_event`` passes the minion's own data,
+        not the envelope around it, whose ``ts`` differs between copies)."""
         try:
             ts = time.time()
             if isinstance(data, dict):
@@ -176,7 +196,10 @@ class EventBus:
                 data.setdefault("_stamp", stamp(ts))
             ev = {"tag": str(tag), "data": data, "ts": ts}
             if merge_id is not None:
-                ev["fp"] = fingerprint(merge_id, str(tag), data)
+                what = data if merge_data is None else merge_data
+                ev["fp"] = fingerprint(merge_id, str(tag), what)
+                if strong_id(what) or strong_id({"data": what}):
+                    ev["strong"] = True
             if self._queued >= MAX_QUEUED:
                 if self.metrics is not None:
                     self.metrics.events_dropped.labels(self.master_id).inc()
@@ -314,9 +337,11 @@ class EventBus:
         with self._lock:
             for k in [k for k in self._seen_batches if k[1] < cutoff]:
                 del self._seen_batches[k]
-            horizon = time.time() - 2 * self.merge_window
+            horizon = time.time() - max(2 * self.merge_window, self.retention)
             for fp in [fp for fp, ts in self._fps.items() if max(ts) < horizon]:
                 del self._fps[fp]
+            while len(self._fps) > MAX_FINGERPRINTS:
+                del self._fps[next(iter(self._fps))]
         return gone
 
     # -- reading ------------------------------------------------------------------------------
@@ -353,10 +378,12 @@ class EventBus:
                     if not isinstance(e, dict) or not isinstance(e.get("tag"), str):
                         continue
                     ev = Event(src=src, seq=seq, idx=idx, tag=e["tag"], data=e.get("data"),
-                               ts=float(e.get("ts") or seq / 1e9), fp=e.get("fp"))
+                               ts=float(e.get("ts") or seq / 1e9), fp=e.get("fp"),
+                               strong=bool(e.get("strong")))
                     if ev.fp:
                         prior = self._fps.setdefault(ev.fp, [])
-                        if any(abs(ev.ts - t) <= self.merge_window for t in prior):
+                        if (ev.strong and prior) or any(
+                                abs(ev.ts - t) <= self.merge_window for t in prior):
                             ev.dup = True
                             merged += 1
                         prior.append(ev.ts)

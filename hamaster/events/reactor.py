@@ -21,9 +21,11 @@ into reactions ``{name: {"<kind>.<fun>": [ {option: value}, ... ]}}`` where kind
 Exactly once. Every master reads the whole bus; only the holder of the leader lease reacts.
 Before acting on an event it creates the event's *claim* with ``fenced_create`` (the lease
 still ours and the claim absent): ``reactor/claims/<source>-<seq>-<idx>`` for a master's own
-events, and ``reactor/claims/<fingerprint>-<bucket>`` for minion events, where ``bucket`` is
-the receipt time divided by the merge window, so the copies of one minion event received by
-several masters share a claim (the claims of the neighbouring buckets are checked too). The
+events; for minion events ``reactor/claims/<fingerprint>`` when the fingerprint is strong (the
+event names the job that fired it) and ``reactor/claims/<fingerprint>-<bucket>`` otherwise,
+where ``bucket`` is the receipt time divided by the merge window (the claims of the
+neighbouring buckets are checked too), so the copies of one minion event received by several
+masters share a claim (the rule of :mod:`hamaster.events.bus`). The
 claim says ``claimed`` with the epoch, then ``done`` when every action ran. The leader stores
 how far it got (``reactor/cursor``) every second; a new leader starts from there, so the
 events the old one had not handled are handled once: their claims are absent, or ``done``
@@ -238,7 +240,9 @@ class Reactor:
         """Claim ``ev``: ``(key, "new" | "retry" | "dup" | "lost")``."""
         rec = {"epoch": lease.epoch, "master": self.master_id, "ts": ev.ts, "tag": ev.tag,
                "state": "claimed"}
-        if ev.fp:
+        if ev.fp and ev.strong:
+            key = f"{CLAIMS_PREFIX}/{ev.fp}"
+        elif ev.fp:
             bucket = math.floor(ev.ts / self.window) if self.window > 0 else 0
             key = f"{CLAIMS_PREFIX}/{ev.fp}-{bucket}"
             for b in (bucket, bucket - 1, bucket + 1):

@@ -141,7 +141,8 @@ class EventServices:
         if not isinstance(tag, str) or not tag:
             return
         data = {k: v for k, v in load.items() if k not in ("tok", "nonce")}
-        self.emit(tag, data, merge_id=mid)
+        if self.bus is not None:
+            self.bus.emit(tag, data, merge_id=mid, merge_data=load.get("data"))
 
     def job_new(self, jid: str, load: dict, minions: list[str]) -> None:
         """``salt/job/<jid>/new``."""
