@@ -31,7 +31,7 @@ how far it got (``reactor/cursor``) every second; a new leader starts from there
 events the old one had not handled are handled once: their claims are absent, or ``done``
 (skipped), or ``claimed`` by an older epoch (the old leader died mid-reaction): then the
 ``local`` and ``wheel`` actions run again — ``local`` publishes under a jid derived from the
-claim and the action's index, so a minion that already ran it drops the repeat (minions
+claim and the action (sls and reaction name), so a minion that already ran it drops the repeat (minions
 de-duplicate jids) — and ``runner`` actions are *not* re-run (at most once; logged).
 
 A failing render, an unknown action or a runner that raises is logged and counted
@@ -88,11 +88,12 @@ def parse_reactor_option(value: Any) -> list[tuple[str, list[str]]]:
     return out
 
 
-def derive_jid(claim_key: str, index: int, ts: float) -> str:
-    """A jid (20 digits, Salt's shape) derived from a claim and an action's index: the event's
-    time to the second, then 6 digits of a hash, so every leader publishes the same jid."""
+def derive_jid(claim_key: str, action: str, ts: float) -> str:
+    """A jid (20 digits, Salt's shape) derived from a claim and an action (``<sls>#<name>``):
+    the event's time to the second, then 6 digits of a hash, so every leader publishes the same
+    jid for the same action."""
     head = time.strftime("%Y%m%d%H%M%S", time.gmtime(ts))
-    digest = hashlib.sha256(f"{claim_key}/{index}".encode()).hexdigest()
+    digest = hashlib.sha256(f"{claim_key}/{action}".encode()).hexdigest()
     return f"{head}{int(digest, 16) % 1_000_000:06d}"
 
 
@@ -290,7 +291,6 @@ class Reactor:
             self._count("retried")
             log.warning("reactor: re-running the reaction to %s left unfinished by an older "
                         "leader (local/wheel only; jids repeat, minions drop duplicates)", ev.tag)
-        index = 0
         for path in paths:
             try:
                 text = self.host.read_sls(path)
@@ -307,8 +307,8 @@ class Reactor:
                 self._count("error")
                 continue
             for name, body in rendered.items():
-                index += 1
-                self._run_reaction(str(name), body, derive_jid(key, index, ev.ts), retry, ev)
+                jid = derive_jid(key, f"{path}#{name}", ev.ts)
+                self._run_reaction(str(name), body, jid, retry, ev)
         try:
             raw = self.store.get(key)
             if raw is not None:
