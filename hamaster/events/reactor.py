@@ -65,6 +65,10 @@ CURSOR_EVERY = 1.0
 CLAIM_RETENTION = 3 * 3600.0
 
 
+class _LostLease(Exception):
+    """Internal: the lease was lost while handling events."""
+
+
 class ReactorConfigError(ValueError):
     """The ``reactor:`` option is malformed."""
 
@@ -190,6 +194,8 @@ class Reactor:
                             break
                         self._handle(ev, lease)
                 self._save_cursor(lease)
+            except _LostLease:
+                continue
             except StoreError as exc:
                 log.error("reactor: store unreachable (%s); catching up when it returns", exc)
                 self._epoch = 0
@@ -233,12 +239,22 @@ class Reactor:
         if last is not None and ev.pos <= last:
             return
         paths = self._matches(ev.tag)
-        if paths:
-            self._react(ev, paths, lease)
+        if paths and not self._react(ev, paths, lease):
+            # Not leader any more (or not sure): stop here; whoever leads next (maybe us
+            # again, after a catch-up from the stored cursor) handles this event.
+            self._epoch = 0
+            raise _LostLease(ev.tag)
         self._done[ev.src] = ev.pos
 
     def _claim(self, ev: Event, lease: Lease) -> tuple[str, str]:
-        """Claim ``ev``: ``(key, "new" | "retry" | "dup" | "lost")``."""
+        """Claim ``ev``: ``(key, "new" | "retry" | "dup" | "lost")``.
+
+        The lease used is the current one (renewed meanwhile), as long as its epoch is the one
+        this reactor caught up under."""
+        current = self.lease()
+        if current is None or current.epoch != lease.epoch:
+            return "", "lost"
+        lease = current
         rec = {"epoch": lease.epoch, "master": self.master_id, "ts": ev.ts, "tag": ev.tag,
                "state": "claimed"}
         if ev.fp and ev.strong:
@@ -280,12 +296,16 @@ class Reactor:
             return "retry"
         return "dup"
 
-    def _react(self, ev: Event, paths: list[str], lease: Lease) -> None:
+    def _react(self, ev: Event, paths: list[str], lease: Lease) -> bool:
+        """Claim and run the reactions to ``ev``; False if the lease was lost before the claim."""
         key, verdict = self._claim(ev, lease)
-        if verdict in ("dup", "lost"):
+        if verdict == "lost":
+            log.warning("reactor: lease lost before claiming %s; leaving it to the leader", ev.tag)
+            return False
+        if verdict == "dup":
             self._count("duplicate")
-            log.debug("reactor: %s %s (%s)", ev.tag, verdict, key)
-            return
+            log.debug("reactor: %s already claimed (%s)", ev.tag, key)
+            return True
         retry = verdict == "retry"
         if retry:
             self._count("retried")
@@ -316,6 +336,7 @@ class Reactor:
                 self.store.compare_and_put(key, raw, json.dumps(done).encode())
         except (StoreError, ValueError) as exc:
             log.warning("reactor: could not mark %s done: %s", key, exc)
+        return True
 
     def _run_reaction(self, name: str, body: Any, jid: str, retry: bool, ev: Event) -> None:
         try:

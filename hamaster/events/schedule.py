@@ -269,6 +269,9 @@ class Scheduler:
             self._next[job.name] = slot
 
     def _claim(self, job: Job, slot: str, lease: Lease) -> bool:
+        current = self.lease()          # renewed since the tick started: use the newest
+        if current is not None and current.epoch == lease.epoch:
+            lease = current
         rec = {"epoch": lease.epoch, "master": self.master_id, "at": time.time()}
         return self.store.fenced_create(f"{SCHEDULE_PREFIX}/{job.name}/{slot}",
                                         json.dumps(rec).encode(), lease)

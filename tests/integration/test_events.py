@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,16 +121,19 @@ append_n:
 """
 
 
-@pytest.fixture(params=["etcd", "fs"])
+@pytest.fixture(params=["etcd-kill", "fs-kill", "etcd-freeze"])
 def backend_opts(request) -> Iterator[dict]:
-    if request.param == "etcd":
+    """Store options, plus ``fault``: SIGKILL the leader, or SIGSTOP it past the lease TTL and
+    SIGCONT it after the new leader took over."""
+    backend, fault = request.param.split("-")
+    if backend == "etcd":
         from tests.integration.services import etcd_server
 
         with etcd_server() as cluster:
             yield {"ha_backend": "etcd", "ha_etcd_endpoints": cluster.endpoints,
-                   "ha_etcd_prefix": f"/ev-{os.getpid()}-{time.monotonic_ns()}"}
+                   "ha_etcd_prefix": f"/ev-{os.getpid()}-{time.monotonic_ns()}", "fault": fault}
     else:
-        yield {"ha_dir": None}
+        yield {"ha_dir": None, "fault": fault}
 
 
 def test_reactor_and_schedule_run_once_across_a_leader_kill(backend_opts: dict) -> None:
@@ -146,6 +151,7 @@ def test_reactor_and_schedule_run_once_across_a_leader_kill(backend_opts: dict) 
         sls = c.base / "react.sls"
         sls.write_text(REACTOR_SLS.replace("OUT", str(out)))
         opts = dict(backend_opts)
+        fault = opts.pop("fault")
         if "ha_dir" in opts:
             opts["ha_dir"] = str(c.base / "ha")
             (c.base / "ha").mkdir()
@@ -183,25 +189,38 @@ def test_reactor_and_schedule_run_once_across_a_leader_kill(backend_opts: dict) 
             fire(n, other[0])
         wait_until(lambda: len(_lines(out)) >= 4, 30, 0.1, "reactions before the kill")
         killed_at = time.time()
-        c.masters[leader]["proc"].kill()     # SIGKILL the leader midway
+        victim = c.masters[leader]["proc"]
+        if fault == "kill":
+            victim.kill()                            # SIGKILL the leader midway
+        else:
+            victim.signal(signal.SIGSTOP)            # freeze it past the lease TTL
+        def took_over() -> bool:
+            name = (_status(c, other[0]).get("leader") or {}).get("leader")
+            return bool(name) and name != f"master{leader}"
+        wait_until(took_over, 20, 0.1, "a new leader")
+        failover = time.time() - killed_at
+        print(f"\nfailover ({fault}, {opts.get('ha_backend', 'fs')}, ttl {TTL}): "
+              f"{failover:.2f} s (cluster.status polled through a CLI)")
+        assert failover <= TTL + 3.0
         for n in range(8, n_events):
             fire(n, other[0])
         want = [str(n) for n in range(n_events)]
         try:
             wait_until(lambda: set(_lines(out)) >= set(want), 60, 0.2, "every n reacted to")
         except AssertionError:
+            _dump(c, minion, out)
             raise AssertionError(f"got {sorted(_lines(out))}\n" + _diag(c)) from None
+        if fault == "freeze":
+            victim.signal(signal.SIGCONT)            # the stale leader resumes
+            fire(998, other[1])
+            wait_until(lambda: "998" in _lines(out), 30, 0.2, "reaction after the thaw")
         # A sentinel after everything: once it is in, every earlier reaction has been made.
         fire(999, other[1])
         wait_until(lambda: "999" in _lines(out), 30, 0.2, "sentinel")
         lines = _lines(out)
         dups = {x: lines.count(x) for x in set(lines) if lines.count(x) > 1}
-        if dups and os.environ.get("HM_EVENTS_DEBUG"):
-            for m in c.masters:
-                Path(os.environ["HM_EVENTS_DEBUG"] + m["proc"].name).write_text(
-                    m["proc"].log_text())
-            Path(os.environ["HM_EVENTS_DEBUG"] + "minion").write_text(minion.log_text())
-            Path(os.environ["HM_EVENTS_DEBUG"] + "out").write_text(out.read_text())
+        if dups:
+            _dump(c, minion, out)
         assert not dups, f"reactions ran more than once: {dups}\n{_diag(c)}"
         new_leader = _leader(c, other)
         assert new_leader in other
@@ -227,6 +246,7 @@ def test_reactor_and_schedule_run_once_across_a_leader_kill(backend_opts: dict) 
         span = (slots[-1] - slots[0]) // 2 + 1
         missed = span - len(slots)
         assert missed <= (TTL + 2.0) / 2 + 1, f"{missed} slots missed of {span}: {jids}"
+        print(f"schedule: {len(slots)} runs in {span} slots, {missed} missed")
     finally:
         if minion is not None:
             minion.stop(timeout=10)
@@ -245,6 +265,17 @@ def _slot_of(jid: str) -> int:
     import calendar
 
     return calendar.timegm(time.strptime(jid[:14], "%Y%m%d%H%M%S"))
+
+
+def _dump(c: Cluster, minion: Any, out: Path) -> None:
+    """With HM_EVENTS_DEBUG=/some/prefix-, keep every log of a failed run there."""
+    prefix = os.environ.get("HM_EVENTS_DEBUG")
+    if not prefix:
+        return
+    for m in c.masters:
+        Path(prefix + m["proc"].name).write_text(m["proc"].log_text())
+    Path(prefix + "minion").write_text(minion.log_text())
+    Path(prefix + "out").write_text("\n".join(_lines(out)))
 
 
 def _diag(c: Cluster) -> str:
