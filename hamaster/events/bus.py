@@ -386,6 +386,8 @@ class EventBus:
                                 abs(ev.ts - t) <= self.merge_window for t in prior):
                             ev.dup = True
                             merged += 1
+                            log.debug("event bus: %s from %s@%s merged (a copy)", ev.tag, src,
+                                      seq)
                         prior.append(ev.ts)
                     self._stream.append(ev)
                     old = self._tips.get(src)

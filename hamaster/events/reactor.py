@@ -183,6 +183,9 @@ class Reactor:
                 return
             lease = self.lease()
             if lease is None:
+                if self._epoch:
+                    log.info("reactor: not leader (any more); %d event(s) left to the leader",
+                             len(batch))
                 self._epoch = 0
                 continue
             try:
@@ -239,6 +242,8 @@ class Reactor:
         if last is not None and ev.pos <= last:
             return
         paths = self._matches(ev.tag)
+        if paths:
+            log.debug("reactor: handling %s %s@%s.%s", ev.tag, ev.src, ev.seq, ev.idx)
         if paths and not self._react(ev, paths, lease):
             # Not leader any more (or not sure): stop here; whoever leads next (maybe us
             # again, after a catch-up from the stored cursor) handles this event.
