@@ -17,7 +17,11 @@ Reading: each master keeps the last ``memory`` events of the whole cluster in me
 watch on ``events/`` (and loaded from the store at start). A position in the stream is per
 source: ``{master_id: (seq, index)}``; a listener passes the last position it saw (to any
 master) and gets the events after it, in arrival order there, in order per source. A position
-names the sources it has seen; events of a source it does not name are all new to it.
+names the sources it has seen; events of a source it does not name are all new to it. Masters
+may pick different copies of a merged minion event (the one that reached them first); a
+listener resuming elsewhere does not get an event again whose other copy lies within its
+position. Limit: a copy that has not reached the new master yet (within a poll interval of the
+resume) cannot be recognised, and the event may then be delivered twice.
 
 Merging: a multi-master minion sends one copy of each event to every master. Minion events
 (``_minion_event``, start events) and key events carry a fingerprint ``fp`` = sha256 of
@@ -43,6 +47,7 @@ master every ``SWEEP_EVERY`` seconds (any source, so a master gone for good is s
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -138,15 +143,19 @@ class Event:
     fp: str | None = None
     dup: bool = False
     strong: bool = False
+    #: Set by :meth:`EventBus.read`: the whole stream position just after this event (every
+    #: source), what a listener passes back to resume after it.
+    cursor: str = ""
 
     @property
     def pos(self) -> tuple[int, int]:
         return (self.seq, self.idx)
 
     def as_dict(self) -> dict:
-        """What listeners get: Salt's ``{"tag", "data"}`` plus where it came from."""
+        """What listeners get: Salt's ``{"tag", "data"}``, the master that wrote it, and the
+        position to resume after it (all sources)."""
         return {"tag": self.tag, "data": self.data, "source": self.src,
-                "position": f"{self.src}@{self.seq}.{self.idx}"}
+                "position": self.cursor or f"{self.src}@{self.seq}.{self.idx}"}
 
 
 @dataclass
@@ -172,6 +181,8 @@ class EventBus:
         self._stream: deque[Event] = deque(maxlen=int(memory))
         self._seen_batches: dict[tuple[str, int], float] = {}
         self._fps: dict[str, list[float]] = {}      # fingerprint -> receipt times seen
+        # fingerprint -> every copy seen: (source, position, receipt time)
+        self._copies: dict[str, list[tuple[str, tuple[int, int], float]]] = {}
         self._tips: Position = {}
         self._last_seq = 0
         self._listeners: list[Callable[[list[Event]], None]] = []
@@ -340,8 +351,11 @@ class EventBus:
             horizon = time.time() - max(2 * self.merge_window, self.retention)
             for fp in [fp for fp, ts in self._fps.items() if max(ts) < horizon]:
                 del self._fps[fp]
+                self._copies.pop(fp, None)
             while len(self._fps) > MAX_FINGERPRINTS:
-                del self._fps[next(iter(self._fps))]
+                fp = next(iter(self._fps))
+                del self._fps[fp]
+                self._copies.pop(fp, None)
         return gone
 
     # -- reading ------------------------------------------------------------------------------
@@ -389,6 +403,7 @@ class EventBus:
                             log.debug("event bus: %s from %s@%s merged (a copy)", ev.tag, src,
                                       seq)
                         prior.append(ev.ts)
+                        self._copies.setdefault(ev.fp, []).append((src, ev.pos, ev.ts))
                     self._stream.append(ev)
                     old = self._tips.get(src)
                     if old is None or ev.pos > old:
@@ -414,6 +429,7 @@ class EventBus:
         """Events after ``since`` (all retained ones if None) matching ``tagmatch``; and the
         position after them (every source, so a later read resumes exactly there)."""
         pos: Position = dict(since or {})
+        start = dict(pos)
         out: list[Event] = []
         with self._lock:
             for ev in self._stream:
@@ -425,12 +441,23 @@ class EventBus:
                 pos[ev.src] = ev.pos
                 if ev.dup or not fnmatch.fnmatchcase(ev.tag, tagmatch):
                     continue
-                out.append(ev)
+                if ev.fp and self._consumed(ev, start):
+                    continue
+                out.append(dataclasses.replace(ev, cursor=encode_position(pos)))
             else:
                 for src, tip in self._tips.items():
                     if src not in pos or pos[src] < tip:
                         pos[src] = tip
         return out, pos
+
+    def _consumed(self, ev: Event, since: Position) -> bool:
+        """True when another copy of ``ev`` lies at or before ``since``: a listener resuming
+        here with a position from another master, which delivered that copy instead."""
+        for src, pos, ts in self._copies.get(ev.fp or "", ()):
+            if src != ev.src and src in since and pos <= since[src] and (
+                    ev.strong or abs(ts - ev.ts) <= self.merge_window):
+                return True
+        return False
 
     def events_after(self, since: Position | None) -> list[Event]:
         """Every non-duplicate event after ``since`` in memory (the reactor's catch-up)."""

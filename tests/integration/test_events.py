@@ -100,6 +100,22 @@ def test_state_event_sees_other_masters_events_and_resumes_elsewhere() -> None:
                     f"position={first['position']}", "--out", "json", master=2, timeout=30)
         got = _json_lines(res.stdout)
         assert [e["data"]["return"] for e in got] == ["second", "third"], res.stdout + res.stderr
+        # The hamaster minion's event.send reaches all three masters; the copies are one event.
+        c.run("hamaster", "-t", "10", "ev1", "event.send", "hm/own", '{"k": 1}', master=0,
+              check=True)
+        c.run("hamaster", "-t", "10", "ev1", "event.send", "hm/own", '{"k": 2}', master=0,
+              check=True)
+        res = c.run("hamaster-run", "state.event", "hm/*", "count=2", "position=start",
+                    "--out", "json", master=2, timeout=30)
+        own = _json_lines(res.stdout)
+        assert [e["data"]["data"]["k"] for e in own] == [1, 2], res.stdout
+        assert own[0]["data"]["id"] == "ev1" and own[0]["data"]["data"]["__pub_fun"] == "event.send"
+        # The next hm/* event after the second is the third one fired (no late copy between).
+        c.run("hamaster", "-t", "10", "ev1", "event.send", "hm/own", '{"k": 3}', master=1,
+              check=True)
+        more = c.run("hamaster-run", "state.event", "hm/*", "count=1",
+                     f"position={own[1]['position']}", "--out", "json", master=1, timeout=30)
+        assert [e["data"]["data"]["k"] for e in _json_lines(more.stdout)] == [3], more.stdout
         # The cluster events are on the bus too: each master's start, the leader's election.
         res = c.run("hamaster-run", "state.event", "hamaster/cluster/*", "count=4",
                     "position=start", "--out", "json", master=0, timeout=30)

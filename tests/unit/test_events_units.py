@@ -323,3 +323,24 @@ def test_reactor_uses_the_renewed_lease_not_the_one_it_started_with(tmp_path: Pa
     with pytest.raises(Exception, match="app/go"):
         reactor2._handle(ev2, lease)
     assert ev2.src not in reactor2._done
+
+
+def test_resume_on_a_master_that_kept_another_copy(tmp_path: Path) -> None:
+    """Masters may keep different copies of a merged event (whichever arrived first); a listener
+    resuming with the position after one copy does not get the other (regression)."""
+    s1, s2 = _pair(tmp_path)
+    one, two = EventBus(s1, "X"), EventBus(s2, "Y")
+    data = {"n": 1, "__pub_jid": "20261206120000000009"}
+    fp = fingerprint("m1", "app/e", data)
+    copy_a = ("events/A/00000000000000000010",
+              json.dumps({"events": [{"tag": "app/e", "data": data, "ts": 100.0, "fp": fp,
+                                      "strong": True}]}).encode())
+    copy_b = ("events/B/00000000000000000020",
+              json.dumps({"events": [{"tag": "app/e", "data": data, "ts": 100.5, "fp": fp,
+                                      "strong": True}]}).encode())
+    one._ingest([copy_b, copy_a])       # B's copy first here
+    two._ingest([copy_a, copy_b])       # A's copy first there
+    (ev,), _ = one.read({}, "*")
+    assert ev.src == "B"
+    resumed, _ = two.read(decode_position(ev.cursor), "*")
+    assert resumed == []
