@@ -2,8 +2,8 @@
 
 ``master/daemon.py`` calls :meth:`EventServices.for_master` once, ``start()`` when serving,
 ``close()`` when stopping, and ``emit(...)`` at the points where Salt's master fires events.
-Without a shared store (a single master) there is no bus and no lease: ``emit`` is a no-op
-and ``reactor``/``schedule`` are refused with a clear error (they need a cluster store).
+Without a shared store (a single master) the bus, the lease, the reactor and the schedule use a
+private fs store under ``cachedir/events`` (the master is then always the leader).
 Also registers the runners ``state.event``, ``schedule.list`` and ``salt.execute``.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,8 @@ from hamaster.events.reactor import Reactor, ReactorHost, parse_reactor_option, 
 from hamaster.events.schedule import Scheduler, parse_schedule_option
 from hamaster.master import runners
 from hamaster.master.leader import LeaderElector, elector_for
-from hamaster.store.base import Lease, LeaseUnsupported, StoreError
+from hamaster.store.base import Lease, StoreError
+from hamaster.store.fs import FsStore
 
 if TYPE_CHECKING:
     from hamaster.master.daemon import Master
@@ -91,10 +93,12 @@ class EventServices:
         store = master.state.store
         self.rules = parse_reactor_option(opts.get("reactor"))
         self.jobs = parse_schedule_option(opts.get("schedule"))
-        if store is None and (self.rules or self.jobs):
-            raise LeaseUnsupported(
-                "reactor and schedule run once per cluster through the shared store: set "
-                "ha_backend (etcd or fs with ha_dir), even for a single master")
+        self._own_store: FsStore | None = None
+        if store is None:   # a single master: a private store for the bus, lease and claims
+            self._own_store = store = FsStore(
+                os.path.join(opts["cachedir"], "events"),
+                poll_interval=float(opts.get("ha_poll_interval", 0.5)))
+        self.store = store
         self.elector: LeaderElector | None = elector_for(opts, store, master.master_id,
                                                          master.metrics)
         self.bus: EventBus | None = None
@@ -176,18 +180,20 @@ class EventServices:
         master = self.master
         if self.bus is not None:
             await asyncio.to_thread(self.bus.attach)
+            if self._own_store is not None:
+                self._own_store.start()
             self.bus.start()
             self.emit(f"hamaster/cluster/master/{master.master_id}/up",
                       {"master_id": master.master_id})
         if self.elector is not None:
-            assert master.state.store is not None and self.bus is not None
+            assert self.bus is not None
             if self.rules:
-                self.reactor = Reactor(self.rules, master.state.store, self.bus,
+                self.reactor = Reactor(self.rules, self.store, self.bus,
                                        self.elector.lease, _Host(master, self._loop),
                                        master.master_id, master.metrics)
                 self.reactor.start()
             if self.jobs:
-                self.scheduler = Scheduler(self.jobs, master.state.store, self.elector.lease,
+                self.scheduler = Scheduler(self.jobs, self.store, self.elector.lease,
                                            self._submit, master.master_id, master.metrics)
                 self.scheduler.start()
             self.elector.start()
@@ -202,13 +208,13 @@ class EventServices:
         """Store down/up on this master; master down (seen by the leader, emitted once)."""
         while True:
             await asyncio.sleep(2.0)
-            store = self.master.state.store
-            ok = bool(store is not None and store.healthy() and self.master._store_ok)
+            ok = self.store.healthy() and (self.master._store_ok or not self.master.state.ha)
             if ok != self._store_ok:
                 self._store_ok = ok
                 self.emit(f"hamaster/cluster/store/{'up' if ok else 'down'}",
                           {"master_id": self.master.master_id})
-            if self.elector is None or not self.elector.is_leader():
+            if (self.elector is None or not self.elector.is_leader()
+                    or not self.master.state.ha):
                 self._alive = None
                 continue
             try:
@@ -235,13 +241,13 @@ class EventServices:
             await asyncio.to_thread(self.elector.stop, True)
         if self.bus is not None:
             await asyncio.to_thread(self.bus.stop)
+        if self._own_store is not None:
+            await asyncio.to_thread(self._own_store.close)
 
     def leader_status(self) -> dict:
         """For ``cluster.status`` (blocking: reads the store)."""
         if self.elector is None:
-            reason = (self.master.state.store.lease_unsupported()
-                      if self.master.state.store is not None else "single master")
-            return {"leader": None, "epoch": 0, "lease": reason}
+            return {"leader": None, "epoch": 0, "lease": self.store.lease_unsupported()}
         try:
             return self.elector.status()
         except StoreError as exc:
@@ -255,7 +261,7 @@ class EventServices:
 def _services(master: Master) -> EventServices:
     svc = getattr(master, "events", None)
     if svc is None or svc.bus is None:
-        raise runners.RunnerError("the event bus needs a clustered master (ha_backend etcd or fs)")
+        raise runners.RunnerError("this master has no event bus")
     return svc
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.harness import BIN, Cluster, wait_until
+from tests.integration.harness import BIN, Cluster, free_port, wait_until
 from tests.integration.interop import saltenv
 
 TTL = 2.0
@@ -303,3 +303,41 @@ def _diag(c: Cluster) -> str:
         parts.append(f"--- {m['proc'].name}\n" + "\n".join(keep[-40:]))
     return "\n".join(parts)
 
+
+
+def test_single_master_reactor_survives_bad_sls_and_lists_its_schedule() -> None:
+    """One master (no shared store): the reactor runs there; a broken sls, an unknown action and
+    a runner that raises are logged and counted, the good reaction still runs."""
+    c = Cluster.create()
+    try:
+        out = c.base / "r.txt"
+        good = c.base / "good.sls"
+        good.write_text("a:\n  local.cmd.run:\n    - tgt: {{ data['id'] }}\n"
+                        f"    - arg: ['echo {{{{ data['data']['k'] }}}} >> {out}']\n")
+        bad = c.base / "bad.sls"
+        bad.write_text("x:\n  nosuch.fun: []\ny:\n  runner.jobs.lookup_jid: []\n")
+        broken = c.base / "broken.sls"
+        broken.write_text("{% if %}")
+        port = free_port()
+        c.add_master({"metrics_port": port,
+                      "reactor": [{"hm/*": [str(broken), str(bad), str(good)]}],
+                      "schedule": {"t": {"function": "jobs.list_jobs", "minutes": 5}}})
+        c.add_minion("s1")
+        wait_until(lambda: "s1" in c.keys(0).get("minions_pre", []), 30, what="key")
+        c.run("hamaster-key", "-A", "-y", check=True)
+        c.wait_all_answer(["s1"])
+        c.run("hamaster", "-t", "10", "s1", "event.send", "hm/x", '{"k": 5}', check=True)
+        wait_until(lambda: _lines(out) == ["5"], 20, 0.1, "the good reaction")
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        errors = [ln for ln in text.decode().splitlines()
+                  if ln.startswith("hamaster_reactions_total") and 'result="error"' in ln]
+        assert errors and float(errors[0].split()[-1]) == 3.0, errors
+        listing = json.loads(c.run("hamaster-run", "schedule.list", "--out", "json",
+                                   check=True).stdout)
+        assert listing["t"]["function"] == "jobs.list_jobs" and listing["t"]["seconds"] == 300
+        log = c.masters[0]["proc"].log_text()
+        assert "unknown reactor action 'nosuch.fun'" in log and "Jinja error" in log
+    finally:
+        c.close()
