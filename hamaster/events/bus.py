@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from hamaster.store.base import Change, Store, StoreError
+from hamaster.store.base import Change, Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,11 @@ BATCH_INTERVAL = 0.05
 MAX_BATCH = 500
 MAX_QUEUED = 100_000
 MAX_FINGERPRINTS = 500_000
+#: An event whose JSON is larger is stored with its data replaced by a note (bad or huge input
+#: from a minion must not wedge the bus: etcd refuses values over 1 MB).
+MAX_EVENT_BYTES = 256 * 1024
+#: A batch is cut before its JSON passes this size.
+MAX_BATCH_BYTES = 768 * 1024
 SWEEP_EVERY = 30.0
 DEFAULT_RETENTION = 3600.0
 DEFAULT_MEMORY = 20_000
@@ -205,12 +210,19 @@ class EventBus:
             if isinstance(data, dict):
                 data = dict(data)
                 data.setdefault("_stamp", stamp(ts))
-            ev = {"tag": str(tag), "data": data, "ts": ts}
+            ev = {"tag": str(tag)[:1024], "data": data, "ts": ts}
             if merge_id is not None:
                 what = data if merge_data is None else merge_data
                 ev["fp"] = fingerprint(merge_id, str(tag), what)
                 if strong_id(what) or strong_id({"data": what}):
                     ev["strong"] = True
+            ev["_size"] = size = len(json.dumps(ev, default=_jsonable))
+            if size > MAX_EVENT_BYTES:
+                log.warning("event %s of %d bytes: data replaced by a note (limit %d)",
+                            ev["tag"], size, MAX_EVENT_BYTES)
+                ev["data"] = {"_hamaster_truncated": True, "bytes": size,
+                              "_stamp": stamp(ts)}
+                ev["_size"] = 512
             if self._queued >= MAX_QUEUED:
                 if self.metrics is not None:
                     self.metrics.events_dropped.labels(self.master_id).inc()
@@ -296,10 +308,15 @@ class EventBus:
                     break
                 pending.append(nxt)
             while pending:
-                chunk = pending[:MAX_BATCH]
+                n, size = 0, 0
+                while n < min(len(pending), MAX_BATCH) and (
+                        n == 0 or size + pending[n].get("_size", 0) <= MAX_BATCH_BYTES):
+                    size += pending[n].get("_size", 0)
+                    n += 1
+                chunk = pending[:n]
                 if not self._write(chunk):
                     break
-                pending = pending[MAX_BATCH:]
+                pending = pending[n:]
                 self._queued -= len(chunk)
             if stopping and (not pending or not self.healthy):
                 return
@@ -310,16 +327,24 @@ class EventBus:
     def _write(self, events: list[dict]) -> bool:
         seq = self._next_seq()
         key = f"{EVENTS_PREFIX}/{self.master_id}/{seq:020d}"
-        body = json.dumps({"src": self.master_id, "events": events}, default=_jsonable,
-                          separators=(",", ":")).encode()
+        body = json.dumps({"src": self.master_id,
+                           "events": [{k: v for k, v in e.items() if k != "_size"}
+                                      for e in events]},
+                          default=_jsonable, separators=(",", ":")).encode()
         try:
             self.store.put(key, body)
-        except StoreError as exc:
+        except StoreUnavailable as exc:
             if self.healthy:
                 log.error("event bus: store write failed, keeping %d events queued: %s",
                           len(events), exc)
             self.healthy = False
             return False
+        except StoreError as exc:   # refused for good (too large …): drop it, never wedge
+            log.error("event bus: store refused a batch of %d events, dropped: %s",
+                      len(events), exc)
+            if self.metrics is not None:
+                self.metrics.events_dropped.labels(self.master_id).inc(len(events))
+            return True
         if not self.healthy:
             log.warning("event bus: store writable again")
         self.healthy = True

@@ -344,3 +344,25 @@ def test_resume_on_a_master_that_kept_another_copy(tmp_path: Path) -> None:
     assert ev.src == "B"
     resumed, _ = two.read(decode_position(ev.cursor), "*")
     assert resumed == []
+
+
+def test_huge_event_data_is_replaced_and_batches_stay_small(tmp_path: Path) -> None:
+    """Bad input from a minion (a huge event) must not wedge the bus (etcd refuses > 1 MB)."""
+    store, _ = _pair(tmp_path)
+    bus = EventBus(store, "A")
+    bus.attach()
+    bus.start()
+    try:
+        bus.emit("big/one", {"blob": "x" * 2_000_000})
+        for i in range(20):
+            bus.emit("mid/x", {"blob": "y" * 100_000, "i": i})
+        deadline = time.monotonic() + 10
+        while len(bus.read({}, "*")[0]) < 21 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        bus.stop()
+    got, _ = bus.read({}, "*")
+    assert got[0].data["_hamaster_truncated"] is True and got[0].data["bytes"] > 2_000_000
+    assert [e.data["i"] for e in got[1:]] == list(range(20))
+    sizes = [len(store.get(k) or b"") for k in store.list("events")]
+    assert max(sizes) < 1_000_000 and len(sizes) >= 3
