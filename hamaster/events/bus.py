@@ -190,7 +190,7 @@ class EventBus:
         self._copies: dict[str, list[tuple[str, tuple[int, int], float]]] = {}
         self._tips: Position = {}
         self._last_seq = 0
-        self._listeners: list[Callable[[list[Event]], None]] = []
+        self._listeners: list[tuple[Callable[[list[Event]], None], bool]] = []
         self._pending: list[list[Change]] | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -267,9 +267,13 @@ class EventBus:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def on_events(self, callback: Callable[[list[Event]], None]) -> None:
-        """Call ``callback(events)`` (on a store or writer thread) for new, non-duplicate events."""
-        self._listeners.append(callback)
+    def on_events(self, callback: Callable[[list[Event]], None],
+                  with_copies: bool = False) -> None:
+        """Call ``callback(events)`` (on a store or writer thread) for new events; merged copies
+        too (marked ``dup``) with ``with_copies`` (the reactor: which copy a master sees first
+        differs between masters, so after a failover a copy may be the only one left to act on;
+        its claims de-duplicate)."""
+        self._listeners.append((callback, with_copies))
 
     # -- the writer ---------------------------------------------------------------------------
 
@@ -433,14 +437,17 @@ class EventBus:
                     old = self._tips.get(src)
                     if old is None or ev.pos > old:
                         self._tips[src] = ev.pos
-                    if not ev.dup:
-                        fresh.append(ev)
+                    fresh.append(ev)
         if merged and self.metrics is not None:
             self.metrics.events_merged.labels(self.master_id).inc(merged)
         if notify and fresh:
-            for cb in list(self._listeners):
+            unique = [ev for ev in fresh if not ev.dup]
+            for cb, with_copies in list(self._listeners):
+                batch = fresh if with_copies else unique
+                if not batch:
+                    continue
                 try:
-                    cb(fresh)
+                    cb(batch)
                 except Exception:
                     log.exception("event listener failed")
 
@@ -485,8 +492,11 @@ class EventBus:
         return False
 
     def events_after(self, since: Position | None) -> list[Event]:
-        """Every non-duplicate event after ``since`` in memory (the reactor's catch-up)."""
-        return self.read(since, "*", limit=10**9)[0]
+        """Every event after ``since`` in memory, merged copies included (the reactor's
+        catch-up: ``since`` may come from another master, which kept other copies)."""
+        with self._lock:
+            return [ev for ev in self._stream
+                    if not (ev.src in (since or {}) and ev.pos <= (since or {})[ev.src])]
 
 
 def _seq_of(key: str) -> int:

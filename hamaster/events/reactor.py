@@ -50,6 +50,7 @@ import os
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +64,7 @@ CLAIMS_PREFIX = "reactor/claims"
 CURSOR_KEY = "reactor/cursor"
 CURSOR_EVERY = 1.0
 CLAIM_RETENTION = 3 * 3600.0
+SEEN_FPS = 100_000
 
 
 class _LostLease(Exception):
@@ -142,7 +144,10 @@ class Reactor:
         self._done: Position = {}  # handled up to here (per source)
         self._cursor_saved: Position = {}
         self._cursor_at = 0.0
-        bus.on_events(self._on_events)
+        # Fingerprints of minion events handled (or found claimed) here → receipt time: the
+        # other copies are skipped without asking the store.
+        self._seen_fps: OrderedDict[str, float] = OrderedDict()
+        bus.on_events(self._on_events, with_copies=True)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -242,6 +247,8 @@ class Reactor:
         if last is not None and ev.pos <= last:
             return
         paths = self._matches(ev.tag)
+        if paths and ev.fp and self._copy_of_seen(ev):
+            paths = []
         if paths:
             log.debug("reactor: handling %s %s@%s.%s", ev.tag, ev.src, ev.seq, ev.idx)
         if paths and not self._react(ev, paths, lease):
@@ -249,7 +256,17 @@ class Reactor:
             # again, after a catch-up from the stored cursor) handles this event.
             self._epoch = 0
             raise _LostLease(ev.tag)
+        if paths and ev.fp:
+            self._seen_fps[ev.fp] = ev.ts
+            self._seen_fps.move_to_end(ev.fp)
+            while len(self._seen_fps) > SEEN_FPS:
+                self._seen_fps.popitem(last=False)
         self._done[ev.src] = ev.pos
+
+    def _copy_of_seen(self, ev: Event) -> bool:
+        """True when another copy of ``ev`` was handled (or found claimed) here already."""
+        ts = self._seen_fps.get(ev.fp or "")
+        return ts is not None and (ev.strong or abs(ts - ev.ts) <= self.window)
 
     def _claim(self, ev: Event, lease: Lease) -> tuple[str, str]:
         """Claim ``ev``: ``(key, "new" | "retry" | "dup" | "lost")``.

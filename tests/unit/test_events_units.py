@@ -199,9 +199,13 @@ def test_reactor_bad_input_is_counted_and_others_still_run(tmp_path: Path) -> No
     count = metrics.reactions.labels
     assert count("A", "error")._value.get() == 4     # broken, missing, unknown, raises
     assert count("A", "ok")._value.get() == 3
-    # The same event again (e.g. another master's copy, or a new leader catching up): no action.
+    # The same event again: a copy here is skipped from memory; a new leader catching up finds
+    # the claim: no action either way.
     reactor._done = {}
     reactor._handle(ev, lease)
+    assert len(host.published) == 1
+    again = Reactor(rules, store, bus, lambda: lease, host, "A", metrics)
+    again._handle(ev, lease)
     assert len(host.published) == 1
     assert count("A", "duplicate")._value.get() == 1
     # The jid is derived from the claim, the same for any leader.
@@ -366,3 +370,29 @@ def test_huge_event_data_is_replaced_and_batches_stay_small(tmp_path: Path) -> N
     assert [e.data["i"] for e in got[1:]] == list(range(20))
     sizes = [len(store.get(k) or b"") for k in store.list("events")]
     assert max(sizes) < 1_000_000 and len(sizes) >= 3
+
+
+def test_new_leader_acts_on_a_copy_the_old_leader_never_handled(tmp_path: Path) -> None:
+    """Masters see the copies of a minion event in different orders. The old leader's cursor
+    can pass the copy the new leader saw first (the old one was about to act on another copy
+    when it died): the new leader must act on the later copy (regression: it was skipped as a
+    duplicate and the reaction was lost, seen once in ~8 runs of the fs SIGKILL test)."""
+    store, _ = _pair(tmp_path)
+    bus = EventBus(store, "Y")
+    data = {"id": "web1", "data": {"n": 3, "__pub_jid": "20261206120000000003"}}
+    fp = fingerprint("web1", "app/go", data["data"])
+    ev = {"tag": "app/go", "data": data, "ts": time.time(), "fp": fp, "strong": True}
+    other = {"tag": "other/tag", "data": {}, "ts": time.time()}
+    bus._ingest([
+        ("events/S0/00000000000000000010", json.dumps({"events": [ev]}).encode()),
+        ("events/S0/00000000000000000011", json.dumps({"events": [other]}).encode()),
+        ("events/S2/00000000000000000020", json.dumps({"events": [ev]}).encode()),
+    ])
+    store.put("reactor/cursor", json.dumps({"pos": {"S0": [11, 0]}}).encode())
+    lease = store.lease_acquire("leader", "Y", 30.0)
+    assert lease is not None
+    host = RecordingHost({"/r/good.sls": GOOD})
+    reactor = Reactor(parse_reactor_option([{"app/*": "/r/good.sls"}]), store, bus,
+                      lambda: lease, host, "Y")
+    reactor._catch_up(lease)
+    assert [p[1] for p in host.published] == ["cmd.run"]
