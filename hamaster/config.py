@@ -147,6 +147,7 @@ MASTER_DEFAULTS: dict[str, Any] = {
     "ha_rsync_tombstone_ttl": 604800.0,
     "ha_rsync_ssh": "ssh -o BatchMode=yes -o ConnectTimeout=5",
     "ha_create_master_key": False,
+    "ha_lease_ttl": 5.0,
     "user": "root",
     "worker_threads": 5,
     # REST API (hamaster/api): salt-api's block name, an alias, eauth and its ACLs
@@ -235,6 +236,13 @@ MASTER_TYPES: dict[str, _Spec] = {
     "netapi_enable_clients": STR_LIST,
     "publisher_acl": DICT,
     "publisher_acl_blacklist": DICT,
+    # event bus, leader lease, reactor, schedule (hamaster/events/, docs/operator-guide.md)
+    "ha_lease_ttl": FLOAT,
+    "event_retention": FLOAT,
+    "event_memory": INT,
+    "event_merge_window": FLOAT,
+    "reactor": LIST,
+    "schedule": DICT,
 }
 
 MINION_DEFAULTS: dict[str, Any] = {

@@ -95,6 +95,44 @@ class MasterMetrics:
             "Times this master adopted a different cluster master keypair while running",
             labels, registry=r)
         self.master_key_changes.labels(master_id)
+        # -- leader lease, event bus, reactor, schedule (hamaster/master/leader.py, events/) --
+        self.leader = Gauge("hamaster_leader", "1 while this master holds the leader lease",
+                            labels, registry=r)
+        self.lease_epoch = Gauge("hamaster_lease_epoch", "Epoch of the leader lease last seen",
+                                 labels, registry=r)
+        self.lease_ttl = Gauge("hamaster_lease_ttl_seconds", "The leader lease TTL (ha_lease_ttl)",
+                               labels, registry=r)
+        self.lease_leaderless = Gauge(
+            "hamaster_lease_leaderless_seconds",
+            "Seconds since this master last saw the lease held (by anyone); 0 while held",
+            labels, registry=r)
+        self.leader_changes = Counter("hamaster_leader_changes_total",
+                                      "Times this master took or lost the leader lease",
+                                      labels, registry=r)
+        self.lease_errors = Counter("hamaster_lease_errors_total",
+                                    "Lease calls that failed (store unreachable)", labels,
+                                    registry=r)
+        self.events_written = Counter("hamaster_events_written_total",
+                                      "Events this master wrote to the cluster bus", labels,
+                                      registry=r)
+        self.events_merged = Counter(
+            "hamaster_events_merged_total",
+            "Copies of one minion event (sent to several masters) merged away", labels,
+            registry=r)
+        self.events_dropped = Counter("hamaster_events_dropped_total",
+                                      "Events dropped (writer queue full)", labels, registry=r)
+        self.reactions = Counter("hamaster_reactions_total", "Reactor actions, by result",
+                                 labels + ["result"], registry=r)
+        self.schedule_runs = Counter("hamaster_schedule_runs_total",
+                                     "Master schedule runs, by result", labels + ["result"],
+                                     registry=r)
+        for name in ("leader", "lease_epoch", "lease_leaderless", "leader_changes",
+                     "lease_errors", "events_written", "events_merged", "events_dropped"):
+            getattr(self, name).labels(master_id)
+        for result in ("ok", "error", "duplicate", "retried"):
+            self.reactions.labels(master_id, result)
+        for result in ("ok", "error", "skipped", "duplicate"):
+            self.schedule_runs.labels(master_id, result)
         for name in ("minions_connected", "store_up", "masters_alive", "master_key_mismatch"):
             getattr(self, name).labels(master_id)
         self.jobs_published.labels(master_id)

@@ -14,7 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a runner function on the local master (like `salt-run`).",
         epilog=(
             "Runners: jobs.list_jobs, jobs.lookup_jid JID, jobs.print_job JID, manage.status,\n"
-            "manage.up, manage.down, cluster.status\n"
+            "manage.up, manage.down, cluster.status, state.event [TAGMATCH] [count=N]\n"
+            "[pretty=True] [position=P], schedule.list, salt.execute TGT FUN [ARG]\n"
             "Examples:\n  hamaster-run jobs.lookup_jid 20261125225206145339\n  hamaster-run manage.status --out json"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return die(str(exc))
     pos, kw = split_args(parse_cli_args(args.args))
+    if args.fun == "state.event":
+        return _state_event(opts, pos, kw, args.out)
     if args.fun.startswith("jobs.") and pos:
         pos = [str(a) for a in pos]  # jids are strings even though they look like numbers
     try:
@@ -47,6 +50,55 @@ def main(argv: list[str] | None = None) -> int:
     except LocalApiError as exc:
         return die(str(exc), 1)
     print(render_value(reply.get("return"), args.out))
+    return 0
+
+
+def _state_event(opts: dict, pos: list, kw: dict, out: str) -> int:
+    """``state.event [tagmatch] [count=N] [pretty=True] [position=P]``: follow the cluster's
+    event stream through the local master; each event as Salt prints it (``tag\tdata``), or one
+    JSON object per line with ``--out json`` (with its ``position``: pass the last one back as
+    ``position=`` to resume, through any master)."""
+    import json
+    import sys
+
+    from hamaster.localapi import LocalApiError, LocalClient
+
+    tagmatch = str(kw.pop("tagmatch", pos[0] if pos else "*"))
+    count = int(kw.pop("count", -1))
+    pretty = bool(kw.pop("pretty", False))
+    position = kw.pop("position", None)
+    seen = 0
+    try:
+        with LocalClient(opts["sock_dir"]) as client:
+            if count == 0:   # only the position (now, or after ``position``): resume from it later
+                reply = client.call({"cmd": "runner", "fun": "state.event", "arg": [],
+                                     "kwarg": {"position": position, "wait": 0, "limit": 10**6,
+                                               "tagmatch": "*"}})
+                print(json.dumps({"position": (reply.get("return") or {}).get("position")}))
+                return 0
+            while count < 0 or seen < count:
+                left = 1000 if count < 0 else count - seen
+                reply = client.call({"cmd": "runner", "fun": "state.event", "arg": [],
+                                     "kwarg": {"tagmatch": tagmatch, "position": position,
+                                               "wait": 2.0, "limit": left}})
+                if "error" in reply:
+                    return die(str(reply["error"]), 1)
+                ret = reply.get("return") or {}
+                position = ret.get("position") or position
+                for ev in ret.get("events", []):
+                    if out == "json":
+                        print(json.dumps(ev, default=str), flush=True)
+                    else:
+                        data = json.dumps(ev.get("data"), default=str, sort_keys=True,
+                                          indent=4 if pretty else None)
+                        print(f"{ev.get('tag')}\t{data}", flush=True)
+                    seen += 1
+    except LocalApiError as exc:
+        print(f"# resume with position={position}", file=sys.stderr)
+        return die(str(exc), 1)
+    except KeyboardInterrupt:
+        print(f"# resume with position={position}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -154,6 +154,10 @@ class Master:
         self._pillar_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=PILLAR_WORKERS, thread_name_prefix="pillar")
         self._load_grains_cache()
+        # -- event bus, leader lease, reactor, schedule (hamaster/events/service.py) --
+        from hamaster.events.service import EventServices
+
+        self.events = EventServices.for_master(self)
 
     # -- cluster identity (the master keypair) -----------------------------------------------------
     # One keypair for the whole cluster: taken (or created, or agreed on rsync) before anything
@@ -442,7 +446,7 @@ class Master:
         ts = load.get("ts")
         if self.tracker.is_stale_return(jid, mid, float(ts) if isinstance(ts, int | float) else None):
             log.warning("return from %s for job %s is older than the one already received; dropped",
-                        mid, jid)
+                        ids.shown(mid), jid)
             self.metrics.reject("stale_return")
             return None
         ret = {
@@ -463,12 +467,14 @@ class Master:
         if latency is not None:
             self.metrics.return_latency.labels(self.master_id).observe(latency)
         self.job_writer.put_return(jid, mid, ret)
+        self.events.job_ret(jid, mid, ret)
         return None
 
     def _on_minion_event(self, load: dict) -> None:
         tag = load.get("tag")
         if tag:
             log.debug("event %s from %s", tag, load.get("id"))
+        self.events.minion_event(load)
         return None
 
     def _on_ping(self, load: dict) -> dict:
@@ -530,6 +536,7 @@ class Master:
         load["_stamp"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         rec = self.tracker.add(jid, load, minions)
         self.job_writer.put_load(jid, rec.load)  # a batch run's jid: every minion so far
+        self.events.job_new(jid, load, minions)
         self.metrics.jobs_published.labels(self.master_id).inc()
         return {"jid": jid, "minions": minions}
 
@@ -889,6 +896,7 @@ class Master:
             self.blob_address = blob_service.address
             tasks.append(asyncio.create_task(blob_service.sync_forever(self._stop), name="file-blobs"))
         # -- end file blobs --
+        await self.events.start()  # event bus, leader lease, reactor, schedule
         # -- REST API (hamaster/api): its own thread and event loop --
         api_service = None
         from hamaster.api import api_options
@@ -910,6 +918,7 @@ class Master:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.events.close()  # event bus, leader lease, reactor, schedule
             if key_confirm is not None:
                 await asyncio.to_thread(key_confirm.close)   # its fence may need this loop
                 await asyncio.to_thread(self._mark_stopped)

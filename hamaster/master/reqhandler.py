@@ -119,6 +119,9 @@ class RequestHandler:
         self.store_commands: frozenset[str] = frozenset()
         #: With ``allow_defer``, ``_pillar`` (a compile that reads the pillar tree) runs off the loop.
         self.defer_pillar = False
+        #: ``on_auth(minion_id, act, result, pub)`` after each _auth decision (the ``salt/auth``
+        #: event; hamaster/events/service.py). Must not block or raise.
+        self.on_auth: Callable[[str, str, bool, str], None] | None = None
 
     # -- entry point ---------------------------------------------------------------------
 
@@ -233,6 +236,10 @@ class RequestHandler:
         if allow_defer and not self.keys.accepted_in_memory(areq.minion_id, areq.pub):
             raise _NeedsStore
         decision = self.keys.authorize(areq.minion_id, areq.pub)
+        if self.on_auth is not None:
+            act = {AuthDecision.PENDING: "pend", AuthDecision.ACCEPTED: "accept",
+                   AuthDecision.REJECTED: "reject"}.get(decision, "denied")
+            self.on_auth(areq.minion_id, act, act in ("pend", "accept"), areq.pub)
         if decision is AuthDecision.PENDING:
             self.metrics.auth("pending")
             self.ratelog.warn("pending", areq.minion_id, "minion key for %s is pending: accept "

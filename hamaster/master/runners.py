@@ -200,10 +200,13 @@ async def cluster_status(master: Master) -> dict:
         masters[master.master_id] = {**master.cluster_record(), "alive": True, "last_seen_s": 0.0}
         masters["_error"] = {"store": error}
     alive = [r for r in masters.values() if r.get("alive")]
+    events = getattr(master, "events", None)   # the leader lease (hamaster/events/service.py)
+    leader = await asyncio.to_thread(events.leader_status) if events and store_ok else {}
     return {
         "ha": True,
         "backend": master.opts.get("ha_backend", "fs"),
         "store_ok": store_ok,
+        "leader": leader,
         "masters": masters,
         "drift": {
             "config": len({r.get("config_hash") for r in alive}) > 1,

@@ -177,6 +177,7 @@ class Minion:
         ctx.fetch_file = self._fetch_file_sync
         ctx.refresh_pillar = self._refresh_pillar_sync
         ctx.master_request = self._master_request_sync
+        ctx.fire_master = self._fire_master_sync
         log.debug("%s: running %s for job %s", self.minion_id, fun, jid)
         if fun in INLINE_FUNCTIONS:
             result = execute(self.registry, ctx, fun, list(arg), load)
@@ -290,6 +291,25 @@ class Minion:
             if not res.success:
                 log.warning("%s: mine.update failed: %s", self.minion_id, res.ret)
             await asyncio.sleep(interval)
+    def _fire_master_sync(self, tag: str, data: Any) -> bool:
+        """``event.send``: one ``_minion_event`` to every live master (called from a worker
+        thread); True if at least one took it."""
+        conns = [c for c in self.connections if c.alive and c.session is not None]
+        load = {"cmd": "_minion_event", "id": self.minion_id, "tag": tag, "data": data,
+                "pretag": None}
+
+        async def one(conn: MasterConnection) -> bool:
+            try:
+                await conn.request(dict(load), retry_auth=False)
+                return True
+            except RequestFailed as exc:
+                log.debug("%s: event %s to %s failed: %s", self.minion_id, tag, conn.name, exc)
+                return False
+
+        async def send() -> bool:
+            return any(await asyncio.gather(*(one(c) for c in conns)))
+
+        return bool(conns) and asyncio.run_coroutine_threadsafe(send(), self._loop).result(60)
 
     async def run_forever(self) -> None:
         """Start and serve until cancelled."""

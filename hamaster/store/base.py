@@ -12,6 +12,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
+#: Store keys of leader leases live under this prefix (``leases/<name>/…``).
+LEASES_PREFIX = "leases"
+#: The backends whose lease gives mutual exclusion (named in refusals).
+LEASE_BACKENDS = ("etcd", "fs")
+
 
 @dataclass(frozen=True)
 class Change:
@@ -35,6 +40,39 @@ class InvalidKey(StoreError, ValueError):
     A caller's error, like the ``ValueError`` of :func:`validate_key`: the store is fine and
     stays healthy.
     """
+
+class LeaseUnsupported(StoreError):
+    """This backend cannot give a leader lease (mutual exclusion) honestly."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A leader lease as its holder sees it.
+
+    ``epoch`` is the fencing number: it grows by one with every new holder, cluster-wide.
+    ``valid_until`` is on *this process's* ``time.monotonic()`` clock: past it the holder must
+    act as if it had lost the lease (the others may already have taken it over).
+    """
+
+    name: str
+    holder: str
+    epoch: int
+    valid_until: float
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """Who holds a lease, as any observer sees it (``epoch`` 0: never held)."""
+
+    holder: str | None
+    epoch: int
+
+
+def validate_lease_name(name: str) -> str:
+    """A lease name is one key segment (letters, digits, ``-_.``), else ``ValueError``."""
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise ValueError(f"invalid lease name {name!r}")
+    return name
 
 
 WatchCallback = Callable[[list[Change]], None]
@@ -137,6 +175,42 @@ class Store(ABC):
     @abstractmethod
     def members(self) -> dict[str, bytes]:
         """Return live members (heartbeat younger than its ttl) → their info."""
+
+    # -- leader lease (a fencing epoch) -----------------------------------------------------
+    #
+    # One member at a time holds lease ``name``; every new holder gets a higher ``epoch``.
+    # ``lease_acquire`` is called periodically (every ttl/3 or faster) by every candidate: it
+    # renews a lease held, or takes over one that expired or was released. ``fenced_create``
+    # writes a key create-if-absent only while the caller's epoch is still the current one
+    # (etcd: one transaction; fs: checked just before the create, see its module).
+
+    def lease_unsupported(self) -> str | None:
+        """Why this backend gives no lease (None: it does)."""
+        return (f"the {type(self).__name__} backend offers no leader lease; the features that "
+                f"must run once per cluster need ha_backend {' or '.join(LEASE_BACKENDS)}")
+
+    def lease_acquire(self, name: str, member_id: str, ttl: float) -> Lease | None:
+        """Renew or take lease ``name`` for ``member_id``; the lease if held now, else None.
+
+        Raises :class:`StoreUnavailable` when the store cannot be reached (the caller must
+        then stop acting as holder at ``valid_until`` of its last lease).
+        """
+        raise LeaseUnsupported(self.lease_unsupported() or "no lease")
+
+    def lease_info(self, name: str) -> LeaseInfo:
+        """The current holder and epoch of lease ``name`` (holder None if none holds it now)."""
+        raise LeaseUnsupported(self.lease_unsupported() or "no lease")
+
+    def lease_release(self, name: str, member_id: str, epoch: int) -> None:
+        """Give up the lease (a graceful stop) so another member takes over without waiting."""
+        raise LeaseUnsupported(self.lease_unsupported() or "no lease")
+
+    def fenced_create(self, key: str, value: bytes, lease: Lease) -> bool:
+        """Create ``key`` if absent **and** ``lease`` is still the current one; True if created.
+
+        False when the key exists or the lease has passed to another epoch.
+        """
+        raise LeaseUnsupported(self.lease_unsupported() or "no lease")
 
     @abstractmethod
     def healthy(self) -> bool:

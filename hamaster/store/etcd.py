@@ -36,6 +36,11 @@ Mapping: store key ``k`` is etcd key ``<prefix>/k`` (``prefix`` defaults to ``/h
   etcd may still commit it when quorum returns (measured in the contract suite), so callers
   retry idempotently and watches report it if it lands. Reads are linearizable (never stale), so they
   fail too without quorum; masters serve from their in-memory views meanwhile.
+- Leader lease: ``leases/<name>/holder`` (``{"holder", "epoch"}``) is attached to an etcd
+  lease of ``ttl`` seconds that the holder keeps alive; ``leases/<name>/epoch`` counts holders.
+  Taking the lease is one transaction: the holder key is absent and the epoch counter is what
+  we read, then put both. etcd expires a holder that stops renewing. ``fenced_create`` is one
+  transaction comparing the holder key with our record and the target key's version with 0.
 - Values are limited to :data:`MAX_VALUE_BYTES` (etcd's default request limit is 1.5 MiB):
   large files belong in a content store addressed by hash, with only a manifest in etcd.
 """
@@ -43,6 +48,7 @@ Mapping: store key ``k`` is etcd key ``<prefix>/k`` (``prefix`` defaults to ``/h
 from __future__ import annotations
 
 import builtins
+import json
 import logging
 import math
 import os
@@ -53,12 +59,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hamaster.store.base import (
+    LEASES_PREFIX,
     Change,
+    Lease,
+    LeaseInfo,
     Store,
     StoreError,
     StoreUnavailable,
     WatchCallback,
     validate_key,
+    validate_lease_name,
     validate_prefix,
 )
 
@@ -178,6 +188,7 @@ class EtcdStore(Store):
         self._lock = threading.RLock()          # watches: snapshots and dispatch order
         self._lease_lock = threading.Lock()
         self._leases: dict[str, tuple[int, int]] = {}   # member -> (lease id, ttl)
+        self._held: dict[tuple[str, str], tuple[int, int, bytes]] = {}  # -> (lease, epoch, rec)
         self._watches: dict[str, _EWatch] = {}
         self._events: queue.Queue = queue.Queue()
         self._healthy = True
@@ -596,6 +607,106 @@ class EtcdStore(Store):
             if k is not None:
                 out[k.rsplit("/", 1)[-1]] = bytes(kv.value)
         return out
+
+    # ------------------------------------------------------------------ leader lease
+
+    def lease_unsupported(self) -> str | None:
+        """None: etcd leases and transactions give an honest leader lease."""
+        return None
+
+    def lease_acquire(self, name: str, member_id: str, ttl: float) -> Lease | None:
+        """Keep our etcd lease alive, or take the holder key in one transaction if absent."""
+        validate_lease_name(name)
+        hk = self._ek(f"{LEASES_PREFIX}/{name}/holder")
+        ck = self._ek(f"{LEASES_PREFIX}/{name}/epoch")
+        ttl_s = max(1, math.ceil(float(ttl)))
+        started = time.monotonic()
+        with self._lease_lock:
+            held = self._held.get((name, member_id))
+            if held is not None:
+                lease_id, epoch, rec = held
+                resp = self._call(f"lease {name} keepalive",
+                                  lambda c: builtins.list(c.refresh_lease(lease_id)))
+                value, _meta = self._call(f"lease {name} read", lambda c: c.get(hk))
+                if resp and resp[0].TTL > 0 and value == rec:
+                    return Lease(name, member_id, epoch, started + ttl_s)
+                log.warning("lease %s: epoch %d lost", name, epoch)
+                del self._held[(name, member_id)]
+            value, _meta = self._call(f"lease {name} read", lambda c: c.get(hk))
+            if value is not None:
+                return None
+            counter, _meta = self._call(f"lease {name} epoch", lambda c: c.get(ck))
+            try:
+                epoch = int(counter or b"0") + 1
+            except ValueError:
+                epoch = 1
+            granted = self._call(f"lease {name} grant", lambda c: c.lease(ttl_s))
+            rec = json.dumps({"holder": member_id, "epoch": epoch}, sort_keys=True).encode()
+
+            def take(c: Any) -> bool:
+                t = c.transactions
+                compare = [t.version(hk) == 0]
+                compare.append(t.value(ck) == counter if counter is not None
+                               else t.version(ck) == 0)
+                ok, _ = c.transaction(compare=compare, success=[
+                    t.put(hk, rec, lease=granted.id), t.put(ck, str(epoch).encode())],
+                    failure=[])
+                return bool(ok)
+
+            if not self._call(f"lease {name} take", take):
+                try:
+                    self._call(f"lease {name} revoke", lambda c: c.revoke_lease(granted.id))
+                except StoreError:
+                    pass
+                return None
+            self._held[(name, member_id)] = (granted.id, epoch, rec)
+            log.info("lease %s: %s took epoch %d", name, member_id, epoch)
+            return Lease(name, member_id, epoch, started + ttl_s)
+
+    def lease_info(self, name: str) -> LeaseInfo:
+        """The holder key (None when absent) and the epoch counter."""
+        validate_lease_name(name)
+        hk = self._ek(f"{LEASES_PREFIX}/{name}/holder")
+        ck = self._ek(f"{LEASES_PREFIX}/{name}/epoch")
+        value, _m = self._call(f"lease {name} read", lambda c: c.get(hk))
+        counter, _m = self._call(f"lease {name} epoch", lambda c: c.get(ck))
+        try:
+            epoch = int(counter or b"0")
+        except ValueError:
+            epoch = 0
+        if value is None:
+            return LeaseInfo(None, epoch)
+        try:
+            rec = json.loads(value)
+            return LeaseInfo(str(rec["holder"]), int(rec["epoch"]))
+        except (ValueError, KeyError, TypeError):
+            return LeaseInfo(None, epoch)
+
+    def lease_release(self, name: str, member_id: str, epoch: int) -> None:
+        """Revoke our etcd lease: the holder key goes with it."""
+        with self._lease_lock:
+            held = self._held.pop((name, member_id), None)
+        if held is None or held[1] != epoch:
+            return
+        self._call(f"lease {name} revoke", lambda c: c.revoke_lease(held[0]))
+
+    def fenced_create(self, key: str, value: bytes, lease: Lease) -> bool:
+        """One transaction: our holder record is current and ``key`` does not exist."""
+        hk = self._ek(f"{LEASES_PREFIX}/{lease.name}/holder")
+        ek = self._ek(key)
+        value = self._check_value(key, value)
+        rec = json.dumps({"holder": lease.holder, "epoch": lease.epoch}, sort_keys=True).encode()
+
+        def run(c: Any) -> bool:
+            t = c.transactions
+            ok, _ = c.transaction(compare=[t.value(hk) == rec, t.version(ek) == 0],
+                                  success=[t.put(ek, value)], failure=[])
+            return bool(ok)
+
+        if self._call(f"fenced create {key!r}", run):
+            return True
+        # A timed-out first attempt may have landed: our own value there counts as created.
+        return False
 
     def healthy(self) -> bool:
         """True if the last operation (or watch stream) reached etcd."""

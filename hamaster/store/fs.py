@@ -20,6 +20,21 @@ Replacing or deleting an expected value re-reads and then renames/unlinks under 
 lock that covers all threads of this process; across processes or hosts that path is best
 effort (a concurrent writer between the re-read and the rename can be overwritten).
 
+Leader lease (no ``flock``: it is not dependable across NFS/sshfs mounts): lease ``name`` is
+a series of epoch records ``leases/<name>/<epoch>`` (12 digits), each created create-if-absent
+(``os.link``), so exactly one member gets each epoch. The holder renews by rewriting *its own*
+record (a ``beat`` counter) every ttl/3; nobody else ever writes it. Expiry is judged by each
+observer on its **own monotonic clock**: a record whose content has not changed for ``ttl``
+seconds since this observer first saw it is expired, and the observer then tries to create the
+next epoch. Clocks of different hosts are never compared. The holder counts its lease valid
+until ``ttl`` after the *start* of its last successful renewal, which is never later than an
+observer's expiry (the observer starts counting when it reads the renewed record). A holder
+that was frozen and resumes finds its validity passed, and a higher epoch on its next call.
+``fenced_create`` checks that no higher epoch exists and the lease is still valid, then
+creates: the window between the two is the limit of a filesystem without a compare-and-swap
+across keys (a stale holder can still create in that window; the keys it fences are
+create-if-absent themselves, so at most one writer acts either way). Old epochs are pruned.
+
 Unavailability (root gone, EIO, ESTALE, EACCES, the root marker missing because the share is
 unmounted) raises :class:`StoreUnavailable` from operations and turns ``healthy()`` False; the
 watcher logs once per outage, keeps polling and resyncs (emitting the diff) on recovery.
@@ -45,17 +60,25 @@ from pathlib import Path
 from typing import Any
 
 from hamaster.store.base import (
+    LEASES_PREFIX,
     Change,
     InvalidKey,
+    Lease,
+    LeaseInfo,
+    LeaseUnsupported,
     Store,
     StoreError,
     StoreUnavailable,
     WatchCallback,
     validate_key,
+    validate_lease_name,
     validate_prefix,
 )
 
 log = logging.getLogger(__name__)
+
+#: Epoch records kept per lease (older ones are pruned by the member that creates a new one).
+LEASE_KEEP_EPOCHS = 5
 
 #: Hidden file marking a store root; if it vanishes the share is taken as unmounted.
 MARKER_NAME = ".hamaster-store"
@@ -147,6 +170,11 @@ class FsStore(Store):
         self._bad_files: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Lease state: held leases (name -> (epoch, raw record)) and what this observer last
+        # saw of each lease (name -> (epoch, raw record, monotonic time first seen)).
+        self._lease_lock = threading.Lock()
+        self._held: dict[tuple[str, str], tuple[int, bytes]] = {}
+        self._observed: dict[str, tuple[int, bytes | None, float]] = {}
         if create:
             try:
                 self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -486,6 +514,123 @@ class FsStore(Store):
                 log.warning("store %s: ignoring malformed member record %s: %s",
                             self.root, key, exc)
         return live
+
+    # ------------------------------------------------------------------ leader lease
+
+    def lease_unsupported(self) -> str | None:
+        """None: the fs store gives a lease (create-if-absent epochs, observer-clock expiry)."""
+        return None
+
+    def _lease_epochs(self, name: str) -> builtins.list[int]:
+        out = []
+        for key in self.list(f"{LEASES_PREFIX}/{name}"):
+            tail = key.rsplit("/", 1)[-1]
+            if tail.isdigit():
+                out.append(int(tail))
+        return sorted(out)
+
+    @staticmethod
+    def _lease_key(name: str, epoch: int) -> str:
+        return f"{LEASES_PREFIX}/{name}/{epoch:012d}"
+
+    @staticmethod
+    def _lease_record(raw: bytes | None) -> dict | None:
+        if raw is None:
+            return None
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            return None
+        return rec if isinstance(rec, dict) else None
+
+    def _lease_top(self, name: str) -> tuple[int, bytes | None]:
+        epochs = self._lease_epochs(name)
+        if not epochs:
+            return 0, None
+        top = epochs[-1]
+        return top, self.get(self._lease_key(name, top))
+
+    def lease_acquire(self, name: str, member_id: str, ttl: float) -> Lease | None:
+        """Renew our epoch record, or create the next epoch once the current one expired."""
+        unsupported = self.lease_unsupported()
+        if unsupported:
+            raise LeaseUnsupported(unsupported)
+        validate_lease_name(name)
+        ttl = float(ttl)
+        with self._lease_lock:
+            started = time.monotonic()
+            top, raw = self._lease_top(name)
+            rec = self._lease_record(raw)
+            held = self._held.get((name, member_id))
+            if held is not None:
+                epoch, mine = held
+                if top == epoch and raw == mine and rec is not None:
+                    beat = dict(rec, beat=int(rec.get("beat", 0)) + 1)
+                    new = json.dumps(beat, sort_keys=True).encode()
+                    if self.compare_and_put(self._lease_key(name, epoch), mine, new):
+                        self._held[(name, member_id)] = (epoch, new)
+                        return Lease(name, member_id, epoch, started + ttl)
+                log.warning("lease %s: epoch %d lost (current epoch %d)", name, epoch, top)
+                del self._held[(name, member_id)]
+            seen = self._observed.get(name)
+            if seen is None or seen[0] != top or seen[1] != raw:
+                self._observed[name] = (top, raw, started)
+                expired = top == 0 or rec is None or bool(rec.get("released"))
+            else:
+                rttl = float(rec.get("ttl", ttl)) if rec else ttl
+                expired = started - seen[2] > rttl or bool(rec and rec.get("released"))
+            if not expired:
+                return None
+            epoch = top + 1
+            new = json.dumps({"holder": member_id, "epoch": epoch, "ttl": ttl, "beat": 0},
+                             sort_keys=True).encode()
+            if not self.compare_and_put(self._lease_key(name, epoch), None, new):
+                return None
+            self._held[(name, member_id)] = (epoch, new)
+            self._observed[name] = (epoch, new, started)
+            for old in self._lease_epochs(name)[:-LEASE_KEEP_EPOCHS]:
+                try:
+                    self.delete(self._lease_key(name, old))
+                except StoreError:
+                    break
+            log.info("lease %s: %s took epoch %d", name, member_id, epoch)
+            return Lease(name, member_id, epoch, started + ttl)
+
+    def lease_info(self, name: str) -> LeaseInfo:
+        """The newest epoch record; holder None if released or (to this observer) expired."""
+        validate_lease_name(name)
+        with self._lease_lock:
+            top, raw = self._lease_top(name)
+            rec = self._lease_record(raw)
+            if rec is None:
+                return LeaseInfo(None, top)
+            now = time.monotonic()
+            seen = self._observed.get(name)
+            if seen is None or seen[0] != top or seen[1] != raw:
+                self._observed[name] = (top, raw, now)
+                seen = self._observed[name]
+            if rec.get("released") or now - seen[2] > float(rec.get("ttl", 5.0)):
+                return LeaseInfo(None, top)
+            return LeaseInfo(str(rec.get("holder")), top)
+
+    def lease_release(self, name: str, member_id: str, epoch: int) -> None:
+        """Mark our epoch record released (others take over at their next call)."""
+        with self._lease_lock:
+            held = self._held.pop((name, member_id), None)
+            if held is None or held[0] != epoch:
+                return
+            rec = self._lease_record(held[1]) or {}
+            new = json.dumps(dict(rec, released=True), sort_keys=True).encode()
+            self.compare_and_put(self._lease_key(name, epoch), held[1], new)
+
+    def fenced_create(self, key: str, value: bytes, lease: Lease) -> bool:
+        """Create ``key`` if absent while ``lease`` is valid and no higher epoch exists."""
+        if time.monotonic() >= lease.valid_until:
+            return False
+        epochs = self._lease_epochs(lease.name)
+        if not epochs or epochs[-1] != lease.epoch:
+            return False
+        return self.compare_and_put(key, None, value)
 
     def healthy(self) -> bool:
         """True if the last operation or watch pass reached the store."""

@@ -512,5 +512,12 @@ class RsyncStore(FsStore):
             except Exception as exc:
                 log.warning("rsync store: final push failed: %s", exc)
 
+    def lease_unsupported(self) -> str | None:
+        """rsync has no lease: during a partition each side writes its own tree, so two masters
+        would both hold it (the exactly-once features refuse to start; see the operator guide)."""
+        return ("ha_backend rsync offers no leader lease (no mutual exclusion exists while "
+                "masters are partitioned: each writes its own tree); the reactor and the master "
+                "schedule run exactly once per cluster only on ha_backend etcd or fs")
+
     def describe(self) -> str:
         return f"{self.root} -> " + ", ".join(shlex.quote(p.dest) for p in self.peers)

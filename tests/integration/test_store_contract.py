@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from hamaster.jobs.cache import JobCache
-from hamaster.store.base import Change, InvalidKey, Store, StoreUnavailable
+from hamaster.store.base import Change, InvalidKey, LeaseUnsupported, Store, StoreUnavailable
 from hamaster.store.fs import FsStore
 from tests.integration.services import EtcdCluster, etcd_cluster, etcd_server, rsync_daemon
 
@@ -361,6 +361,96 @@ def test_membership_ttl_expiry(backend: Backend, pair) -> None:
     assert gone, "master-a still listed after its ttl"
     assert time.monotonic() - died >= ttl - 1.0     # not dropped early
     assert "master-b" in a.members() or eventually(lambda: "master-b" in a.members())
+
+
+# ------------------------------------------------------------------------------ leader lease
+
+
+def _campaign(store: Store, member: str, ttl: float, until: Callable[[Any], bool],
+              timeout: float) -> Any:
+    """Call ``lease_acquire`` every 0.1 s (as a candidate does) until ``until(result)``."""
+    deadline = time.monotonic() + timeout
+    got = None
+    while time.monotonic() < deadline:
+        got = store.lease_acquire("leader", member, ttl)
+        if until(got):
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"{member}: lease_acquire never gave what was waited for (last {got})")
+
+
+def test_lease_one_holder_fencing_epoch_and_expiry(backend: Backend, pair) -> None:
+    a, b = pair
+    if backend.name == "rsync":
+        # No mutual exclusion during a partition: the lease refuses, naming the backends that
+        # have one, and the exactly-once features refuse to start on rsync.
+        with pytest.raises(LeaseUnsupported, match="etcd or fs"):
+            a.lease_acquire("leader", "a", 1.0)
+        assert "etcd or fs" in (a.lease_unsupported() or "")
+        return
+    assert a.lease_unsupported() is None
+    ttl = 1.0
+    la = a.lease_acquire("leader", "a", ttl)
+    assert la is not None and la.holder == "a" and la.epoch >= 1
+    assert la.valid_until > time.monotonic()
+    # While A renews, B never gets it (B keeps campaigning for 2.5 TTLs).
+    end = time.monotonic() + 2.5 * ttl
+    while time.monotonic() < end:
+        assert b.lease_acquire("leader", "b", ttl) is None
+        renewed = a.lease_acquire("leader", "a", ttl)
+        assert renewed is not None and renewed.epoch == la.epoch
+        time.sleep(0.15)
+    info = b.lease_info("leader")
+    assert (info.holder, info.epoch) == ("a", la.epoch)
+    assert a.fenced_create("reactions/one", b"a", renewed) is True
+    assert a.fenced_create("reactions/one", b"again", renewed) is False   # create-if-absent
+    # A stops renewing (frozen or dead): B takes over with a higher epoch, not before a TTL.
+    stopped = time.monotonic()
+    lb = _campaign(b, "b", ttl, lambda got: got is not None, timeout=ttl + 5.0)
+    assert time.monotonic() - stopped >= ttl * 0.9
+    assert lb.epoch == la.epoch + 1 and lb.holder == "b"
+    # A resumes: its lease is past valid_until, its fenced writes fail, it does not get it back.
+    assert time.monotonic() > renewed.valid_until
+    assert a.fenced_create("reactions/two", b"stale", renewed) is False
+    assert a.lease_acquire("leader", "a", ttl) is None
+    assert b.fenced_create("reactions/two", b"b", lb) is True
+    assert a.get("reactions/two") == b"b" or eventually(lambda: a.get("reactions/two") == b"b")
+    info = a.lease_info("leader")
+    assert (info.holder, info.epoch) == ("b", lb.epoch)
+    # A graceful release hands over at the next call, well within a TTL.
+    b.lease_release("leader", "b", lb.epoch)
+    released = time.monotonic()
+    lc = _campaign(a, "a", ttl, lambda got: got is not None, timeout=5.0)
+    assert lc.epoch == lb.epoch + 1
+    assert time.monotonic() - released < ttl
+
+
+def test_lease_race_has_exactly_one_winner(backend: Backend, pair) -> None:
+    if backend.name == "rsync":
+        pytest.skip("rsync has no lease (asserted in the test above)")
+    a, b = pair
+    barrier = threading.Barrier(6)
+    wins: list[Any] = []
+    errors: list[BaseException] = []
+
+    def go(i: int) -> None:
+        try:
+            barrier.wait()
+            got = (a, b)[i % 2].lease_acquire("race", f"m{i}", 5.0)
+            if got is not None:
+                wins.append(got)
+        except BaseException as exc:
+            errors.append(exc)
+
+    # Six candidates on two stores ("masters"), three per store object.
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert errors == []
+    assert len(wins) == 1, wins
+    assert wins[0].epoch == 1
 
 
 # ------------------------------------------------------------------------------ outages

@@ -204,7 +204,7 @@ def test_sys_list_functions(ctx: ExecContext) -> None:
 
 def test_sys_list_modules_and_doc(ctx: ExecContext) -> None:
     assert sys_mod.list_modules(ctx) == [
-        "cmd", "cp", "grains", "mine", "pillar", "saltutil", "sys", "test"]
+        "cmd", "cp", "event", "grains", "mine", "pillar", "saltutil", "sys", "test"]
     docs = sys_mod.doc(ctx, "test.echo")
     assert list(docs) == ["test.echo"] and "unchanged" in docs["test.echo"]
 
@@ -344,3 +344,18 @@ def test_saltutil_find_job_and_running_read_the_minions_running_jobs() -> None:
     running.clear()
     assert saltutil.running(ctx) == [] and saltutil.find_job(ctx, job["jid"]) == {}
     assert FunctionRegistry().get("saltutil.find_job") is saltutil.find_job
+
+
+def test_event_send_carries_the_job_keys_and_data_to_fire_master() -> None:
+    from hamaster.minion.modules import event
+    from hamaster.minion.modules.context import CommandExecutionError, ExecContext
+
+    sent: list[tuple] = []
+    ctx = ExecContext(opts={}, grains={"os": "Debian", "id": "m1"}, minion_id="m1")
+    with pytest.raises(CommandExecutionError):
+        event.send(ctx, "a/b", {"x": 1})           # no master connection
+    ctx.fire_master = lambda tag, data: sent.append((tag, data)) or True
+    assert event.send(ctx, "a/b", {"x": 1}, with_grains=["os"], __pub_jid="1") is True
+    assert sent[-1] == ("a/b", {"__pub_jid": "1", "grains": {"os": "Debian"}, "x": 1})
+    assert event.fire_master(ctx, {"raw": True}, "c/d") is True
+    assert sent[-1] == ("c/d", {"raw": True})

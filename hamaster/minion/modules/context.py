@@ -33,6 +33,8 @@ class ExecContext:
     pillar: dict[str, Any] = field(default_factory=dict)
     fetch_file: FetchFile | None = None
     registry: FunctionRegistry | None = None
+    #: ``(tag, data) -> sent``: send an event to the masters (``event.send``).
+    fire_master: Callable[[str, Any], bool] | None = None
     #: Jobs the minion is running now, by jid (``saltutil.find_job`` / ``saltutil.running``).
     running_jobs: Mapping[str, dict[str, Any]] = field(default_factory=dict)
     #: Fetch a fresh pillar from a master, keep it for later jobs and return it (pillar.refresh).

@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODULES: tuple[tuple[str, str], ...] = (
     ("cmd", "hamaster.minion.modules.cmd"),
     ("cp", "hamaster.minion.modules.cp"),
+    ("event", "hamaster.minion.modules.event"),
     ("grains", "hamaster.minion.modules.grains"),
     ("mine", "hamaster.minion.modules.mine"),
     ("pillar", "hamaster.minion.modules.pillar"),
