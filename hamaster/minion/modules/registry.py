@@ -18,6 +18,7 @@ DEFAULT_MODULES: tuple[tuple[str, str], ...] = (
     ("grains", "hamaster.minion.modules.grains"),
     ("mine", "hamaster.minion.modules.mine"),
     ("pillar", "hamaster.minion.modules.pillar"),
+    ("state", "hamaster.minion.modules.state"),
     ("sys", "hamaster.minion.modules.sys"),
     ("test", "hamaster.minion.modules.test"),
 )

@@ -1,0 +1,281 @@
+"""The state compiler and runner in-process on local file_roots (issue #16).
+
+Real files in a temporary tree and real commands (``/bin/sh``); no mocks. Each test writes a
+small sls tree, applies it through :class:`hamaster.states.apply.StateSystem` and checks Salt's
+semantics: order, requisites, names, include/extend, failhard, test mode and the return shape.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hamaster.minion.modules.context import ExecContext
+from hamaster.minion.modules.registry import FunctionRegistry
+from hamaster.states.apply import StateSystem
+
+RET_KEYS = {"name", "changes", "result", "comment", "__sls__", "__run_num__", "start_time",
+            "duration", "__id__"}
+
+
+def _system(tmp_path: Path, files: dict[str, str], test: bool = False,
+            opts: dict[str, Any] | None = None) -> StateSystem:
+    roots = tmp_path / "roots"
+    for rel, text in files.items():
+        p = roots / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text.replace("@OUT@", str(tmp_path / "out")))
+    o = {"id": "m1", "file_client": "local", "file_roots": {"base": [str(roots)]},
+         "pillar_roots": {}}
+    o.update(opts or {})
+    ctx = ExecContext(opts=o, grains={"id": "m1", "os_family": "Debian", "os": "Debian"},
+                      minion_id="m1", registry=FunctionRegistry(), pillar={"who": "pillar"})
+    return StateSystem(ctx, test=test)
+
+
+def _by_run(ret: dict[str, dict]) -> list[tuple[str, dict]]:
+    return sorted(ret.items(), key=lambda kv: kv[1]["__run_num__"])
+
+
+def _ids(ret: dict[str, dict]) -> list[str]:
+    return [v["__id__"] for _, v in _by_run(ret)]
+
+
+def test_definition_order_order_key_and_require_reorders(tmp_path: Path) -> None:
+    sls = """
+a:
+  test.succeed_without_changes
+b:
+  test.succeed_without_changes:
+    - require:
+      - test: c
+c:
+  test.succeed_without_changes
+z:
+  test.succeed_without_changes:
+    - order: 1
+last:
+  test.succeed_without_changes:
+    - order: last
+"""
+    ret, rc = _system(tmp_path, {"s.sls": sls}).apply(["s"])
+    assert rc == 0
+    assert _ids(ret) == ["z", "a", "c", "b", "last"]
+    tag = "test_|-a_|-a_|-succeed_without_changes"
+    assert set(ret[tag]) == RET_KEYS
+    assert ret[tag]["__sls__"] == "s" and ret[tag]["comment"] == "Success!"
+
+
+def test_names_include_relative_extend_and_multiple_modules(tmp_path: Path) -> None:
+    files = {
+        "pkg/init.sls": "include:\n  - .sub\nextend:\n  sub1:\n    test.show_notification:\n"
+                        "      - text: extended\n",
+        "pkg/sub.sls": "sub1:\n  test.show_notification:\n    - text: original\n"
+                       "multi:\n  test.nop:\n    - names: [n1, n2]\n"
+                       "both:\n  test.nop: []\n  file.absent:\n    - name: @OUT@/nothing\n",
+    }
+    ret, rc = _system(tmp_path, files).apply(["pkg"])
+    assert rc == 0, ret
+    assert ret["test_|-sub1_|-sub1_|-show_notification"]["comment"] == "extended"
+    assert "test_|-multi_|-n1_|-nop" in ret and "test_|-multi_|-n2_|-nop" in ret
+    assert "test_|-both_|-both_|-nop" in ret
+    assert f"file_|-both_|-{tmp_path}/out/nothing_|-absent" in ret
+    assert _ids(ret)[:3] == ["sub1", "multi", "multi"]
+
+
+def test_requisite_failure_onchanges_onfail_watch(tmp_path: Path) -> None:
+    sls = """
+bad:
+  test.fail_without_changes
+needs_bad:
+  test.nop:
+    - require:
+      - test: bad
+rescue:
+  test.succeed_without_changes:
+    - onfail:
+      - test: bad
+changed:
+  test.succeed_with_changes
+quiet:
+  test.succeed_without_changes
+on_changed:
+  test.nop:
+    - onchanges:
+      - test: changed
+on_quiet:
+  test.nop:
+    - onchanges:
+      - test: quiet
+watcher:
+  cmd.wait:
+    - name: echo fired > @OUT@/fired
+    - watch:
+      - test: changed
+no_watch:
+  cmd.wait:
+    - name: echo no > @OUT@/nofire
+    - watch:
+      - test: quiet
+feeder:
+  test.succeed_with_changes:
+    - require_in:
+      - test: fed
+    - watch_in:
+      - cmd: watcher
+fed:
+  test.nop
+"""
+    (tmp_path / "out").mkdir()
+    ret, rc = _system(tmp_path, {"r.sls": sls}).apply(["r"])
+    assert rc == 2
+    by_id = {v["__id__"]: v for v in ret.values()}
+    assert by_id["needs_bad"]["result"] is False
+    assert by_id["needs_bad"]["comment"] == "One or more requisite failed: r.bad"
+    assert by_id["rescue"]["result"] is True and by_id["rescue"]["comment"] == "Success!"
+    assert by_id["on_changed"]["comment"] == "Success!"
+    assert by_id["on_quiet"]["comment"] == ("State was not run because none of the onchanges "
+                                            "reqs changed")
+    assert (tmp_path / "out" / "fired").read_text() == "fired\n"
+    assert by_id["watcher"]["changes"]["retcode"] == 0
+    assert not (tmp_path / "out" / "nofire").exists()
+    ids = _ids(ret)
+    assert ids.index("feeder") < ids.index("fed")
+    assert ids.index("feeder") < ids.index("watcher")
+
+
+def test_failhard_stops_the_run_but_not_in_test_mode(tmp_path: Path) -> None:
+    sls = "one:\n  test.nop\nboom:\n  test.fail_without_changes:\n    - failhard: True\n" \
+          "after:\n  test.nop\n"
+    ret, rc = _system(tmp_path, {"f.sls": sls}).apply(["f"])
+    assert rc == 2 and _ids(ret) == ["one", "boom"]
+    ret, rc = _system(tmp_path, {"f.sls": sls}, test=True).apply(["f"])
+    assert rc == 0 and _ids(ret) == ["one", "boom", "after"]
+
+
+def test_file_states_test_mode_apply_and_idempotence(tmp_path: Path) -> None:
+    files = {
+        "web/map.jinja": "{% import_yaml 'web/defaults.yaml' as d %}\n"
+                         "{% set web = salt['grains.filter_by']({'Debian': {'user': 'www'},"
+                         " 'RedHat': {'user': 'apache'}}, merge=d.web) %}\n",
+        "web/defaults.yaml": "web:\n  port: 8080\n  root: @OUT@/www\n",
+        "web/conf.j2": "port={{ port }} user={{ user }} who={{ pillar['who'] }}\n",
+        "web/init.sls": """{% from 'web/map.jinja' import web with context %}
+{{ web.root }}:
+  file.directory:
+    - makedirs: True
+    - mode: 750
+{{ web.root }}/site.conf:
+  file.managed:
+    - source: salt://web/conf.j2
+    - template: jinja
+    - mode: '0600'
+    - context:
+        port: {{ web.port }}
+        user: {{ web.user }}
+    - require:
+      - file: {{ web.root }}
+{{ web.root }}/link:
+  file.symlink:
+    - target: {{ web.root }}/site.conf
+{{ web.root }}/motd:
+  file.managed:
+    - contents: |
+        hi {{ grains['id'] | upper }} {{ 'yes' | to_bool }}
+""",
+    }
+    ret, rc = _system(tmp_path, files, test=True).apply(["web"])
+    assert rc == 0
+    assert {v["result"] for v in ret.values()} == {None}
+    assert not (tmp_path / "out").exists()
+    ret, rc = _system(tmp_path, files).apply(["web"])
+    assert rc == 0 and all(v["result"] is True and v["changes"] for v in ret.values()), ret
+    conf = tmp_path / "out" / "www" / "site.conf"
+    assert conf.read_text() == "port=8080 user=www who=pillar\n"
+    assert oct(conf.stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "out" / "www").stat().st_mode & 0o777) == "0o750"
+    assert os.readlink(tmp_path / "out" / "www" / "link") == str(conf)
+    assert (tmp_path / "out" / "www" / "motd").read_text() == "hi M1 True\n"
+    ret, rc = _system(tmp_path, files).apply(["web"])
+    assert rc == 0 and all(v["result"] is True and not v["changes"] for v in ret.values()), ret
+    ret, rc = _system(tmp_path, files, test=True).apply(["web"])
+    assert {v["result"] for v in ret.values()} == {True}
+
+
+def test_cmd_unless_onlyif_creates(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    sls = """
+skip_unless:
+  cmd.run:
+    - name: touch @OUT@/u
+    - unless: 'true'
+skip_onlyif:
+  cmd.run:
+    - name: touch @OUT@/o
+    - onlyif: 'false'
+skip_creates:
+  cmd.run:
+    - name: touch @OUT@/c
+    - creates: @OUT@
+runs:
+  cmd.run:
+    - name: pwd > @OUT@/r
+    - cwd: /tmp
+    - unless: 'false'
+failing:
+  cmd.run:
+    - name: exit 3
+"""
+    ret, rc = _system(tmp_path, {"c.sls": sls}).apply(["c"])
+    by_id = {v["__id__"]: v for v in ret.values()}
+    assert by_id["skip_unless"]["comment"] == "unless condition is true"
+    assert by_id["skip_onlyif"]["comment"] == "onlyif condition is false"
+    assert by_id["skip_creates"]["comment"] == "All files in creates exist"
+    assert sorted(os.listdir(tmp_path / "out")) == ["r"]
+    assert (tmp_path / "out" / "r").read_text() == "/tmp\n"
+    assert by_id["failing"]["result"] is False and by_id["failing"]["changes"]["retcode"] == 3
+    assert rc == 2
+
+
+@pytest.mark.parametrize("sls, expect", [
+    ("a:\n  test.nop:\n    - require:\n      - test: b\nb:\n  test.nop:\n    - require:\n"
+     "      - test: a\n", "Recursive requisites were found"),
+    ("a:\n  test.nop:\n    - require:\n      - test: nope\n",
+     "Referenced state does not exist for requisite [require: (test: nope)]"),
+    ("a:\n  test.nop: []\n  test.succeed_without_changes: []\n",
+     "contains multiple state declarations of the same type"),
+    ("a: [1, 2]\n", "ID a in SLS e is not a dictionary"),
+    ("a:\n  test.nop:\n    - name: {{ undefined_fn() }}\n", "Rendering SLS 'base:e' failed"),
+    ("a: b: c\n", "Rendering SLS 'base:e' failed: YAML error"),
+])
+def test_compile_errors_are_salt_shaped(tmp_path: Path, sls: str, expect: str) -> None:
+    ret, rc = _system(tmp_path, {"e.sls": sls}).apply(["e"])
+    assert rc == 1
+    assert isinstance(ret, list) and any(expect in e for e in ret), ret
+
+
+def test_unknown_function_and_missing_sls(tmp_path: Path) -> None:
+    ret, rc = _system(tmp_path, {"u.sls": "x:\n  file.nosuch: []\n"}).apply(["u"])
+    assert rc == 2
+    assert ret["file_|-x_|-x_|-nosuch"]["comment"].startswith(
+        "State 'file.nosuch' was not found in SLS 'u'")
+    ret, rc = _system(tmp_path, {"u.sls": ""}).apply(["missing"])
+    assert rc == 1 and ret == ["No matching sls found for 'missing' in env 'base'"]
+
+
+def test_highstate_from_top_and_source_cannot_escape_root(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("s3cret")
+    files = {
+        "top.sls": "base:\n  'm*':\n    - one\n  'other':\n    - two\n",
+        "one.sls": "@OUT@/f:\n  file.managed:\n    - source: salt://../secret\n"
+                   "    - makedirs: True\n",
+        "two.sls": "t:\n  test.nop\n",
+    }
+    ret, rc = _system(tmp_path, files).apply(None)
+    assert rc == 2 and len(ret) == 1
+    (only,) = ret.values()
+    assert only["result"] is False and "not found" in only["comment"]
+    assert not (tmp_path / "out" / "f").exists()
