@@ -157,7 +157,6 @@ class Runner:
                                      "changed")
         else:
             self.running[tag] = self._call(low)
-        self.running[tag].pop("skip_watch", None)
         return False
 
     def _check_requisites(self, low: Mapping[str, Any]) -> tuple[str, dict[str, list]]:
@@ -268,8 +267,10 @@ class Runner:
                 return {"comment": "unless condition is true", "skip_watch": True,
                         "result": True}
         if "creates" in low:
-            creates = low["creates"] if isinstance(low["creates"], list) else [low["creates"]]
-            if all(os.path.exists(str(p)) for p in creates):
+            creates = low["creates"]
+            if isinstance(creates, str) and os.path.exists(creates):
+                return {"comment": f"{creates} exists", "skip_watch": True, "result": True}
+            if isinstance(creates, list) and all(os.path.exists(str(p)) for p in creates):
                 return {"comment": "All files in creates exist", "skip_watch": True,
                         "result": True}
         return None

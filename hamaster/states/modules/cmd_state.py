@@ -19,6 +19,7 @@ def run(run: StateRun, name: str, cwd: str | None = None, runas: str | None = No
     if run.test:
         ret["result"] = None
         ret["comment"] = f'Command "{name}" would have been executed'
+        ret["changes"] = {"cmd": name}
         return ret
     try:
         out = run.call("cmd.run_all", name, cwd=cwd, runas=runas, shell=shell, env=env,

@@ -321,14 +321,19 @@ def symlink(run: StateRun, name: str, target: str, force: bool = False,
     if os.path.lexists(name) and not os.path.islink(name) and not force:
         return {**ret, "result": False,
                 "comment": f"File exists where the symlink {name} should be"}
+    no_dir = ""
     if not os.path.isdir(os.path.dirname(name)) and not makedirs:
+        no_dir = f"Directory {os.path.dirname(name)} for symlink is not present"
         if not run.test:
-            return {**ret, "result": False,
-                    "comment": f"Directory {os.path.dirname(name)} for symlink is not present"}
+            return {**ret, "result": False, "comment": no_dir}
     if run.test:
-        verb = "to be created" if not os.path.lexists(name) else "set to be changed"
-        return {**ret, "result": None, "changes": {"new": name},
-                "comment": f"Symlink {name} to {target} is {verb}"}
+        if not os.path.lexists(name):
+            comment, changes = f"Symlink {name} to {target} is set for creation", {"new": name}
+        else:
+            comment = f"Link {name} target is set to be changed to {target}"
+            changes = {"change": name}
+        return {**ret, "result": None, "changes": changes,
+                "comment": comment + (f"\n{no_dir}" if no_dir else "")}
     replaced = os.path.lexists(name)
     try:
         os.makedirs(os.path.dirname(name), exist_ok=True)
@@ -383,6 +388,9 @@ def append(run: StateRun, name: str, text: Any = None, makedirs: bool = False,
         return {**ret, "comment": f"File {name} is in correct state"}
     new = old + ("" if not old or old.endswith("\n") else "\n") + "".join(a + "\n" for a in add)
     if run.test:
+        if not os.path.exists(name):
+            return {**ret, "result": None, "changes": {"new": name},
+                    "comment": f"File {name} is set to be created"}
         return {**ret, "result": None, "changes": {"diff": _diff(old.encode(), new.encode())},
                 "comment": f"File {name} is set to be updated"}
     os.makedirs(os.path.dirname(name), exist_ok=True)
