@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("-N", "--nodegroup", dest="tgt_type", action="store_const", const="nodegroup", help="target is a nodegroup (the master's nodegroups option)")
     tg.add_argument("-C", "--compound", dest="tgt_type", action="store_const", const="compound", help="compound target (and/or/not, G@, L@, E@, P@, I@, J@, S@, N@)")
     p.add_argument("-t", "--timeout", type=float, default=None, help="seconds to wait for returns (default: master's `timeout`, 5)")
-    p.add_argument("--out", default="nested", choices=["nested", "json", "yaml", "txt", "raw"], help="output format")
+    p.add_argument("--out", default="nested", choices=["nested", "json", "yaml", "txt", "raw", "highstate"], help="output format")
     p.add_argument("--static", action="store_true", help="print all returns at the end as one document")
     p.add_argument("--async", dest="async_", action="store_true", help="publish and print the jid without waiting")
     p.add_argument("--no-color", action="store_true", help="no colors in nested output")

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -261,4 +260,3 @@ def test_state_apply_through_either_master(state_cluster: dict[str, Any],
     res = cluster.run("hamaster", "--out", "highstate", "-t", "60", "web1", "state.apply",
                       "checks", master=1, timeout=120)
     assert "Succeeded: 3" in res.stdout and "Failed:    0" in res.stdout, res.stdout
-    print(sys.version)

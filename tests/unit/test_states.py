@@ -233,7 +233,7 @@ failing:
     by_id = {v["__id__"]: v for v in ret.values()}
     assert by_id["skip_unless"]["comment"] == "unless condition is true"
     assert by_id["skip_onlyif"]["comment"] == "onlyif condition is false"
-    assert by_id["skip_creates"]["comment"] == "All files in creates exist"
+    assert by_id["skip_creates"]["comment"] == f"{tmp_path / 'out'} exists"
     assert sorted(os.listdir(tmp_path / "out")) == ["r"]
     assert (tmp_path / "out" / "r").read_text() == "/tmp\n"
     assert by_id["failing"]["result"] is False and by_id["failing"]["changes"]["retcode"] == 3
