@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("-N", "--nodegroup", dest="tgt_type", action="store_const", const="nodegroup", help="target is a nodegroup (the master's nodegroups option)")
     tg.add_argument("-C", "--compound", dest="tgt_type", action="store_const", const="compound", help="compound target (and/or/not, G@, L@, E@, P@, I@, J@, S@, N@)")
     p.add_argument("-t", "--timeout", type=float, default=None, help="seconds to wait for returns (default: master's `timeout`, 5)")
-    p.add_argument("--out", default="nested", choices=["nested", "json", "yaml", "txt", "raw", "highstate"], help="output format")
+    p.add_argument("--out", default=None, choices=["nested", "json", "yaml", "txt", "raw", "highstate"],
+                   help="output format (default: what the function declares, e.g. highstate for "
+                        "state.apply, else nested)")
     p.add_argument("--static", action="store_true", help="print all returns at the end as one document")
     p.add_argument("--async", dest="async_", action="store_true", help="publish and print the jid without waiting")
     p.add_argument("--no-color", action="store_true", help="no colors in nested output")
@@ -87,28 +89,31 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         failed = False
         collected: dict = {}
+        fmt = args.out or "nested"
         try:
             for msg in client.stream():
                 if "ret" in msg:
                     for mid, ret in msg["ret"].items():
+                        if args.out is None and ret.get("out") == "highstate":
+                            fmt = "highstate"  # the minion's declared outputter, as salt does
                         retcode = ret.get("retcode", 0) or 0
                         if retcode or ret.get("success") is False:
                             failed = True
                         if args.static:
                             collected[mid] = ret.get("return")
                         else:
-                            print(render({mid: ret.get("return")}, args.out, color=color, retcode=retcode), flush=True)
+                            print(render({mid: ret.get("return")}, fmt, color=color, retcode=retcode), flush=True)
                 if msg.get("done"):
                     for mid in msg.get("missing", []):
                         failed = True
                         if args.static:
                             collected[mid] = NO_RETURN
                         else:
-                            print(render({mid: NO_RETURN}, args.out, color=color, retcode=1), flush=True)
+                            print(render({mid: NO_RETURN}, fmt, color=color, retcode=1), flush=True)
         except LocalApiError as exc:
             return die(str(exc), 1)
         if args.static:
-            print(render(collected, args.out, static=True, color=color), flush=True)
+            print(render(collected, fmt, static=True, color=color), flush=True)
         return 1 if failed else 0
 
 

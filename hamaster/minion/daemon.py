@@ -209,6 +209,9 @@ class Minion:
         }
         if load.get("master_id"):
             ret["master_id"] = load["master_id"]
+        out = self.registry.outputter(fun)
+        if out:
+            ret["out"] = out
         await self._send_return(origin, ret)
 
     def _job_control(self, fun: str, arg: list) -> ExecResult:

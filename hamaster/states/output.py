@@ -19,6 +19,8 @@ The layout follows Salt's default (``state_verbose: True``, ``state_output: full
     Total states run:     3
     Total run time:   5.123 ms
 
+(widths grow with the counts, as in Salt).
+
 A return that is not a state dict (compile errors are a list of strings) is printed as Salt
 does: "Data failed to compile:" and the errors.
 """
@@ -64,19 +66,19 @@ def render_minion(mid: str, ret: Any, color: bool = False) -> str:
         else:
             lines.append(f"    {ret}")
         return "\n".join(lines)
-    ok = changed = failed = 0
+    counts: dict[Any, int] = {}
+    changed = 0
     total_ms = 0.0
     for tag, r in sorted(ret.items(), key=lambda kv: kv[1].get("__run_num__", 0)):
         state, id_, name, fun = (str(tag).split("_|-") + ["", "", "", ""])[:4]
         result = r.get("result")
+        counts[result] = counts.get(result, 0) + 1
         if result is False:
-            failed += 1
             tone = red
         else:
-            ok += 1
             tone = yellow if result is None else (cyan if r.get("changes") else green)
-            if r.get("changes"):
-                changed += 1
+        if r.get("changes"):
+            changed += 1
         try:
             total_ms += float(r.get("duration") or 0)
         except (TypeError, ValueError):
@@ -94,13 +96,27 @@ def render_minion(mid: str, ret: Any, color: bool = False) -> str:
             f"{tone}     Changes:   {end}",
         ]
         lines += [f"{tone}{ln}{end}" for ln in _changes(r.get("changes"), "              ")]
+    # Salt's summary layout: widths from the longest label ("Succeeded") and count
+    width = len("Succeeded") + max([len(str(v)) for v in counts.values()] or [0]) + 2
+
+    def count_line(label: str, n: int) -> str:
+        return f"{label}: {n:>{width - len(label) - 2}}"
+
+    ok, failed = counts.get(True, 0) + counts.get(None, 0), counts.get(False, 0)
+    stats = []
+    if counts.get(None):
+        stats.append(f"{yellow}unchanged={counts[None]}{end}")
+    if changed:
+        stats.append(f"{green}changed={changed}{end}")
+    unit, shown = ("s", total_ms / 1000) if total_ms > 999 else ("ms", total_ms)
     lines += [
-        "", f"{cyan}Summary for {mid}{end}", f"{cyan}------------{end}",
-        f"{green}Succeeded: {ok}{end}" + (f" ({green}changed={changed}{end})" if changed else ""),
-        f"{red if failed else cyan}Failed:    {failed}{end}",
-        f"{cyan}------------{end}",
-        f"{cyan}Total states run:     {ok + failed}{end}",
-        f"{cyan}Total run time: {total_ms:>8.3f} ms{end}",
+        "", f"{cyan}Summary for {mid}{end}", f"{cyan}{'-' * width}{end}",
+        f"{green}{count_line('Succeeded', ok)}{end}"
+        + (f" ({', '.join(stats)})" if stats else ""),
+        f"{red if failed else cyan}{count_line('Failed', failed)}{end}",
+        f"{cyan}{'-' * width}{end}",
+        f"{cyan}Total states run: {ok + failed:>{width - 7}}{end}",
+        f"{cyan}Total run time: {f'{shown:.3f}'.rjust(width - 5)} {unit}{end}",
     ]
     return "\n".join(lines)
 

@@ -260,3 +260,7 @@ def test_state_apply_through_either_master(state_cluster: dict[str, Any],
     res = cluster.run("hamaster", "--out", "highstate", "-t", "60", "web1", "state.apply",
                       "checks", master=1, timeout=120)
     assert "Succeeded: 3" in res.stdout and "Failed:    0" in res.stdout, res.stdout
+    # without --out, the minion's declared outputter (highstate) is used, as salt does
+    res = cluster.run("hamaster", "-t", "60", "web1", "state.apply", "checks", master=0,
+                      timeout=120)
+    assert "Summary for web1" in res.stdout and "Function: cmd.run" in res.stdout, res.stdout

@@ -13,6 +13,10 @@ from typing import Any
 
 from hamaster.minion.modules.context import ExecContext
 
+#: Salt's ``__outputter__``: returns of these print with the highstate outputter.
+__outputter__ = {"apply": "highstate", "sls": "highstate", "highstate": "highstate",
+                 "test": "highstate", "single": "highstate"}
+
 
 def _mods(mods: Any) -> list[str] | None:
     if mods is None or mods == "":
