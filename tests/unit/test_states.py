@@ -279,3 +279,37 @@ def test_highstate_from_top_and_source_cannot_escape_root(tmp_path: Path) -> Non
     (only,) = ret.values()
     assert only["result"] is False and "not found" in only["comment"]
     assert not (tmp_path / "out" / "f").exists()
+
+
+def test_a_second_concurrent_state_run_is_refused(tmp_path: Path) -> None:
+    import threading
+
+    from hamaster.minion.modules import state as state_mod
+
+    out = tmp_path / "out"
+    out.mkdir()
+    fifo = out / "gate"
+    os.mkfifo(fifo)
+    files = {"slow.sls": f"wait:\n  cmd.run:\n    - name: cat {fifo}\n", "t.sls": "t:\n  test.nop\n"}
+    sys1 = _system(tmp_path, files)
+    ctx = sys1.ctx
+    ctx.jid = "20261206000000000001"
+    results: list[Any] = []
+    th = threading.Thread(target=lambda: results.append(state_mod.apply(ctx, "slow")))
+    th.start()
+    try:
+        from tests.integration.harness import wait_until
+
+        wait_until(lambda: state_mod._RUN_LOCK.locked(), 10, what="first run holding the lock")
+        ctx2 = _system(tmp_path, files).ctx
+        ret = state_mod.apply(ctx2, "t")
+        assert ctx2.retcode == 1 and isinstance(ret, list)
+        assert ret[0].startswith('The function "state.apply" is running as PID')
+        assert "with jid 20261206000000000001" in ret[0]
+    finally:
+        with open(fifo, "w") as fh:
+            fh.write("done\n")
+        th.join(10)
+    assert isinstance(results[0], dict) and ctx.retcode == 0
+    ret = state_mod.apply(_system(tmp_path, files).ctx, "t")
+    assert isinstance(ret, dict)

@@ -4,11 +4,17 @@
 
 Sls files come from the masters' file server (``salt://``), or from local ``file_roots`` when
 the minion runs masterless (``hamaster-call --local`` or ``file_client: local``). A failed state
-sets the job's retcode to 2, an sls tree that does not compile to 1, as Salt does.
+sets the job's retcode to 2, an sls tree that does not compile to 1, as Salt does. One state run
+at a time: a second one while a run is going is refused with Salt's "is running as PID" error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from hamaster.minion.modules.context import ExecContext
@@ -24,6 +30,27 @@ def _mods(mods: Any) -> list[str] | None:
     if isinstance(mods, (list, tuple)):
         return [str(m).strip() for m in mods if str(m).strip()]
     return [m.strip() for m in str(mods).split(",") if m.strip()]
+
+
+_RUN_LOCK = threading.Lock()
+_RUNNING: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def _one_run(ctx: ExecContext, fun: str) -> Iterator[str | None]:
+    """One state run at a time per minion (Salt's rule); yields Salt's refusal text or None."""
+    if not _RUN_LOCK.acquire(blocking=False):
+        other = dict(_RUNNING)
+        started = time.strftime("%Y, %b %d %H:%M:%S", time.localtime(other.get("t", 0)))
+        yield (f'The function "{other.get("fun")}" is running as PID {os.getpid()} and was '
+               f'started at {started} with jid {other.get("jid")}')
+        return
+    try:
+        _RUNNING.update(fun=fun, jid=ctx.jid, t=time.time())
+        yield None
+    finally:
+        _RUNNING.clear()
+        _RUN_LOCK.release()
 
 
 def _system(ctx: ExecContext, saltenv: str | None, test: Any, pillar: Any) -> Any:
@@ -46,8 +73,11 @@ def apply(ctx: ExecContext, mods: Any = None, test: Any = None, saltenv: str | N
 
     CLI Example: ``hamaster '*' state.apply web,db test=True``
     """
-    system = _system(ctx, saltenv, test, pillar)
-    return _finish(ctx, *system.apply(_mods(mods)))
+    with _one_run(ctx, "state.apply") as busy:
+        if busy:
+            return _finish(ctx, [busy], 1)
+        system = _system(ctx, saltenv, test, pillar)
+        return _finish(ctx, *system.apply(_mods(mods)))
 
 
 def sls(ctx: ExecContext, mods: Any, test: Any = None, saltenv: str | None = None,
@@ -88,8 +118,11 @@ def single(ctx: ExecContext, fun: str, name: str, test: Any = None,
     CLI Example: ``hamaster '*' state.single pkg.installed name=vim``
     """
     kw = {k: v for k, v in kwargs.items() if not k.startswith("__pub_")}
-    system = _system(ctx, saltenv, test, None)
-    return _finish(ctx, *system.single(fun, name, **kw))
+    with _one_run(ctx, "state.single") as busy:
+        if busy:
+            return _finish(ctx, [busy], 1)
+        system = _system(ctx, saltenv, test, None)
+        return _finish(ctx, *system.single(fun, name, **kw))
 
 
 def show_sls(ctx: ExecContext, mods: Any, saltenv: str | None = None, **kwargs: Any) -> Any:
