@@ -621,18 +621,54 @@ class RequisiteGraph:
                 if indeg[child] == 0:
                     heapq.heappush(heap, (key(child), child))
         if len(out) != len(self.nodes):
-            self._cycle = [n for n, d in indeg.items() if d > 0]
             return None
         return out
 
+    def _find_cycle(self) -> list[tuple[str, str, str]]:
+        """A cycle as ``[(required, dependant, type)]`` (Salt's DFS with back edges)."""
+        white, gray, black = 0, 1, 2
+        color = dict.fromkeys(self.nodes, white)
+        parent: dict[str, tuple[str, str]] = {}
+
+        def visit(node: str) -> list[tuple[str, str, str]] | None:
+            color[node] = gray
+            by_target: dict[str, list[str]] = {}
+            for child, rtype in self.out_edges[node]:
+                by_target.setdefault(child, []).append(rtype)
+            for target, rtypes in by_target.items():
+                for rtype in rtypes:
+                    if color[target] == gray:
+                        cycle = [(node, target, rtype)]
+                        cur = node
+                        while cur != target:
+                            prev, key = parent[cur]
+                            cycle.append((prev, cur, key))
+                            cur = prev
+                        return list(reversed(cycle))
+                    if color[target] == white:
+                        parent[target] = (node, rtype)
+                        found = visit(target)
+                        if found:
+                            return found
+            color[node] = black
+            return None
+
+        for node in self.nodes:
+            if color[node] == white:
+                found = visit(node)
+                if found:
+                    return found
+        return []
+
+    @staticmethod
+    def _chunk_str(chunk: Mapping[str, Any]) -> str:
+        d = {"SLS": chunk.get("__sls__"), "ID": chunk["__id__"]}
+        if chunk["__id__"] != chunk["name"]:
+            d["NAME"] = chunk["name"]
+        return str(d)
+
     def cycle_str(self) -> str:
-        """A readable list of the requisites left in a cycle."""
-        parts = []
-        for node in getattr(self, "_cycle", []):
-            for src, rtype in self.in_edges[node]:
-                if src in self._cycle:
-                    s, d = self.nodes[src], self.nodes[node]
-                    parts.append(f"({{'SLS': '{d.get('__sls__')}', 'ID': '{d['__id__']}'}}, "
-                                 f"'{rtype}', {{'SLS': '{s.get('__sls__')}', "
-                                 f"'ID': '{s['__id__']}'}})")
-        return ", ".join(parts)
+        """The requisites of one cycle, in Salt's wording."""
+        return ", ".join(
+            f"({self._chunk_str(self.nodes[dst])}, '{rtype}', {self._chunk_str(self.nodes[src])})"
+            for src, dst, rtype in self._find_cycle())

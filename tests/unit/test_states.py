@@ -313,3 +313,117 @@ def test_a_second_concurrent_state_run_is_refused(tmp_path: Path) -> None:
     assert isinstance(results[0], dict) and ctx.retcode == 0
     ret = state_mod.apply(_system(tmp_path, files).ctx, "t")
     assert isinstance(ret, dict)
+
+
+def test_module_run_file_replace_and_pkg_paths(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "cfg").write_text("port = 80\nhost = a\n")
+    sls = """
+echo:
+  module.run:
+    - test.echo:
+      - hi
+    - cmd.run:
+      - cmd: echo there
+missing:
+  module.run:
+    - nosuch.fun: []
+port:
+  file.replace:
+    - name: @OUT@/cfg
+    - pattern: '^port = \\d+'
+    - repl: 'port = 8080'
+extra:
+  file.replace:
+    - name: @OUT@/cfg
+    - pattern: '^debug = .*'
+    - repl: 'debug = 0'
+    - append_if_not_found: True
+core:
+  pkg.installed:
+    - name: coreutils
+core-latest:
+  pkg.latest:
+    - name: coreutils
+not-installed:
+  pkg.installed:
+    - name: sl
+no-init:
+  service.running:
+    - name: nosuch-hamaster-test
+"""
+    ret, rc = _system(tmp_path, {"m.sls": sls}, test=True).apply(["m"])
+    by_id = {v["__id__"]: v for v in ret.values()}
+    assert by_id["echo"]["result"] is None
+    assert by_id["echo"]["comment"] == "Functions test.echo, cmd.run to be executed."
+    assert by_id["missing"]["result"] is False
+    assert by_id["port"]["result"] is None and "+port = 8080" in by_id["port"]["changes"]["diff"]
+    assert by_id["core"]["result"] is True
+    assert by_id["core"]["comment"] == "All specified packages are already installed"
+    assert by_id["core-latest"]["comment"] == "Package coreutils is already up-to-date"
+    assert by_id["not-installed"]["result"] is None
+    assert by_id["not-installed"]["comment"] == ("The following packages would be "
+                                                 "installed/updated: sl")
+    assert (tmp_path / "out" / "cfg").read_text() == "port = 80\nhost = a\n"
+    if not os.path.isdir("/run/systemd/system"):
+        assert by_id["no-init"]["result"] is False
+        assert "no supported init system" in by_id["no-init"]["comment"]
+    sls = sls.replace("not-installed:\n  pkg.installed:\n    - name: sl\n", "")
+    ret, rc = _system(tmp_path, {"m.sls": sls}).apply(["m"])
+    by_id = {v["__id__"]: v for v in ret.values()}
+    assert by_id["echo"]["result"] is True
+    assert by_id["echo"]["changes"] == {"test.echo": "hi", "cmd.run": "there"}
+    assert by_id["echo"]["comment"] == "test.echo: hi, cmd.run: there"
+    assert by_id["port"]["comment"] == "Changes were made"
+    assert (tmp_path / "out" / "cfg").read_text() == "port = 8080\nhost = a\ndebug = 0\n"
+    ret, rc = _system(tmp_path, {"m.sls": sls}).apply(["m"])
+    by_id = {v["__id__"]: v for v in ret.values()}
+    assert by_id["port"]["comment"] == "No changes needed to be made"
+    assert by_id["extra"]["comment"] == "No changes needed to be made"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="useradd needs root")
+def test_user_and_group_present_absent(tmp_path: Path) -> None:
+    import grp
+    import pwd
+    import subprocess
+
+    user, group = f"hmst{os.getpid() % 100000}", f"hmsg{os.getpid() % 100000}"
+    sls = f"""
+{group}:
+  group.present: []
+{user}:
+  user.present:
+    - shell: /bin/sh
+    - home: @OUT@/home
+    - groups:
+      - {group}
+    - require:
+      - group: {group}
+"""
+    gone = f"{user}:\n  user.absent:\n    - purge: True\n{group}:\n  group.absent: []\n"
+    try:
+        ret, rc = _system(tmp_path, {"u.sls": sls}, test=True).apply(["u"])
+        assert rc == 0 and {v["result"] for v in ret.values()} == {None}
+        assert ret[f"user_|-{user}_|-{user}_|-present"]["comment"] == (
+            f"User {user} set to be added (pending groups: {group})")
+        ret, rc = _system(tmp_path, {"u.sls": sls}).apply(["u"])
+        assert rc == 0, ret
+        pw = pwd.getpwnam(user)
+        assert pw.pw_shell == "/bin/sh" and pw.pw_dir == f"{tmp_path}/out/home"
+        assert user in grp.getgrnam(group).gr_mem
+        assert ret[f"user_|-{user}_|-{user}_|-present"]["changes"]["groups"] == sorted(
+            [group, user])
+        ret, rc = _system(tmp_path, {"u.sls": sls}).apply(["u"])
+        assert all(not v["changes"] for v in ret.values()), ret
+        assert ret[f"user_|-{user}_|-{user}_|-present"]["comment"] == (
+            f"User {user} is present and up to date")
+        ret, rc = _system(tmp_path, {"u.sls": gone}).apply(["u"])
+        assert rc == 0, ret
+        assert ret[f"user_|-{user}_|-{user}_|-absent"]["comment"] == f"Removed user {user}"
+        with pytest.raises(KeyError):
+            pwd.getpwnam(user)
+    finally:
+        subprocess.run(["userdel", "-r", user], capture_output=True, check=False)
+        subprocess.run(["groupdel", user], capture_output=True, check=False)
+        subprocess.run(["groupdel", group], capture_output=True, check=False)

@@ -398,3 +398,44 @@ def append(run: StateRun, name: str, text: Any = None, makedirs: bool = False,
     _write_atomic(name, new.encode("utf-8"), keep)
     return {**ret, "changes": {"diff": _diff(old.encode(), new.encode())},
             "comment": f"Appended {len(add)} lines"}
+
+
+def replace(run: StateRun, name: str, pattern: str, repl: str, count: int = 0,
+            flags: Any = 8, append_if_not_found: bool = False,
+            prepend_if_not_found: bool = False, not_found_content: str | None = None,
+            ignore_if_missing: bool = False, show_changes: bool = True,
+            **kwargs: Any) -> dict[str, Any]:
+    """``re.sub`` over the file's text (``flags`` an int or a list of ``re`` flag names)."""
+    import re
+
+    ret = _ret(name)
+    name = os.path.expanduser(str(name))
+    if not os.path.isfile(name):
+        if ignore_if_missing:
+            return {**ret, "comment": f"No changes needed to be made: {name} not found"}
+        return {**ret, "result": False, "comment": f"{name}: file not found"}
+    if isinstance(flags, list):
+        fl = 0
+        for f in flags:
+            fl |= getattr(re, str(f).upper(), 0)
+    else:
+        fl = int(flags)
+    with open(name, encoding="utf-8", errors="surrogateescape") as fh:
+        old = fh.read()
+    new, n = re.subn(pattern, str(repl), old, count=int(count), flags=fl)
+    if n == 0 and (append_if_not_found or prepend_if_not_found):
+        content = str(repl if not_found_content is None else not_found_content)
+        if content not in old.splitlines():
+            if append_if_not_found:
+                new = old + ("" if not old or old.endswith("\n") else "\n") + content + "\n"
+            else:
+                new = content + "\n" + old
+    if new == old:
+        return {**ret, "comment": "No changes needed to be made"}
+    diff = _diff(old.encode("utf-8", "surrogateescape"), new.encode("utf-8", "surrogateescape"))
+    changes = {"diff": diff if show_changes else "<show_changes=False>"}
+    if run.test:
+        return {**ret, "result": None, "changes": changes,
+                "comment": "Changes would have been made"}
+    _write_atomic(name, new.encode("utf-8", "surrogateescape"), int(_cur_mode(name), 8))
+    return {**ret, "changes": changes, "comment": "Changes were made"}

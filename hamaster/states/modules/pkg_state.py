@@ -117,3 +117,43 @@ def removed(run: StateRun, name: str, pkgs: Any = None, **kwargs: Any) -> dict[s
         return ret
     ret["comment"] = "All targeted packages were removed."
     return ret
+
+
+def _candidate(pkg: str) -> str | None:
+    proc = subprocess.run(["apt-cache", "policy", pkg], capture_output=True, text=True,
+                          check=False, env={**os.environ, "LC_ALL": "C"})
+    for line in proc.stdout.splitlines():
+        line = line.strip()
+        if line.startswith("Candidate:"):
+            cand = line.split(":", 1)[1].strip()
+            return None if cand == "(none)" else cand
+    return None
+
+
+def latest(run: StateRun, name: str, pkgs: Any = None, refresh: bool = False,
+           **kwargs: Any) -> dict[str, Any]:
+    """Ensure packages are installed at the newest version apt knows (``apt-cache policy``)."""
+    bad = _unsupported(name)
+    if bad:
+        return bad
+    if refresh and not run.test:
+        subprocess.run(["apt-get", "-q", "update"], env={**os.environ, **_APT_ENV},
+                       capture_output=True, check=False)
+    targets = [p for p, _ in _targets(name, pkgs)]
+    stale = []
+    for pkg in targets:
+        cand = _candidate(pkg)
+        if cand is None:
+            return {"name": name, "changes": {}, "result": False,
+                    "comment": f"No information found for '{pkg}'."}
+        if _installed_version(pkg) != cand:
+            stale.append(pkg)
+    if not stale:
+        comment = (f"Package {targets[0]} is already up-to-date" if len(targets) == 1
+                   else f"All {len(targets)} packages are up-to-date.")
+        return {"name": name, "changes": {}, "result": True, "comment": comment}
+    if run.test:
+        return {"name": name, "changes": {}, "result": None,
+                "comment": "The following packages would be installed/upgraded: "
+                           + ", ".join(stale)}
+    return installed(run, name, pkgs=stale if pkgs else None, **kwargs)
