@@ -6,8 +6,9 @@ and ``__id__`` (what Salt 3008's ``State.call`` returns). Requisite statuses fol
 ``State._check_requisites``: a failed ``require``/``watch`` target fails the dependant with
 "One or more requisite failed: sls.id"; ``onchanges`` runs only when a target changed (a failed
 target counts as unchanged); ``onfail`` runs only when a target failed; ``watch`` with changes
-calls the module's ``mod_watch`` after the state itself made no changes. ``unless``, ``onlyif``
-and ``creates`` are checked for every state, as Salt does. ``failhard`` (per state or the
+calls the module's ``mod_watch`` after the state itself made no changes; ``listen`` calls it
+once after the run. ``unless``, ``onlyif`` and ``creates`` are checked for every state call
+(``mod_watch`` included), as Salt does. ``failhard`` (per state or the
 ``failhard`` option) stops the run after a failure, except in test mode.
 """
 
@@ -36,6 +37,13 @@ INTERNAL_KEYS = frozenset({
     "require_any", "watch", "watch_in", "watch_any", "onchanges", "onchanges_in",
     "onchanges_any", "onfail", "onfail_in", "onfail_any", "onfail_all", "sfun", "__reqs__",
     "name_order", "__sls_included_from__", "test", "umask", "runas_password", "cmd_opts_exclude",
+})
+
+
+#: Salt's ``STATE_REQUISITE_KEYWORDS`` (dropped from a ``listen`` mod_watch chunk).
+REQUISITE_KEYWORDS = frozenset({
+    "onchanges", "onchanges_any", "onfail", "onfail_any", "onfail_all", "onfail_stop",
+    "prereq", "prerequired", "watch", "watch_any", "require", "require_any", "listen",
 })
 
 
@@ -95,7 +103,64 @@ class Runner:
                 break
             if self._check_failhard(low):
                 break
+        self.run_listen()
         return self.running
+
+    def run_listen(self) -> None:
+        """Salt's ``listen``/``listen_in``: after the run, call ``mod_watch`` of each listening
+        state whose targets changed, as ``listener_<id>`` (once each)."""
+        crefs = {(c["state"], c["__id__"], c["name"]): c for c in self.chunks}
+        listeners: list[tuple[tuple[str, str, str], list[Any]]] = []
+        for c in self.chunks:
+            if c.get("listen"):
+                listeners.append(((c["state"], c["__id__"], c["name"]), list(c["listen"])))
+            for l_in in c.get("listen_in") or []:
+                if isinstance(l_in, dict):
+                    for k, v in l_in.items():
+                        listeners.append(((k, v, "lookup"), [{c["state"]: c["__id__"]}]))
+        errors: dict[str, dict[str, Any]] = {}
+
+        def error(state: str, id_: str) -> None:
+            errors[f"Listen_Error_|-listen_{id_}_|-listen_{state}_|-Listen_Error"] = {
+                "comment": f"Referenced state {state}: {id_} does not exist",
+                "name": f"listen_{state}:{id_}", "result": False, "changes": {}}
+
+        watchers: list[dict[str, Any]] = []
+        for key, refs in listeners:
+            for ref in refs:
+                if not isinstance(ref, dict):
+                    hit = [c for c in self.chunks if ref in (c["__id__"], c["name"])]
+                    if not hit:
+                        continue
+                    ref = {hit[-1]["state"]: hit[-1]["__id__"]}
+                for lkey, lval in ref.items():
+                    targets = [c for cref, c in crefs.items() if cref[0] == lkey and lval in cref]
+                    if not targets:
+                        error(lkey, lval)
+                        continue
+                    for target in targets:
+                        tret = self.running.get(gen_tag(target))
+                        if not tret or not tret["changes"]:
+                            continue
+                        mine = [c for cref, c in crefs.items()
+                                if cref[0] == key[0] and key[1] in cref]
+                        if not mine:
+                            error(key[0], key[1])
+                            continue
+                        for chunk in mine:
+                            low = {k: v for k, v in chunk.items()
+                                   if k not in REQUISITE_KEYWORDS}
+                            low.update(sfun=chunk["fun"], fun="mod_watch",
+                                       __id__=f"listener_{chunk['__id__']}")
+                            watchers.append(low)
+        for low in watchers:
+            tag = gen_tag(low)
+            if tag not in self.running:
+                self.running[tag] = self._call(low)
+        for tag, err in errors.items():
+            err["__run_num__"] = self.run_num
+            self.run_num += 1
+            self.running[tag] = err
 
     def _check_failhard(self, low: Mapping[str, Any]) -> bool:
         if self.base.test:
@@ -310,7 +375,7 @@ class Runner:
 
     def _invoke(self, func: Callable[..., dict[str, Any]], full: str,
                 low: dict[str, Any]) -> dict[str, Any]:
-        if low["fun"] != "mod_watch" and any(k in low for k in ("onlyif", "unless", "creates")):
+        if any(k in low for k in ("onlyif", "unless", "creates")):  # mod_watch too, as Salt
             skipped = self._run_check(low)
             if skipped is not None:
                 skipped.update({"name": low["name"], "changes": {}})

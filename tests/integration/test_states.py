@@ -123,6 +123,18 @@ set-port:
     - repl: 'port = 8080'
     - require:
       - file: cfg-file
+listener:
+  cmd.run:
+    - name: echo heard >> @OUT@/heard
+    - unless: grep -q 8080 @OUT@/heard
+    - listen:
+      - file: cfg-file
+listen-in-source:
+  test.succeed_with_changes:
+    - listen_in:
+      - test: listen-target
+listen-target:
+  test.nop: []
 echo-it:
   module.run:
     - test.echo:
