@@ -427,3 +427,34 @@ def test_user_and_group_present_absent(tmp_path: Path) -> None:
         subprocess.run(["userdel", "-r", user], capture_output=True, check=False)
         subprocess.run(["groupdel", user], capture_output=True, check=False)
         subprocess.run(["groupdel", group], capture_output=True, check=False)
+
+
+def test_show_functions_single_and_template_salt_calls(tmp_path: Path) -> None:
+    from hamaster.minion.modules import state as state_mod
+
+    (tmp_path / "outside").write_text("secret")
+    files = {
+        "top.sls": "base:\n  '*':\n    - a\n",
+        "a.sls": "{% set who = salt['cmd.run']('echo from-cmd') %}\n"
+                 "x:\n  test.show_notification:\n    - text: {{ who }} {{ opts['id'] }}\n"
+                 "    - require_in:\n      - test: y\n"
+                 "y:\n  test.nop: []\n",
+    }
+    system = _system(tmp_path, files)
+    (tmp_path / "roots" / "link.sls").symlink_to(tmp_path / "outside")
+    ctx = system.ctx
+    assert state_mod.show_top(ctx) == {"base": ["a"]}
+    high = state_mod.show_sls(ctx, "a")
+    assert high["x"]["test"][0] == {"text": "from-cmd m1"} and high["x"]["__sls__"] == "a"
+    low = state_mod.show_lowstate(ctx)
+    assert [c["__id__"] for c in low] == ["x", "y"]
+    assert low[1]["require"] == [{"test": "x"}]
+    assert state_mod.show_highstate(ctx).keys() == high.keys()
+    ret = state_mod.single(ctx, "file.managed", str(tmp_path / "single.txt"), contents="hi")
+    assert ctx.retcode == 0 and (tmp_path / "single.txt").read_text() == "hi\n"
+    (tag, r), = ret.items()
+    assert tag == f"file_|-{tmp_path}/single.txt_|-{tmp_path}/single.txt_|-managed"
+    assert set(r) == RET_KEYS
+    # an sls symlinked out of the root is not readable
+    ret = state_mod.sls(ctx, "link")
+    assert ctx.retcode == 1 and ret == ["No matching sls found for 'link' in env 'base'"]
