@@ -190,7 +190,8 @@ def test_sys_list_functions(ctx: ExecContext) -> None:
 
 
 def test_sys_list_modules_and_doc(ctx: ExecContext) -> None:
-    assert sys_mod.list_modules(ctx) == ["cmd", "cp", "grains", "mine", "pillar", "sys", "test"]
+    assert sys_mod.list_modules(ctx) == ["cmd", "cp", "grains", "mine", "pillar", "state", "sys",
+                                         "test"]
     docs = sys_mod.doc(ctx, "test.echo")
     assert list(docs) == ["test.echo"] and "unchanged" in docs["test.echo"]
 
