@@ -74,7 +74,8 @@ class StateSystem:
         self.local = local
         self.saltenv = saltenv or opts.get("saltenv") or "base"
         self.test = bool(opts.get("test", False)) if test is None else bool(test)
-        self.source = source_for(opts, exec_ctx.fetch_file, local)
+        self.source = source_for(opts, exec_ctx.fetch_file, local,
+                                 getattr(exec_ctx, "master_request", None))
         base_pillar = exec_ctx.pillar
         if local and not base_pillar:
             base_pillar = _local_pillar(opts, exec_ctx.minion_id, exec_ctx.grains)
@@ -122,7 +123,8 @@ class StateSystem:
     def base_run(self) -> StateRun:
         """The StateRun template handed to each state function."""
         return StateRun(exec_ctx=self.ctx, test=self.test, saltenv=self.saltenv,
-                        read=self.source.read, render=self._render_template)
+                        read=self.source.read, render=self._render_template,
+                        list_files=self.source.list_files)
 
     def run_chunks(self, chunks: list[dict[str, Any]], graph: Any) -> tuple[dict[str, Any], int]:
         """Run ordered chunks; the Salt return and its retcode."""

@@ -57,6 +57,8 @@ class StateRun:
     read: Callable[[str, str], bytes | None]
     render: Callable[[bytes, str, str, str, Mapping[str, Any] | None], Any]
     low: dict[str, Any] = field(default_factory=dict)
+    #: ``(salt://dir, saltenv) -> [relative file paths]`` (file.recurse).
+    list_files: Callable[[str, str], list[str]] | None = None
 
     def call(self, fun: str, *args: Any, **kwargs: Any) -> Any:
         """Call an execution-module function of this minion (``salt['mod.fun']``)."""
@@ -402,5 +404,6 @@ class Runner:
                     "comment": f"Missing parameter {missing[0]} for state {full}"}
         run = StateRun(exec_ctx=self.base.exec_ctx, test=bool(low.get("test", self.base.test)),
                        saltenv=str(low.get("__env__") or self.base.saltenv),
-                       read=self.base.read, render=self.base.render, low=low)
+                       read=self.base.read, render=self.base.render, low=low,
+                       list_files=self.base.list_files)
         return func(run, **kwargs)

@@ -62,16 +62,32 @@ class Source:
         """The saltenvs this source knows (for a highstate's top files)."""
         return ["base"]
 
+    def list_files(self, prefix: str, saltenv: str = "base") -> list[str]:
+        """Relative paths of the files under directory ``prefix`` (``salt://dir``), sorted."""
+        return []
+
 
 class RemoteSource(Source):
-    """Files from the masters' file server (``fetch(url, saltenv)``, the minion's file client)."""
+    """Files from the masters' file server (``fetch(url, saltenv)``, the minion's file client;
+    ``request(load)`` for ``_file_list``)."""
 
-    def __init__(self, fetch: Callable[[str, str], bytes | None]) -> None:
+    def __init__(self, fetch: Callable[[str, str], bytes | None],
+                 request: Callable[[dict[str, Any]], Any] | None = None) -> None:
         super().__init__()
         self._fetch = fetch
+        self._request = request
 
     def _read(self, rel: str, saltenv: str) -> bytes | None:
         return self._fetch(f"salt://{rel}", saltenv)
+
+    def list_files(self, prefix: str, saltenv: str = "base") -> list[str]:
+        rel = clean_rel(prefix)
+        if rel is None or self._request is None:
+            return []
+        found = self._request({"cmd": "_file_list", "saltenv": saltenv, "prefix": rel})
+        if not isinstance(found, list):
+            return []
+        return sorted(str(f) for f in found if str(f).startswith(rel + "/"))
 
 
 class LocalSource(Source):
@@ -98,10 +114,22 @@ class LocalSource(Source):
     def envs(self) -> list[str]:
         return list(self._roots) or ["base"]
 
+    def list_files(self, prefix: str, saltenv: str = "base") -> list[str]:
+        from hamaster.fileroots.beneath import walk_files
+
+        rel = clean_rel(prefix)
+        if rel is None:
+            return []
+        out: set[str] = set()
+        for base in self._roots.get(saltenv, []):
+            for path, _fd, _st in walk_files(base, prefix=rel.split("/")):
+                out.add(f"{rel}/{path}")
+        return sorted(out)
+
 
 def source_for(opts: Mapping[str, Any], fetch: Callable[[str, str], bytes | None] | None,
-               local: bool) -> Source:
+               local: bool, request: Callable[[dict[str, Any]], Any] | None = None) -> Source:
     """The source a run uses: local ``file_roots`` when ``local`` (or no file client)."""
     if local or fetch is None:
         return LocalSource(opts.get("file_roots") or {"base": ["/srv/salt"]})
-    return RemoteSource(fetch)
+    return RemoteSource(fetch, request)
