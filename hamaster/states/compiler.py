@@ -36,10 +36,11 @@ REQUISITE_WEIGHTS: dict[str, int] = {
     "onchanges": 5, "onchanges_any": 6, "watch": 7, "watch_any": 8, "prereq": 9,
     "prerequired": 10, "listen": 11,
 }
-#: Requisites that order and gate execution (``listen``/``prereq`` are not supported yet).
+#: Requisites that order and gate execution (``listen`` runs after the run; ``prereq`` is
+#: added by :meth:`RequisiteGraph.add_prereqs`).
 DAG_REQUISITES = ("require", "require_any", "watch", "watch_any", "onfail", "onfail_any",
                   "onfail_all", "onchanges", "onchanges_any")
-REQUISITE_IN = {f"{r}_in": r for r in ("require", "watch", "onchanges", "onfail")}
+REQUISITE_IN = {f"{r}_in": r for r in ("require", "watch", "onchanges", "onfail", "prereq")}
 REQUISITE_KEYS = frozenset(REQUISITE_WEIGHTS) | frozenset(REQUISITE_IN) | {
     "prereq_in", "listen_in", "use", "use_in"}
 
@@ -464,6 +465,11 @@ class StateCompiler:
             elif isinstance(chunk.get("order"), int) and not isinstance(chunk["order"], bool):
                 if chunk["order"] > cap - 1 and chunk["order"] > 0:
                     cap = chunk["order"] + 100
+        if not errors:
+            for chunk in chunks:
+                error = graph.add_prereqs(chunk)
+                if error:
+                    errors.append(error)
         if errors:
             return [], errors, graph
         ordered = graph.topo_order(cap)
@@ -482,6 +488,8 @@ class RequisiteGraph:
         self.lookup: dict[tuple[str, str], list[str]] = {}
         self.sls_nodes: dict[str, list[str]] = {}
         self._child_min: dict[str, float] = {}
+        #: prerequiring chunk tag -> tags of the chunks it prereqs (checked in test mode first)
+        self.prereqs: dict[str, list[str]] = {}
 
     def add_chunk(self, low: dict[str, Any]) -> None:
         """Add one chunk as a node, indexed by (state, name/id), (id, name/id) and sls."""
@@ -557,6 +565,32 @@ class RequisiteGraph:
                 for req_tag in targets:
                     self.out_edges[req_tag].append((tag, rtype))
                     self.in_edges[tag].append((req_tag, rtype))
+        return None
+
+    def add_prereqs(self, low: dict[str, Any]) -> str | None:
+        """``prereq: [Y]`` on X: X runs before Y (Y requires X) and after Y's own
+        requisites (``prerequired`` ordering edges); the runner checks Y in test mode first."""
+        refs = low.get("prereq")
+        if not refs:
+            return None
+        tag = gen_tag(low)
+        for ref in refs if isinstance(refs, list) else [refs]:
+            key, val = self._ref(ref)
+            if not isinstance(val, str):
+                continue
+            targets = self._targets(key, val)
+            if not targets:
+                return ("Referenced state does not exist for requisite "
+                        f"[prereq: ({key}: {val})] in state [{low['name']}] in SLS "
+                        f"[{low.get('__sls__')}]")
+            for req_tag in targets:
+                for src, _rtype in list(self.in_edges[req_tag]):
+                    if src != tag:
+                        self.out_edges[src].append((tag, "prerequired"))
+                        self.in_edges[tag].append((src, "prerequired"))
+                self.out_edges[tag].append((req_tag, "require"))
+                self.in_edges[req_tag].append((tag, "require"))
+                self.prereqs.setdefault(tag, []).append(req_tag)
         return None
 
     def dependencies(self, low: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:

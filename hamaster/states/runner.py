@@ -69,6 +69,11 @@ class StateRun:
         return func(self.exec_ctx, *args, **kwargs)
 
 
+def rtype_is_pre(req: Mapping[str, Any], low: Mapping[str, Any], graph: RequisiteGraph) -> bool:
+    """Whether ``req`` is one of the chunks ``low`` prereqs (its result is a test run)."""
+    return gen_tag(req) in graph.prereqs.get(gen_tag(low), [])
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(tz=datetime.UTC)
 
@@ -92,6 +97,8 @@ class Runner:
         self.failhard = failhard
         self.run_num = 0
         self.running: dict[str, dict[str, Any]] = {}
+        #: test-mode results of prereq'd states, by tag
+        self.pre: dict[str, dict[str, Any]] = {}
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -194,7 +201,8 @@ class Runner:
             failed = []
             for req_lows in reqs.values():
                 for rl in req_lows:
-                    rret = self.running.get(gen_tag(rl))
+                    rret = self.pre.get(gen_tag(rl)) if rtype_is_pre(rl, low, self.graph) \
+                        else self.running.get(gen_tag(rl))
                     if rret is not None and rret["result"] is False:
                         key = f"{rl.get('__sls__')}.{rl['__id__']}"
                         if key not in failed:
@@ -217,6 +225,8 @@ class Runner:
                 wlow["__reqs__"] = reqs
                 ret = self._call(wlow, tag_low=low)
             self.running[tag] = ret
+        elif status == "pre":
+            self._not_run(low, True, "No changes detected")
         elif status == "onfail":
             self._not_run(low, True, "State was not run because onfail req did not change")
         elif status == "onchanges":
@@ -229,9 +239,22 @@ class Runner:
     def _check_requisites(self, low: Mapping[str, Any]) -> tuple[str, dict[str, list]]:
         reqs: dict[str, list[dict[str, Any]]] = {}
         for rtype, chunk in self.graph.dependencies(low):
+            if rtype == "prerequired":  # ordering only
+                if gen_tag(chunk) not in self.running:
+                    return "unmet", reqs
+                continue
             reqs.setdefault(rtype, []).append(chunk)
         fun_stats: set[str] = set()
+        for req_tag in self.graph.prereqs.get(gen_tag(low), []):
+            req_low = self.graph.nodes[req_tag]
+            reqs.setdefault("prereq", []).append(req_low)
+            if req_tag not in self.pre:
+                self.pre[req_tag] = self._call(req_low, force_test=True, count=False)
+            result = self.pre[req_tag]["result"]
+            fun_stats.add("fail" if result is False else "premet" if result is None else "pre")
         for r_type, chunks in reqs.items():
+            if r_type == "prereq":
+                continue
             stats: set[str] = set()
             base = re.sub(r"_any$|_all$", "", r_type)
             for chunk in chunks:
@@ -278,6 +301,8 @@ class Runner:
             status = "skip_req"
         elif "skip_req" in fun_stats and "change" in fun_stats:
             status = "skip_watch"
+        elif "pre" in fun_stats:
+            status = "met" if "premet" in fun_stats else "pre"
         elif "onfail" in fun_stats and "onchangesmet" not in fun_stats:
             status = "onfail"
         elif "onchanges" in fun_stats and "onchangesmet" not in fun_stats:
@@ -342,8 +367,8 @@ class Runner:
                         "result": True}
         return None
 
-    def _call(self, low: dict[str, Any], tag_low: Mapping[str, Any] | None = None
-              ) -> dict[str, Any]:
+    def _call(self, low: dict[str, Any], tag_low: Mapping[str, Any] | None = None,
+              force_test: bool = False, count: bool = True) -> dict[str, Any]:
         start = _now()
         full = f"{low['state']}.{low['fun']}"
         func = self.functions.get(full)
@@ -353,7 +378,7 @@ class Runner:
                    "comment": f"State '{full}' was not found in SLS '{low.get('__sls__')}'\n"}
         else:
             try:
-                ret = self._invoke(func, full, low)
+                ret = self._invoke(func, full, low, force_test)
             except Exception as exc:
                 log.debug("state %s raised", full, exc_info=True)
                 ret = {"result": False, "name": low["name"], "changes": {},
@@ -368,6 +393,8 @@ class Runner:
         if isinstance(ret["comment"], list):
             ret["comment"] = "\n".join(str(c) for c in ret["comment"])
         src = tag_low or low
+        if not count:  # a prereq's test-mode check: not part of the run's output
+            return ret
         ret["__sls__"] = src.get("__sls__")
         ret["__run_num__"] = self.run_num
         self.run_num += 1
@@ -376,7 +403,7 @@ class Runner:
         return ret
 
     def _invoke(self, func: Callable[..., dict[str, Any]], full: str,
-                low: dict[str, Any]) -> dict[str, Any]:
+                low: dict[str, Any], force_test: bool = False) -> dict[str, Any]:
         if any(k in low for k in ("onlyif", "unless", "creates")):  # mod_watch too, as Salt
             skipped = self._run_check(low)
             if skipped is not None:
@@ -402,7 +429,8 @@ class Runner:
         if missing:
             return {"result": False, "name": low["name"], "changes": {},
                     "comment": f"Missing parameter {missing[0]} for state {full}"}
-        run = StateRun(exec_ctx=self.base.exec_ctx, test=bool(low.get("test", self.base.test)),
+        test = force_test or bool(low.get("test", self.base.test))
+        run = StateRun(exec_ctx=self.base.exec_ctx, test=test,
                        saltenv=str(low.get("__env__") or self.base.saltenv),
                        read=self.base.read, render=self.base.render, low=low,
                        list_files=self.base.list_files)

@@ -154,6 +154,26 @@ notify:
 """,
     "site/index.html": "hello {{ grains['id'] }}\n",
     "site/sub/a.txt": "a\n",
+    "prereq.sls": """pre-file:
+  file.managed:
+    - name: @OUT@/pre/pre.txt
+    - contents: v1
+    - require:
+      - file: pre-dir
+pre-dir:
+  file.directory:
+    - name: @OUT@/pre
+    - makedirs: True
+before-change:
+  cmd.run:
+    - name: echo before >> @OUT@/before.log
+    - prereq:
+      - file: pre-file
+announce:
+  test.succeed_without_changes:
+    - prereq_in:
+      - file: pre-file
+""",
     "cycle.sls": """self-ref:
   file.absent:
     - name: @OUT@/x
@@ -223,7 +243,10 @@ def _summary(ret: dict[str, dict], out: Path) -> list[tuple]:
         norm = tag.replace(str(out), "@OUT@")
         comment = re.sub(r"\s+", " ", str(r["comment"]).replace(str(out), "@OUT@")).strip()
         if norm.endswith("_|-recurse"):  # Salt lists its directories from a set: any order
-            comment = " ".join(sorted(comment.split("####")))
+            parts = [p.strip() for p in comment.split("####")]
+            pairs = zip(parts[1::2], parts[2::2], strict=False)
+            comment = " | ".join(sorted(f"{h}: {b}" for h, b in pairs))
+            comment = comment or parts[0]
         rows.append((norm, r["result"],
                      sorted(k.replace(str(out), "@OUT@") for k in r["changes"]), comment,
                      sorted(r)))
@@ -275,7 +298,9 @@ def test_differential_against_salt_call_local(tmp_path: Path) -> None:
     sconf, sout = _local_setup(tmp_path, "salt")
     for args in (("state.apply", "test=True"), ("state.apply",), ("state.apply",),
                  ("state.apply", "broken"), ("state.apply", "extras", "test=True"),
-                 ("state.apply", "extras"), ("state.apply", "extras"), ("state.apply", "cycle")):
+                 ("state.apply", "extras"), ("state.apply", "extras"), ("state.apply", "cycle"),
+                 ("state.apply", "prereq", "test=True"), ("state.apply", "prereq"),
+                 ("state.apply", "prereq")):
         ours, orc = _hamaster_call(hconf, *args)
         theirs, src = _call([str(salt_call)], sconf, *args)
         if isinstance(theirs, list):  # compile errors: Salt's list of strings

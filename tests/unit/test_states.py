@@ -458,3 +458,25 @@ def test_show_functions_single_and_template_salt_calls(tmp_path: Path) -> None:
     # an sls symlinked out of the root is not readable
     ret = state_mod.sls(ctx, "link")
     assert ctx.retcode == 1 and ret == ["No matching sls found for 'link' in env 'base'"]
+
+
+def test_prereq_runs_first_only_when_the_target_would_change(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    sls = """
+target:
+  file.managed:
+    - name: @OUT@/t.txt
+    - contents: v1
+before:
+  cmd.run:
+    - name: test -e @OUT@/t.txt || echo before-create >> @OUT@/log
+    - prereq:
+      - file: target
+"""
+    ret, rc = _system(tmp_path, {"p.sls": sls}).apply(["p"])
+    assert rc == 0 and _ids(ret) == ["before", "target"]
+    assert (tmp_path / "out" / "log").read_text() == "before-create\n"
+    ret, rc = _system(tmp_path, {"p.sls": sls}).apply(["p"])
+    by_id = {v["__id__"]: v for v in ret.values()}
+    assert by_id["before"]["comment"] == "No changes detected" and not by_id["before"]["changes"]
+    assert (tmp_path / "out" / "log").read_text() == "before-create\n"

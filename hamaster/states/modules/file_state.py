@@ -252,8 +252,7 @@ def directory(run: StateRun, name: str, user: str | None = None, group: str | No
             _apply_perms(name, perm)
         except (OSError, KeyError) as exc:
             return {**ret, "result": False, "comment": f"Failed to create directory {name}: {exc}"}
-        return {**ret, "changes": {name: {"directory": "new"}},
-                "comment": f"Directory {name} updated"}
+        return {**ret, "changes": {name: {"directory": "new"}}, "comment": ""}  # Salt: no comment
     try:
         perm = _perm_changes(name, user, group, nmode)
     except ValueError as exc:
