@@ -344,6 +344,14 @@ def test_state_apply_through_either_master(state_cluster: dict[str, Any],
     assert (out / "app" / "app.conf").read_text() == "port=8080\nuser=www-data\nid=web1\n"
     ret, rc = _apply(cluster, 1)
     assert rc == 0 and not [r for r in ret.values() if r["changes"]], ret
+    # hamaster-call without --local: the sls tree and pillar come from the masters
+    res = subprocess.run([str(BIN / "hamaster-call"), "-c", str(cluster.base / "minion-web1" /
+                          "conf"), "state.apply", "extras", "test=True", "--out", "json"],
+                         capture_output=True, text=True, timeout=120)
+    ret = json.loads(res.stdout)["local"]
+    site = ret[f"file_|-site_|-{out}/site_|-recurse"]  # listed through the master
+    assert site["result"] is None and f"{out}/site/sub/a.txt" in site["changes"], site
+    assert ret["module_|-echo-it_|-echo-it_|-run"]["comment"] == "Function test.echo to be executed."
     # file.recurse lists salt://site through the master's _file_list
     ret, rc = _apply(cluster, 0, "extras")
     assert rc == 0 and all(r["result"] is True for r in ret.values()), ret
