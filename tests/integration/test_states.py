@@ -174,6 +174,9 @@ announce:
     - prereq_in:
       - file: pre-file
 """,
+    "perminion.sls": "@OUT@/hosts/{{ grains['id'] }}.txt:\n  file.managed:\n"
+                     "    - contents: port {{ pillar['app']['port'] }} on {{ grains['id'] }}\n"
+                     "    - makedirs: True\n",
     "cycle.sls": """self-ref:
   file.absent:
     - name: @OUT@/x
@@ -322,9 +325,10 @@ def state_cluster(cluster: Cluster) -> dict[str, Any]:
                             "file_roots": {"base": [str(cluster.base / "no-local")]},
                             "pillar_roots": {"base": [str(cluster.base / "no-local")]}},
                            host=host)
-    cluster.add_minion("web1")
-    cluster.wait_all_answer(["web1"], master=0)
-    cluster.wait_all_answer(["web1"], master=1)
+    for mid in ("web1", "web2", "web3"):
+        cluster.add_minion(mid)
+    cluster.wait_all_answer(["web1", "web2", "web3"], master=0)
+    cluster.wait_all_answer(["web1", "web2", "web3"], master=1)
     return {"out": out}
 
 
@@ -361,6 +365,16 @@ def test_state_apply_through_either_master(state_cluster: dict[str, Any],
     assert rc != 0
     assert {r["__id__"]: r["result"] for r in ret.values()} == {
         "bad": False, "needs-bad": False, "rescue": True}
+    # three minions at once, through either master, pillar-driven content
+    for master, changed in ((0, True), (1, False)):
+        res = cluster.run("hamaster", "--out", "json", "--static", "-t", "60", "*",
+                          "state.apply", "perminion", master=master, timeout=120)
+        rets = json.loads(res.stdout)
+        assert sorted(rets) == ["web1", "web2", "web3"], res.stdout
+        for mid, ret in rets.items():
+            (r,) = ret.values()
+            assert r["result"] is True and bool(r["changes"]) is changed, (mid, r)
+            assert (out / "hosts" / f"{mid}.txt").read_text() == f"port 8080 on {mid}\n"
     res = cluster.run("hamaster", "--out", "highstate", "-t", "60", "web1", "state.apply",
                       "checks", master=1, timeout=120)
     assert "Succeeded: 3" in res.stdout and "Failed:    0" in res.stdout, res.stdout
