@@ -5,8 +5,9 @@
   modes, a second run with no changes, ``test=True`` changing nothing;
 * a differential run of stock ``salt-call --local`` 3008.5 (when its cached venv exists) on the
   same tree: same state keys in the same order, same results, changes keys and comments;
-* through two masters sharing ``ha_dir``: ``hamaster '*' state.apply`` on a hamaster minion reading
-  ``salt://`` from the masters' file server, again through the other master with no changes.
+* through two masters sharing ``ha_dir``: ``hamaster '*' state.apply`` on three hamaster minions
+  reading ``salt://`` from the masters' file server, again through the other master with no
+  changes; ``hamaster-call`` (not ``--local``) backed by the masters; the highstate outputter.
 """
 
 from __future__ import annotations
