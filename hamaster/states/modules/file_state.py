@@ -29,9 +29,7 @@ def _ret(name: str) -> dict[str, Any]:
 def _norm_mode(mode: Any) -> str | None:
     if mode is None or mode == "":
         return None
-    text = str(mode)
-    if isinstance(mode, int) and not isinstance(mode, bool):
-        text = str(mode)  # YAML 644 -> int 644: Salt reads the digits as octal
+    text = str(mode)  # YAML 644 and 0644 are the int 644: the digits are read as octal
     text = text.lstrip("0") or "0"
     return text.rjust(4, "0")
 
@@ -212,8 +210,6 @@ def managed(run: StateRun, name: str, source: Any = None, source_hash: str = "",
         if "diff" in changes:
             keep = int(_cur_mode(name), 8) if exists else None
             _write_atomic(name, data or b"", int(nmode, 8) if nmode else keep)
-            if exists and "user" not in perm and "group" not in perm and not os.geteuid():
-                pass
         _apply_perms(name, perm)
     except OSError as exc:
         return {**ret, "result": False, "comment": f"Unable to manage file: {exc}"}
