@@ -278,6 +278,10 @@ MINION_DEFAULTS: dict[str, Any] = {
     "file_client": "remote",
     "multiprocessing": False,
     "swarm_count": 0,
+    "file_roots": {"base": ["/srv/salt"]},
+    "pillar_roots": {"base": ["/srv/pillar"]},
+    "failhard": False,
+    "test": False,
 }
 
 MINION_TYPES: dict[str, _Spec] = {
@@ -315,6 +319,14 @@ MINION_TYPES: dict[str, _Spec] = {
     "file_client": STR,
     "multiprocessing": BOOL,
     "swarm_count": INT,
+    # states (hamaster/states/): masterless roots and run options
+    "file_roots": ROOTS,
+    "pillar_roots": ROOTS,
+    "renderer": STR,
+    "state_top": STR,
+    "saltenv": STR_OR_NONE,
+    "failhard": BOOL,
+    "test": BOOL,
 }
 
 #: Options holding a filesystem path that is re-rooted under ``root_dir``.

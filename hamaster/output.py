@@ -1,4 +1,5 @@
-"""CLI outputters shaped like Salt's: ``nested``, ``json``, ``yaml``, ``txt``, ``raw``, ``quiet``.
+"""CLI outputters shaped like Salt's: ``nested``, ``json``, ``yaml``, ``txt``, ``raw``, ``quiet``,
+``highstate`` (state runs; :mod:`hamaster.states.output`).
 
 :func:`render` takes ``{minion_id: return}`` (one minion or many) and returns the text to print.
 Values that JSON/YAML cannot represent are turned into strings; bytes are decoded as UTF-8.
@@ -15,7 +16,7 @@ import yaml
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("nested", "json", "yaml", "txt", "raw", "quiet")
+FORMATS = ("nested", "json", "yaml", "txt", "raw", "quiet", "highstate")
 
 
 class _Colors:
@@ -151,6 +152,10 @@ def render(data: Mapping[str, Any], fmt: str, *, static: bool = False, color: bo
         return repr(dict(data))
     if fmt == "quiet":
         return ""
+    if fmt == "highstate":
+        from hamaster.states.output import render_highstate
+
+        return render_highstate(data, color=color)
     raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 

@@ -27,8 +27,9 @@ examples:
   hamaster-call --local sys.doc test
 
 exit status:
-  0 on success; 1 when the function is not available, got invalid arguments, raised, or
-  returned a dict with result/success false; with --retcode-passthrough the function's own
+  0 on success; 1 when the function is not available, got invalid arguments, raised, set a
+  non-zero return code (a failed command or state) or returned a dict with result/success
+  false; with --retcode-passthrough the function's own
   return code (e.g. the exit code of cmd.run); 2 on usage or configuration errors.
 """
 
@@ -71,11 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _exit_status(result: Any, passthrough: bool) -> int:
-    """salt-call's rule: errors exit 1; the function's own retcode only with passthrough."""
+    """salt-call's rule: errors and a non-zero retcode exit 1; the function's own retcode
+    only with passthrough."""
     if passthrough:
         return int(result.retcode)
-    if getattr(result, "error", None):
-        return 1
+    if getattr(result, "error", None) or result.retcode:
+        return 1  # salt-call exits EX_GENERIC for any non-zero retcode (a failed state too)
     ret = result.ret
     if isinstance(ret, dict) and (ret.get("result") is False or ret.get("success") is False):
         return 1

@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gather-job-timeout", type=float, default=None, metavar="SECONDS",
                    help="seconds between saltutil.find_job probes (default: the config's "
                         "`gather_job_timeout`, 10; 0: no probes, give up after -t)")
-    p.add_argument("--out", default=None, choices=["nested", "json", "yaml", "txt", "raw", "quiet"],
-                   help="output format (default: nested)")
+    p.add_argument("--out", default=None, choices=["nested", "json", "yaml", "txt", "raw", "quiet", "highstate"],
+                   help="output format (default: what the function declares, e.g. highstate "
+                        "for state.apply, else nested)")
     p.add_argument("-s", "--static", action="store_true",
                    help="print all returns at the end as one document")
     p.add_argument("--async", dest="async_", action="store_true", help="publish and print the jid without waiting")
@@ -188,6 +189,8 @@ class Printer:
 
     def ret(self, mid: str, ret: dict) -> None:
         """One minion's return."""
+        if self.args.out is None and isinstance(ret, dict) and ret.get("out") == "highstate":
+            self.out = "highstate"  # the minion's declared outputter, as salt does
         self._show(mid, ret.get("return") if isinstance(ret, dict) else ret, _retcode(ret), None)
 
     def missing(self, mid: str, reason: str, jid: str) -> None:

@@ -206,6 +206,9 @@ class Minion:
         }
         if load.get("master_id"):
             ret["master_id"] = load["master_id"]
+        out = self.registry.outputter(fun)
+        if out:
+            ret["out"] = out
         await self._send_return(origin, ret)
 
     async def _send_return(self, origin: MasterConnection, ret: dict) -> None:

@@ -207,8 +207,21 @@ def core_grains(minion_id: str | None) -> dict[str, Any]:
         grains["machine_id"] = machine_id
     grains.update(os_grains(parse_os_release(_read_text("/etc/os-release")
                                              or _read_text("/usr/lib/os-release"))))
+    grains["osarch"] = _osarch(uname.machine, grains.get("os_family"))
     grains.update(_user_grains())
     return grains
+
+
+#: Debian's architecture names for ``uname -m`` (what ``dpkg --print-architecture`` says).
+_DEB_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "armhf", "i686": "i386",
+             "i386": "i386", "ppc64le": "ppc64el", "s390x": "s390x", "riscv64": "riscv64"}
+
+
+def _osarch(machine: str, os_family: Any) -> str:
+    """Salt's ``osarch``: the package architecture (Debian names on the Debian family)."""
+    if os_family == "Debian":
+        return _DEB_ARCH.get(machine, machine)
+    return machine
 
 
 def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -59,7 +59,11 @@ async def _call(opts: dict, fun: str, arg: list) -> ExecResult:
         def fetch(path: str, saltenv: str) -> bytes | None:
             return asyncio.run_coroutine_threadsafe(fetch_file(live, path, saltenv), loop).result(timeout=300)
 
-        ectx = ExecContext(opts=opts, grains=grains, minion_id=mid, jid=None, pillar=pillar, fetch_file=fetch)
+        def request(load: dict) -> object:  # e.g. _file_list for file.recurse
+            return asyncio.run_coroutine_threadsafe(live[0].request(load), loop).result(timeout=120)
+
+        ectx = ExecContext(opts=opts, grains=grains, minion_id=mid, jid=None, pillar=pillar, fetch_file=fetch,
+                           master_request=request)
         registry = FunctionRegistry()
         ectx.registry = registry
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:

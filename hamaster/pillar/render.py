@@ -60,6 +60,15 @@ class _YamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignor
     """Safe YAML that refuses duplicate keys (as Salt's loader does) and keeps timestamps as
     strings (they would not survive the msgpack wire)."""
 
+    def construct_scalar(self, node: yaml.Node) -> Any:
+        """Integers with leading zeros are decimal, as in Salt's loader (``mode: 0644`` is
+        644, not octal 420)."""
+        if (node.tag == "tag:yaml.org,2002:int" and isinstance(node.value, str)
+                and node.value.startswith("0") and node.value != "0"
+                and not node.value.startswith(("0b", "0x", "0o"))):
+            node.value = node.value.lstrip("0") or "0"
+        return super().construct_scalar(node)
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         if not isinstance(node, yaml.MappingNode):
             raise yaml.constructor.ConstructorError(
@@ -316,6 +325,11 @@ class Renderer:
             value = self._step(name, value, ctx, env)
         return value
 
+    def render_jinja(self, text: str, ctx: RenderContext, env: jinja2.Environment) -> str:
+        """Render ``text`` as one Jinja template (``file.managed`` with ``template: jinja``);
+        raises :class:`RenderError`."""
+        return self._jinja(text, ctx, env)
+
     def _step(self, name: str, value: Any, ctx: RenderContext, env: jinja2.Environment) -> Any:
         if name == "jinja":
             if not isinstance(value, str):
@@ -362,7 +376,7 @@ class Renderer:
         except jinja2.TemplateSyntaxError as exc:
             raise RenderError(f"Jinja syntax error: {exc.message}; line {exc.lineno}") from None
         except jinja2.TemplateNotFound as exc:
-            raise RenderError(f"Jinja error: template {exc.name!r} not found in the pillar "
+            raise RenderError(f"Jinja error: template {exc.name!r} not found in the "
                               "tree") from None
         except jinja2.exceptions.SecurityError as exc:
             raise RenderError(f"Jinja sandbox refused: {exc}") from None

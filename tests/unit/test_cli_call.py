@@ -48,8 +48,8 @@ def test_options_after_function_and_without_passthrough(confdir: Path) -> None:
     proc = _call(confdir, "--local", "cmd.run", "echo hi; exit 3", "--retcode-passthrough")
     assert proc.returncode == 3
     assert proc.stdout == "local:\n    hi\n"
-    # without passthrough a function's own non-zero retcode does not fail salt-call
-    assert _call(confdir, "--local", "cmd.run", "exit 3").returncode == 0
+    # without passthrough a non-zero retcode exits 1, as salt-call 3008.5 does (checked)
+    assert _call(confdir, "--local", "cmd.run", "exit 3").returncode == 1
 
 
 def test_json_output_with_kwargs_and_grains(confdir: Path) -> None:

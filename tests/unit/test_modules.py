@@ -204,7 +204,7 @@ def test_sys_list_functions(ctx: ExecContext) -> None:
 
 def test_sys_list_modules_and_doc(ctx: ExecContext) -> None:
     assert sys_mod.list_modules(ctx) == [
-        "cmd", "cp", "event", "grains", "mine", "pillar", "saltutil", "sys", "test"]
+        "cmd", "cp", "event", "grains", "mine", "pillar", "saltutil", "state", "sys", "test"]
     docs = sys_mod.doc(ctx, "test.echo")
     assert list(docs) == ["test.echo"] and "unchanged" in docs["test.echo"]
 

@@ -20,6 +20,7 @@ DEFAULT_MODULES: tuple[tuple[str, str], ...] = (
     ("mine", "hamaster.minion.modules.mine"),
     ("pillar", "hamaster.minion.modules.pillar"),
     ("saltutil", "hamaster.minion.modules.saltutil"),
+    ("state", "hamaster.minion.modules.state"),
     ("sys", "hamaster.minion.modules.sys"),
     ("test", "hamaster.minion.modules.test"),
 )
@@ -73,6 +74,19 @@ class FunctionRegistry:
     def get(self, name: str) -> Callable[..., Any] | None:
         """Return the function registered as ``name`` or None."""
         return self._functions.get(name)
+
+    def outputter(self, name: str) -> str | None:
+        """The outputter a module declares for ``name`` (Salt's ``__outputter__``, e.g.
+        ``highstate`` for ``state.apply``), sent as ``out`` in the job's return."""
+        import sys
+
+        func = self._functions.get(name)
+        if func is None:
+            return None
+        table = getattr(sys.modules.get(func.__module__), "__outputter__", None)
+        if not isinstance(table, dict):
+            return None
+        return table.get(name.split(".", 1)[1])
 
     def names(self) -> list[str]:
         """Return all registered ``mod.fun`` names, sorted."""

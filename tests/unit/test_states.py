@@ -1,0 +1,482 @@
+"""The state compiler and runner in-process on local file_roots (issue #16).
+
+Real files in a temporary tree and real commands (``/bin/sh``); no mocks. Each test writes a
+small sls tree, applies it through :class:`hamaster.states.apply.StateSystem` and checks Salt's
+semantics: order, requisites, names, include/extend, failhard, test mode and the return shape.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hamaster.minion.modules.context import ExecContext
+from hamaster.minion.modules.registry import FunctionRegistry
+from hamaster.states.apply import StateSystem
+
+RET_KEYS = {"name", "changes", "result", "comment", "__sls__", "__run_num__", "start_time",
+            "duration", "__id__"}
+
+
+def _system(tmp_path: Path, files: dict[str, str], test: bool = False,
+            opts: dict[str, Any] | None = None) -> StateSystem:
+    roots = tmp_path / "roots"
+    for rel, text in files.items():
+        p = roots / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text.replace("@OUT@", str(tmp_path / "out")))
+    o = {"id": "m1", "file_client": "local", "file_roots": {"base": [str(roots)]},
+         "pillar_roots": {}}
+    o.update(opts or {})
+    ctx = ExecContext(opts=o, grains={"id": "m1", "os_family": "Debian", "os": "Debian"},
+                      minion_id="m1", registry=FunctionRegistry(), pillar={"who": "pillar"})
+    return StateSystem(ctx, test=test)
+
+
+def _by_run(ret: dict[str, dict]) -> list[tuple[str, dict]]:
+    return sorted(ret.items(), key=lambda kv: kv[1]["__run_num__"])
+
+
+def _ids(ret: dict[str, dict]) -> list[str]:
+    return [v["__id__"] for _, v in _by_run(ret)]
+
+
+def test_definition_order_order_key_and_require_reorders(tmp_path: Path) -> None:
+    sls = """
+a:
+  test.succeed_without_changes
+b:
+  test.succeed_without_changes:
+    - require:
+      - test: c
+c:
+  test.succeed_without_changes
+z:
+  test.succeed_without_changes:
+    - order: 1
+last:
+  test.succeed_without_changes:
+    - order: last
+"""
+    ret, rc = _system(tmp_path, {"s.sls": sls}).apply(["s"])
+    assert rc == 0
+    assert _ids(ret) == ["z", "a", "c", "b", "last"]
+    tag = "test_|-a_|-a_|-succeed_without_changes"
+    assert set(ret[tag]) == RET_KEYS
+    assert ret[tag]["__sls__"] == "s" and ret[tag]["comment"] == "Success!"
+
+
+def test_names_include_relative_extend_and_multiple_modules(tmp_path: Path) -> None:
+    files = {
+        "pkg/init.sls": "include:\n  - .sub\nextend:\n  sub1:\n    test.show_notification:\n"
+                        "      - text: extended\n",
+        "pkg/sub.sls": "sub1:\n  test.show_notification:\n    - text: original\n"
+                       "multi:\n  test.nop:\n    - names: [n1, n2]\n"
+                       "both:\n  test.nop: []\n  file.absent:\n    - name: @OUT@/nothing\n",
+    }
+    ret, rc = _system(tmp_path, files).apply(["pkg"])
+    assert rc == 0, ret
+    assert ret["test_|-sub1_|-sub1_|-show_notification"]["comment"] == "extended"
+    assert "test_|-multi_|-n1_|-nop" in ret and "test_|-multi_|-n2_|-nop" in ret
+    assert "test_|-both_|-both_|-nop" in ret
+    assert f"file_|-both_|-{tmp_path}/out/nothing_|-absent" in ret
+    assert _ids(ret)[:3] == ["sub1", "multi", "multi"]
+
+
+def test_requisite_failure_onchanges_onfail_watch(tmp_path: Path) -> None:
+    sls = """
+bad:
+  test.fail_without_changes
+needs_bad:
+  test.nop:
+    - require:
+      - test: bad
+rescue:
+  test.succeed_without_changes:
+    - onfail:
+      - test: bad
+changed:
+  test.succeed_with_changes
+quiet:
+  test.succeed_without_changes
+on_changed:
+  test.nop:
+    - onchanges:
+      - test: changed
+on_quiet:
+  test.nop:
+    - onchanges:
+      - test: quiet
+watcher:
+  cmd.wait:
+    - name: echo fired > @OUT@/fired
+    - watch:
+      - test: changed
+no_watch:
+  cmd.wait:
+    - name: echo no > @OUT@/nofire
+    - watch:
+      - test: quiet
+feeder:
+  test.succeed_with_changes:
+    - require_in:
+      - test: fed
+    - watch_in:
+      - cmd: watcher
+fed:
+  test.nop
+"""
+    (tmp_path / "out").mkdir()
+    ret, rc = _system(tmp_path, {"r.sls": sls}).apply(["r"])
+    assert rc == 2
+    by_id = {v["__id__"]: v for v in ret.values()}
+    assert by_id["needs_bad"]["result"] is False
+    assert by_id["needs_bad"]["comment"] == "One or more requisite failed: r.bad"
+    assert by_id["rescue"]["result"] is True and by_id["rescue"]["comment"] == "Success!"
+    assert by_id["on_changed"]["comment"] == "Success!"
+    assert by_id["on_quiet"]["comment"] == ("State was not run because none of the onchanges "
+                                            "reqs changed")
+    assert (tmp_path / "out" / "fired").read_text() == "fired\n"
+    assert by_id["watcher"]["changes"]["retcode"] == 0
+    assert not (tmp_path / "out" / "nofire").exists()
+    ids = _ids(ret)
+    assert ids.index("feeder") < ids.index("fed")
+    assert ids.index("feeder") < ids.index("watcher")
+
+
+def test_failhard_stops_the_run_but_not_in_test_mode(tmp_path: Path) -> None:
+    sls = "one:\n  test.nop\nboom:\n  test.fail_without_changes:\n    - failhard: True\n" \
+          "after:\n  test.nop\n"
+    ret, rc = _system(tmp_path, {"f.sls": sls}).apply(["f"])
+    assert rc == 2 and _ids(ret) == ["one", "boom"]
+    ret, rc = _system(tmp_path, {"f.sls": sls}, test=True).apply(["f"])
+    assert rc == 0 and _ids(ret) == ["one", "boom", "after"]
+
+
+def test_file_states_test_mode_apply_and_idempotence(tmp_path: Path) -> None:
+    files = {
+        "web/map.jinja": "{% import_yaml 'web/defaults.yaml' as d %}\n"
+                         "{% set web = salt['grains.filter_by']({'Debian': {'user': 'www'},"
+                         " 'RedHat': {'user': 'apache'}}, merge=d.web) %}\n",
+        "web/defaults.yaml": "web:\n  port: 8080\n  root: @OUT@/www\n",
+        "web/conf.j2": "port={{ port }} user={{ user }} who={{ pillar['who'] }}\n",
+        "web/init.sls": """{% from 'web/map.jinja' import web with context %}
+{{ web.root }}:
+  file.directory:
+    - makedirs: True
+    - mode: 750
+{{ web.root }}/site.conf:
+  file.managed:
+    - source: salt://web/conf.j2
+    - template: jinja
+    - mode: '0600'
+    - context:
+        port: {{ web.port }}
+        user: {{ web.user }}
+    - require:
+      - file: {{ web.root }}
+{{ web.root }}/link:
+  file.symlink:
+    - target: {{ web.root }}/site.conf
+{{ web.root }}/motd:
+  file.managed:
+    - contents: |
+        hi {{ grains['id'] | upper }} {{ 'yes' | to_bool }}
+""",
+    }
+    ret, rc = _system(tmp_path, files, test=True).apply(["web"])
+    assert rc == 0
+    assert {v["result"] for v in ret.values()} == {None}
+    assert not (tmp_path / "out").exists()
+    ret, rc = _system(tmp_path, files).apply(["web"])
+    assert rc == 0 and all(v["result"] is True and v["changes"] for v in ret.values()), ret
+    conf = tmp_path / "out" / "www" / "site.conf"
+    assert conf.read_text() == "port=8080 user=www who=pillar\n"
+    assert oct(conf.stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "out" / "www").stat().st_mode & 0o777) == "0o750"
+    assert os.readlink(tmp_path / "out" / "www" / "link") == str(conf)
+    assert (tmp_path / "out" / "www" / "motd").read_text() == "hi M1 True\n"
+    ret, rc = _system(tmp_path, files).apply(["web"])
+    assert rc == 0 and all(v["result"] is True and not v["changes"] for v in ret.values()), ret
+    ret, rc = _system(tmp_path, files, test=True).apply(["web"])
+    assert {v["result"] for v in ret.values()} == {True}
+
+
+def test_cmd_unless_onlyif_creates(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    sls = """
+skip_unless:
+  cmd.run:
+    - name: touch @OUT@/u
+    - unless: 'true'
+skip_onlyif:
+  cmd.run:
+    - name: touch @OUT@/o
+    - onlyif: 'false'
+skip_creates:
+  cmd.run:
+    - name: touch @OUT@/c
+    - creates: @OUT@
+runs:
+  cmd.run:
+    - name: pwd > @OUT@/r
+    - cwd: /tmp
+    - unless: 'false'
+failing:
+  cmd.run:
+    - name: exit 3
+"""
+    ret, rc = _system(tmp_path, {"c.sls": sls}).apply(["c"])
+    by_id = {v["__id__"]: v for v in ret.values()}
+    assert by_id["skip_unless"]["comment"] == "unless condition is true"
+    assert by_id["skip_onlyif"]["comment"] == "onlyif condition is false"
+    assert by_id["skip_creates"]["comment"] == f"{tmp_path / 'out'} exists"
+    assert sorted(os.listdir(tmp_path / "out")) == ["r"]
+    assert (tmp_path / "out" / "r").read_text() == "/tmp\n"
+    assert by_id["failing"]["result"] is False and by_id["failing"]["changes"]["retcode"] == 3
+    assert rc == 2
+
+
+@pytest.mark.parametrize("sls, expect", [
+    ("a:\n  test.nop:\n    - require:\n      - test: b\nb:\n  test.nop:\n    - require:\n"
+     "      - test: a\n", "Recursive requisites were found"),
+    ("a:\n  test.nop:\n    - require:\n      - test: nope\n",
+     "Referenced state does not exist for requisite [require: (test: nope)]"),
+    ("a:\n  test.nop: []\n  test.succeed_without_changes: []\n",
+     "contains multiple state declarations of the same type"),
+    ("a: [1, 2]\n", "ID a in SLS e is not a dictionary"),
+    ("a:\n  test.nop:\n    - name: {{ undefined_fn() }}\n", "Rendering SLS 'base:e' failed"),
+    ("a: b: c\n", "Rendering SLS 'base:e' failed: YAML error"),
+])
+def test_compile_errors_are_salt_shaped(tmp_path: Path, sls: str, expect: str) -> None:
+    ret, rc = _system(tmp_path, {"e.sls": sls}).apply(["e"])
+    assert rc == 1
+    assert isinstance(ret, list) and any(expect in e for e in ret), ret
+
+
+def test_unknown_function_and_missing_sls(tmp_path: Path) -> None:
+    ret, rc = _system(tmp_path, {"u.sls": "x:\n  file.nosuch: []\n"}).apply(["u"])
+    assert rc == 2
+    assert ret["file_|-x_|-x_|-nosuch"]["comment"].startswith(
+        "State 'file.nosuch' was not found in SLS 'u'")
+    ret, rc = _system(tmp_path, {"u.sls": ""}).apply(["missing"])
+    assert rc == 1 and ret == ["No matching sls found for 'missing' in env 'base'"]
+
+
+def test_highstate_from_top_and_source_cannot_escape_root(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("s3cret")
+    files = {
+        "top.sls": "base:\n  'm*':\n    - one\n  'other':\n    - two\n",
+        "one.sls": "@OUT@/f:\n  file.managed:\n    - source: salt://../secret\n"
+                   "    - makedirs: True\n",
+        "two.sls": "t:\n  test.nop\n",
+    }
+    ret, rc = _system(tmp_path, files).apply(None)
+    assert rc == 2 and len(ret) == 1
+    (only,) = ret.values()
+    assert only["result"] is False and "not found" in only["comment"]
+    assert not (tmp_path / "out" / "f").exists()
+
+
+def test_a_second_concurrent_state_run_is_refused(tmp_path: Path) -> None:
+    import threading
+
+    from hamaster.minion.modules import state as state_mod
+
+    out = tmp_path / "out"
+    out.mkdir()
+    fifo = out / "gate"
+    os.mkfifo(fifo)
+    files = {"slow.sls": f"wait:\n  cmd.run:\n    - name: cat {fifo}\n", "t.sls": "t:\n  test.nop\n"}
+    sys1 = _system(tmp_path, files)
+    ctx = sys1.ctx
+    ctx.jid = "20261206000000000001"
+    results: list[Any] = []
+    th = threading.Thread(target=lambda: results.append(state_mod.apply(ctx, "slow")))
+    th.start()
+    try:
+        from tests.integration.harness import wait_until
+
+        wait_until(lambda: state_mod._RUN_LOCK.locked(), 10, what="first run holding the lock")
+        ctx2 = _system(tmp_path, files).ctx
+        ret = state_mod.apply(ctx2, "t")
+        assert ctx2.retcode == 1 and isinstance(ret, list)
+        assert ret[0].startswith('The function "state.apply" is running as PID')
+        assert "with jid 20261206000000000001" in ret[0]
+    finally:
+        with open(fifo, "w") as fh:
+            fh.write("done\n")
+        th.join(10)
+    assert isinstance(results[0], dict) and ctx.retcode == 0
+    ret = state_mod.apply(_system(tmp_path, files).ctx, "t")
+    assert isinstance(ret, dict)
+
+
+def test_module_run_file_replace_and_pkg_paths(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "cfg").write_text("port = 80\nhost = a\n")
+    sls = """
+echo:
+  module.run:
+    - test.echo:
+      - hi
+    - cmd.run:
+      - cmd: echo there
+missing:
+  module.run:
+    - nosuch.fun: []
+port:
+  file.replace:
+    - name: @OUT@/cfg
+    - pattern: '^port = \\d+'
+    - repl: 'port = 8080'
+extra:
+  file.replace:
+    - name: @OUT@/cfg
+    - pattern: '^debug = .*'
+    - repl: 'debug = 0'
+    - append_if_not_found: True
+core:
+  pkg.installed:
+    - name: coreutils
+core-latest:
+  pkg.latest:
+    - name: coreutils
+not-installed:
+  pkg.installed:
+    - name: sl
+no-init:
+  service.running:
+    - name: nosuch-hamaster-test
+"""
+    ret, rc = _system(tmp_path, {"m.sls": sls}, test=True).apply(["m"])
+    by_id = {v["__id__"]: v for v in ret.values()}
+    assert by_id["echo"]["result"] is None
+    assert by_id["echo"]["comment"] == "Functions test.echo, cmd.run to be executed."
+    assert by_id["missing"]["result"] is False
+    assert by_id["port"]["result"] is None and "+port = 8080" in by_id["port"]["changes"]["diff"]
+    assert by_id["core"]["result"] is True
+    assert by_id["core"]["comment"] == "All specified packages are already installed"
+    assert by_id["core-latest"]["comment"] == "Package coreutils is already up-to-date"
+    assert by_id["not-installed"]["result"] is None
+    assert by_id["not-installed"]["comment"] == ("The following packages would be "
+                                                 "installed/updated: sl")
+    assert (tmp_path / "out" / "cfg").read_text() == "port = 80\nhost = a\n"
+    if not os.path.isdir("/run/systemd/system"):
+        assert by_id["no-init"]["result"] is False
+        assert "no supported init system" in by_id["no-init"]["comment"]
+    sls = sls.replace("not-installed:\n  pkg.installed:\n    - name: sl\n", "")
+    ret, rc = _system(tmp_path, {"m.sls": sls}).apply(["m"])
+    by_id = {v["__id__"]: v for v in ret.values()}
+    assert by_id["echo"]["result"] is True
+    assert by_id["echo"]["changes"] == {"test.echo": "hi", "cmd.run": "there"}
+    assert by_id["echo"]["comment"] == "test.echo: hi, cmd.run: there"
+    assert by_id["port"]["comment"] == "Changes were made"
+    assert (tmp_path / "out" / "cfg").read_text() == "port = 8080\nhost = a\ndebug = 0\n"
+    ret, rc = _system(tmp_path, {"m.sls": sls}).apply(["m"])
+    by_id = {v["__id__"]: v for v in ret.values()}
+    assert by_id["port"]["comment"] == "No changes needed to be made"
+    assert by_id["extra"]["comment"] == "No changes needed to be made"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="useradd needs root")
+def test_user_and_group_present_absent(tmp_path: Path) -> None:
+    import grp
+    import pwd
+    import subprocess
+
+    user, group = f"hmst{os.getpid() % 100000}", f"hmsg{os.getpid() % 100000}"
+    sls = f"""
+{group}:
+  group.present: []
+{user}:
+  user.present:
+    - shell: /bin/sh
+    - home: @OUT@/home
+    - groups:
+      - {group}
+    - require:
+      - group: {group}
+"""
+    gone = f"{user}:\n  user.absent:\n    - purge: True\n{group}:\n  group.absent: []\n"
+    try:
+        ret, rc = _system(tmp_path, {"u.sls": sls}, test=True).apply(["u"])
+        assert rc == 0 and {v["result"] for v in ret.values()} == {None}
+        assert ret[f"user_|-{user}_|-{user}_|-present"]["comment"] == (
+            f"User {user} set to be added (pending groups: {group})")
+        ret, rc = _system(tmp_path, {"u.sls": sls}).apply(["u"])
+        assert rc == 0, ret
+        pw = pwd.getpwnam(user)
+        assert pw.pw_shell == "/bin/sh" and pw.pw_dir == f"{tmp_path}/out/home"
+        assert user in grp.getgrnam(group).gr_mem
+        assert ret[f"user_|-{user}_|-{user}_|-present"]["changes"]["groups"] == sorted(
+            [group, user])
+        ret, rc = _system(tmp_path, {"u.sls": sls}).apply(["u"])
+        assert all(not v["changes"] for v in ret.values()), ret
+        assert ret[f"user_|-{user}_|-{user}_|-present"]["comment"] == (
+            f"User {user} is present and up to date")
+        ret, rc = _system(tmp_path, {"u.sls": gone}).apply(["u"])
+        assert rc == 0, ret
+        assert ret[f"user_|-{user}_|-{user}_|-absent"]["comment"] == f"Removed user {user}"
+        with pytest.raises(KeyError):
+            pwd.getpwnam(user)
+    finally:
+        subprocess.run(["userdel", "-r", user], capture_output=True, check=False)
+        subprocess.run(["groupdel", user], capture_output=True, check=False)
+        subprocess.run(["groupdel", group], capture_output=True, check=False)
+
+
+def test_show_functions_single_and_template_salt_calls(tmp_path: Path) -> None:
+    from hamaster.minion.modules import state as state_mod
+
+    (tmp_path / "outside").write_text("secret")
+    files = {
+        "top.sls": "base:\n  '*':\n    - a\n",
+        "a.sls": "{% set who = salt['cmd.run']('echo from-cmd') %}\n"
+                 "x:\n  test.show_notification:\n    - text: {{ who }} {{ opts['id'] }}\n"
+                 "    - require_in:\n      - test: y\n"
+                 "y:\n  test.nop: []\n",
+    }
+    system = _system(tmp_path, files)
+    (tmp_path / "roots" / "link.sls").symlink_to(tmp_path / "outside")
+    ctx = system.ctx
+    assert state_mod.show_top(ctx) == {"base": ["a"]}
+    high = state_mod.show_sls(ctx, "a")
+    assert high["x"]["test"][0] == {"text": "from-cmd m1"} and high["x"]["__sls__"] == "a"
+    low = state_mod.show_lowstate(ctx)
+    assert [c["__id__"] for c in low] == ["x", "y"]
+    assert low[1]["require"] == [{"test": "x"}]
+    assert state_mod.show_highstate(ctx).keys() == high.keys()
+    ret = state_mod.single(ctx, "file.managed", str(tmp_path / "single.txt"), contents="hi")
+    assert ctx.retcode == 0 and (tmp_path / "single.txt").read_text() == "hi\n"
+    (tag, r), = ret.items()
+    assert tag == f"file_|-{tmp_path}/single.txt_|-{tmp_path}/single.txt_|-managed"
+    assert set(r) == RET_KEYS
+    # an sls symlinked out of the root is not readable
+    ret = state_mod.sls(ctx, "link")
+    assert ctx.retcode == 1 and ret == ["No matching sls found for 'link' in env 'base'"]
+
+
+def test_prereq_runs_first_only_when_the_target_would_change(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    sls = """
+target:
+  file.managed:
+    - name: @OUT@/t.txt
+    - contents: v1
+before:
+  cmd.run:
+    - name: test -e @OUT@/t.txt || echo before-create >> @OUT@/log
+    - prereq:
+      - file: target
+"""
+    ret, rc = _system(tmp_path, {"p.sls": sls}).apply(["p"])
+    assert rc == 0 and _ids(ret) == ["before", "target"]
+    assert (tmp_path / "out" / "log").read_text() == "before-create\n"
+    ret, rc = _system(tmp_path, {"p.sls": sls}).apply(["p"])
+    by_id = {v["__id__"]: v for v in ret.values()}
+    assert by_id["before"]["comment"] == "No changes detected" and not by_id["before"]["changes"]
+    assert (tmp_path / "out" / "log").read_text() == "before-create\n"
