@@ -309,7 +309,7 @@ def test_a_second_concurrent_state_run_is_refused(tmp_path: Path) -> None:
     finally:
         with open(fifo, "w") as fh:
             fh.write("done\n")
-        th.join(10)
+        th.join(60)
     assert isinstance(results[0], dict) and ctx.retcode == 0
     ret = state_mod.apply(_system(tmp_path, files).ctx, "t")
     assert isinstance(ret, dict)
