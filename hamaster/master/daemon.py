@@ -933,6 +933,7 @@ class Master:
             self._store_pool.shutdown(wait=False, cancel_futures=True)
             self._decode_pool.shutdown(wait=False, cancel_futures=True)
             self._pillar_pool.shutdown(wait=False, cancel_futures=True)
+            self.pillar.close()
             self.keys.store.close()
             if self.router is not None:
                 self.router.close(0)

@@ -105,6 +105,7 @@ class PillarCompiler:
         self.cache_entries = CACHE_ENTRIES
         self._cache: OrderedDict[tuple, tuple[dict, bool]] = OrderedDict()
         self._cache_lock = threading.Lock()
+        self.gpg_decrypter: Any = None   # set by from_opts: the cluster key's decrypter
 
     @classmethod
     def from_opts(cls, opts: dict, shared_store: Any = None, renderer: Renderer | None = None
@@ -114,6 +115,7 @@ class PillarCompiler:
         ``gpg_keydir`` (a GnuPG home directory) enables the ``gpg`` renderer."""
         settings = PillarSettings.from_opts(opts)
         entries = opts.get("pillar_cache_entries", CACHE_ENTRIES)
+        decrypter = None
         if renderer is None:
             gpg = None
             keydir = opts.get("gpg_keydir")
@@ -125,11 +127,18 @@ class PillarCompiler:
                 from hamaster.pillar.gpg import STORE_KEY, GpgDecrypter
 
                 home = os.path.join(opts.get("cachedir") or ".", "pillar_gpg")
-                gpg = GpgDecrypter(home, key_source=lambda: shared_store.get(STORE_KEY)).decrypt
+                decrypter = GpgDecrypter(home, key_source=lambda: shared_store.get(STORE_KEY))
+                gpg = decrypter.decrypt
             renderer = Renderer(settings.renderer, gpg)
         compiler = cls(PillarTree.from_opts(opts, shared_store), settings, opts, renderer)
         compiler.cache_entries = int(entries) if isinstance(entries, int) else CACHE_ENTRIES
+        compiler.gpg_decrypter = decrypter
         return compiler
+
+    def close(self) -> None:
+        """Stop what compiling started outside this process (the gpg-agent of our key dir)."""
+        if self.gpg_decrypter is not None:
+            self.gpg_decrypter.close()
 
     def compile(self, minion_id: str, grains: Mapping[str, Any] | None,
                 pillarenv: str | None = None, override: Mapping[str, Any] | None = None

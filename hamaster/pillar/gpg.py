@@ -113,6 +113,19 @@ class GpgDecrypter:
                 self._cache.popitem(last=False)
         return text
 
+    def close(self) -> None:
+        """Stop the gpg-agent that decrypting started in ``keydir``, if this master owns it
+        (the directory it imports the cluster's key into; an operator's ``gpg_keydir`` is
+        left alone)."""
+        gpgconf = shutil.which("gpgconf")
+        if self._key_source is None or gpgconf is None or not os.path.isdir(self.keydir):
+            return
+        try:
+            subprocess.run([gpgconf, "--homedir", self.keydir, "--kill", "gpg-agent"],
+                           capture_output=True, timeout=GPG_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.debug("could not stop the gpg-agent of %s: %s", self.keydir, exc)
+
     def decrypt(self, data: Any, found: list[bool] | None = None) -> Any:
         """``data`` with every PGP block in its strings (and keys) decrypted."""
         if isinstance(data, str):

@@ -49,6 +49,10 @@ class PillarService:
                 log.exception("minion data cache update for %s failed", minion_id)
         return pillar
 
+    def close(self) -> None:
+        """Release what the compiler started (a gpg-agent); called when the master stops."""
+        self.compiler.close()
+
     def refresh_hash(self) -> str:
         """Recompute :attr:`tree_hash` (reads the whole tree: call off the event loop)."""
         self.tree_hash = self.compiler.tree.tree_hash()

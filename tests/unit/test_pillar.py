@@ -419,6 +419,21 @@ def test_data_cache_shared_through_the_store(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- gpg
 
 
+@pytest.fixture(autouse=True)
+def _stop_gpg_agents(tmp_path: Path):
+    """gpg starts an agent per home directory; stop every one this test's directories got."""
+    yield
+    import shutil
+    import subprocess
+
+    gpgconf = shutil.which("gpgconf")
+    if gpgconf is None:
+        return
+    for sock in tmp_path.rglob("S.gpg-agent"):
+        subprocess.run([gpgconf, "--homedir", str(sock.parent), "--kill", "all"],
+                       capture_output=True, timeout=30, check=False)
+
+
 def _gpg(home: Path, *args: str, data: bytes | None = None) -> bytes:
     import subprocess
 
