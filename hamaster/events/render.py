@@ -1,56 +1,29 @@
-"""A minimal ``jinja|yaml`` renderer for reactor sls files (Salt's default renderer pipe).
+"""Rendering of reactor sls files, through the one renderer pillar and states use.
 
-Deliberately small and self-contained so it can later be replaced by (or merged into) the pillar
-renderer (``hamaster/pillar/``): Jinja2 in a sandbox (no access to Python internals), with the
-variables the caller passes (the reactor passes ``tag`` and ``data``), ``StrictUndefined`` off as
-in Salt, then YAML (``safe_load``). A ``#!`` shebang other than ``jinja|yaml`` / ``yaml`` is
-refused with a clear error.
+A reactor sls is rendered like any sls (:mod:`hamaster.pillar.render`: Salt's ``jinja|yaml`` pipe,
+``#!`` shebangs, Jinja2 in a sandbox) with the event's ``tag`` and ``data`` as variables. It has no
+tree to import from, no grains and no pillar: what it may use is what the event carries.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import yaml
+from hamaster.pillar.render import RenderContext, Renderer
+from hamaster.pillar.render import RenderError as _SlsRenderError
+
+_RENDERER = Renderer("jinja|yaml")
 
 
 class RenderError(Exception):
-    """The template or the YAML it produced is invalid."""
+    """The template or the YAML it produced is invalid (the message names the sls)."""
 
 
 def render_jinja_yaml(text: str, context: dict[str, Any], name: str = "<sls>") -> Any:
-    """Render ``text`` with Jinja2 (``context`` as variables), then parse the result as YAML."""
-    from jinja2 import TemplateError
-    from jinja2.sandbox import SandboxedEnvironment
-
-    first, _, rest = text.partition("\n")
-    pipe = "jinja|yaml"
-    if first.startswith("#!"):
-        pipe = first[2:].strip().replace(" ", "")
-        text = rest
-    if pipe not in ("jinja|yaml", "yaml", "yaml_jinja"):
-        raise RenderError(f"{name}: renderer {pipe!r} not supported (jinja|yaml or yaml)")
-    if pipe != "yaml":
-        env = SandboxedEnvironment(keep_trailing_newline=True, autoescape=False)
-        env.filters.setdefault("json", _json_filter)
-        env.filters.setdefault("yaml", _yaml_filter)
-        try:
-            text = env.from_string(text).render(**context)
-        except TemplateError as exc:
-            raise RenderError(f"{name}: Jinja error: {exc}") from None
-        except Exception as exc:  # a filter or a data access that raised
-            raise RenderError(f"{name}: rendering failed: {type(exc).__name__}: {exc}") from None
+    """Render ``text`` (``#!`` shebang or ``jinja|yaml``) with ``context`` as variables."""
+    ctx = RenderContext(saltenv="base", sls=name, path=name, grains={}, opts={}, pillar={},
+                        minion_id="", extra=dict(context))
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RenderError(f"{name}: invalid YAML after rendering: {exc}") from None
-
-
-def _json_filter(value: Any) -> str:
-    import json
-
-    return json.dumps(value, default=str)
-
-
-def _yaml_filter(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip()
+        return _RENDERER.render(text.encode("utf-8"), ctx, _RENDERER.environment(lambda _p: None))
+    except _SlsRenderError as exc:
+        raise RenderError(f"{name}: {exc}") from None
