@@ -37,6 +37,8 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import SandboxedEnvironment
 
+from hamaster.traverse import traverse as _lookup
+
 log = logging.getLogger(__name__)
 
 #: Renderers that run code on the master; never allowed.
@@ -146,18 +148,6 @@ def _filter_load_json(value: Any) -> Any:
 def _filter_load_text(value: Any) -> str:
     return str(value)
 
-
-def _lookup(data: Any, key: str, default: Any = None, delimiter: str = ":") -> Any:
-    cur = data
-    for part in str(key).split(delimiter):
-        if isinstance(cur, Mapping) and part in cur:
-            cur = cur[part]
-        elif (isinstance(cur, list) and part.lstrip("-").isdigit()
-              and -len(cur) <= int(part) < len(cur)):
-            cur = cur[int(part)]
-        else:
-            return default
-    return cur
 
 
 def _filter_by(grains: Mapping, lookup_dict: Mapping, grain: str = "os_family",

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from hamaster.pillar.merge import update
-from hamaster.pillar.render import _filter_by, _lookup
+from hamaster.pillar.render import _filter_by
+from hamaster.traverse import traverse as _lookup
 
 log = logging.getLogger("hamaster.states.template")
 

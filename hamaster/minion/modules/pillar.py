@@ -10,30 +10,15 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 from hamaster.minion.modules.context import CommandExecutionError, ExecContext
+from hamaster.traverse import traverse as _lookup
 
 log = logging.getLogger(__name__)
 
 _MISSING = object()
 
-
-def _lookup(data: Any, key: str, default: Any, delimiter: str) -> Any:
-    cur = data
-    for part in str(key).split(delimiter) if delimiter else [str(key)]:
-        if isinstance(cur, Mapping) and part in cur:
-            cur = cur[part]
-            continue
-        if isinstance(cur, list):
-            try:
-                cur = cur[int(part)]
-                continue
-            except (ValueError, IndexError):
-                pass
-        return default
-    return cur
 
 
 def _fresh(ctx: ExecContext) -> dict[str, Any]:
