@@ -35,6 +35,7 @@ from hamaster.api import api_options, eauth
 from hamaster.api.bridge import MasterBridge
 from hamaster.api.clients import SALT_CLIENTS, ApiError, LowstateRunner
 from hamaster.api.tokens import TokenStore
+from hamaster.events.bus import decode_position
 from hamaster.store.base import StoreError
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ DEFAULT_PORT = 8000
 DEFAULT_BODY_LIMIT = 1024 * 1024
 DEFAULT_TOKEN_EXPIRE = 43200.0
 EVENT_BUFFER = 1000
+#: How often ``GET /events`` looks for new events on the cluster bus (seconds).
+BUS_POLL = 0.1
 KNOWN_CODES = ("200", "202", "400", "401", "403", "404", "405", "406", "413", "429", "500", "503")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -91,14 +94,22 @@ class EventLog:
     """The events this master's API knows (jobs it ran, logins, key changes, web hooks), kept in
     a ring buffer for ``GET /events``. ``post`` is thread-safe."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, size: int = EVENT_BUFFER) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int = EVENT_BUFFER,
+                 bus: Any = None, emit: Callable[[str, Any], None] | None = None) -> None:
         self.loop = loop
         self.buf: collections.deque[tuple[int, str, dict]] = collections.deque(maxlen=size)
         self.seq = 0
         self.cond = asyncio.Condition()
+        #: The master's cluster event bus (hamaster/events/bus.py), when it has one: then the
+        #: API's own events go onto it, and ``GET /events`` streams the cluster's stream.
+        self.bus = bus
+        self._emit = emit
 
     def post(self, tag: str, data: dict) -> None:
         """Add an event (from any thread)."""
+        if self.bus is not None and self._emit is not None:
+            self._emit(tag, data)
+            return
         try:
             self.loop.call_soon_threadsafe(self._add, tag, data)
         except RuntimeError:  # loop closed at shutdown
@@ -545,6 +556,8 @@ class ApiApp:
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
         await resp.write(b"retry: 400\n\n")
+        if self.events.bus is not None:
+            return await self._stream_bus(request, resp)
         try:
             last = int(request.headers.get("Last-Event-ID", "") or self.events.seq)
         except ValueError:
@@ -562,6 +575,35 @@ class ApiApp:
                         await asyncio.wait_for(self.events.cond.wait(), timeout=15)
                     except TimeoutError:
                         await resp.write(b": keep-alive\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        return resp
+
+    async def _stream_bus(self, request: web.Request,
+                          resp: web.StreamResponse) -> web.StreamResponse:
+        """``GET /events`` from the cluster bus: every event of every master, each ``id`` the
+        stream position after it, so ``Last-Event-ID`` resumes on any master of the cluster
+        (an unknown or malformed id starts from now)."""
+        bus = self.events.bus
+        try:
+            pos = decode_position(request.headers.get("Last-Event-ID")) or bus.position()
+        except ValueError:
+            pos = bus.position()
+        idle = 0.0
+        try:
+            while True:
+                evs, pos = bus.read(pos, limit=500)
+                for ev in evs:
+                    msg = _dump_json({"tag": ev.tag, "data": ev.data})
+                    await resp.write(f"id: {ev.cursor}\ntag: {ev.tag}\ndata: {msg}\n\n".encode())
+                if evs:
+                    idle = 0.0
+                    continue
+                await asyncio.sleep(BUS_POLL)
+                idle += BUS_POLL
+                if idle >= 15:
+                    idle = 0.0
+                    await resp.write(b": keep-alive\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         return resp
@@ -651,7 +693,10 @@ class ApiService:
     async def _serve(self, master_loop: asyncio.AbstractEventLoop) -> None:
         self._stop = asyncio.Event()
         bridge = MasterBridge(self.master, master_loop)
-        events = EventLog(asyncio.get_running_loop())
+        services = getattr(self.master, "events", None)
+        bus = getattr(services, "bus", None)
+        events = EventLog(asyncio.get_running_loop(), bus=bus,
+                          emit=services.emit if bus is not None else None)
         tokens = self._token_store()
         app = ApiApp(bridge, self.apiopts, tokens, self.pool, events)
 
@@ -659,7 +704,8 @@ class ApiService:
             events.post(f"salt/key/{mid}", {"id": mid, "old": getattr(old, "value", None),
                                             "act": getattr(new, "value", "delete")})
 
-        self.master.keys.on_change(key_event)
+        if bus is None:  # with a bus, the master's event services put salt/key events on it
+            self.master.keys.on_change(key_event)
         debug = bool(self.apiopts.get("debug"))
         self.runner = web.AppRunner(app.make_app(), access_log=log if debug else None,
                                     handle_signals=False, shutdown_timeout=2.0)

@@ -338,6 +338,6 @@ def test_single_master_reactor_survives_bad_sls_and_lists_its_schedule() -> None
                                    check=True).stdout)
         assert listing["t"]["function"] == "jobs.list_jobs" and listing["t"]["seconds"] == 300
         log = c.masters[0]["proc"].log_text()
-        assert "unknown reactor action 'nosuch.fun'" in log and "Jinja error" in log
+        assert "unknown reactor action 'nosuch.fun'" in log and "Jinja syntax error" in log
     finally:
         c.close()
