@@ -122,6 +122,8 @@ class _Watch:
     prefix: str
     callbacks: list[WatchCallback] = field(default_factory=list)
     files: dict[str, _Sig] = field(default_factory=dict)
+    #: Keys this process wrote that no pass has seen yet (see :meth:`FsStore._wrote`).
+    own: set[str] = field(default_factory=set)
     dirs: dict[str, _DirState] = field(default_factory=dict)
     synced: bool = False
 
@@ -334,7 +336,29 @@ class FsStore(Store):
         except OSError as exc:
             raise self._unavailable(f"writing {key!r}", exc) from exc
         self._fsync_dir(path.parent)
+        self._wrote(key)
         self._ok()
+
+    def _wrote(self, key: str) -> None:
+        """Remember that this process wrote ``key`` for the watches that cover it.
+
+        A watch learns of keys by polling, so a key written here and deleted by another
+        process before the next pass would never be reported at all, neither put nor delete:
+        a master's own auto-accept, then `hamaster-key -d` from the CLI, left the key accepted
+        in that master's memory. A pass that finds such a key gone reports its deletion.
+        """
+        for w in builtins.list(self._watches.values()):
+            if not w.prefix or key == w.prefix or key.startswith(w.prefix + "/"):
+                w.own.add(key)
+
+    def _settle_own(self, w: _Watch, changes: builtins.list[Change]) -> None:
+        """After a pass: own writes the pass saw are done; those gone again are deletions."""
+        for key in builtins.list(w.own):
+            if key in w.files:
+                w.own.discard(key)
+            elif not os.path.lexists(self.root / key):
+                w.own.discard(key)
+                changes.append(Change(key, None))
 
     def put_many(self, items: builtins.list[tuple[str, bytes]], mode: int = 0o600) -> None:
         """Write many keys with one flush: temp files, one ``syncfs``, renames, one fsync per dir.
@@ -369,6 +393,8 @@ class FsStore(Store):
             raise self._unavailable(f"writing {len(items)} keys", exc) from exc
         for directory in {path.parent for _, path in staged}:
             self._fsync_dir(directory)
+        for key, _ in items:
+            self._wrote(key)
         self._ok()
 
     def delete(self, key: str) -> bool:
@@ -465,6 +491,7 @@ class FsStore(Store):
                     finally:
                         _unlink_quiet(tmp)
                     self._fsync_dir(path.parent)
+                    self._wrote(key)
                     self._ok()
                     return True
                 current = self.get(key)
@@ -483,6 +510,7 @@ class FsStore(Store):
                     _unlink_quiet(tmp)
                     raise
                 self._fsync_dir(path.parent)
+                self._wrote(key)
                 return True
         except StoreUnavailable as exc:
             self._down(exc)
@@ -703,6 +731,7 @@ class FsStore(Store):
                     resync = not w.synced
                     self._scan_watch(w, full=full or resync, changes=changes,
                                      stat_all=stat_all or resync)
+                    self._settle_own(w, changes)
                     w.synced = True
                 except (_Outage, StoreUnavailable) as exc:
                     self._down(exc)

@@ -112,6 +112,27 @@ def test_other_instance_sees_put_and_delete(pair):
     assert b.poll_now() == [Change("pki/minions/web1", None)]
 
 
+def test_own_write_deleted_elsewhere_before_a_pass_is_reported(pair):
+    """A key this store wrote (a master's auto-accept) and another process deleted (the CLI's
+    `hamaster-key -d`) before the next watch pass: the pass reports the deletion; it used to
+    report nothing, leaving the key accepted in that master's memory."""
+    a, b = pair
+    seen: list[Change] = []
+    a.watch("pki", seen.extend)
+    for how in (lambda k: a.put(k, b"k1"), lambda k: a.compare_and_put(k, None, b"k1"),
+                lambda k: a.put_many([(k, b"k1")] + [(f"pki/other/{i}", b"x") for i in range(4)])):
+        seen.clear()
+        how("pki/minions/web1")
+        b.delete("pki/minions/web1")
+        a.poll_now()
+        assert Change("pki/minions/web1", None) in seen, seen
+        assert Change("pki/minions/web1", b"k1") not in seen
+        seen.clear()
+        assert a.poll_now() == []          # reported once
+    a.put("pki/minions/web2", b"k2")       # an own write that stays: reported as before
+    assert a.poll_now() == [Change("pki/minions/web2", b"k2")]
+
+
 def test_watch_outside_prefix_not_reported(pair):
     a, b = pair
     b.watch("pki", lambda c: None)
