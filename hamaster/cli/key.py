@@ -189,6 +189,33 @@ def _match(keys: dict[KeyState, list[str]], pattern: str,
     return found
 
 
+def _confirm_single(opts: dict[str, Any], ids: list[str], timeout: float) -> int:
+    """A single master: ask it over its CLI socket to apply the change now (no master
+    running: nothing to wait for). Returns 0 or 3 as :func:`_confirm`."""
+    from hamaster.localapi import LocalApiError, LocalClient, socket_path
+    from hamaster.pki_sync.confirm import EXIT_UNCONFIRMED
+
+    sock_dir = opts.get("sock_dir")
+    if not sock_dir or not os.path.exists(socket_path(sock_dir)):
+        return 0
+    try:
+        with LocalClient(sock_dir, timeout=timeout) as client:
+            for start in range(0, len(ids), CONFIRM_CHUNK):
+                client.call({"cmd": "refresh_keys", "ids": ids[start:start + CONFIRM_CHUNK]})
+    except LocalApiError as exc:
+        if "no master socket" in str(exc) or "Connection refused" in str(exc):
+            return 0    # the master is not running: it reads the keys when it starts
+        sys.stderr.write(f"{PROG}: error: the key change is stored, but the master did not "
+                         f"confirm it is in force: {exc}\n")
+        return EXIT_UNCONFIRMED
+    except OSError as exc:   # a timeout, a reset
+        sys.stderr.write(f"{PROG}: error: the key change is stored, but the master did not "
+                         f"confirm it is in force within {timeout:g} s: {exc}\n")
+        return EXIT_UNCONFIRMED
+    log.info("key change in force on the local master")
+    return 0
+
+
 def _confirm(reg: KeyRegistry, opts: dict[str, Any], args: argparse.Namespace,
              ids: list[str], accepted: bool) -> int:
     """Wait until every live master has the change of ``ids`` in force (cluster only).
@@ -201,8 +228,10 @@ def _confirm(reg: KeyRegistry, opts: dict[str, Any], args: argparse.Namespace,
 
     timeout = args.wait_timeout if args.wait_timeout is not None else float(
         opts.get("key_confirm_timeout", 5.0))
-    if not ids or timeout <= 0 or not is_ha(opts):
+    if not ids or timeout <= 0:
         return 0
+    if not is_ha(opts):
+        return _confirm_single(opts, ids, timeout)
     store = reg.store
     ttl = float(opts.get("ha_member_ttl", 5.0))
 

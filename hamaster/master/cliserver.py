@@ -98,6 +98,8 @@ class CliServer:
                         return
                 elif cmd == "runner":
                     await self._runner(req, writer, caller)
+                elif cmd == "refresh_keys":
+                    await self._refresh_keys(req, writer, caller)
                 else:
                     writer.write(pack({"error": f"unknown local command {cmd!r}"}))
                     await writer.drain()
@@ -203,6 +205,25 @@ class CliServer:
         except ValueError:
             targeted = []
         return self.publisher_acl.refuse_publish(caller, req["fun"], arg, targeted, matches)
+
+    async def _refresh_keys(self, req: dict, writer: asyncio.StreamWriter,
+                            caller: Any = None) -> None:
+        """``hamaster-key`` on a single master: re-read these ids' key states from the store
+        now and apply them (sessions dropped, publish key rotated) before answering, so the
+        change is in force when the command returns (a cluster uses the key-change barrier)."""
+        ids = req.get("ids")
+        if caller is not None and not caller.unrestricted:
+            reply: dict = {"error": "refresh_keys is for the master's own user"}
+        elif not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            reply = {"error": "refresh_keys needs ids (a list of strings)"}
+        else:
+            try:
+                await asyncio.to_thread(self.master.keys.refresh, ids)
+                reply = {"ok": True}
+            except Exception as exc:  # the store unreadable: say so, the CLI reports it
+                reply = {"error": f"cannot re-read the keys: {exc}"}
+        writer.write(pack(reply))
+        await writer.drain()
 
     async def _runner(self, req: dict, writer: asyncio.StreamWriter, caller: Any = None) -> None:
         from hamaster.master.runners import RunnerError, run_runner
