@@ -301,6 +301,12 @@ class ApiApp:
         token = self._token_of(request, allow_query)
         if token is None:
             raise ApiError(401, "No authentication token: log in at /login")
+        rec = await self._token_record(token)
+        return self._with_perms({**rec, "token": token})
+
+    async def _token_record(self, token: str) -> dict:
+        """The live record of ``token`` (read in the API's pool), else 401; 503 when the token
+        store cannot be read."""
         loop = asyncio.get_running_loop()
         try:
             rec = await loop.run_in_executor(self.pool, self.tokens.get, token)
@@ -309,7 +315,7 @@ class ApiApp:
             raise ApiError(503, "The token store is unreachable") from None
         if rec is None:
             raise ApiError(401, "Invalid or expired token")
-        return self._with_perms({**rec, "token": token})
+        return rec
 
     def _with_perms(self, rec: dict) -> dict:
         """The record with the user's permissions from this master's ``external_auth`` now
@@ -432,15 +438,7 @@ class ApiApp:
         for chunk in chunks:
             token = chunk.get("token")
             if isinstance(token, str) and token:
-                loop = asyncio.get_running_loop()
-                try:
-                    rec = await loop.run_in_executor(self.pool, self.tokens.get, token)
-                except (StoreError, OSError) as exc:
-                    log.error("API: cannot read the token store: %s", exc)
-                    raise ApiError(503, "The token store is unreachable") from None
-                if rec is None:
-                    raise ApiError(401, "Invalid or expired token")
-                sess = self._with_perms(rec)
+                sess = self._with_perms(await self._token_record(token))
             else:
                 sess = await self._authenticate(request, chunk)
             out.append(await self.lowstate.run(chunk, sess))
