@@ -399,8 +399,12 @@ class EventBus:
     def _ingest(self, batches: Iterable[tuple[str, bytes]], notify: bool = True) -> None:
         fresh: list[Event] = []
         merged = 0
+        # Each source's batches in sequence order, whatever order the store listed them in (a
+        # listener's position per source is a high-water mark: a batch ingested after a later
+        # one of the same source would be skipped by every reader already past it).
+        ordered = _in_source_order(batches)
         with self._lock:
-            for key, raw in batches:
+            for key, raw in ordered:
                 parts = key.split("/")
                 if len(parts) != 3 or not parts[2].isdigit():
                     continue
@@ -417,6 +421,11 @@ class EventBus:
                     self._seen_batches[(src, seq)] = time.time()
                     continue
                 self._seen_batches[(src, seq)] = time.time()
+                tip = self._tips.get(src)
+                if tip is not None and seq < tip[0]:
+                    log.warning("event bus: batch %s arrived after a later batch of %s; a "
+                                "listener already past that one does not get its events",
+                                key, src)
                 for idx, e in enumerate(events):
                     if not isinstance(e, dict) or not isinstance(e.get("tag"), str):
                         continue
@@ -497,6 +506,21 @@ class EventBus:
         with self._lock:
             return [ev for ev in self._stream
                     if not (ev.src in (since or {}) and ev.pos <= (since or {})[ev.src])]
+
+
+def _in_source_order(batches: Iterable[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """``batches`` with each source's batches sorted by sequence, in the slots that source held
+    (the order between sources, which copy of a merged event came first, is kept)."""
+    out = list(batches)
+    slots: dict[str, list[int]] = {}
+    for i, (key, _raw) in enumerate(out):
+        slots.setdefault(key.rsplit("/", 1)[0], []).append(i)
+    for idxs in slots.values():
+        if len(idxs) > 1:
+            mine = sorted((out[i] for i in idxs), key=lambda kv: (_seq_of(kv[0]), kv[0]))
+            for i, kv in zip(idxs, mine, strict=True):
+                out[i] = kv
+    return out
 
 
 def _seq_of(key: str) -> int:

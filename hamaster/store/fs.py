@@ -800,7 +800,9 @@ class FsStore(Store):
         ds = w.dirs[d]
         try:
             with os.scandir(dpath) as it:
-                entries = builtins.list(it)
+                # In name order: changes come out in key order (the event bus relies on a
+                # source's batches arriving in sequence order within a pass).
+                entries = sorted(it, key=lambda e: e.name)
         except (FileNotFoundError, NotADirectoryError):
             self._check_root_or_outage()
             self._drop_dir(w, d, emit)
