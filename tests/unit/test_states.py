@@ -480,3 +480,64 @@ before:
     by_id = {v["__id__"]: v for v in ret.values()}
     assert by_id["before"]["comment"] == "No changes detected" and not by_id["before"]["changes"]
     assert (tmp_path / "out" / "log").read_text() == "before-create\n"
+
+
+def test_cron_present_update_absent_on_a_real_crontab(tmp_path: Path) -> None:
+    """cron.present / cron.absent through the real ``crontab`` binary, on a user made for it
+    (the user's own lines above Salt's marker are kept)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("crontab") is None or os.geteuid() != 0:
+        pytest.skip("needs root and the crontab binary (Debian package cron)")
+    user = f"hmsc{os.getpid() % 100000}"
+    subprocess.run(["useradd", "-M", user], check=True, capture_output=True)
+
+    def crontab() -> str:
+        return subprocess.run(["crontab", "-u", user, "-l"], capture_output=True,
+                              text=True).stdout
+
+    sls = f"""
+/usr/bin/true backup:
+  cron.present:
+    - user: {user}
+    - minute: "@MIN@"
+    - hour: 3
+    - identifier: nightly
+    - comment: the backup
+/usr/bin/true boot:
+  cron.present:
+    - user: {user}
+    - special: "@reboot"
+"""
+    try:
+        subprocess.run(["crontab", "-u", user, "-"], input="# mine\n1 1 * * * /bin/own\n",
+                       text=True, check=True)
+        ret, rc = _system(tmp_path, {"c.sls": sls.replace("@MIN@", "5")}, test=True).apply(["c"])
+        assert rc == 0 and {v["result"] for v in ret.values()} == {None}, ret
+        assert "/usr/bin/true" not in crontab()
+        ret, rc = _system(tmp_path, {"c.sls": sls.replace("@MIN@", "5")}).apply(["c"])
+        assert rc == 0, ret
+        key = "cron_|-/usr/bin/true backup_|-/usr/bin/true backup_|-present"
+        assert ret[key]["changes"] == {user: "/usr/bin/true backup"}
+        assert ret[key]["comment"] == f"Cron /usr/bin/true backup added to {user}'s crontab"
+        text = crontab()
+        assert text.startswith("# mine\n1 1 * * * /bin/own\n"), text
+        assert ("# the backup SALT_CRON_IDENTIFIER:nightly\n5 3 * * * /usr/bin/true backup\n"
+                in text), text
+        assert "@reboot /usr/bin/true boot\n" in text
+        ret, rc = _system(tmp_path, {"c.sls": sls.replace("@MIN@", "5")}).apply(["c"])
+        assert rc == 0 and all(not v["changes"] for v in ret.values()), ret
+        # A new schedule updates the same entry (found by its identifier), never a second one.
+        ret, rc = _system(tmp_path, {"c.sls": sls.replace("@MIN@", "7")}).apply(["c"])
+        assert ret[key]["comment"] == f"Cron /usr/bin/true backup updated in {user}'s crontab"
+        assert crontab().count("/usr/bin/true backup") == 1 and "7 3 * * *" in crontab()
+        gone = (f"/usr/bin/true backup:\n  cron.absent:\n    - user: {user}\n"
+                f"    - identifier: nightly\n")
+        ret, rc = _system(tmp_path, {"g.sls": gone}).apply(["g"])
+        assert rc == 0 and "backup" not in crontab() and "/bin/own" in crontab(), ret
+        ret, rc = _system(tmp_path, {"g.sls": gone}).apply(["g"])
+        assert not next(iter(ret.values()))["changes"]
+    finally:
+        subprocess.run(["crontab", "-u", user, "-r"], capture_output=True, check=False)
+        subprocess.run(["userdel", user], capture_output=True, check=False)

@@ -9,7 +9,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-STATE_MODULES = ("file", "cmd", "pkg", "service", "test", "user", "group", "module")
+STATE_MODULES = ("file", "cmd", "pkg", "service", "test", "user", "group", "cron", "module")
 
 
 def load_state_functions() -> dict[str, Callable[..., dict[str, Any]]]:
