@@ -541,3 +541,77 @@ def test_cron_present_update_absent_on_a_real_crontab(tmp_path: Path) -> None:
     finally:
         subprocess.run(["crontab", "-u", user, "-r"], capture_output=True, check=False)
         subprocess.run(["userdel", user], capture_output=True, check=False)
+
+
+def _local_apt_repo(tmp_path: Path, package: str, version: str) -> Path:
+    """A real .deb in a flat, trusted file: apt repository; returns an ``APT_CONFIG`` file that
+    points apt at it alone (own lists and cache dirs: the machine's apt state is untouched)."""
+    import hashlib
+    import subprocess
+
+    root = tmp_path / "deb" / package
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "usr/share/doc" / package).mkdir(parents=True)
+    (root / "usr/share/doc" / package / "README").write_text("hamaster pkg state test\n")
+    arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    (root / "DEBIAN/control").write_text(
+        f"Package: {package}\nVersion: {version}\nArchitecture: all\n"
+        f"Maintainer: hamaster tests <root@localhost>\nDescription: hamaster test package\n")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    deb = repo / f"{package}_{version}_all.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(root), str(deb)], check=True,
+                   capture_output=True)
+    blob = deb.read_bytes()
+    (repo / "Packages").write_text(
+        f"Package: {package}\nVersion: {version}\nArchitecture: all\n"
+        f"Maintainer: hamaster tests <root@localhost>\nFilename: ./{deb.name}\n"
+        f"Size: {len(blob)}\nSHA256: {hashlib.sha256(blob).hexdigest()}\n"
+        f"Description: hamaster test package\n\n")
+    state = tmp_path / "aptstate"
+    for d in ("lists/partial", "cache/archives/partial"):
+        (state / d).mkdir(parents=True)
+    (tmp_path / "sources.list").write_text(f"deb [trusted=yes] file:{repo} ./\n")
+    conf = tmp_path / "apt.conf"
+    conf.write_text(
+        f'Dir::Etc::SourceList "{tmp_path}/sources.list";\nDir::Etc::SourceParts "/nonexistent";\n'
+        f'Dir::State::Lists "{state}/lists";\nDir::Cache "{state}/cache";\n'
+        f'APT::Architecture "{arch}";\n')
+    return conf
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="installing packages needs root")
+def test_pkg_installed_and_removed_install_and_remove_a_real_package(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pkg.installed / pkg.removed with the real apt-get and dpkg, on a package built here and
+    served from a local file: repository (no network)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("dpkg-deb") is None or shutil.which("apt-get") is None:
+        pytest.skip("needs dpkg-deb and apt-get (Debian family)")
+    pkg = f"hamaster-probe{os.getpid() % 100000}"
+    monkeypatch.setenv("APT_CONFIG", str(_local_apt_repo(tmp_path, pkg, "1.0-1")))
+    readme = Path(f"/usr/share/doc/{pkg}/README")
+    sls = f"probe:\n  pkg.installed:\n    - name: {pkg}\n    - refresh: True\n"
+    gone = f"probe:\n  pkg.removed:\n    - name: {pkg}\n"
+    key_in, key_out = f"pkg_|-probe_|-{pkg}_|-installed", f"pkg_|-probe_|-{pkg}_|-removed"
+    try:
+        ret, rc = _system(tmp_path, {"p.sls": sls}, test=True).apply(["p"])
+        assert ret[key_in]["result"] is None and not readme.exists(), ret
+        ret, rc = _system(tmp_path, {"p.sls": sls}).apply(["p"])
+        assert rc == 0, ret
+        assert ret[key_in]["changes"] == {pkg: {"old": "", "new": "1.0-1"}}
+        assert ret[key_in]["comment"] == f"The following packages were installed/updated: {pkg}"
+        assert readme.read_text() == "hamaster pkg state test\n"
+        ret, rc = _system(tmp_path, {"p.sls": sls}).apply(["p"])
+        assert rc == 0 and not ret[key_in]["changes"], ret
+        ret, rc = _system(tmp_path, {"r.sls": gone}).apply(["r"])
+        assert rc == 0, ret
+        assert ret[key_out]["changes"] == {pkg: {"old": "1.0-1", "new": ""}}
+        assert not readme.exists()
+        ret, rc = _system(tmp_path, {"r.sls": gone}).apply(["r"])
+        assert ret[key_out]["comment"] == "All specified packages are already absent"
+    finally:
+        subprocess.run(["dpkg", "--purge", pkg], capture_output=True, check=False)
