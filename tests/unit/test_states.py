@@ -8,6 +8,7 @@ semantics: order, requisites, names, include/extend, failhard, test mode and the
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -615,3 +616,99 @@ def test_pkg_installed_and_removed_install_and_remove_a_real_package(
         assert ret[key_out]["comment"] == "All specified packages are already absent"
     finally:
         subprocess.run(["dpkg", "--purge", pkg], capture_output=True, check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or os.path.isdir("/run/systemd/system"),
+                    reason="needs root, and a machine without systemd (the SysV path)")
+def test_service_states_drive_a_real_sysv_init_script(tmp_path: Path) -> None:
+    """service.running / enabled / dead and a watch restart on a real /etc/init.d script
+    (the init these machines have) that runs a real daemon."""
+    import shutil
+    import signal
+    import subprocess
+
+    if shutil.which("update-rc.d") is None:
+        pytest.skip("needs update-rc.d (Debian package init-system-helpers)")
+    name = f"hamaster-probe{os.getpid() % 100000}"
+    pidfile = tmp_path / "probe.pid"
+    script = Path("/etc/init.d") / name
+    script.write_text(f"""#!/bin/sh
+### BEGIN INIT INFO
+# Provides:          {name}
+# Required-Start:
+# Required-Stop:
+# Default-Start:     2 3 4 5
+# Default-Stop:      0 1 6
+# Short-Description: hamaster test daemon
+### END INIT INFO
+P={pidfile}
+running() {{ [ -f $P ] && kill -0 "$(cat $P)" 2>/dev/null; }}
+case "$1" in
+  start) running && exit 0; setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $! >$P ;;
+  stop) running && kill "$(cat $P)"; rm -f $P ;;
+  restart) "$0" stop; "$0" start ;;
+  status) running ;;
+  *) exit 3 ;;
+esac
+""")
+    script.chmod(0o755)
+    sls = f"""
+conf:
+  file.managed:
+    - name: @OUT@/probe.conf
+    - contents: "@WORD@"
+    - makedirs: True
+{name}:
+  service.running:
+    - enable: True
+    - watch:
+      - file: conf
+"""
+    key = f"service_|-{name}_|-{name}_|-running"
+    try:
+        ret, rc = _system(tmp_path, {"s.sls": sls.replace("@WORD@", "one")}, test=True).apply(
+            ["s"])
+        assert ret[key]["result"] is None and not pidfile.exists(), ret
+        ret, rc = _system(tmp_path, {"s.sls": sls.replace("@WORD@", "one")}).apply(["s"])
+        assert rc == 0, ret
+        first = int(pidfile.read_text())
+        os.kill(first, 0)
+        assert glob_links(name), "not enabled"
+        ret, rc = _system(tmp_path, {"s.sls": sls.replace("@WORD@", "one")}).apply(["s"])
+        assert rc == 0 and not ret[key]["changes"], ret
+        assert ret[key]["comment"] == f"The service {name} is already running"
+        # The watched file changes: the daemon is restarted (a new process).
+        ret, rc = _system(tmp_path, {"s.sls": sls.replace("@WORD@", "two")}).apply(["s"])
+        assert rc == 0 and ret[key]["comment"] == "Service restarted", ret
+        second = int(pidfile.read_text())
+        assert second != first
+        dead = f"{name}:\n  service.dead:\n    - enable: False\n"
+        ret, rc = _system(tmp_path, {"d.sls": dead}).apply(["d"])
+        assert rc == 0, ret
+        assert not pidfile.exists() and not glob_links(name)
+        deadline = time.monotonic() + 10
+        while _alive(second) and time.monotonic() < deadline:
+            time.sleep(0.05)        # polling a condition with a deadline
+        assert not _alive(second), "service.dead left the daemon running"
+    finally:
+        if pidfile.exists():
+            try:
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        subprocess.run(["update-rc.d", "-f", name, "remove"], capture_output=True, check=False)
+        script.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (whoever reaps orphans may be slow or absent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def glob_links(name: str) -> list[str]:
+    import glob
+    return glob.glob(f"/etc/rc[2345].d/S[0-9][0-9]{name}")
