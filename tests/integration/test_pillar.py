@@ -280,10 +280,14 @@ def test_pillar_on_etcd_push_and_mine(cluster: Cluster) -> None:
         local0 = cluster.base / "local0"
         local0.mkdir()
         (local0 / "extra.sls").write_text("extra: 1\n")
-        for local in (local0, cluster.base / "no-local"):
+        # Same ports on two loopback addresses: a stock minion has one publish_port for all
+        pub = saltenv.free_port("127.0.0.1")
+        ret = saltenv.free_port("127.0.0.1")
+        for local, host in ((local0, "127.0.0.1"), (cluster.base / "no-local", "127.0.0.2")):
             cluster.add_master({"ha_backend": "etcd", "ha_etcd_endpoints": etcd.endpoints,
                                 "ha_etcd_prefix": "/hm-pillar", "auto_accept": True,
-                                "pillar_roots": {"base": [str(local)]}})
+                                "publish_port": pub, "ret_port": ret,
+                                "pillar_roots": {"base": [str(local)]}}, host=host)
         cluster.add_minion("web1", extra={"grains": {"role": "web"}, "mine_functions": {
             "ip": [{"mine_function": "test.echo"}, "10.0.0.1"]}})
         cluster.wait_all_answer(["web1"], master=0)
@@ -294,6 +298,24 @@ def test_pillar_on_etcd_push_and_mine(cluster: Cluster) -> None:
                           "saltenv=base", master=0, check=True)
         assert json.loads(res.stdout)["files"] == len(TREE)
         assert _pillar_items(cluster, "web1", 1) == {"web1": WEB1}
+        # a stock salt-minion 3008.5 listing both etcd masters: the same pillar through each
+        bin_dir = _stock_bin("3008.5")
+        if bin_dir is not None:
+            stock = saltenv.SaltMinionProc(
+                bin_dir, cluster.base / "stock", "web-stock",
+                [f"{m['host']}:{ret}" for m in cluster.masters],
+                extra={"publish_port": pub, "grains": {"role": "web"},
+                       "pillar_mask_output": False})
+            try:
+                stock.start()
+                want = {**WEB1, "common": {"motd": "hello web-stock", "tz": "UTC"}}
+                for master in (0, 1):
+                    wait_until(lambda m=master: _pillar_items(cluster, "web-stock", m).get(
+                        "web-stock") == want, 90, interval=0.5,
+                        what=f"stock pillar via etcd master{master}")
+            finally:
+                stock.stop()
+            cluster.run("hamaster-key", "-d", "web-stock", "-y", master=0, check=True)
         # edit and push through A: B serves it within a second
         (src / "common.sls").write_text("common:\n  motd: pushed\n")
         cluster.run("hamaster-run", "pillar.push", str(src), master=0, check=True)
