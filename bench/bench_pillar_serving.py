@@ -97,6 +97,8 @@ def run(n: int, burst: int, repeat: int) -> dict:
                 time.sleep(0.1)  # pacing: an operator's pings, not a flood
 
         th = threading.Thread(target=pinger)
+        # progress on stderr (e.g. to attach a profiler to the master for the burst only)
+        print(f"burst starts: master pid {m['proc'].pid}", file=sys.stderr, flush=True)
         th.start()
         dt, rets = publish_wait(sock_dir, "web-*", "pillar.items", 300)
         done.set()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Collection
 from typing import Any
 
 import msgpack
@@ -82,6 +83,22 @@ class JobCache:
             if "/" in mid:
                 continue
             ret = _unpack(raw, key)
+            if ret is not None:
+                out[mid] = ret
+        return out
+
+    def get_new_returns(self, jid: str, known: Collection[str]) -> dict[str, dict[str, Any]]:
+        """Minion id → return for ``jid``, for the minions not in ``known`` only: a listing,
+        then a read of the new ones (a waiter polling a job of thousands of minions must not
+        re-read and unpack every return on each pass)."""
+        base = f"{self.prefix}/{_check_jid(jid)}/returns"
+        out: dict[str, dict[str, Any]] = {}
+        for key in self.store.list(base):
+            mid = key[len(base) + 1:]
+            if "/" in mid or mid in known:
+                continue
+            raw = self.store.get(key)
+            ret = _unpack(raw, key) if raw is not None else None
             if ret is not None:
                 out[mid] = ret
         return out

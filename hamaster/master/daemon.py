@@ -838,7 +838,8 @@ class Master:
                 if rec is None or set(rec.returns) >= set(rec.minions):
                     continue
                 try:
-                    rets = await asyncio.to_thread(self.job_cache.get_returns, jid)
+                    rets = await asyncio.to_thread(self.job_cache.get_new_returns, jid,
+                                                   frozenset(rec.returns))
                 except Exception:
                     continue
                 for mid, ret in rets.items():

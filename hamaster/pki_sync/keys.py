@@ -648,8 +648,11 @@ def generate_keypair(keysize: int = 2048) -> tuple[bytes, bytes]:
     return _generate(keysize)
 
 
+@functools.lru_cache(maxsize=4)
 def public_pem_of(private_pem: bytes) -> bytes:
-    """The SubjectPublicKeyInfo PEM of a PEM private key."""
+    """The SubjectPublicKeyInfo PEM of a PEM private key (remembered for the last few keys:
+    loading an RSA private key costs tens of milliseconds of CPU holding the GIL, and the
+    identity check compares the store's key every few seconds)."""
     key = serialization.load_pem_private_key(private_pem, password=None)
     return key.public_key().public_bytes(serialization.Encoding.PEM,
                                          serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -156,3 +156,16 @@ def test_job_writer_drops_an_item_the_cache_refuses_and_keeps_the_rest(tmp_path,
     assert set(cache.get_returns(jid)) == {"good1", "good2", "good3"}
     assert cache.get_load(jid) == {"fun": "test.ping"}
     assert any("dropped 2 invalid items" in r.getMessage() for r in caplog.records)
+
+
+def test_new_returns_reads_only_the_minions_not_yet_known(cache):
+    jid = gen_jid()
+    cache.save_returns([(jid, f"m{i}", {"return": i}) for i in range(5)])
+    reads: list[str] = []
+    real_get = cache.store.get
+    cache.store.get = lambda key: reads.append(key) or real_get(key)  # count the reads
+    assert cache.get_new_returns(jid, {"m0", "m1", "m2"}) == {"m3": {"return": 3},
+                                                              "m4": {"return": 4}}
+    assert sorted(k.rsplit("/", 1)[1] for k in reads) == ["m3", "m4"]
+    assert cache.get_new_returns(jid, {f"m{i}" for i in range(5)}) == {}
+    assert cache.get_new_returns(gen_jid(), set()) == {}

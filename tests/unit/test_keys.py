@@ -310,3 +310,15 @@ def test_open_key_registry(tmp_path, pubs):
     assert reg.authorize("web1", pubs[0]) is AuthDecision.ACCEPTED
     assert (pki / "minions" / "web1").exists()
     assert open_key_registry({"pki_dir": str(pki)}).accepted_ids() == ["web1"]
+
+
+def test_public_pem_of_loads_a_private_key_once() -> None:
+    """The identity check derives the public key every few seconds; loading (validating) an
+    RSA private key takes ~0.1 s of CPU with the GIL held, so it must be done once per key."""
+    from hamaster.pki_sync.keys import generate_keypair, public_pem_of
+
+    priv, pub = generate_keypair(1024)
+    public_pem_of.cache_clear()
+    assert public_pem_of(priv) == public_pem_of(priv)
+    info = public_pem_of.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
