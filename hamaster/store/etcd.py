@@ -60,6 +60,7 @@ from typing import Any
 
 from hamaster.store.base import (
     LEASES_PREFIX,
+    MEMBERS_PREFIX,
     Change,
     Lease,
     LeaseInfo,
@@ -74,7 +75,6 @@ from hamaster.store.base import (
 
 log = logging.getLogger(__name__)
 
-MEMBERS_PREFIX = "cluster/members"
 TXN_MAX_OPS = 100
 TXN_MAX_BYTES = 1_000_000
 MAX_VALUE_BYTES = 1_000_000
