@@ -7,7 +7,6 @@ run several masters in one process without clashing registries.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from typing import Any
@@ -162,19 +161,15 @@ class MasterMetrics:
         """Count one _auth request by its outcome."""
         self.auth_requests.labels(self.master_id, result).inc()
 
-    def instrument_store(self, store: Any, sync_probe_prefix: str | None = None) -> Any:
-        """Time ``store``'s operations and count its watch events; optionally measure sync lag.
+    def instrument_store(self, store: Any) -> Any:
+        """Time ``store``'s operations and count its watch events.
 
         Wraps the instance's ``get/put/delete/list/compare_and_put`` (observed into
         ``hamaster_store_operation_seconds{op}``) and ``watch`` (every change delivered to a
         callback registered afterwards counts in ``hamaster_store_watch_events_total``), so call
-        it before anything registers a watch (``keys.attach_watch()``).
-
-        With ``sync_probe_prefix`` (the cluster membership records, ``cluster/masters/``), it
-        also watches that prefix: each master rewrites its record there every second with its
-        wall-clock ``ts``, so ``now - ts`` when another master's record arrives here is the
-        replication delay of the store (``hamaster_sync_lag_seconds``; clocks must be in sync).
-        Returns ``store``. Never raises for a metrics problem.
+        it before anything registers a watch (``keys.attach_watch()``). The sync lag
+        (``hamaster_sync_lag_seconds``) is measured by the membership records' probe
+        (:meth:`hamaster.master.membership.Membership.watch_lag`). Returns ``store``.
         """
         latency = self.store_op_latency
         mid = self.master_id
@@ -196,26 +191,6 @@ class MasterMetrics:
             orig_watch(prefix, counted)
 
         store.watch = watch
-        if sync_probe_prefix:
-            lag = self.sync_lag.labels(mid)
-
-            def probe(changes: list) -> None:
-                now = time.time()
-                for change in changes:
-                    if change.value is None:
-                        continue
-                    try:
-                        rec = json.loads(change.value)
-                        if rec.get("master_id") == mid:
-                            continue
-                        lag.observe(max(0.0, now - float(rec["ts"])))
-                    except (ValueError, KeyError, TypeError, AttributeError):
-                        continue
-
-            try:
-                store.watch(sync_probe_prefix, probe)
-            except Exception:  # metrics never break the master
-                log.debug("sync-lag probe watch failed", exc_info=True)
         return store
 
 

@@ -223,7 +223,8 @@ def _confirm(reg: KeyRegistry, opts: dict[str, Any], args: argparse.Namespace,
     Returns 0, or :data:`EXIT_UNCONFIRMED` (3) after naming each master that has not
     confirmed within the wait.
     """
-    from hamaster.master.shared import is_ha, master_records
+    from hamaster.master.membership import read_masters
+    from hamaster.master.shared import is_ha
     from hamaster.pki_sync.confirm import EXIT_UNCONFIRMED, confirm_key_change, expect_for
 
     timeout = args.wait_timeout if args.wait_timeout is not None else float(
@@ -233,10 +234,9 @@ def _confirm(reg: KeyRegistry, opts: dict[str, Any], args: argparse.Namespace,
     if not is_ha(opts):
         return _confirm_single(opts, ids, timeout)
     store = reg.store
-    ttl = float(opts.get("ha_member_ttl", 5.0))
 
     def members() -> dict[str, dict]:
-        return master_records(store, ttl)
+        return read_masters(store)
 
     after_write = None
     push = getattr(store, "push_now", None)

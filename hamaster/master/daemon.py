@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -25,15 +24,10 @@ from hamaster import __version__, crypto, ids
 from hamaster.bus import codec, messages
 from hamaster.jobs.jid import gen_jid
 from hamaster.master.jobs import JobTracker, JobWriter
+from hamaster.master.membership import DEFAULT_TTL, Membership, alive_count
 from hamaster.master.pubkey import PublishKey
 from hamaster.master.reqhandler import Deferred, RequestHandler
-from hamaster.master.shared import (
-    MASTERS_PREFIX,
-    SharedState,
-    config_hash,
-    master_records,
-    open_shared_state,
-)
+from hamaster.master.shared import SharedState, config_hash, open_shared_state
 from hamaster.metrics import MasterMetrics
 from hamaster.minion.matcher import check_minions, expand_nodegroups
 from hamaster.pki_sync.keys import (
@@ -94,8 +88,13 @@ class Master:
         self.metrics = MasterMetrics(self.master_id)
         self.state = state or open_shared_state(opts)
         self.keys = self.state.keys
-        self.metrics.instrument_store(self.keys.store, MASTERS_PREFIX if self.state.ha else None)
-        self.member_ttl = float(opts.get("ha_member_ttl", 5.0))
+        self.metrics.instrument_store(self.keys.store)
+        self.member_ttl = float(opts.get("ha_member_ttl", DEFAULT_TTL))
+        # cluster membership (hamaster/master/membership.py): record, presence, liveness
+        self.membership = (Membership(self.state.store, self.master_id, self.member_ttl)
+                           if self.state.store is not None else None)
+        if self.membership is not None:
+            self.membership.watch_lag(self.metrics.sync_lag.labels(self.master_id).observe)
         self.started_at = time.time()
         self._init_identity()
         self.publish_key = PublishKey(self.master_priv)
@@ -194,12 +193,10 @@ class Master:
 
     def _announce_waiting(self, status: dict) -> None:
         """While the rsync masters agree on the keypair: say so in our cluster record."""
-        if self.state.store is None or time.monotonic() - getattr(self, "_announced", -9.0) < 1.0:
+        if self.membership is None or time.monotonic() - getattr(self, "_announced", -9.0) < 1.0:
             return
         self._announced = time.monotonic()
-        rec = {"master_id": self.master_id, "version": __version__, "ts": time.time(),
-               "ttl": self.member_ttl, "started": self.started_at, **status}
-        self.state.store.put(f"{MASTERS_PREFIX}{self.master_id}", json.dumps(rec).encode())
+        self.membership.beat({"version": __version__, "started": self.started_at, **status})
 
     def _watch_identity(self) -> None:
         """Watch ``master.pem`` in the store (called from :meth:`run`, on the event loop)."""
@@ -749,8 +746,8 @@ class Master:
 
     async def _cluster_heartbeat(self) -> None:
         """Write our membership record every second; refresh the file_roots hash now and then."""
-        assert self.state.store is not None
-        store = self.state.store
+        assert self.membership is not None
+        membership = self.membership
         last_hash = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
@@ -762,10 +759,8 @@ class Master:
                 except Exception as exc:
                     log.warning("cannot hash file_roots: %s", exc)
                 await self._refresh_pillar_hash()
-            rec = self.cluster_record()
             try:
-                await asyncio.to_thread(store.put, f"{MASTERS_PREFIX}{self.master_id}", json.dumps(rec).encode())
-                await asyncio.to_thread(store.heartbeat, self.master_id, json.dumps(rec).encode(), self.member_ttl)
+                await asyncio.to_thread(membership.beat, self.cluster_record())
             except Exception as exc:
                 if self._store_ok:
                     log.error("shared store unreachable, serving from memory: %s", exc)
@@ -775,8 +770,8 @@ class Master:
                     log.warning("shared store reachable again")
                 self._store_ok = True
             try:
-                alive = await asyncio.to_thread(self.cluster_masters)
-                self.metrics.masters_alive.labels(self.master_id).set(sum(1 for r in alive.values() if r.get("alive")))
+                alive = await asyncio.to_thread(membership.masters)
+                self.metrics.masters_alive.labels(self.master_id).set(alive_count(alive))
                 self._check_peer_identities(alive)  # cluster identity
             except Exception:
                 pass
@@ -786,9 +781,10 @@ class Master:
                 pass
 
     def cluster_masters(self) -> dict[str, dict]:
-        """Every master that ever registered, with ``alive`` and ``last_seen_s``."""
-        assert self.state.store is not None
-        return master_records(self.state.store, self.member_ttl)
+        """Every master that ever registered, with ``alive`` and ``last_seen_s``
+        (:func:`hamaster.master.membership.read_masters`)."""
+        assert self.membership is not None
+        return self.membership.masters()
 
     # -- key-change barrier (hamaster/pki_sync/confirm.py) ------------------------------------
 
@@ -821,10 +817,9 @@ class Master:
 
     def _mark_stopped(self) -> None:
         """Say in ``cluster/masters/<id>`` that this master stopped (no one waits on it)."""
-        assert self.state.store is not None
-        rec = {**self.cluster_record(), "stopped": True}
+        assert self.membership is not None
         try:
-            self.state.store.put(f"{MASTERS_PREFIX}{self.master_id}", json.dumps(rec).encode())
+            self.membership.leave(self.cluster_record())
         except Exception as exc:
             log.warning("could not mark this master stopped in the store: %s", exc)
 

@@ -4,7 +4,7 @@ Without ``ha_dir`` (and with the default ``ha_backend: fs``) a master keeps Salt
 keys in ``pki_dir``, jobs under ``cachedir``, files in ``file_roots``. With a shared backend,
 every master of the cluster reads and writes the same store:
 ``pki/master/…`` (master keypair and minion keys), ``jobs/<jid>/…``, ``file_roots/<env>/…``,
-``config/master.d/*.conf`` and ``cluster/masters/<master_id>``.
+``config/master.d/*.conf`` and ``cluster/…`` (membership: :mod:`hamaster.master.membership`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,6 @@ log = logging.getLogger(__name__)
 KEYS_PREFIX = "pki/master/"
 JOBS_PREFIX = "jobs"
 CONFIG_PREFIX = "config/master.d/"
-MASTERS_PREFIX = "cluster/masters/"
 
 # Options that describe one host, never taken from a shared fragment and left out of the
 # cluster config hash (they legitimately differ between masters).
@@ -129,33 +127,6 @@ def open_shared_state(opts: dict, store: Store | None = None) -> SharedState:
     )
     keys.load()
     return SharedState(keys=keys, job_cache=JobCache(store, JOBS_PREFIX), store=store)
-
-
-def master_records(store: Store, default_ttl: float = 5.0) -> dict[str, dict]:
-    """Every master that ever wrote ``cluster/masters/<id>``, with ``alive`` and ``last_seen_s``.
-
-    A master is alive while its record is younger than its ``ttl`` (``ha_member_ttl``) and it
-    has not marked itself ``stopped`` (a graceful stop does); clocks must be roughly in sync.
-    """
-    out: dict[str, dict] = {}
-    now = time.time()
-    for key in store.list(MASTERS_PREFIX):
-        raw = store.get(key)
-        if raw is None:
-            continue
-        try:
-            rec = json.loads(raw)
-            age = now - float(rec["ts"])
-            ttl = float(rec.get("ttl", default_ttl))
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring malformed cluster record %s", key)
-            continue
-        if not isinstance(rec, dict):
-            continue
-        rec["alive"] = age <= ttl and not rec.get("stopped")
-        rec["last_seen_s"] = round(age, 2)
-        out[key.rsplit("/", 1)[-1]] = rec
-    return out
 
 
 def shared_config(store: Store) -> tuple[dict, list[str]]:

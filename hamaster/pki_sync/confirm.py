@@ -16,11 +16,12 @@ interval (or one rsync push) later. The barrier closes that gap:
 3. The requester (:func:`confirm_key_change`) polls the acks until every master it waits on has
    confirmed, or the deadline passes; then it deletes the request.
 
-Which masters are waited on: those whose ``cluster/masters/<id>`` record is alive (younger than
-its ttl, not marked ``stopped``) when the request is written. A master that stops gracefully
-during the wait (its record says ``stopped``) is no longer waited on; any other master that has
-not confirmed by the deadline is named in the result. A master that was not live is not waited
-on: it reads the store when it resumes.
+Which masters are waited on: those alive when the request is written, as
+:func:`hamaster.master.membership.read_masters` decides (present on the backend — an etcd lease,
+or a heartbeat younger than its ttl on fs/rsync — and not marked ``stopped``). A master that
+stops gracefully during the wait (its record says ``stopped``) is no longer waited on; any other
+master that has not confirmed by the deadline is named in the result. A master that was not
+live is not waited on: it reads the store when it resumes.
 
 The store change itself is never undone by a failed barrier; the result says which master has
 not confirmed, and the caller reports it.
@@ -179,7 +180,7 @@ MembersFn = Callable[[], dict[str, dict[str, Any]]]
 
 
 def _alive(rec: dict[str, Any]) -> bool:
-    return bool(rec.get("alive")) and not rec.get("stopped")
+    return bool(rec.get("alive"))       # decided by hamaster.master.membership
 
 
 def confirm_key_change(store: Store, expect: dict[str, Expect], members: MembersFn,
@@ -189,7 +190,7 @@ def confirm_key_change(store: Store, expect: dict[str, Expect], members: Members
     """Wait until every live master has put ``expect`` in force, or ``timeout`` seconds pass.
 
     ``members()`` returns every master's ``cluster/masters/<id>`` record with ``alive`` (and
-    ``stopped`` after a graceful stop), as :func:`hamaster.master.shared.master_records` does.
+    ``stopped`` after a graceful stop), as :func:`hamaster.master.membership.read_masters` does.
     ``after_write`` runs once the request is stored (the rsync CLI pushes its tree with it when
     no local master would). Raises :class:`StoreError` if the request cannot be written.
     """

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 #: Store keys of leader leases live under this prefix (``leases/<name>/…``).
 LEASES_PREFIX = "leases"
+#: Presence keys written by :meth:`Store.heartbeat` live under this prefix (``…/<member_id>``).
+MEMBERS_PREFIX = "cluster/members"
 #: The backends whose lease gives mutual exclusion (named in refusals).
 LEASE_BACKENDS = ("etcd", "fs")
 
@@ -104,7 +106,7 @@ def validate_prefix(prefix: str) -> str:
 
 
 class Store(ABC):
-    """Abstract shared key/value store with watches and a membership heartbeat."""
+    """Abstract shared key/value store with watches, presence heartbeats and leader leases."""
 
     @abstractmethod
     def get(self, key: str) -> bytes | None:
@@ -168,13 +170,20 @@ class Store(ABC):
     def poll_now(self) -> list[Change]:
         """Run one watch pass synchronously, dispatch to callbacks, return the changes."""
 
+    # -- presence (the liveness primitive :mod:`hamaster.master.membership` builds on) -------
+    #
+    # A member calls ``heartbeat`` more often than its ttl; ``members`` lists, on any store
+    # instance of the cluster, those whose last heartbeat has not expired. Each backend decides
+    # expiry its honest way: etcd with a lease of ``ttl`` seconds (expired by etcd itself), fs
+    # and rsync with the writer's wall-clock timestamp against the reader's clock.
+
     @abstractmethod
     def heartbeat(self, member_id: str, info: bytes, ttl: float) -> None:
-        """Announce ``member_id`` as alive for ``ttl`` seconds, with opaque ``info``."""
+        """Announce ``member_id`` as present for ``ttl`` seconds, with opaque ``info``."""
 
     @abstractmethod
     def members(self) -> dict[str, bytes]:
-        """Return live members (heartbeat younger than its ttl) → their info."""
+        """Members present now (last heartbeat not expired) → the ``info`` of that heartbeat."""
 
     # -- leader lease (a fencing epoch) -----------------------------------------------------
     #

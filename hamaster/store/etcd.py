@@ -24,7 +24,8 @@ Mapping: store key ``k`` is etcd key ``<prefix>/k`` (``prefix`` defaults to ``/h
   A full resync also runs every ``resync_interval`` seconds as a safety net.
 - Membership: ``heartbeat`` keeps one lease per member (TTL rounded up to whole seconds, at
   least 1) and puts ``cluster/members/<id>`` attached to it; a master that stops heartbeating
-  disappears when etcd expires its lease. ``members()`` lists the live ones.
+  disappears when etcd expires its lease. ``members()`` lists the live ones: the liveness
+  :mod:`hamaster.master.membership` reads.
 - A leader election (the leader killed or partitioned) is invisible to callers: fast failures
   (refused connection, ``no leader``, ``leader changed``) are retried on every endpoint with a
   short back-off, and each attempt waits at most ``timeout / 3`` (a write forwarded to a dead
@@ -60,6 +61,7 @@ from typing import Any
 
 from hamaster.store.base import (
     LEASES_PREFIX,
+    MEMBERS_PREFIX,
     Change,
     Lease,
     LeaseInfo,
@@ -74,7 +76,6 @@ from hamaster.store.base import (
 
 log = logging.getLogger(__name__)
 
-MEMBERS_PREFIX = "cluster/members"
 TXN_MAX_OPS = 100
 TXN_MAX_BYTES = 1_000_000
 MAX_VALUE_BYTES = 1_000_000

@@ -61,6 +61,7 @@ from typing import Any
 
 from hamaster.store.base import (
     LEASES_PREFIX,
+    MEMBERS_PREFIX,
     Change,
     InvalidKey,
     Lease,
@@ -83,7 +84,6 @@ LEASE_KEEP_EPOCHS = 5
 #: Hidden file marking a store root; if it vanishes the share is taken as unmounted.
 MARKER_NAME = ".hamaster-store"
 TMP_PREFIX = ".tmp-"
-MEMBERS_PREFIX = "cluster/members"
 #: Every this many passes every watched directory is re-listed (names; new entries stat'ed).
 FULL_RESCAN_EVERY = 20
 #: Every this many passes every file is stat'ed too (finds in-place edits, stale mtimes).

@@ -361,6 +361,27 @@ def test_membership_ttl_expiry(backend: Backend, pair) -> None:
     assert gone, "master-a still listed after its ttl"
     assert time.monotonic() - died >= ttl - 1.0     # not dropped early
     assert "master-b" in a.members() or eventually(lambda: "master-b" in a.members())
+    # master-a comes back (etcd: its old lease expired, a new one is granted).
+    a.heartbeat("master-a", b'{"id": "a2"}', ttl)
+    eventually(lambda: b.members().get("master-a") == b'{"id": "a2"}', what="master-a back on B")
+
+
+def test_membership_module_on_the_backend(backend: Backend, pair) -> None:
+    """hamaster.master.membership over this backend: a beat on A is an alive master on B with
+    its record; a graceful leave is not alive at once (before the presence expires)."""
+    from hamaster.master.membership import Membership, read_masters
+
+    a, b = pair
+    ma = Membership(a, "master-a", ttl=30)
+    ma.beat({"state": "serving", "blob_address": "127.0.0.1:1"})
+    rec = eventually(lambda: read_masters(b).get("master-a", {}).get("alive") and
+                     read_masters(b)["master-a"], what="master-a alive on B")
+    assert rec["state"] == "serving" and rec["blob_address"] == "127.0.0.1:1"
+    assert rec["ttl"] == 30.0 and rec["master_id"] == "master-a"
+    ma.leave({"state": "serving"})
+    eventually(lambda: read_masters(b)["master-a"].get("stopped"), what="stopped on B")
+    assert read_masters(b)["master-a"]["alive"] is False
+    assert "master-a" in b.members()        # still present: the stop flag decides
 
 
 # ------------------------------------------------------------------------------ leader lease

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from hamaster.master.shared import KEYS_PREFIX, MASTERS_PREFIX, master_records
+from hamaster.master.membership import Membership, encode_record, read_masters, record_key
+from hamaster.master.shared import KEYS_PREFIX
 from hamaster.pki_sync.confirm import (
     KEYSYNC_PREFIX,
     Expect,
@@ -24,6 +25,7 @@ from hamaster.pki_sync.confirm import (
     request_key,
 )
 from hamaster.pki_sync.keys import KeyRegistry, KeyState, generate_keypair
+from hamaster.store.base import MEMBERS_PREFIX
 from hamaster.store.fs import FsStore
 
 POLL = 0.05
@@ -46,10 +48,17 @@ class FakeMaster:
     gate: threading.Event = field(default_factory=threading.Event)
 
     def heartbeat(self, stopped: bool = False, ts: float | None = None) -> None:
-        rec = {"master_id": self.master_id, "ts": ts or time.time(), "ttl": 5.0}
+        """Beat as a master does (or stop gracefully); ``ts``: a record last written then, with
+        no presence since (a master that died then)."""
+        member = Membership(self.store, self.master_id, 5.0)
         if stopped:
-            rec["stopped"] = True
-        self.store.put(f"{MASTERS_PREFIX}{self.master_id}", json.dumps(rec).encode())
+            member.leave({})
+        elif ts is not None:
+            rec = {"master_id": self.master_id, "ts": ts, "ttl": 5.0}
+            self.store.put(record_key(self.master_id), encode_record(rec))
+            self.store.delete(f"{MEMBERS_PREFIX}/{self.master_id}")   # its presence expired
+        else:
+            member.beat({})
 
 
 def _master(root: Path, master_id: str, start: bool = True) -> FakeMaster:
@@ -103,7 +112,7 @@ def _cli(root: Path) -> tuple[FsStore, KeyRegistry]:
 
 
 def _members(store: FsStore):
-    return lambda: master_records(store, 5.0)
+    return lambda: read_masters(store)
 
 
 def _accepted_everywhere(masters: list[FakeMaster], mid: str, timeout: float = 10) -> None:
