@@ -8,7 +8,6 @@ import socket
 import pytest
 
 from hamaster.config import (
-    MASTER_DEFAULTS,
     ConfigError,
     load_master_config,
     load_minion_config,
@@ -26,7 +25,7 @@ def test_defaults_when_no_file(tmp_path):
     assert opts["__role"] == "master"
     # defaults are not shared mutable state
     opts["file_roots"]["base"].append("/x")
-    assert MASTER_DEFAULTS["file_roots"] == {"base": ["/srv/salt"]}
+    assert load_master_config(tmp_path)["file_roots"] == {"base": ["/srv/salt"]}
 
 
 def test_main_file_then_d_files_in_order(tmp_path):
