@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from hamaster.options import MASTER, MINION, Option, table
+from hamaster.options import MASTER, MINION, PASSTHROUGH_PREFIXES, Option, table
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def _validate(source: str, data: Mapping[str, Any],
         o = options.get(key)
         spec = None if o is None or o.computed else o.type
         if spec is None:
-            if not key.startswith("__"):
+            if not key.startswith(("__", *PASSTHROUGH_PREFIXES)):
                 log.warning("%s: unknown option %r (ignored by hamaster, kept as is)", source, key)
             out[key] = value
             continue
@@ -374,7 +374,8 @@ def options_doc() -> str:
     out = [DOC_BEGIN, "",
            "Scope `host`: one machine's setting, ignored in the cluster's shared\n"
            "`config/master.d/` fragments; `cluster`: should agree on every master (part of\n"
-           "the config hash). Options not listed are kept and logged as unknown.", "",
+           "the config hash). Options not listed are kept and logged as unknown (but\n"
+           "`saltgui_*`, kept for SaltGUI: see `docs/api.md`).", "",
            "### Master", "", *_doc_rows(master, scope=True), ""]
     for name in names():
         out += [f"### Master, `ha_backend: {name}`", "",

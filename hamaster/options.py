@@ -84,6 +84,7 @@ LOG_LEVEL = Spec("a log level name", lambda v: isinstance(v, str), log_level=Tru
 LOG_LEVEL_OR_NONE = Spec("a log level name or null", lambda v: v is None or isinstance(v, str),
                          log_level=True)
 ROOTS = Spec("a mapping of environment name to a list of directories", _is_roots)
+BOOL_OR_LIST = Spec("a boolean or a list", lambda v: isinstance(v, (bool, list)))
 #: Set by the loader (``conf_file``, ``master_list``): never read from a file.
 COMPUTED = Spec("set by hamaster", lambda v: True)
 
@@ -148,6 +149,7 @@ OPTIONS: tuple[Option, ...] = (
           "Environments → directories of pillar sls (minion: masterless).", CLUSTER),
     _both("renderer", "jinja|yaml", STR, "Default renderer pipe of sls files.", CLUSTER),
     _both("state_top", "top.sls", STR, "Name of the top file.", CLUSTER),
+    _both("failhard", False, BOOL, "Stop a state run at the first failure.", CLUSTER),
     _both("conf_file", None, COMPUTED, "The main configuration file read."),
     _both("config_dir", None, COMPUTED, "The configuration directory."),
     _both("__role", None, COMPUTED, "`master` or `minion`."),
@@ -220,6 +222,18 @@ OPTIONS: tuple[Option, ...] = (
     _m("netapi_enable_clients", [], STR_LIST, "Lowstate clients the API allows."),
     _m("publisher_acl", {}, DICT, "Local users → functions they may publish."),
     _m("publisher_acl_blacklist", {}, DICT, "Users and modules no one may publish."),
+    # -- master: Salt's options handed to Salt minions as they are (``_master_opts``)
+    _m("top_file_merging_strategy", "merge", STR, "Salt minions: how top files merge."),
+    _m("env_order", [], STR_LIST, "Salt minions: order of the environments."),
+    _m("default_top", "base", STR, "Salt minions: environment of the top file."),
+    _m("state_top_saltenv", None, STR_OR_NONE, "Salt minions: the only top file's environment."),
+    _m("state_auto_order", True, BOOL, "Salt minions: states run in file order."),
+    _m("state_events", False, BOOL, "Salt minions: an event per state."),
+    _m("state_aggregate", False, BOOL_OR_LIST, "Salt minions: aggregate states (pkg, ...)."),
+    _m("jinja_env", {}, DICT, "Salt minions: Jinja environment settings."),
+    _m("jinja_sls_env", {}, DICT, "Salt minions: Jinja settings of sls files."),
+    _m("jinja_lstrip_blocks", False, BOOL, "Salt minions: Jinja `lstrip_blocks`."),
+    _m("jinja_trim_blocks", False, BOOL, "Salt minions: Jinja `trim_blocks`."),
     # -- minion
     _n("id", None, STR_OR_NONE, "Minion id (null: minion_id file, then hostname)."),
     _n("master", "salt", STR_OR_LIST, "Master address(es): `host`, `host:port`, a list."),
@@ -242,9 +256,13 @@ OPTIONS: tuple[Option, ...] = (
     _n("swarm_count", 0, INT, "Identities this process runs (load tests)."),
     _n("worker_threads_minion", 32, INT, "Threads running jobs."),
     _n("saltenv", None, STR_OR_NONE, "Environment of state runs (null: base)."),
-    _n("failhard", False, BOOL, "Stop a state run at the first failure."),
     _n("test", False, BOOL, "State runs are dry runs."),
 )
+
+
+#: Options with these prefixes are kept without a warning: read by a client, not by hamaster
+#: (``saltgui_*``: SaltGUI's settings, handed out by the REST API's ``config.values``).
+PASSTHROUGH_PREFIXES = ("saltgui_",)
 
 
 def table(role: str, extra: Iterable[Option] = ()) -> dict[str, Option]:

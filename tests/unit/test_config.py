@@ -91,6 +91,16 @@ def test_unknown_option_warns(tmp_path, caplog):
     assert any("no_such_option" in r.getMessage() for r in caplog.records)
 
 
+def test_undeclared_salt_options_warn_saltgui_options_do_not(tmp_path, caplog):
+    # worker_threads / user: Salt's, declared before but never read; saltgui_*: SaltGUI's
+    (tmp_path / "master").write_text("worker_threads: 5\nuser: salt\nsaltgui_templates: {}\n")
+    with caplog.at_level(logging.WARNING, logger="hamaster.config"):
+        opts = load_master_config(tmp_path)
+    assert opts["worker_threads"] == 5 and opts["saltgui_templates"] == {}
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "'worker_threads'" in warned and "'user'" in warned and "saltgui" not in warned
+
+
 def test_bad_log_level_rejected(tmp_path):
     with pytest.raises(ConfigError, match="log_level"):
         load_master_config(tmp_path, {"log_level": "loud"})

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from hamaster import config, options
+from hamaster.master.daemon import MASTER_OPTS_FOR_MINIONS
 from hamaster.options import HOST, MASTER, MINION, Option
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,6 +21,8 @@ PACKAGE = ROOT / "hamaster"
 INDIRECT = {
     "rest_cherrypy": "hamaster/api/__init__.py",   # api_options: for name in (...)
     "rest_api": "hamaster/api/__init__.py",
+    # Master._master_opts: for key in MASTER_OPTS_FOR_MINIONS (checked below)
+    **{name: "hamaster/master/daemon.py" for name in MASTER_OPTS_FOR_MINIONS},
 }
 #: Where only one role's options may be read.
 ROLE_DIRS = {"hamaster/master/": MASTER, "hamaster/minion/": MINION, "hamaster/api/": MASTER,
@@ -168,6 +171,7 @@ def test_code_fallbacks_agree_with_the_table() -> None:
     assert d("master_retry_max", MINION) == BACKOFF_MAX
     assert (d("pillar_cache_entries"), d("pillar_max_size")) == (CACHE_ENTRIES, DEFAULT_MAX_SIZE)
     assert d("pillar_roots") == DEFAULT_PILLAR_ROOTS
+    assert {k: d(k) for k in MASTER_OPTS_FOR_MINIONS} == MASTER_OPTS_FOR_MINIONS
 
 
 def test_operator_guide_reference_is_the_tables() -> None:
