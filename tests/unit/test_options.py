@@ -4,6 +4,7 @@ the defaults fit their types, and the operator guide's reference is the table's.
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +31,11 @@ ROLE_DIRS = {"hamaster/master/": MASTER, "hamaster/minion/": MINION, "hamaster/a
 
 
 def _is_opts(node: ast.AST) -> bool:
-    """``opts`` or ``<anything>.opts``: a loaded configuration."""
+    """``opts``, ``<anything>.opts`` or ``load_master_config(...)``: a loaded configuration."""
+    if isinstance(node, ast.Call):
+        f = node.func
+        name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+        return name in ("load_master_config", "load_minion_config")
     return ((isinstance(node, ast.Name) and node.id == "opts")
             or (isinstance(node, ast.Attribute) and node.attr == "opts"))
 
@@ -41,7 +46,8 @@ def _const(node: ast.AST | None) -> str | None:
 
 def option_reads(source: str) -> Iterator[tuple[str, int]]:
     """``(option, line)`` of every ``opts["x"]``, ``opts.get("x")`` (also ``.pop``,
-    ``.setdefault``, on any ``.opts``) and ``opt(..., "x")`` in ``source``."""
+    ``.setdefault``, on any ``.opts`` or a config just loaded) and ``opt(..., "x")`` in
+    ``source``."""
     for node in ast.walk(ast.parse(source)):
         name = None
         if isinstance(node, ast.Subscript) and _is_opts(node.value):
@@ -57,6 +63,7 @@ def option_reads(source: str) -> Iterator[tuple[str, int]]:
             yield name, node.lineno
 
 
+@functools.cache
 def scan(package: Path = PACKAGE) -> dict[str, list[str]]:
     """Option → ``file:line`` of each read in ``package`` (the table module left out)."""
     out: dict[str, list[str]] = {}
@@ -79,8 +86,9 @@ def _declared(role: str | None = None) -> dict[str, Option]:
 
 def test_scan_finds_each_read_pattern() -> None:
     src = ('a = opts["one"]\nb = self.opts.get("two", 1)\nc = ctx.opts.pop("three")\n'
-           'd = opt(o, "four")\ne = other["five"]\nf = opts.get(name)\n')
-    assert sorted(n for n, _ in option_reads(src)) == ["four", "one", "three", "two"]
+           'd = opt(o, "four")\ne = other["five"]\nf = opts.get(name)\n'
+           'g = load_master_config(d)["six"]\n')
+    assert sorted(n for n, _ in option_reads(src)) == ["four", "one", "six", "three", "two"]
 
 
 def test_every_option_read_is_declared() -> None:
@@ -92,10 +100,11 @@ def test_every_option_read_is_declared() -> None:
 
 def test_options_read_in_one_roles_code_are_that_roles() -> None:
     wrong = []
+    tables = {MASTER: _declared(MASTER), MINION: _declared(MINION)}
     for name, where in scan().items():
         for loc in where:
             for prefix, role in ROLE_DIRS.items():
-                if loc.startswith(prefix) and name not in _declared(role):
+                if loc.startswith(prefix) and name not in tables[role]:
                     wrong.append(f"{loc}: {name!r} is not a {role} option")
     assert not wrong, wrong
 
@@ -172,6 +181,41 @@ def test_code_fallbacks_agree_with_the_table() -> None:
     assert (d("pillar_cache_entries"), d("pillar_max_size")) == (CACHE_ENTRIES, DEFAULT_MAX_SIZE)
     assert d("pillar_roots") == DEFAULT_PILLAR_ROOTS
     assert {k: d(k) for k in MASTER_OPTS_FOR_MINIONS} == MASTER_OPTS_FOR_MINIONS
+    from hamaster.store.registry import DEFAULT_BACKEND
+
+    assert d("ha_backend") == DEFAULT_BACKEND
+
+
+#: ``opts.get("x", literal)`` whose literal is deliberately not the table's default.
+FALLBACK_EXCEPTIONS = {
+    # a master handed options without ``interface`` (a test double) serves blobs on loopback
+    ("hamaster/fileroots/blobs.py", "interface"),
+}
+
+
+def test_literal_fallbacks_are_the_tables_defaults() -> None:
+    """``opts.get("x", 5)`` in the code falls back on what the table says (no drift)."""
+    wrong = []
+    tables = {MASTER: _declared(MASTER), MINION: _declared(MINION)}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        role = next((r for prefix, r in ROLE_DIRS.items() if rel.startswith(prefix)), None)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "get" and _is_opts(node.func.value)
+                    and len(node.args) == 2 and _const(node.args[0]) is not None):
+                continue
+            name = _const(node.args[0])
+            try:
+                value = ast.literal_eval(node.args[1])
+            except ValueError:
+                continue            # a named constant: test_code_fallbacks_agree_with_the_table
+            defaults = [t[name].default for r, t in tables.items()
+                        if name in t and role in (None, r)]
+            if value not in defaults and (rel, name) not in FALLBACK_EXCEPTIONS:
+                wrong.append(f"{rel}:{node.lineno}: {name} falls back on {value!r}, the table "
+                             f"says {defaults}")
+    assert not wrong, wrong
 
 
 def test_operator_guide_reference_is_the_tables() -> None:
@@ -179,6 +223,6 @@ def test_operator_guide_reference_is_the_tables() -> None:
     begin, end = guide.index(config.DOC_BEGIN), guide.index(config.DOC_END)
     assert guide[begin:end + len(config.DOC_END)] == config.options_doc(), \
         "docs/operator-guide.md's option reference is stale: run scripts/gen-options-doc"
-    for name in _declared():
-        if not _declared()[name].computed:
+    for name, o in _declared().items():
+        if not o.computed:
             assert f"| `{name}` |" in guide, name
