@@ -4,8 +4,11 @@ A configuration directory (``/etc/hamaster`` by default, ``$HAMASTER_CONFIG_DIR`
 holds a main file (``master`` or ``minion``) and an include directory (``master.d/*.conf`` or
 ``minion.d/*.conf``). Option names and defaults follow Salt; paths are hamaster's. Files are
 merged top-level in order: defaults, main file, include files sorted by name, then overrides.
-Every option is type-checked; a wrong type is a :class:`ConfigError` naming the file, the option
-and the expected type. Unknown options are logged as warnings, not errors.
+Every option is type-checked against the option table (:mod:`hamaster.options`, plus each store
+backend's ``OPTIONS`` for the master); a wrong type is a :class:`ConfigError` naming the file,
+the option and the expected type. Unknown options are logged as warnings, not errors.
+``python -m hamaster.config --doc`` prints the option reference generated from the table (the
+one in ``docs/operator-guide.md``, rewritten by ``scripts/gen-options-doc``).
 """
 
 from __future__ import annotations

@@ -99,3 +99,27 @@ def test_every_backend_option_is_a_master_option() -> None:
     for name in registry.names():
         for o in registry.backend_class(name).OPTIONS:
             assert table[o.name] == o
+
+
+def test_constructor_defaults_are_the_declared_defaults() -> None:
+    """A store built directly (tests, tools) behaves as one built from default options."""
+    import inspect
+
+    from hamaster.options import default
+
+    params = {
+        EtcdStore: {"ha_etcd_prefix": "prefix", "ha_etcd_ca": "ca", "ha_etcd_cert": "cert",
+                    "ha_etcd_key": "key", "ha_etcd_timeout": "timeout"},
+        RsyncStore: {"ha_rsync_password_file": "password_file",
+                     "ha_rsync_interval": "interval", "ha_rsync_debounce": "debounce",
+                     "ha_rsync_max_backoff": "max_backoff",
+                     "ha_rsync_tombstone_ttl": "tombstone_ttl", "ha_rsync_ssh": "ssh"},
+    }
+    for cls, mapping in params.items():
+        sig = inspect.signature(cls.__init__).parameters
+        declared = {o.name: o.default for o in cls.OPTIONS}
+        for option, param in mapping.items():
+            assert sig[param].default == declared[option], (cls.__name__, option)
+    for cls in (FsStore, EtcdStore, RsyncStore):
+        sig = inspect.signature(cls.__init__).parameters
+        assert sig["poll_interval"].default == default("ha_poll_interval")
