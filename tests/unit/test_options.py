@@ -226,3 +226,16 @@ def test_operator_guide_reference_is_the_tables() -> None:
     for name, o in _declared().items():
         if not o.computed:
             assert f"| `{name}` |" in guide, name
+
+
+def test_pillar_tree_ttl_unset_follows_ha_poll_interval(tmp_path: Path) -> None:
+    """``pillar_tree_ttl`` defaults to null in the table: the tree then caches for
+    ``ha_poll_interval``, and an explicit 0 still means no caching."""
+    from hamaster.pillar.tree import PillarTree
+
+    opts = config.load_master_config(tmp_path, {"ha_poll_interval": 0.25,
+                                         "pillar_roots": {"base": [str(tmp_path)]}})
+    assert opts["pillar_tree_ttl"] is None
+    assert PillarTree.from_opts(opts).ttl == 0.25
+    assert PillarTree.from_opts({**opts, "pillar_tree_ttl": 0}).ttl == 0.0
+    assert PillarTree.from_opts({"pillar_roots": {"base": [str(tmp_path)]}}).ttl == 0.5

@@ -123,3 +123,4 @@ def test_constructor_defaults_are_the_declared_defaults() -> None:
     for cls in (FsStore, EtcdStore, RsyncStore):
         sig = inspect.signature(cls.__init__).parameters
         assert sig["poll_interval"].default == default("ha_poll_interval")
+
