@@ -4,23 +4,30 @@ A configuration directory (``/etc/hamaster`` by default, ``$HAMASTER_CONFIG_DIR`
 holds a main file (``master`` or ``minion``) and an include directory (``master.d/*.conf`` or
 ``minion.d/*.conf``). Option names and defaults follow Salt; paths are hamaster's. Files are
 merged top-level in order: defaults, main file, include files sorted by name, then overrides.
-Every option is type-checked; a wrong type is a :class:`ConfigError` naming the file, the option
-and the expected type. Unknown options are logged as warnings, not errors.
+Every option is type-checked against the option table (:mod:`hamaster.options`, plus each store
+backend's ``OPTIONS`` for the master); a wrong type is a :class:`ConfigError` naming the file,
+the option and the expected type. Unknown options are logged as warnings, not errors.
+``python -m hamaster.config --doc`` prints the option reference generated from the table (the
+one in ``docs/operator-guide.md``, rewritten by ``scripts/gen-options-doc``).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import logging
 import os
 import socket
 import stat
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from hamaster.options import MASTER, MINION, PASSTHROUGH_PREFIXES, Option, table
 
 log = logging.getLogger(__name__)
 
@@ -36,298 +43,27 @@ class ConfigError(Exception):
     """A configuration file or value is unusable; the message names the file and the option."""
 
 
-# --------------------------------------------------------------------------- type specs
-
-_Check = Callable[[Any], bool]
+# --------------------------------------------------------------------------- the option table
 
 
-class _Spec:
-    """How to validate (and lightly coerce) one option's value."""
+@functools.cache
+def master_options() -> dict[str, Option]:
+    """The master's options: :data:`hamaster.options.OPTIONS` and every backend's ``OPTIONS``."""
+    from hamaster.store.registry import backend_options
 
-    def __init__(self, name: str, check: _Check, coerce: Callable[[Any], Any] | None = None):
-        self.name = name
-        self.check = check
-        self.coerce = coerce
-
-    def validate(self, value: Any) -> Any:
-        if not self.check(value):
-            raise TypeError(self.name)
-        return self.coerce(value) if self.coerce else value
+    return table(MASTER, backend_options())
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+@functools.cache
+def minion_options() -> dict[str, Option]:
+    """The minion's options (:data:`hamaster.options.OPTIONS`)."""
+    return table(MINION)
 
 
-def _is_float(v: Any) -> bool:
-    return (isinstance(v, (int, float))) and not isinstance(v, bool)
+def defaults(options: Mapping[str, Option]) -> dict[str, Any]:
+    """A fresh copy of the defaults of ``options`` (computed ones left out)."""
+    return {name: copy.deepcopy(o.default) for name, o in options.items() if not o.computed}
 
-
-def _is_str_list(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-INT = _Spec("an integer", _is_int)
-FLOAT = _Spec("a number", _is_float, float)
-BOOL = _Spec("a boolean (true/false)", lambda v: isinstance(v, bool))
-STR = _Spec("a string", lambda v: isinstance(v, str))
-STR_OR_NONE = _Spec("a string or null", lambda v: v is None or isinstance(v, str))
-INT_OR_STR = _Spec("an integer or a string", lambda v: _is_int(v) or isinstance(v, str))
-LIST = _Spec("a list", lambda v: isinstance(v, list))
-STR_LIST = _Spec("a list of strings", _is_str_list)
-DICT = _Spec("a mapping", lambda v: isinstance(v, dict))
-STR_OR_LIST = _Spec(
-    "a string or a list of strings", lambda v: isinstance(v, str) or _is_str_list(v)
-)
-LOG_LEVEL = _Spec("a log level name", lambda v: isinstance(v, str))
-LOG_LEVEL_OR_NONE = _Spec("a log level name or null", lambda v: v is None or isinstance(v, str))
-
-
-def _is_roots(v: Any) -> bool:
-    return isinstance(v, dict) and all(
-        isinstance(k, str) and _is_str_list(paths) for k, paths in v.items()
-    )
-
-
-ROOTS = _Spec("a mapping of environment name to a list of directories", _is_roots)
-DICT_OR_NONE = _Spec("a mapping or null", lambda v: v is None or isinstance(v, dict))
-
-# --------------------------------------------------------------------------- defaults
-
-MASTER_DEFAULTS: dict[str, Any] = {
-    "interface": "0.0.0.0",
-    "publish_port": 4505,
-    "ret_port": 4506,
-    "root_dir": "/",
-    "pki_dir": "/etc/hamaster/pki/master",
-    "cachedir": "/var/cache/hamaster/master",
-    "sock_dir": "/var/run/hamaster/master",
-    "log_file": "/var/log/hamaster/master",
-    "log_level": "warning",
-    "log_level_logfile": None,
-    "keysize": 2048,
-    "auto_accept": False,
-    "autosign_file": None,
-    "autoreject_file": None,
-    "open_mode": False,
-    "file_roots": {"base": ["/srv/salt"]},
-    "pillar_roots": {"base": ["/srv/pillar"]},
-    "timeout": 5,
-    "gather_job_timeout": 10,
-    "keep_jobs": 24,
-    "minimum_auth_version": 3,
-    "request_server_ttl": 300,
-    "max_request_size": 32 * 1024 * 1024,
-    "max_clear_request_size": 64 * 1024,
-    "max_pending_keys": 10000,
-    "pending_keys_per_second": 50.0,
-    "zmq_filtering": False,
-    "master_id": None,
-    "rotate_aes_key": True,
-    "key_confirm_timeout": 5.0,
-    "metrics_port": 0,
-    "metrics_interface": "127.0.0.1",
-    "ha_backend": "fs",
-    "ha_dir": None,
-    "ha_poll_interval": 0.5,
-    "ha_member_ttl": 5.0,
-    "ha_etcd_endpoints": [],
-    "ha_etcd_prefix": "/hamaster",
-    "ha_rsync_peers": [],
-    "ha_rsync_password_file": None,
-    "ha_etcd_ca": None,
-    "ha_etcd_cert": None,
-    "ha_etcd_key": None,
-    "ha_etcd_timeout": 5.0,
-    "file_blob_port": 0,
-    "file_blob_interface": None,
-    "ha_rsync_interval": 30.0,
-    "ha_rsync_debounce": 0.2,
-    "ha_rsync_max_backoff": 30.0,
-    "ha_rsync_tombstone_ttl": 604800.0,
-    "ha_rsync_ssh": "ssh -o BatchMode=yes -o ConnectTimeout=5",
-    "ha_create_master_key": False,
-    "ha_lease_ttl": 5.0,
-    "user": "root",
-    "worker_threads": 5,
-    # REST API (hamaster/api): salt-api's block name, an alias, eauth and its ACLs
-    "rest_cherrypy": None,
-    "rest_api": None,
-    "external_auth": {},
-    "token_expire": 43200.0,
-    "netapi_enable_clients": [],
-    "publisher_acl": {},
-    "publisher_acl_blacklist": {},
-}
-
-MASTER_TYPES: dict[str, _Spec] = {
-    "interface": STR,
-    "publish_port": INT,
-    "ret_port": INT,
-    "root_dir": STR,
-    "pki_dir": STR,
-    "cachedir": STR,
-    "sock_dir": STR,
-    "log_file": STR,
-    "log_level": LOG_LEVEL,
-    "log_level_logfile": LOG_LEVEL_OR_NONE,
-    "keysize": INT,
-    "auto_accept": BOOL,
-    "autosign_file": STR_OR_NONE,
-    "autoreject_file": STR_OR_NONE,
-    "open_mode": BOOL,
-    "file_roots": ROOTS,
-    "pillar_roots": ROOTS,
-    # pillar (hamaster/pillar/) and the minion data cache; defaults live in the code using them
-    "pillar_source_merging_strategy": STR,
-    "pillar_merge_lists": BOOL,
-    "pillar_max_size": INT,
-    "pillar_safe_render_error": BOOL,
-    "pillar_includes_override_sls": BOOL,
-    "pillar_tree_ttl": FLOAT,
-    "pillarenv": STR_OR_NONE,
-    "renderer": STR,
-    "state_top": STR,
-    "nodegroups": DICT,
-    "minion_data_max_size": INT,
-    "gpg_keydir": STR_OR_NONE,
-    "pillar_cache_entries": INT,
-    "timeout": INT,
-    "gather_job_timeout": FLOAT,
-    "keep_jobs": FLOAT,
-    "minimum_auth_version": INT,
-    "request_server_ttl": INT,
-    "max_request_size": INT,
-    "max_clear_request_size": INT,
-    "max_pending_keys": INT,
-    "pending_keys_per_second": FLOAT,
-    "zmq_filtering": BOOL,
-    "master_id": STR_OR_NONE,
-    "rotate_aes_key": BOOL,
-    "key_confirm_timeout": FLOAT,
-    "metrics_port": INT,
-    "metrics_interface": STR,
-    "ha_backend": STR,
-    "ha_dir": STR_OR_NONE,
-    "ha_poll_interval": FLOAT,
-    "ha_member_ttl": FLOAT,
-    "ha_etcd_endpoints": STR_LIST,
-    "ha_etcd_prefix": STR,
-    "ha_rsync_peers": STR_LIST,
-    "ha_rsync_password_file": STR_OR_NONE,
-    "ha_etcd_ca": STR_OR_NONE,
-    "ha_etcd_cert": STR_OR_NONE,
-    "ha_etcd_key": STR_OR_NONE,
-    "ha_etcd_timeout": FLOAT,
-    "file_blob_port": INT,
-    "file_blob_interface": STR_OR_NONE,
-    "ha_rsync_interval": FLOAT,
-    "ha_rsync_debounce": FLOAT,
-    "ha_rsync_max_backoff": FLOAT,
-    "ha_rsync_tombstone_ttl": FLOAT,
-    "ha_rsync_ssh": STR,
-    "ha_create_master_key": BOOL,
-    "user": STR,
-    "worker_threads": INT,
-    "rest_cherrypy": DICT_OR_NONE,
-    "rest_api": DICT_OR_NONE,
-    "external_auth": DICT,
-    "token_expire": FLOAT,
-    "netapi_enable_clients": STR_LIST,
-    "publisher_acl": DICT,
-    "publisher_acl_blacklist": DICT,
-    # event bus, leader lease, reactor, schedule (hamaster/events/, docs/operator-guide.md)
-    "ha_lease_ttl": FLOAT,
-    "event_retention": FLOAT,
-    "event_memory": INT,
-    "event_merge_window": FLOAT,
-    "reactor": LIST,
-    "schedule": DICT,
-}
-
-MINION_DEFAULTS: dict[str, Any] = {
-    "id": None,
-    "master": "salt",
-    "master_port": 4506,
-    "publish_port": 4505,
-    "master_type": "str",
-    "master_alive_interval": 0,
-    "master_finger": "",
-    "acceptance_wait_time": 10,
-    "acceptance_wait_time_max": 0,
-    "random_reauth_delay": 10,
-    "auth_timeout": 5,
-    "auth_tries": 7,
-    "zmq_filtering": False,
-    "grains": {},
-    "root_dir": "/",
-    "pki_dir": "/etc/hamaster/pki/minion",
-    "cachedir": "/var/cache/hamaster/minion",
-    "sock_dir": "/var/run/hamaster/minion",
-    "log_file": "/var/log/hamaster/minion",
-    "log_level": "warning",
-    "log_level_logfile": None,
-    "keysize": 2048,
-    "master_heartbeat_interval": 2.0,
-    "master_dead_after": 6.0,
-    "master_retry_max": 2.0,
-    "return_retry_timer": 5,
-    "metrics_port": 0,
-    "user": "root",
-    "startup_states": "",
-    "file_client": "remote",
-    "multiprocessing": False,
-    "swarm_count": 0,
-    "file_roots": {"base": ["/srv/salt"]},
-    "pillar_roots": {"base": ["/srv/pillar"]},
-    "failhard": False,
-    "test": False,
-}
-
-MINION_TYPES: dict[str, _Spec] = {
-    "id": STR_OR_NONE,
-    "master": STR_OR_LIST,
-    "master_port": INT,
-    "publish_port": INT,
-    "master_type": STR,
-    "master_alive_interval": INT,
-    "master_finger": STR,
-    "acceptance_wait_time": FLOAT,
-    "acceptance_wait_time_max": FLOAT,
-    "random_reauth_delay": FLOAT,
-    "auth_timeout": FLOAT,
-    "auth_tries": INT,
-    "zmq_filtering": BOOL,
-    "grains": DICT,
-    "mine_functions": DICT,
-    "mine_interval": INT,
-    "root_dir": STR,
-    "pki_dir": STR,
-    "cachedir": STR,
-    "sock_dir": STR,
-    "log_file": STR,
-    "log_level": LOG_LEVEL,
-    "log_level_logfile": LOG_LEVEL_OR_NONE,
-    "keysize": INT,
-    "master_heartbeat_interval": FLOAT,
-    "master_dead_after": FLOAT,
-    "master_retry_max": FLOAT,
-    "return_retry_timer": FLOAT,
-    "metrics_port": INT,
-    "user": STR,
-    "startup_states": STR,
-    "file_client": STR,
-    "multiprocessing": BOOL,
-    "swarm_count": INT,
-    # states (hamaster/states/): masterless roots and run options
-    "file_roots": ROOTS,
-    "pillar_roots": ROOTS,
-    "renderer": STR,
-    "state_top": STR,
-    "saltenv": STR_OR_NONE,
-    "failhard": BOOL,
-    "test": BOOL,
-}
 
 #: Options holding a filesystem path that is re-rooted under ``root_dir``.
 PATH_OPTIONS = ("pki_dir", "cachedir", "sock_dir", "log_file", "autosign_file",
@@ -354,15 +90,17 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def _validate(source: str, data: Mapping[str, Any], types: Mapping[str, _Spec]) -> dict[str, Any]:
-    """Type-check ``data`` against ``types``; returns the (coerced) options."""
+def _validate(source: str, data: Mapping[str, Any],
+              options: Mapping[str, Option]) -> dict[str, Any]:
+    """Type-check ``data`` against the table ``options``; returns the (coerced) options."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         if not isinstance(key, str):
             raise ConfigError(f"{source}: option names must be strings, got {_describe(key)}")
-        spec = types.get(key)
+        o = options.get(key)
+        spec = None if o is None or o.computed else o.type
         if spec is None:
-            if not key.startswith("__"):
+            if not key.startswith(("__", *PASSTHROUGH_PREFIXES)):
                 log.warning("%s: unknown option %r (ignored by hamaster, kept as is)", source, key)
             out[key] = value
             continue
@@ -372,7 +110,7 @@ def _validate(source: str, data: Mapping[str, Any], types: Mapping[str, _Spec]) 
             raise ConfigError(
                 f"{source}: option {key!r} must be {spec.name}, got {_describe(value)}"
             ) from None
-        if spec in (LOG_LEVEL, LOG_LEVEL_OR_NONE) and value is not None:
+        if spec.log_level and value is not None:
             if value.lower() not in LOG_LEVELS:
                 raise ConfigError(
                     f"{source}: option {key!r} must be one of "
@@ -465,21 +203,21 @@ def parse_master_list(masters: str | list[str], default_port: int,
     return result
 
 
-def _load(role: str, defaults: dict[str, Any], types: dict[str, _Spec],
+def _load(role: str, options: Mapping[str, Option],
           confdir: str | Path | None, overrides: dict[str, Any] | None) -> dict[str, Any]:
     cdir = _resolve_confdir(confdir)
     main = cdir / role
-    opts = copy.deepcopy(defaults)
+    opts = defaults(options)
     if main.exists():
-        opts.update(_validate(str(main), _read_file(main), types))
+        opts.update(_validate(str(main), _read_file(main), options))
     else:
         log.debug("%s: not found, using defaults", main)
     include_dir = cdir / f"{role}.d"
     if include_dir.is_dir():
         for path in sorted(include_dir.glob("*.conf")):
-            opts.update(_validate(str(path), _read_file(path), types))
+            opts.update(_validate(str(path), _read_file(path), options))
     if overrides:
-        opts.update(_validate("<overrides>", overrides, types))
+        opts.update(_validate("<overrides>", overrides, options))
     opts["conf_file"] = str(main)
     opts["config_dir"] = str(cdir)
     opts["__role"] = role
@@ -494,7 +232,7 @@ def load_master_config(confdir: str | Path | None = None,
     ``confdir`` defaults to ``$HAMASTER_CONFIG_DIR`` or ``/etc/hamaster``. Raises
     :class:`ConfigError` on unreadable files, bad YAML or a wrong option type.
     """
-    opts = _load("master", MASTER_DEFAULTS, MASTER_TYPES, confdir, overrides)
+    opts = _load(MASTER, master_options(), confdir, overrides)
     if not opts.get("master_id"):
         opts["master_id"] = socket.gethostname()
     return opts
@@ -506,7 +244,7 @@ def load_minion_config(confdir: str | Path | None = None,
 
     Adds ``master_list``: the ``master`` option parsed into ``(host, port)`` tuples.
     """
-    opts = _load("minion", MINION_DEFAULTS, MINION_TYPES, confdir, overrides)
+    opts = _load(MINION, minion_options(), confdir, overrides)
     opts["master_list"] = parse_master_list(opts["master"], opts["master_port"],
                                             opts["conf_file"])
     return opts
@@ -603,3 +341,80 @@ def setup_logging(opts: dict[str, Any], level: str | None = None) -> None:
                 root.addHandler(fh)
                 levels.append(file_level)
     root.setLevel(min(levels))
+
+
+# --------------------------------------------------------------------------- the reference
+
+DOC_BEGIN = "<!-- BEGIN option reference: generated by scripts/gen-options-doc, do not edit -->"
+DOC_END = "<!-- END option reference -->"
+
+
+def _doc_value(value: Any) -> str:
+    text = json.dumps(value) if value is not None else "null"
+    return f"`{text}`".replace("|", "\\|")
+
+
+def _doc_rows(options: Iterable[Option], scope: bool) -> list[str]:
+    head = "| Option | Default | Type |" + (" Scope |" if scope else "") + " Meaning |"
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for o in options:
+        if o.computed:
+            continue
+        cells = [f"`{o.name}`", _doc_value(o.default), o.type.name]
+        if scope:
+            cells.append(o.scope)
+        cells.append(o.doc.replace("|", "\\|"))
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def options_doc() -> str:
+    """The option reference of ``docs/operator-guide.md`` (markdown), from the option table."""
+    from hamaster.store.registry import backend_class, names
+
+    backend_names = {o.name for name in names() for o in backend_class(name).OPTIONS}
+    master = [o for o in master_options().values() if o.name not in backend_names]
+    out = [DOC_BEGIN, "",
+           "Scope `host`: one machine's setting, ignored in the cluster's shared\n"
+           "`config/master.d/` fragments; `cluster`: should agree on every master (part of\n"
+           "the config hash). Options not listed are kept and logged as unknown (but\n"
+           "`saltgui_*`, kept for SaltGUI: see `docs/api.md`).", "",
+           "### Master", "", *_doc_rows(master, scope=True), ""]
+    for name in names():
+        out += [f"### Master, `ha_backend: {name}`", "",
+                *_doc_rows(backend_class(name).OPTIONS, scope=True), ""]
+    out += ["### Minion", "", *_doc_rows(minion_options().values(), scope=False), "", DOC_END]
+    return "\n".join(out)
+
+
+def update_doc(path: str | Path) -> bool:
+    """Rewrite the option reference between the markers in ``path``; True if it changed."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    begin, end = text.index(DOC_BEGIN), text.index(DOC_END) + len(DOC_END)
+    new = text[:begin] + options_doc() + text[end:]
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return new != text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hamaster.config --doc`` prints the option reference; ``--update FILE``
+    rewrites it in FILE (between the markers)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m hamaster.config",
+                                description="The option reference, from the option table.")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--doc", action="store_true", help="print the option reference (markdown)")
+    g.add_argument("--update", metavar="FILE", help="rewrite the reference in FILE")
+    args = p.parse_args(argv)
+    if args.doc:
+        print(options_doc())
+    else:
+        print(f"{args.update}: {'updated' if update_doc(args.update) else 'up to date'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -91,15 +91,15 @@ def check_htpasswd_hash(password: str, stored: str) -> bool:
     return False
 
 
-def _file_auth(opts: dict[str, Any], username: str, password: str) -> bool:
-    filename = opts.get("filename")
+def _file_auth(conf: dict[str, Any], username: str, password: str) -> bool:
+    filename = conf.get("filename")
     if not isinstance(filename, str) or not filename:
         raise EauthConfigError("external_auth file: ^filename is required")
-    filetype = str(opts.get("filetype", "text"))
-    sep = str(opts.get("field_separator", ":"))
-    ufield = int(opts.get("username_field", 1)) - 1
-    pfield = int(opts.get("password_field", 2)) - 1
-    hashtype = str(opts.get("hashtype", "plaintext"))
+    filetype = str(conf.get("filetype", "text"))
+    sep = str(conf.get("field_separator", ":"))
+    ufield = int(conf.get("username_field", 1)) - 1
+    pfield = int(conf.get("password_field", 2)) - 1
+    hashtype = str(conf.get("hashtype", "plaintext"))
     if filetype not in ("text", "htpasswd"):
         raise EauthConfigError(f"external_auth file: ^filetype {filetype!r} is not supported "
                                "(text, htpasswd)")
@@ -124,13 +124,13 @@ def _file_auth(opts: dict[str, Any], username: str, password: str) -> bool:
     return False
 
 
-def _pam_auth(opts: dict[str, Any], username: str, password: str) -> bool:
+def _pam_auth(conf: dict[str, Any], username: str, password: str) -> bool:
     try:
         import pam  # python-pam
     except ImportError:
         log.error("external_auth pam: the python-pam package is not installed")
         return False
-    service = str(opts.get("service", "login"))
+    service = str(conf.get("service", "login"))
     return bool(pam.pam().authenticate(username, password, service=service))
 
 

@@ -36,6 +36,7 @@ from hamaster.api.bridge import MasterBridge
 from hamaster.api.clients import SALT_CLIENTS, ApiError, LowstateRunner
 from hamaster.api.tokens import TokenStore
 from hamaster.events.bus import decode_position
+from hamaster.options import opt
 from hamaster.store.base import StoreError
 
 if TYPE_CHECKING:
@@ -504,9 +505,9 @@ class ApiApp:
         if not isinstance(mid, str) or not mid:
             raise ApiError(400, "Require \"mid\": the new minion's id")
         chunk: dict[str, Any] = {"client": "wheel", "fun": "key.gen_accept", "id_": mid}
-        for opt in ("keysize", "force"):
-            if opt in creds:
-                chunk[opt] = creds[opt]
+        for field in ("keysize", "force"):
+            if field in creds:
+                chunk[field] = creds[field]
         if isinstance(chunk.get("keysize"), str) and chunk["keysize"].isdigit():
             chunk["keysize"] = int(chunk["keysize"])
         if isinstance(chunk.get("force"), str):
@@ -661,7 +662,7 @@ class ApiService:
             path = os.path.join(opts["cachedir"], "api")
             os.makedirs(path, mode=0o700, exist_ok=True)
             store = FsStore(path)
-        return TokenStore(store, cache_ttl=min(float(opts.get("ha_poll_interval", 0.5)), 1.0))
+        return TokenStore(store, cache_ttl=min(float(opt(opts, "ha_poll_interval")), 1.0))
 
     async def start(self) -> None:
         """Start the thread and wait until the port is bound (raises ``OSError`` if not)."""

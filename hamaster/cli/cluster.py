@@ -41,11 +41,12 @@ import yaml
 
 from hamaster import cluster_services as cs
 from hamaster.cli.common import die
+from hamaster.store import registry as store_registry
 
 #: The default cluster directory: created 0700 and refused if another user owns it (see
 #: hamaster.localdirs), so no one else can plant a ``master.d`` file or swap a socket in it.
 DEFAULT_DIR = "/tmp/hamaster-demo"
-BACKENDS = ("fs", "etcd", "rsync")
+BACKENDS = store_registry.names()
 RSYNC_MAX_BACKOFF = 2.0  # a local peer that is back is retried within 2 s (default 30 s)
 
 

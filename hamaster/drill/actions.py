@@ -287,13 +287,19 @@ class Actions:
         if self.drill.backend.get("dir"):
             return self.drill.backend["dir"]
         from hamaster.config import load_master_config
+        from hamaster.store.base import StoreError
+        from hamaster.store.registry import backend_of
 
         dirs = set()
         for m in self.drill.masters:
             if not m.confdir:
                 continue
             opts = load_master_config(m.confdir)
-            if opts.get("ha_backend", "fs") != "fs" or not opts.get("ha_dir"):
+            try:
+                shared = backend_of(opts).SHARED_DIR
+            except StoreError:
+                shared = False
+            if not shared or not opts.get("ha_dir"):
                 raise DrillError(f"{m.name} is not on an fs ha_dir; give backend stop/start commands")
             dirs.add(os.path.realpath(opts["ha_dir"]))
         if len(dirs) != 1:

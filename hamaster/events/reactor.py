@@ -365,29 +365,29 @@ class Reactor:
             if not isinstance(body, dict) or len(body) != 1:
                 raise ValueError("a reaction is {kind.fun: [options]}")
             (action, options), = body.items()
-            opts: dict[str, Any] = {}
+            params: dict[str, Any] = {}
             if isinstance(options, list):
                 for item in options:
                     if not isinstance(item, dict):
                         raise ValueError(f"option {item!r} is not a map")
-                    opts.update(item)
+                    params.update(item)
             elif isinstance(options, dict):
-                opts.update(options)
+                params.update(options)
             elif options is not None:
                 raise ValueError("options must be a list of maps")
             kind, _, fun = str(action).partition(".")
             if kind == "local" and fun:
-                self._local(fun, opts, jid)
+                self._local(fun, params, jid)
             elif kind == "runner" and fun:
                 if retry:
                     log.warning("reactor: runner %s of %s not re-run (at most once)", fun, ev.tag)
                     return
-                arg = list(opts.pop("arg", []) or [])
-                kwarg = dict(opts.pop("kwarg", {}) or {})
-                kwarg.update(opts)
+                arg = list(params.pop("arg", []) or [])
+                kwarg = dict(params.pop("kwarg", {}) or {})
+                kwarg.update(params)
                 self.host.runner(fun, arg, kwarg)
             elif kind == "wheel" and fun in ("key.accept", "key.reject", "key.delete"):
-                match = opts.get("match") or opts.get("id")
+                match = params.get("match") or params.get("id")
                 if not isinstance(match, str) or not match:
                     raise ValueError(f"wheel.{fun} needs match: <minion id>")
                 self.host.wheel_key(fun, match)
@@ -400,13 +400,13 @@ class Reactor:
             return
         self._count("ok")
 
-    def _local(self, fun: str, opts: dict, jid: str) -> None:
-        tgt = opts.get("tgt")
+    def _local(self, fun: str, params: dict, jid: str) -> None:
+        tgt = params.get("tgt")
         if tgt is None:
             raise ValueError(f"local.{fun} needs tgt")
-        arg = list(opts.get("arg") or [])
-        kwargs: dict[str, Any] = dict(opts.get("kwarg") or {})
-        args = opts.get("args")
+        arg = list(params.get("arg") or [])
+        kwargs: dict[str, Any] = dict(params.get("kwarg") or {})
+        args = params.get("args")
         if isinstance(args, list):
             for item in args:
                 if isinstance(item, dict) and len(item) == 1 and not arg:
@@ -419,7 +419,7 @@ class Reactor:
             arg.append(args)
         if kwargs:
             arg.append({"__kwarg__": True, **kwargs})
-        res = self.host.publish(tgt, fun, arg, str(opts.get("tgt_type") or "glob"), jid)
+        res = self.host.publish(tgt, fun, arg, str(params.get("tgt_type") or "glob"), jid)
         if not res.get("jid"):
             raise RuntimeError(res.get("error") or "not published")
         log.info("reactor: published %s to %s as %s", fun, res.get("minions"), jid)

@@ -28,6 +28,7 @@ from hamaster.events.reactor import Reactor, ReactorHost, parse_reactor_option, 
 from hamaster.events.schedule import Scheduler, parse_schedule_option
 from hamaster.master import runners
 from hamaster.master.leader import LeaderElector, elector_for
+from hamaster.options import opt
 from hamaster.store.base import Lease, StoreError
 from hamaster.store.fs import FsStore
 
@@ -97,7 +98,7 @@ class EventServices:
         if store is None:   # a single master: a private store for the bus, lease and claims
             self._own_store = store = FsStore(
                 os.path.join(opts["cachedir"], "events"),
-                poll_interval=float(opts.get("ha_poll_interval", 0.5)))
+                poll_interval=float(opt(opts, "ha_poll_interval")))
         self.store = store
         self.elector: LeaderElector | None = elector_for(opts, store, master.master_id,
                                                          master.metrics)

@@ -335,7 +335,8 @@ class BlobService:
         """The service for a clustered master, None for a lone master.
 
         ``file_blob_port``: > 0 serves on that port; 0 (default) serves on a port the OS picks
-        when ``ha_backend`` is etcd and not at all otherwise; < 0 never serves. The server binds
+        when the backend cannot hold large blobs (its class's ``PEER_BLOBS``: etcd) and not at
+        all otherwise; < 0 never serves. The server binds
         on ``file_blob_interface`` (default: ``interface``).
         """
         if master.state.store is None:
@@ -346,7 +347,7 @@ class BlobService:
         except (TypeError, ValueError):
             log.warning("file_blob_port must be an integer, got %r; not serving blobs", raw)
             port = -1
-        if port == 0 and master.opts.get("ha_backend", "fs") != "etcd":
+        if port == 0 and not master.state.store.PEER_BLOBS:
             port = None
         elif port is not None and port < 0:
             port = None

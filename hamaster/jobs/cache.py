@@ -16,6 +16,7 @@ import msgpack
 
 from hamaster import ids
 from hamaster.jobs.jid import is_jid, jid_to_time
+from hamaster.options import opt
 from hamaster.store.base import Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -171,5 +172,5 @@ def open_job_cache(opts: dict[str, Any]) -> JobCache:
     from hamaster.store.fs import FsStore
 
     store = FsStore(os.path.join(opts["cachedir"], JOBS_STORE_DIRNAME),
-                    poll_interval=opts.get("ha_poll_interval", 0.5))
+                    poll_interval=opt(opts, "ha_poll_interval"))
     return JobCache(store)

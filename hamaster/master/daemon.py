@@ -30,6 +30,7 @@ from hamaster.master.reqhandler import Deferred, RequestHandler
 from hamaster.master.shared import SharedState, config_hash, open_shared_state
 from hamaster.metrics import MasterMetrics
 from hamaster.minion.matcher import check_minions, expand_nodegroups
+from hamaster.options import opt
 from hamaster.pki_sync.keys import (
     KeyRegistryError,
     KeyState,
@@ -170,7 +171,7 @@ class Master:
         self._key_mismatch_store = False
         self._key_mismatch_peers: list[str] = []
         self._identity_loop: asyncio.AbstractEventLoop | None = None
-        if self.state.ha and self.opts.get("ha_backend", "fs") == "rsync":
+        if self.state.ha and store.AGREES_MASTER_KEY:
             from hamaster.pki_sync.masterkey import agree_master_keypair
 
             store.start()   # the pusher carries our candidate to the peers (idempotent)
@@ -178,7 +179,7 @@ class Master:
                 store, prefix, member_id=self.master_id,
                 expected=1 + len(getattr(store, "peers", [])), keysize=keysize,
                 create_now=bool(self.opts.get("ha_create_master_key")),
-                poll=min(float(self.opts.get("ha_poll_interval", 0.5)), 0.5),
+                poll=min(float(opt(self.opts, "ha_poll_interval")), 0.5),
                 on_wait=self._announce_waiting)
         else:
             priv_pem, pub_pem = load_or_create_master_keypair(store, prefix, keysize)
@@ -826,7 +827,7 @@ class Master:
     async def _sync_remote_returns(self) -> None:
         """For jobs a CLI is waiting on, pick up returns that reached other masters."""
         assert self.state.store is not None
-        interval = float(self.opts.get("ha_poll_interval", 0.5))
+        interval = float(opt(self.opts, "ha_poll_interval"))
         while not self._stop.is_set():
             for jid in list(self.tracker.waiters):
                 rec = self.tracker.jobs.get(jid)

@@ -17,9 +17,12 @@ from typing import Any
 
 import yaml
 
+from hamaster.config import master_options
 from hamaster.jobs.cache import JobCache, open_job_cache
+from hamaster.options import HOST
 from hamaster.pki_sync.keys import KeyRegistry, open_key_registry, throttle_from_opts
-from hamaster.store.base import Store, StoreError
+from hamaster.store.base import Store
+from hamaster.store.registry import DEFAULT_BACKEND, open_backend
 
 log = logging.getLogger(__name__)
 
@@ -27,75 +30,21 @@ KEYS_PREFIX = "pki/master/"
 JOBS_PREFIX = "jobs"
 CONFIG_PREFIX = "config/master.d/"
 
-# Options that describe one host, never taken from a shared fragment and left out of the
-# cluster config hash (they legitimately differ between masters).
-PER_HOST_OPTIONS = frozenset({
-    "interface", "publish_port", "ret_port", "master_id", "root_dir", "pki_dir", "cachedir",
-    "sock_dir", "log_file", "log_level", "log_level_logfile", "ha_dir", "ha_backend",
-    "ha_etcd_endpoints", "ha_rsync_peers", "ha_etcd_ca", "ha_etcd_cert", "ha_etcd_key",
-    "ha_rsync_password_file", "metrics_port", "metrics_interface", "conf_file", "config_dir",
-    "__role", "user", "ha_poll_interval", "ha_etcd_prefix", "ha_etcd_timeout",
-    "ha_rsync_interval", "ha_rsync_debounce", "ha_rsync_max_backoff", "ha_rsync_tombstone_ttl",
-    "ha_rsync_ssh", "file_blob_port", "file_blob_interface", "ha_create_master_key",
-})
+#: Options that describe one host, never taken from a shared fragment and left out of the
+#: cluster config hash (they legitimately differ between masters): the option table's
+#: ``scope: host`` ones, and Salt's ``user`` (not honoured, still one host's).
+PER_HOST_OPTIONS = frozenset(
+    {name for name, o in master_options().items() if o.scope == HOST} | {"user"})
 
 
 def is_ha(opts: dict) -> bool:
     """True when this master shares its state with others."""
-    return bool(opts.get("ha_dir")) or opts.get("ha_backend", "fs") != "fs"
+    return bool(opts.get("ha_dir")) or opts.get("ha_backend", DEFAULT_BACKEND) != "fs"
 
 
 def open_store(opts: dict) -> Store:
-    """The shared store named by ``ha_backend``."""
-    backend = opts.get("ha_backend", "fs")
-    interval = float(opts.get("ha_poll_interval", 0.5))
-    if backend == "fs":
-        from hamaster.store.fs import FsStore
-
-        if not opts.get("ha_dir"):
-            raise StoreError("ha_backend fs needs ha_dir (the shared directory, e.g. an NFS mount)")
-        return FsStore(opts["ha_dir"], poll_interval=interval)
-    if backend == "etcd":
-        from hamaster.store.etcd import EtcdStore
-
-        endpoints = opts.get("ha_etcd_endpoints") or []
-        if isinstance(endpoints, str):
-            endpoints = [e for e in endpoints.replace(",", " ").split() if e]
-        if not endpoints:
-            raise StoreError("ha_backend etcd needs ha_etcd_endpoints: [host:port, ...]")
-        return EtcdStore(
-            endpoints,
-            prefix=opts.get("ha_etcd_prefix") or "/hamaster",
-            ca=opts.get("ha_etcd_ca"),
-            cert=opts.get("ha_etcd_cert"),
-            key=opts.get("ha_etcd_key"),
-            timeout=float(opts.get("ha_etcd_timeout", 5.0)),
-            poll_interval=interval,
-        )
-    if backend == "rsync":
-        from hamaster.store.rsync import DEFAULT_SSH, RsyncStore
-
-        if not opts.get("ha_dir"):
-            raise StoreError("ha_backend rsync needs ha_dir (this master's local tree)")
-        peers = opts.get("ha_rsync_peers") or []
-        if isinstance(peers, str):
-            peers = peers.split()
-        try:
-            return RsyncStore(
-                opts["ha_dir"],
-                peers,
-                password_file=opts.get("ha_rsync_password_file"),
-                poll_interval=interval,
-                interval=float(opts.get("ha_rsync_interval", 30.0)),
-                debounce=float(opts.get("ha_rsync_debounce", 0.2)),
-                max_backoff=float(opts.get("ha_rsync_max_backoff", 30.0)),
-                tombstone_ttl=float(opts.get("ha_rsync_tombstone_ttl", 604800.0)),
-                ssh=opts.get("ha_rsync_ssh") or DEFAULT_SSH,
-                member_id=opts.get("master_id") or "",
-            )
-        except ValueError as exc:
-            raise StoreError(str(exc)) from exc
-    raise StoreError(f"ha_backend {backend!r} is not known (supported: fs, etcd, rsync)")
+    """The shared store named by ``ha_backend`` (:mod:`hamaster.store.registry`)."""
+    return open_backend(opts)
 
 
 @dataclass

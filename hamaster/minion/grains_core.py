@@ -236,7 +236,7 @@ def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _grains_file(opts: Mapping[str, Any]) -> Path | None:
-    confdir = opts.get("conf_dir") or opts.get("config_dir")
+    confdir = opts.get("config_dir")
     if not confdir and opts.get("conf_file"):
         confdir = os.path.dirname(str(opts["conf_file"]))
     if not confdir:

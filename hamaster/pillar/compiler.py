@@ -480,11 +480,11 @@ class _Compile:
             defaults: dict | None = None
             key = None
             if isinstance(sub, dict) and sub:
-                sub, opts = next(iter(sub.items()))
-                if isinstance(opts, dict):
-                    given = opts.get("defaults")
+                sub, inc_opts = next(iter(sub.items()))
+                if isinstance(inc_opts, dict):
+                    given = inc_opts.get("defaults")
                     defaults = given if isinstance(given, dict) else None
-                    key = opts.get("key")
+                    key = inc_opts.get("key")
             if not isinstance(sub, str) or not sub:
                 self._error(f"Include Declaration in SLS '{sls}' has an invalid entry "
                                    f"{sub!r}")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hamaster.fileroots.server import FileServer, FileTooLarge, local_roots
+from hamaster.options import opt
 from hamaster.store.base import Store, StoreError, validate_key
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,8 @@ class PillarTree:
         raw = opts.get("pillar_roots", DEFAULT_PILLAR_ROOTS)
         local = local_roots(raw, opts, "pillar_roots")
         order = ["base"] + [e for e in (raw if isinstance(raw, dict) else {}) if e != "base"]
-        ttl = float(opts.get("pillar_tree_ttl", opts.get("ha_poll_interval", 0.5)) or 0)
+        ttl = opts.get("pillar_tree_ttl")
+        ttl = float((opt(opts, "ha_poll_interval") if ttl is None else ttl) or 0)
         if shared_store is None:
             return cls(FileServer(local), order, ttl)
         sources = {env: [(shared_store, f"{PILLAR_PREFIX}{env}/")] + local.get(env, [])

@@ -25,6 +25,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from hamaster.ids import is_plain, shown, valid_minion_id
+from hamaster.options import opt
 from hamaster.store.base import Change, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -730,7 +731,7 @@ def open_key_registry(opts: dict[str, Any]) -> KeyRegistry:
     """Single-master registry on ``opts['pki_dir']`` (Salt's layout), loaded from disk."""
     from hamaster.store.fs import FsStore
 
-    store = FsStore(opts["pki_dir"], poll_interval=opts.get("ha_poll_interval", 0.5))
+    store = FsStore(opts["pki_dir"], poll_interval=opt(opts, "ha_poll_interval"))
     registry = KeyRegistry(
         store, "",
         auto_accept=bool(opts.get("auto_accept", False)),

@@ -9,15 +9,16 @@ storage behind them goes away; they never crash their watcher thread.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from hamaster.options import Option
 
 #: Store keys of leader leases live under this prefix (``leases/<name>/…``).
 LEASES_PREFIX = "leases"
 #: Presence keys written by :meth:`Store.heartbeat` live under this prefix (``…/<member_id>``).
 MEMBERS_PREFIX = "cluster/members"
-#: The backends whose lease gives mutual exclusion (named in refusals).
-LEASE_BACKENDS = ("etcd", "fs")
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,31 @@ def validate_prefix(prefix: str) -> str:
 
 
 class Store(ABC):
-    """Abstract shared key/value store with watches, presence heartbeats and leader leases."""
+    """Abstract shared key/value store with watches, presence heartbeats and leader leases.
+
+    A backend is one module with one subclass, registered by name in
+    :mod:`hamaster.store.registry`; the class says what it reads and what it can do.
+    """
+
+    #: The ``ha_backend`` name.
+    NAME: ClassVar[str] = ""
+    #: The options :meth:`from_opts` reads (merged into the master's option table).
+    OPTIONS: ClassVar[tuple[Option, ...]] = ()
+    #: Gives an honest leader lease (:meth:`lease_unsupported` is None).
+    LEASES: ClassVar[bool] = False
+    #: Cannot hold large file_roots blobs: masters serve them to each other
+    #: (``file_blob_port: 0`` starts the blob server).
+    PEER_BLOBS: ClassVar[bool] = False
+    #: No create-if-absent across masters: they agree on the cluster's master keypair first
+    #: (:mod:`hamaster.pki_sync.masterkey`).
+    AGREES_MASTER_KEY: ClassVar[bool] = False
+    #: ``ha_dir`` is one directory every master shares (a drill can take it away).
+    SHARED_DIR: ClassVar[bool] = False
+
+    @classmethod
+    def from_opts(cls, opts: Mapping[str, Any]) -> Store:
+        """The store a master's options describe (a ``StoreError`` names a missing option)."""
+        raise NotImplementedError(f"{cls.__name__} cannot be opened from options")
 
     @abstractmethod
     def get(self, key: str) -> bytes | None:
@@ -195,8 +220,10 @@ class Store(ABC):
 
     def lease_unsupported(self) -> str | None:
         """Why this backend gives no lease (None: it does)."""
+        from hamaster.store.registry import lease_backends
+
         return (f"the {type(self).__name__} backend offers no leader lease; the features that "
-                f"must run once per cluster need ha_backend {' or '.join(LEASE_BACKENDS)}")
+                f"must run once per cluster need ha_backend {' or '.join(lease_backends())}")
 
     def lease_acquire(self, name: str, member_id: str, ttl: float) -> Lease | None:
         """Renew or take lease ``name`` for ``member_id``; the lease if held now, else None.

@@ -56,9 +56,11 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hamaster.options import FLOAT, HOST, STR, STR_LIST, STR_OR_NONE, Option, opt, with_defaults
 from hamaster.store.base import (
     LEASES_PREFIX,
     MEMBERS_PREFIX,
@@ -162,6 +164,32 @@ class _EWatch:
 
 class EtcdStore(Store):
     """A :class:`Store` on an etcd v3 cluster."""
+
+    NAME = "etcd"
+    OPTIONS = (
+        Option("ha_etcd_endpoints", [], STR_LIST, "etcd client endpoints, `host:port`.", HOST),
+        Option("ha_etcd_prefix", "/hamaster", STR, "Key prefix of this cluster in etcd.", HOST),
+        Option("ha_etcd_ca", None, STR_OR_NONE, "CA file: TLS to etcd.", HOST),
+        Option("ha_etcd_cert", None, STR_OR_NONE, "Client certificate file (TLS).", HOST),
+        Option("ha_etcd_key", None, STR_OR_NONE, "Client key file (TLS).", HOST),
+        Option("ha_etcd_timeout", 5.0, FLOAT, "Seconds an etcd request may take.", HOST),
+    )
+    LEASES = True
+    PEER_BLOBS = True
+
+    @classmethod
+    def from_opts(cls, opts: Mapping[str, Any]) -> EtcdStore:
+        """The store on ``ha_etcd_endpoints`` (a list, or a string of comma/space separated)."""
+        poll = float(opt(opts, "ha_poll_interval"))
+        opts = with_defaults(opts, cls.OPTIONS)
+        endpoints = opts.get("ha_etcd_endpoints") or []
+        if isinstance(endpoints, str):
+            endpoints = [e for e in endpoints.replace(",", " ").split() if e]
+        if not endpoints:
+            raise StoreError("ha_backend etcd needs ha_etcd_endpoints: [host:port, ...]")
+        return cls(endpoints, prefix=opts["ha_etcd_prefix"] or "/hamaster",
+                   ca=opts["ha_etcd_ca"], cert=opts["ha_etcd_cert"], key=opts["ha_etcd_key"],
+                   timeout=float(opts["ha_etcd_timeout"]), poll_interval=poll)
 
     def __init__(self, endpoints: builtins.list[str], prefix: str = "/hamaster",
                  ca: str | None = None, cert: str | None = None, key: str | None = None,

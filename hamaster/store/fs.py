@@ -55,10 +55,12 @@ import shutil
 import stat as stat_mod
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hamaster.options import HOST, STR_OR_NONE, Option, opt
 from hamaster.store.base import (
     LEASES_PREFIX,
     MEMBERS_PREFIX,
@@ -158,6 +160,21 @@ class _Outage(Exception):
 
 class FsStore(Store):
     """A :class:`Store` on a directory (local disk or an NFS mount)."""
+
+    NAME = "fs"
+    OPTIONS = (
+        Option("ha_dir", None, STR_OR_NONE, "fs: the directory every master shares (NFS); "
+               "rsync: this master's own tree.", HOST),
+    )
+    LEASES = True
+    SHARED_DIR = True
+
+    @classmethod
+    def from_opts(cls, opts: Mapping[str, Any]) -> FsStore:
+        """The store on ``ha_dir``."""
+        if not opts.get("ha_dir"):
+            raise StoreError("ha_backend fs needs ha_dir (the shared directory, e.g. an NFS mount)")
+        return cls(opts["ha_dir"], poll_interval=float(opt(opts, "ha_poll_interval")))
 
     def __init__(self, root: str | Path, poll_interval: float = 0.5, create: bool = True):
         """Open the store at ``root`` (created with mode 0700 when ``create``)."""

@@ -64,10 +64,23 @@ import shlex
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from hamaster.store.base import Change, StoreUnavailable, WatchCallback
+from hamaster.options import (
+    BOOL,
+    FLOAT,
+    HOST,
+    STR,
+    STR_LIST,
+    STR_OR_NONE,
+    Option,
+    opt,
+    with_defaults,
+)
+from hamaster.store.base import Change, StoreError, StoreUnavailable, WatchCallback
 from hamaster.store.fs import MARKER_NAME, FsStore, _unlink_quiet
 
 log = logging.getLogger(__name__)
@@ -105,6 +118,49 @@ def _peer(spec: str) -> _Peer:
 
 class RsyncStore(FsStore):
     """A local :class:`FsStore` tree replicated to peers with rsync (see module docstring)."""
+
+    NAME = "rsync"
+    OPTIONS = FsStore.OPTIONS + (
+        Option("ha_rsync_peers", [], STR_LIST, "The other masters' trees: `rsync://host:port/"
+               "module`, `[user@]host:/path` (ssh) or a local path.", HOST),
+        Option("ha_rsync_password_file", None, STR_OR_NONE,
+               "rsync daemon password file (`--password-file`).", HOST),
+        Option("ha_rsync_interval", 30.0, FLOAT, "Seconds between full pushes.", HOST),
+        Option("ha_rsync_debounce", 0.2, FLOAT, "Seconds a write waits to be pushed with "
+               "the next ones.", HOST),
+        Option("ha_rsync_max_backoff", 30.0, FLOAT, "Longest wait before retrying a peer.",
+               HOST),
+        Option("ha_rsync_tombstone_ttl", 604800.0, FLOAT,
+               "Seconds a deletion's tombstone is kept.", HOST),
+        Option("ha_rsync_ssh", DEFAULT_SSH, STR, "Remote shell of `[user@]host:/path` peers.",
+               HOST),
+        Option("ha_create_master_key", False, BOOL, "Create the cluster's master keypair now "
+               "instead of agreeing with the peers (first start, one master).", HOST),
+    )
+    LEASES = False
+    AGREES_MASTER_KEY = True
+    SHARED_DIR = False
+
+    @classmethod
+    def from_opts(cls, opts: Mapping[str, Any]) -> RsyncStore:
+        """This master's tree on ``ha_dir``, replicated to ``ha_rsync_peers``."""
+        poll = float(opt(opts, "ha_poll_interval"))
+        opts = with_defaults(opts, cls.OPTIONS)
+        if not opts.get("ha_dir"):
+            raise StoreError("ha_backend rsync needs ha_dir (this master's local tree)")
+        peers = opts.get("ha_rsync_peers") or []
+        if isinstance(peers, str):
+            peers = peers.split()
+        try:
+            return cls(opts["ha_dir"], peers, password_file=opts["ha_rsync_password_file"],
+                       poll_interval=poll, interval=float(opts["ha_rsync_interval"]),
+                       debounce=float(opts["ha_rsync_debounce"]),
+                       max_backoff=float(opts["ha_rsync_max_backoff"]),
+                       tombstone_ttl=float(opts["ha_rsync_tombstone_ttl"]),
+                       ssh=opts["ha_rsync_ssh"] or DEFAULT_SSH,
+                       member_id=opts.get("master_id") or "")
+        except ValueError as exc:
+            raise StoreError(str(exc)) from exc
 
     def __init__(self, root: str | Path, peers: builtins.list[str],
                  password_file: str | None = None, poll_interval: float = 0.5,

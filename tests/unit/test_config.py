@@ -8,7 +8,6 @@ import socket
 import pytest
 
 from hamaster.config import (
-    MASTER_DEFAULTS,
     ConfigError,
     load_master_config,
     load_minion_config,
@@ -26,7 +25,7 @@ def test_defaults_when_no_file(tmp_path):
     assert opts["__role"] == "master"
     # defaults are not shared mutable state
     opts["file_roots"]["base"].append("/x")
-    assert MASTER_DEFAULTS["file_roots"] == {"base": ["/srv/salt"]}
+    assert load_master_config(tmp_path)["file_roots"] == {"base": ["/srv/salt"]}
 
 
 def test_main_file_then_d_files_in_order(tmp_path):
@@ -90,6 +89,16 @@ def test_unknown_option_warns(tmp_path, caplog):
         opts = load_master_config(tmp_path)
     assert opts["no_such_option"] == 1
     assert any("no_such_option" in r.getMessage() for r in caplog.records)
+
+
+def test_undeclared_salt_options_warn_saltgui_options_do_not(tmp_path, caplog):
+    # worker_threads / user: Salt's, declared before but never read; saltgui_*: SaltGUI's
+    (tmp_path / "master").write_text("worker_threads: 5\nuser: salt\nsaltgui_templates: {}\n")
+    with caplog.at_level(logging.WARNING, logger="hamaster.config"):
+        opts = load_master_config(tmp_path)
+    assert opts["worker_threads"] == 5 and opts["saltgui_templates"] == {}
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "'worker_threads'" in warned and "'user'" in warned and "saltgui" not in warned
 
 
 def test_bad_log_level_rejected(tmp_path):
