@@ -14,11 +14,12 @@ from typing import Any
 import msgpack
 
 from hamaster import ids
-from hamaster.jobs.jid import is_jid, jid_to_time
+from hamaster.jobs.jid import is_jid, start_time
 from hamaster.store.base import Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+#: Where the job cache lives in a store (the one definition; ``master/shared.py`` uses it).
 JOBS_PREFIX = "jobs"
 #: Single-master job cache directory, relative to ``cachedir``.
 JOBS_STORE_DIRNAME = "jobs_store"
@@ -107,7 +108,7 @@ class JobCache:
                 "Target": load.get("tgt", "unknown-target"),
                 "Target-type": load.get("tgt_type", "glob"),
                 "User": load.get("user", "root"),
-                "StartTime": jid_to_time(jid).strftime("%Y, %b %d %H:%M:%S.%f"),
+                "StartTime": start_time(jid),
             }
         return out
 

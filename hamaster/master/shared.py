@@ -18,14 +18,13 @@ from typing import Any
 
 import yaml
 
-from hamaster.jobs.cache import JobCache, open_job_cache
+from hamaster.jobs.cache import JOBS_PREFIX, JobCache, open_job_cache
 from hamaster.pki_sync.keys import KeyRegistry, open_key_registry, throttle_from_opts
 from hamaster.store.base import Store, StoreError
 
 log = logging.getLogger(__name__)
 
 KEYS_PREFIX = "pki/master/"
-JOBS_PREFIX = "jobs"
 CONFIG_PREFIX = "config/master.d/"
 MASTERS_PREFIX = "cluster/masters/"
 

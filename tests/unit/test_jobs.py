@@ -76,7 +76,7 @@ def test_list_jobs_like_salt(cache):
     j = jobs[jid]
     assert j["Function"] == "cmd.run" and j["Arguments"] == ["uptime"]
     assert j["Target"] == "web*" and j["Target-type"] == "glob" and j["User"] == "alice"
-    assert j["StartTime"] == jid_to_time(jid).strftime("%Y, %b %d %H:%M:%S.%f")
+    assert j["StartTime"] == jid_to_time(jid).strftime("%Y, %b %d %H:%M:%S.%f")  # C locale
 
 
 @pytest.mark.parametrize("jid", ["", "123", "2024010112000000000x", "../../etc/passwd0000",
