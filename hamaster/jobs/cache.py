@@ -80,7 +80,7 @@ class JobCache:
         out: dict[str, dict[str, Any]] = {}
         for key, raw in self.store.get_many(base).items():
             mid = key[len(base) + 1:]
-            if "/" in mid:
+            if not ids.valid_minion_id(mid):  # the rule every write was checked with
                 continue
             ret = _unpack(raw, key)
             if ret is not None:

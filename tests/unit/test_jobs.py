@@ -156,3 +156,15 @@ def test_job_writer_drops_an_item_the_cache_refuses_and_keeps_the_rest(tmp_path,
     assert set(cache.get_returns(jid)) == {"good1", "good2", "good3"}
     assert cache.get_load(jid) == {"fun": "test.ping"}
     assert any("dropped 2 invalid items" in r.getMessage() for r in caplog.records)
+
+
+def test_returns_read_back_follow_the_minion_id_rule(cache):
+    """A return filed by hand (or an older version) under a name that is not a valid minion id
+    is not reported as a minion's: reads use the rule writes are checked with (hamaster.ids)."""
+    jid = gen_jid()
+    cache.save_return(jid, "good", {"return": 1})
+    for name in (" spaced ", "bad\x1bname", "a" * 241):
+        cache.store.put(f"jobs/{jid}/returns/{name}", msgpack.packb({"return": 2}))
+    with pytest.raises(ValueError):
+        cache.save_return(jid, " spaced ", {"return": 2})
+    assert cache.get_returns(jid) == {"good": {"return": 1}}
