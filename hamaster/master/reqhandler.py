@@ -3,6 +3,11 @@
 Every frame from the network goes through :meth:`RequestHandler.handle`, which never raises:
 bad input is answered the way Salt answers it (``"bad load"``, a signed refusal…), logged once
 per peer and reason, and counted in ``hamaster_requests_rejected_total``.
+
+The wire checks are :mod:`hamaster.bus.messages`' (``parse_request``, ``parse_auth_request``,
+``open_aes_request``); this module holds the decisions: keys, sessions, replay, commands. Each
+step returns ``bytes | Deferred``, so the checks run once, on the event loop, and a
+:class:`Deferred` carries only what must wait on the store.
 """
 
 from __future__ import annotations
