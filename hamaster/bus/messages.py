@@ -173,6 +173,21 @@ def parse_request(
     raise BadRequest("malformed", f"unknown enc {enc!r}" if enc is not _TOO_BIG else "unknown enc")
 
 
+def claimed_id(frame: bytes) -> str | None:
+    """The minion id a refused frame claims (envelope ``id``, else the load's), for logging
+    only: never trusted. None when the frame does not decode or names no short string id."""
+    try:
+        env = _envelope(frame, max_size=1 << 20)
+    except codec.DecodeError:
+        return None
+    if not isinstance(env, dict):
+        return None
+    mid = env.get("id")
+    if mid is None and isinstance(env.get("load"), dict):
+        mid = env["load"].get("id")
+    return f"{mid}" if isinstance(mid, str) and len(mid) < 256 else None
+
+
 def open_aes_request(
     req: AesRequest,
     session: Crypticle,

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from hamaster import __version__, crypto, ids
-from hamaster.bus import codec, messages
+from hamaster.bus import messages
 from hamaster.bus.crypticle import Crypticle, generate_key_string
 from hamaster.bus.replay import RequestReplayGuard
 from hamaster.master.pubkey import PublishKey
@@ -142,7 +142,7 @@ class RequestHandler:
             req = messages.parse_request(
                 payload, self.minimum_version, max_size=self.max_request, max_clear=self.max_clear)
         except messages.BadRequest as exc:
-            claimed = _claimed_id(payload) if exc.reason != "too_large" else None
+            claimed = messages.claimed_id(payload) if exc.reason != "too_large" else None
             return self._refuse(exc.reason, claimed or peer, exc.detail)
         if isinstance(req, messages.ClearRequest):
             mid = req.load.get("id")
@@ -418,16 +418,3 @@ class RequestHandler:
         cutoff = time.time() - window
         return sorted(m for m, s in self.sessions.items() if s.last_seen >= cutoff)
 
-
-def _claimed_id(payload: bytes) -> str | None:
-    """The minion id a refused frame claims, for logging only (never trusted)."""
-    try:
-        env = codec.loads(payload, max_size=1 << 20, max_objects=codec.ENVELOPE_MAX_OBJECTS)
-    except codec.DecodeError:
-        return None
-    if not isinstance(env, dict):
-        return None
-    mid = env.get("id")
-    if mid is None and isinstance(env.get("load"), dict):
-        mid = env["load"].get("id")
-    return f"{mid}" if isinstance(mid, str) and len(mid) < 256 else None

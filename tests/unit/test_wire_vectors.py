@@ -513,6 +513,15 @@ def test_not_an_envelope_probe_is_malformed():
     assert exc.value.reason == "malformed"
 
 
+def test_refused_frames_claimed_id_for_the_log():
+    assert messages.claimed_id(payload(VERSION2_PROBE)) == "vecminion"  # envelope id
+    assert messages.claimed_id(payload(1)) == "vecminion"  # clear _auth: the load's id
+    assert messages.claimed_id(payload(60)) is None  # {"hello": "world"}
+    assert messages.claimed_id(payload(60)[:-3]) is None  # truncated
+    assert messages.claimed_id(codec.dumps({"id": "x" * 256, "enc": "aes"})) is None
+    assert messages.claimed_id(codec.dumps(["vecminion"])) is None
+
+
 def test_aes_request_tok_from_other_key_refused():
     req = messages.parse_request(payload(AES_REQUESTS[0]))
     with pytest.raises(messages.BadRequest) as exc:
