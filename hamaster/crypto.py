@@ -91,8 +91,14 @@ def public_pem(key: rsa.RSAPublicKey) -> str:
 
 
 def normalize_pem(pem: bytes | str) -> str:
-    """Normalise key text (line endings, surrounding whitespace) so two copies compare equal."""
-    text = pem.decode() if isinstance(pem, bytes) else pem
+    """The canonical text of a PEM key, so two copies of one key compare equal: ``\n`` line
+    endings, each line stripped, blank lines dropped, no trailing newline.
+
+    The one normaliser for key text (key registry, sessions, pinned master keys, fingerprints).
+    Bytes are decoded as UTF-8 with undecodable bytes replaced (never raises): text that is not
+    a key stays not a key.
+    """
+    text = pem.decode("utf-8", errors="replace") if isinstance(pem, bytes) else pem
     lines = [line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
     return "\n".join(line for line in lines if line)
 

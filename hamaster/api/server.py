@@ -31,6 +31,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import Counter
 
+from hamaster import ids
 from hamaster.api import api_options, eauth
 from hamaster.api.bridge import MasterBridge
 from hamaster.api.clients import SALT_CLIENTS, ApiError, LowstateRunner
@@ -471,8 +472,8 @@ class ApiApp:
         if not jid:
             chunk = {"client": "runner", "fun": "jobs.list_jobs"}
             return self._reply(request, {"return": await self._exec([chunk], sess)})
-        if not (jid.isdigit() and len(jid) == 20):
-            raise ApiError(400, "a jid is 20 digits")
+        if not ids.valid_jid(jid):
+            raise ApiError(400, "a jid is 20 digits YYYYMMDDhhmmssffffff that are a real time")
         self.lowstate.check_client("runner")
         if not eauth.Acl(list(sess.get("perms") or [])).allows_class("runner", "jobs.list_job"):
             raise ApiError(403, f"user {sess.get('user')} may not run runner jobs.list_job")

@@ -1,8 +1,9 @@
 """Salt request-protocol v3 messages, both directions, as pure functions over bytes.
 
 Master side: :func:`parse_request` → :class:`ClearRequest` / :class:`AesRequest`,
-:func:`open_aes_request`, :func:`aes_reply`, :func:`auth_*_reply`, :func:`pillar_reply`,
-:func:`wrap_publication`. Minion side: :func:`auth_request`, :func:`parse_auth_reply`,
+:func:`parse_auth_request` (every wire check of an ``_auth``; :class:`AuthRefused` carries
+Salt's answer), :func:`open_aes_request`, :func:`aes_reply`, :func:`auth_*_reply`,
+:func:`pillar_reply`, :func:`wrap_publication`. Minion side: :func:`auth_request`, :func:`parse_auth_reply`,
 :func:`aes_request`, :func:`parse_aes_reply`, :func:`parse_pillar_reply`,
 :func:`open_publication`. No sockets, no clocks except where a caller passes them in.
 Map key orders follow what real Salt 3008.5 puts on the wire.
@@ -18,7 +19,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from hamaster import crypto
+from hamaster import crypto, ids
 from hamaster.bus import codec
 from hamaster.bus.crypticle import Crypticle, CrypticleError, generate_key_string
 
@@ -28,6 +29,8 @@ CLEAR_REQUEST_MAX = 64 * 1024
 REQUEST_MAX = 32 * 1024 * 1024
 """Default cap on any request frame (an aes request carrying a large return)."""
 BAD_LOAD = "bad load"
+EXC_HANDLING_REPLY = "Some exception handling minion payload"
+"""Salt's bare-string answer to an ``_auth`` with an unsupported ``enc_algo`` and no token."""
 PUBLISH_SERIAL_FIELD = "hamaster_serial"
 """Extra field of a hamaster master's accepted auth reply: the publish key's current serial
 (signed with the reply; stock minions ignore it)."""
@@ -170,6 +173,21 @@ def parse_request(
     raise BadRequest("malformed", f"unknown enc {enc!r}" if enc is not _TOO_BIG else "unknown enc")
 
 
+def claimed_id(frame: bytes) -> str | None:
+    """The minion id a refused frame claims (envelope ``id``, else the load's), for logging
+    only: never trusted. None when the frame does not decode or names no short string id."""
+    try:
+        env = _envelope(frame, max_size=1 << 20)
+    except codec.DecodeError:
+        return None
+    if not isinstance(env, dict):
+        return None
+    mid = env.get("id")
+    if mid is None and isinstance(env.get("load"), dict):
+        mid = env["load"].get("id")
+    return f"{mid}" if isinstance(mid, str) and len(mid) < 256 else None
+
+
 def open_aes_request(
     req: AesRequest,
     session: Crypticle,
@@ -181,9 +199,11 @@ def open_aes_request(
 ) -> tuple[dict, bytes]:
     """Decrypt and authenticate an aes request; returns ``(load, tok)``.
 
-    Checks the HMAC (session key), that ``id`` inside equals the envelope id, that ``tok``
-    recovers to ``b"salt"`` under the accepted key (skipped when it equals ``verified_tok``,
-    a tok this minion already proved), a nonce, and ``ts`` against ``ttl`` when set.
+    Checks the HMAC (session key), that ``id`` inside equals the envelope id, a ``cmd``, that
+    ``tok`` recovers to ``b"salt"`` under the accepted key (skipped when it equals
+    ``verified_tok``, a tok this minion already proved), ``ts`` against ``ttl`` when set, and a
+    non-empty string ``nonce`` (``no_nonce``; whether it was seen before is the caller's
+    session state: :class:`~hamaster.bus.replay.RequestReplayGuard`).
     """
     try:
         load = session.loads(req.payload)
@@ -209,6 +229,9 @@ def open_aes_request(
         ts = load.get("ts")
         if not isinstance(ts, (int, float)) or abs((now or time.time()) - ts) > ttl:
             raise BadRequest("replay", "request timestamp outside request_server_ttl")
+    nonce = load.get("nonce")
+    if not isinstance(nonce, str) or not nonce:
+        raise BadRequest("no_nonce", "request carries no nonce")
     return load, tok_b
 
 
@@ -236,7 +259,7 @@ class AuthRequest:
 
 
 def parse_auth_load(load: dict) -> AuthRequest:
-    """Validate the fields of an ``_auth`` load; raises :class:`BadRequest`."""
+    """Validate the field types of an ``_auth`` load; raises :class:`BadRequest`."""
     mid = load.get("id")
     pub = load.get("pub")
     if not isinstance(mid, str) or not mid:
@@ -261,6 +284,57 @@ def parse_auth_load(load: dict) -> AuthRequest:
         token=token_b,
         autosign_grains=grains if isinstance(grains, dict) else None,
     )
+
+
+class AuthRefused(BadRequest):
+    """An ``_auth`` refused by the wire rules before any key decision, answered the way Salt
+    answers it (not with ``"bad load"``): see :meth:`reply`.
+
+    ``reason`` is ``invalid_id`` (the id breaks :mod:`hamaster.ids`' rule) or ``bad_algo`` (an
+    ``enc_algo``/``sig_algo`` outside :data:`crypto.ENC_ALGOS` / :data:`crypto.SIG_ALGOS`).
+    """
+
+    def __init__(self, reason: str, detail: str, auth: AuthRequest, answer: str) -> None:
+        super().__init__(reason, detail)
+        self.auth = auth
+        #: ``"status"`` (signed ``{"ret": False}``), or the text of an unsigned ``ret``
+        #: (``"bad enc algo"``/``"bad sig algo"``), or :data:`EXC_HANDLING_REPLY` (bare string).
+        self.answer = answer
+
+    def reply(self, master_priv: rsa.RSAPrivateKey) -> bytes:
+        """Salt 3008's reply frame to this request."""
+        if self.answer == EXC_HANDLING_REPLY:
+            return plain_reply(EXC_HANDLING_REPLY)
+        if self.answer != "status":
+            return auth_unsigned_reply(self.answer)
+        return auth_status_reply(master_priv, False, self.auth.nonce, self.auth.sig_algo)
+
+
+def parse_auth_request(req: ClearRequest) -> AuthRequest:
+    """The wire checks of a clear request, all before any key decision: the command must be
+    ``_auth`` (else :class:`BadRequest` ``unknown_clear_cmd``), the load's fields well typed
+    (:func:`parse_auth_load`), then, in Salt's order, a valid minion id and supported
+    algorithms (else :class:`AuthRefused`, whose :meth:`~AuthRefused.reply` is Salt's answer:
+    a signed ``{"ret": False}`` for an invalid id, ``"bad enc algo"`` / ``"bad sig algo"``
+    unsigned, or :data:`EXC_HANDLING_REPLY` for a bad ``enc_algo`` sent without a token).
+    """
+    cmd = req.load.get("cmd")
+    if cmd != "_auth":
+        raise BadRequest("unknown_clear_cmd", f"clear command {ids.shown(cmd)} is not served")
+    auth = parse_auth_load(req.load)
+    problem = ids.minion_id_problem(auth.minion_id)
+    if problem is not None:
+        # Salt signs this refusal with the request's sig_algo and answers "bad sig algo" when
+        # it cannot (salt/master.py ``_clear_signed``).
+        answer = "status" if auth.sig_algo in crypto.SIG_ALGOS else "bad sig algo"
+        raise AuthRefused("invalid_id", f"minion id {problem}", auth, answer)
+    if auth.enc_algo not in crypto.ENC_ALGOS:
+        raise AuthRefused("bad_algo", f"unsupported enc_algo {ids.shown(auth.enc_algo)}", auth,
+                          "bad enc algo" if auth.token is not None else EXC_HANDLING_REPLY)
+    if auth.sig_algo not in crypto.SIG_ALGOS:
+        raise AuthRefused("bad_algo", f"unsupported sig_algo {ids.shown(auth.sig_algo)}", auth,
+                          "bad sig algo")
+    return auth
 
 
 def _signed_clear(master_priv: rsa.RSAPrivateKey, inner: dict, sig_algo: str) -> bytes:

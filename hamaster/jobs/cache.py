@@ -15,12 +15,13 @@ from typing import Any
 import msgpack
 
 from hamaster import ids
-from hamaster.jobs.jid import is_jid, jid_to_time
+from hamaster.jobs.jid import is_jid, start_time
 from hamaster.options import opt
 from hamaster.store.base import Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+#: Where the job cache lives in a store (the one definition; ``master/shared.py`` uses it).
 JOBS_PREFIX = "jobs"
 #: Single-master job cache directory, relative to ``cachedir``.
 JOBS_STORE_DIRNAME = "jobs_store"
@@ -81,7 +82,7 @@ class JobCache:
         out: dict[str, dict[str, Any]] = {}
         for key, raw in self.store.get_many(base).items():
             mid = key[len(base) + 1:]
-            if "/" in mid:
+            if not ids.valid_minion_id(mid):  # the rule every write was checked with
                 continue
             ret = _unpack(raw, key)
             if ret is not None:
@@ -96,7 +97,7 @@ class JobCache:
         out: dict[str, dict[str, Any]] = {}
         for key in self.store.list(base):
             mid = key[len(base) + 1:]
-            if "/" in mid or mid in known:
+            if mid in known or not ids.valid_minion_id(mid):
                 continue
             raw = self.store.get(key)
             ret = _unpack(raw, key) if raw is not None else None
@@ -125,7 +126,7 @@ class JobCache:
                 "Target": load.get("tgt", "unknown-target"),
                 "Target-type": load.get("tgt_type", "glob"),
                 "User": load.get("user", "root"),
-                "StartTime": jid_to_time(jid).strftime("%Y, %b %d %H:%M:%S.%f"),
+                "StartTime": start_time(jid),
             }
         return out
 

@@ -10,6 +10,7 @@ import threading
 
 from hamaster import ids
 
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _lock = threading.Lock()
 _last: datetime.datetime | None = None
 
@@ -37,3 +38,13 @@ def jid_to_time(jid: object) -> datetime.datetime:
         ids.check_jid(jid)  # raises with the reason
     assert when is not None
     return when
+
+
+def start_time(jid: object) -> str:
+    """Salt's ``StartTime`` of a jid, ``2026, Dec 06 12:00:00.123456`` (English month names
+    whatever the locale, as Salt prints them); ``""`` if ``jid`` is not a valid jid."""
+    when = ids.jid_time(jid)
+    if when is None:
+        return ""
+    return (f"{when.year:04d}, {_MONTHS[when.month - 1]} {when.day:02d} "
+            f"{when.hour:02d}:{when.minute:02d}:{when.second:02d}.{when.microsecond:06d}")

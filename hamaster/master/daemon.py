@@ -75,6 +75,9 @@ MASTER_OPTS_FOR_MINIONS: dict[str, Any] = {
     "jinja_trim_blocks": False,
 }
 MASTER_OPTS_ENV_ONLY = ("top_file_merging_strategy", "env_order", "default_top")
+#: Seconds between two hashings of file_roots and the pillar tree (the membership record's
+#: ``fileroots_hash`` / ``pillar_hash``).
+TREE_HASH_INTERVAL = 10.0
 DECODE_WORKERS = 2        # threads that decrypt large aes requests (Deferred.finish)
 #: Bytes of large requests being decrypted at once; more are refused (``busy``; minions retry).
 DECODE_BUDGET = 256 * 1024 * 1024
@@ -136,6 +139,7 @@ class Master:
         self.router: zmq.asyncio.Socket | None = None
         self._stop = asyncio.Event()
         self.fileroots_hash = ""
+        self._tree_hashed_at = -TREE_HASH_INTERVAL  # monotonic time of the last tree hashing
         self._store_ok = True
         self._keys_dirty = True
         self.last_cluster_view: dict[str, dict] = {}
@@ -688,21 +692,13 @@ class Master:
     async def _housekeeping(self) -> None:
         keep = float(self.opts.get("keep_jobs", 24))
         last_clean = 0.0
-        last_hash = 0.0
         while not self._stop.is_set():
             if self._keys_dirty:
                 self._keys_dirty = False
                 self._update_key_metrics()
             if not self.state.ha:
                 self.metrics.masters_alive.labels(self.master_id).set(1)
-                if time.monotonic() - last_hash > 10:
-                    last_hash = time.monotonic()
-                    try:
-                        self.fileroots_hash = await asyncio.to_thread(self.files.manifest_hash)
-                        self.metrics.fileroots_info.labels(self.master_id).info({"hash": self.fileroots_hash})
-                    except Exception as exc:
-                        log.warning("cannot hash file_roots: %s", exc)
-                    await self._refresh_pillar_hash()
+                await self._refresh_tree_hashes()
             self.metrics.minions_connected.labels(self.master_id).set(len(self.handler.connected(CONNECTED_WINDOW)))
             self.metrics.store_up.labels(self.master_id).set(1 if self.keys.store.healthy() else 0)
             self.handler.ratelog.flush()
@@ -720,7 +716,19 @@ class Master:
             except TimeoutError:
                 pass
 
-    async def _refresh_pillar_hash(self) -> None:
+    async def _refresh_tree_hashes(self) -> None:
+        """Re-hash file_roots and the pillar tree when :data:`TREE_HASH_INTERVAL` has passed
+        since the last time (called from the membership heartbeat, or from housekeeping on a
+        single master); the hashes go into this master's record and metrics."""
+        now = time.monotonic()
+        if now - self._tree_hashed_at <= TREE_HASH_INTERVAL:
+            return
+        self._tree_hashed_at = now
+        try:
+            self.fileroots_hash = await asyncio.to_thread(self.files.manifest_hash)
+            self.metrics.fileroots_info.labels(self.master_id).info({"hash": self.fileroots_hash})
+        except Exception as exc:
+            log.warning("cannot hash file_roots: %s", exc)
         try:
             await asyncio.to_thread(self.pillar.refresh_hash)
         except Exception as exc:
@@ -749,17 +757,8 @@ class Master:
         """Write our membership record every second; refresh the file_roots hash now and then."""
         assert self.membership is not None
         membership = self.membership
-        last_hash = 0.0
         while not self._stop.is_set():
-            now = time.monotonic()
-            if now - last_hash > 10:
-                last_hash = now
-                try:
-                    self.fileroots_hash = await asyncio.to_thread(self.files.manifest_hash)
-                    self.metrics.fileroots_info.labels(self.master_id).info({"hash": self.fileroots_hash})
-                except Exception as exc:
-                    log.warning("cannot hash file_roots: %s", exc)
-                await self._refresh_pillar_hash()
+            await self._refresh_tree_hashes()
             try:
                 await asyncio.to_thread(membership.beat, self.cluster_record())
             except Exception as exc:

@@ -10,6 +10,8 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from hamaster.jobs.jid import start_time
+
 if TYPE_CHECKING:
     from hamaster.master.daemon import Master
 
@@ -53,17 +55,6 @@ async def jobs_lookup_jid(master: Master, jid: str, ext_source: str | None = Non
     return out
 
 
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-def _jid_time(jid: str) -> str:
-    """Salt's ``StartTime`` of a jid: ``2026, Dec 06 12:00:00.123456`` ("" if not a jid)."""
-    if len(jid) != 20 or not jid.isdigit() or not 1 <= int(jid[4:6]) <= 12:
-        return ""
-    month = _MONTHS[int(jid[4:6]) - 1]
-    return f"{jid[:4]}, {month} {jid[6:8]} {jid[8:10]}:{jid[10:12]}:{jid[12:14]}.{jid[14:]}"
-
-
 async def jobs_active(master: Master, display_progress: bool = False) -> dict:
     """Jobs running now, by jid, as Salt's ``jobs.active``: asks every minion
     (``saltutil.running``, through this master) and adds who has returned already.
@@ -96,7 +87,7 @@ async def jobs_active(master: Master, display_progress: bool = False) -> dict:
                     "Target": job.get("tgt", "unknown-target"),
                     "Target-type": job.get("tgt_type", "list"),
                     "User": job.get("user", "root"),
-                    "StartTime": _jid_time(jid),
+                    "StartTime": start_time(jid),
                     "Running": [],
                     "Returned": [],
                 }

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from hamaster.config import master_options
-from hamaster.jobs.cache import JobCache, open_job_cache
+from hamaster.jobs.cache import JOBS_PREFIX, JobCache, open_job_cache
 from hamaster.options import HOST
 from hamaster.pki_sync.keys import KeyRegistry, open_key_registry, throttle_from_opts
 from hamaster.store.base import Store
@@ -27,7 +27,6 @@ from hamaster.store.registry import DEFAULT_BACKEND, open_backend
 log = logging.getLogger(__name__)
 
 KEYS_PREFIX = "pki/master/"
-JOBS_PREFIX = "jobs"
 CONFIG_PREFIX = "config/master.d/"
 
 #: Options that describe one host, never taken from a shared fragment and left out of the

@@ -24,6 +24,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
+from hamaster.crypto import normalize_pem, pem_fingerprint
 from hamaster.ids import is_plain, shown, valid_minion_id
 from hamaster.options import opt
 from hamaster.store.base import Change, Store, StoreUnavailable
@@ -74,14 +75,6 @@ REFRESH_ONE_BY_ONE = 32
 _PRECEDENCE = (KeyState.ACCEPTED, KeyState.REJECTED, KeyState.DENIED, KeyState.PENDING)
 
 
-def normalize_pub(pem: str | bytes) -> str:
-    """Canonical text of a PEM key: stripped, ``\\n`` line endings, no trailing blanks."""
-    if isinstance(pem, bytes):
-        pem = pem.decode("utf-8", errors="replace")
-    lines = pem.replace("\r\n", "\n").replace("\r", "\n").strip().split("\n")
-    return "\n".join(line.rstrip() for line in lines)
-
-
 @functools.lru_cache(maxsize=65536)
 def is_public_key(pem: str) -> bool:
     """True if ``pem`` parses as a PEM public key (SubjectPublicKeyInfo or PKCS#1); cached."""
@@ -94,9 +87,7 @@ def is_public_key(pem: str) -> bool:
 
 def pem_finger(pem: str) -> str:
     """Salt's fingerprint (``salt-key -f``, ``master_finger``): sha256 over the PEM body lines."""
-    from hamaster.crypto import pem_fingerprint
-
-    if not is_public_key(normalize_pub(pem)):
+    if not is_public_key(normalize_pem(pem)):
         raise KeyRegistryError("key is not a valid PEM public key")
     return pem_fingerprint(pem)
 
@@ -220,7 +211,7 @@ class KeyRegistry:
     def _set(self, mid: str, state: KeyState, pem: str | None,
              events: list[tuple[str, KeyState | None, KeyState | None]]) -> None:
         """Update the view for (mid, state); record an event when ``state_of`` changes."""
-        norm = normalize_pub(pem) if pem is not None else None
+        norm = normalize_pem(pem) if pem is not None else None
         with self._lock:
             old = self._state_in_view(mid)
             if norm is None:
@@ -290,11 +281,11 @@ class KeyRegistry:
             base = f"{self.prefix}{state.value}"
             for key in self.store.list(base):
                 mid = key[len(base) + 1:]
-                if "/" in mid or not valid_minion_id(mid):
+                if not valid_minion_id(mid):
                     continue
                 raw = self.store.get(key)
                 if raw is not None:
-                    fresh[state][mid] = normalize_pub(raw)
+                    fresh[state][mid] = normalize_pem(raw)
         events: list[tuple[str, KeyState | None, KeyState | None]] = []
         with self._lock:
             ids = {m for s in KeyState for m in self._view[s]} | {
@@ -341,8 +332,7 @@ class KeyRegistry:
                 if change.value is None:
                     self._view[state].pop(mid, None)
                 else:
-                    self._view[state][mid] = normalize_pub(
-                        change.value.decode("utf-8", "replace"))
+                    self._view[state][mid] = normalize_pem(change.value)
             for mid, old in before.items():
                 new = self._state_in_view(mid)
                 if old != new:
@@ -510,7 +500,7 @@ class KeyRegistry:
                         continue
                     cur = self._view[state].get(mid)
                     if (pem is None) != (cur is None) or (
-                            pem is not None and normalize_pub(pem) != cur):
+                            pem is not None and normalize_pem(pem) != cur):
                         self._set(mid, state, pem, events)
                 return
 
@@ -519,7 +509,7 @@ class KeyRegistry:
         ACCEPTED without touching the store (the common case, safe on the request path)."""
         if self.open_mode:
             return True
-        pub_n = normalize_pub(pub)
+        pub_n = normalize_pem(pub)
         with self._lock:
             return (self._view[KeyState.ACCEPTED].get(mid) == pub_n
                     and mid not in self._view[KeyState.REJECTED])
@@ -537,7 +527,7 @@ class KeyRegistry:
             return AuthDecision.REJECTED
         if self.open_mode:
             return AuthDecision.ACCEPTED
-        pub_n = normalize_pub(pub)
+        pub_n = normalize_pem(pub)
         events: list[tuple[str, KeyState | None, KeyState | None]] = []
         try:
             with self._op_lock:
@@ -696,7 +686,7 @@ def write_master_pub(store: Store, prefix: str, pub: bytes) -> None:
         existing = store.get(pub_key)
         if existing is None:
             store.compare_and_put(pub_key, None, pub)
-        elif normalize_pub(existing) != normalize_pub(pub):
+        elif normalize_pem(existing) != normalize_pem(pub):
             log.warning("%s did not match master.pem; rewrote it from the private key", pub_key)
             store.put(pub_key, pub)
     except StoreUnavailable as exc:

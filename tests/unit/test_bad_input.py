@@ -1,6 +1,7 @@
 """Sans-io robustness: hostile or broken bytes only ever raise the documented exception types.
 
-``parse_request`` / ``parse_auth_load`` / ``open_aes_request`` → :class:`BadRequest`;
+``parse_request`` / ``parse_auth_load`` / ``parse_auth_request`` / ``open_aes_request`` →
+:class:`BadRequest` (``parse_auth_request``'s Salt-answered refusals: :class:`AuthRefused`);
 ``parse_auth_reply`` / ``parse_pillar_reply`` → :class:`AuthReplyError` (``BadLoadReply`` for a
 bare string); ``parse_aes_reply`` → :class:`BadLoadReply`; ``open_publication`` →
 :class:`PublicationError` (``CrypticleError`` only for "wrong publish key").
@@ -346,6 +347,85 @@ def test_auth_load_through_parse_request_random_fields(keys):
 
 
 # --------------------------------------------------------------------------------------------
+# parse_auth_request: every wire check of an _auth, before any key decision
+# --------------------------------------------------------------------------------------------
+
+
+def _auth_req(keys: Keys, **changes) -> messages.ClearRequest:
+    req = messages.parse_request(messages.clear_request(_auth_load(keys, **changes)))
+    assert isinstance(req, messages.ClearRequest)
+    return req
+
+
+def test_auth_request_valid(keys):
+    auth = messages.parse_auth_request(_auth_req(keys, token=b"\x01"))
+    assert (auth.minion_id, auth.token, auth.enc_algo) == ("m1", b"\x01", "OAEP-SHA1")
+
+
+@pytest.mark.parametrize("cmd", ["publish", None, 5, "_AUTH", ["_auth"], _MISSING])
+def test_auth_request_other_clear_commands_are_not_served(keys, cmd):
+    with pytest.raises(BadRequest) as exc:
+        messages.parse_auth_request(_auth_req(keys, cmd=cmd))
+    assert exc.value.reason == "unknown_clear_cmd"
+    assert not isinstance(exc.value, messages.AuthRefused)  # answered "bad load"
+
+
+@pytest.mark.parametrize("mid", ["../m1", "a/b", ".hidden", "x" * 241, "m1\n", " m1", "m1 ",
+                                 "a\\b", "..", "m\x1b[31m"])
+def test_auth_request_invalid_id_gets_a_signed_refusal(keys, mid):
+    with pytest.raises(messages.AuthRefused) as exc:
+        messages.parse_auth_request(_auth_req(keys, id=mid))
+    assert exc.value.reason == "invalid_id"
+    reply = exc.value.reply(keys.master)
+    assert reply == messages.auth_status_reply(keys.master, False, "c" * 32)
+    result = messages.parse_auth_reply(reply, minion_priv=keys.minion, nonce="c" * 32,
+                                       token_plain=None, pinned_master_pub=keys.master_text)
+    assert result.status == "rejected"
+
+
+def test_auth_request_invalid_id_with_an_unsupported_sig_algo(keys):
+    """Salt cannot sign with the algorithm asked for and answers "bad sig algo" unsigned (it
+    used to raise inside the signature: an internal error logged with a traceback)."""
+    with pytest.raises(messages.AuthRefused) as exc:
+        messages.parse_auth_request(_auth_req(keys, id="../x", sig_algo="PKCS1v15-MD5"))
+    assert exc.value.reason == "invalid_id"
+    assert exc.value.reply(keys.master) == messages.auth_unsigned_reply("bad sig algo")
+
+
+@pytest.mark.parametrize("changes,reason,reply", [
+    ({"enc_algo": "OAEP-MD5"}, "bad_algo", messages.plain_reply(messages.EXC_HANDLING_REPLY)),
+    ({"enc_algo": "OAEP-MD5", "token": b"t"}, "bad_algo", messages.auth_unsigned_reply(
+        "bad enc algo")),
+    ({"sig_algo": "PKCS1v15-MD5"}, "bad_algo", messages.auth_unsigned_reply("bad sig algo")),
+    ({"sig_algo": "PKCS1v15-MD5", "token": b"t"}, "bad_algo", messages.auth_unsigned_reply(
+        "bad sig algo")),
+    ({"enc_algo": ["x"], "sig_algo": None}, "bad_algo", messages.plain_reply(
+        messages.EXC_HANDLING_REPLY)),
+])
+def test_auth_request_unsupported_algorithms(keys, changes, reason, reply):
+    with pytest.raises(messages.AuthRefused) as exc:
+        messages.parse_auth_request(_auth_req(keys, **changes))
+    assert exc.value.reason == reason
+    assert exc.value.reply(keys.master) == reply
+
+
+def test_auth_request_random_loads_raise_only_bad_request(keys):
+    rng = random.Random(SEED + 3)
+    values = [None, 0, True, "", "x", "../x", "OAEP-MD5", "PKCS1v15-SHA224", b"\xff", [], {}]
+    for _ in range(400):
+        load = _auth_load(keys)
+        for field in rng.sample(["cmd", "id", "pub", "nonce", "token", "enc_algo", "sig_algo"], 2):
+            load[field] = rng.choice(values)
+        req = messages.parse_request(messages.clear_request(load))
+        try:
+            messages.parse_auth_request(req)
+        except messages.AuthRefused as exc:
+            assert isinstance(exc.reply(keys.master), bytes)
+        except BadRequest:
+            pass
+
+
+# --------------------------------------------------------------------------------------------
 # open_aes_request
 # --------------------------------------------------------------------------------------------
 
@@ -408,6 +488,16 @@ def test_open_aes_request_stale_or_bad_ts(keys, ts):
     with pytest.raises(BadRequest) as exc:
         _open(keys, _aes_req(keys, inner), now=100, ttl=60)
     assert exc.value.reason == "replay"
+
+
+@pytest.mark.parametrize("nonce", [_MISSING, "", 5, None, ["n"], {"n": 1}])
+def test_open_aes_request_without_a_nonce(keys, nonce):
+    inner = {"cmd": "_mine", "id": "m1", "tok": _tok(keys), "ts": 100, "nonce": nonce}
+    if nonce is _MISSING:
+        del inner["nonce"]
+    with pytest.raises(BadRequest) as exc:
+        _open(keys, _aes_req(keys, inner), now=100, ttl=60)
+    assert exc.value.reason == "no_nonce"
 
 
 def test_open_aes_request_wrong_session_key(keys):

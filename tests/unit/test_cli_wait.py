@@ -8,8 +8,8 @@ import io
 import pytest
 
 from hamaster.cli.salt import ProgressBar, no_return_text, summary_lines
+from hamaster.jobs.jid import start_time
 from hamaster.master.jobs import JobTracker
-from hamaster.master.runners import _jid_time
 from hamaster.master.waiting import _running, batch_size
 
 
@@ -77,5 +77,6 @@ def test_batch_jid_published_again_adds_minions_and_keeps_returns() -> None:
 
 
 def test_start_time_like_salt() -> None:
-    assert _jid_time("20261206120502123456") == "2026, Dec 06 12:05:02.123456"
-    assert _jid_time("nope") == ""
+    assert start_time("20261206120502123456") == "2026, Dec 06 12:05:02.123456"
+    assert start_time("20261206120502123456_3") == "2026, Dec 06 12:05:02.123456"
+    assert start_time("nope") == "" and start_time("20261399120502123456") == ""

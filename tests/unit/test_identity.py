@@ -17,7 +17,6 @@ from hamaster.pki_sync.keys import (
     KeyRegistry,
     KeyState,
     generate_keypair,
-    normalize_pub,
     read_master_keypair,
 )
 from hamaster.store.fs import FsStore
@@ -49,7 +48,7 @@ def test_public_key_is_derived_from_the_private_key(tmp_path: Path, pubs: list[s
     store.put(f"{PREFIX}/master.pem", priv)
     store.put(f"{PREFIX}/master.pub", pubs[0].encode())
     got = read_master_keypair(store, PREFIX)
-    assert got is not None and normalize_pub(got[1]) == normalize_pub(pub)
+    assert got is not None and crypto.normalize_pem(got[1]) == crypto.normalize_pem(pub)
     assert read_master_keypair(FsStore(tmp_path / "empty"), PREFIX) is None
 
 
@@ -192,7 +191,7 @@ def test_rsync_masters_agree_on_one_keypair(tmp_path: Path, spacing: float) -> N
         # every tree converges on that pair, candidates removed
         assert wait_for(lambda: all(s.get(f"{PREFIX}/master.pem") == priv for s in stores), 30)
         assert wait_for(lambda: all(s.list(candidates_prefix(PREFIX)) == [] for s in stores), 30)
-        assert all(normalize_pub(s.get(f"{PREFIX}/master.pub")) == normalize_pub(pub)
+        assert all(crypto.normalize_pem(s.get(f"{PREFIX}/master.pub")) == crypto.normalize_pem(pub)
                    for s in stores)
     finally:
         for s in stores:

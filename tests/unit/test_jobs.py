@@ -76,7 +76,7 @@ def test_list_jobs_like_salt(cache):
     j = jobs[jid]
     assert j["Function"] == "cmd.run" and j["Arguments"] == ["uptime"]
     assert j["Target"] == "web*" and j["Target-type"] == "glob" and j["User"] == "alice"
-    assert j["StartTime"] == jid_to_time(jid).strftime("%Y, %b %d %H:%M:%S.%f")
+    assert j["StartTime"] == jid_to_time(jid).strftime("%Y, %b %d %H:%M:%S.%f")  # C locale
 
 
 @pytest.mark.parametrize("jid", ["", "123", "2024010112000000000x", "../../etc/passwd0000",
@@ -169,3 +169,15 @@ def test_new_returns_reads_only_the_minions_not_yet_known(cache):
     assert sorted(k.rsplit("/", 1)[1] for k in reads) == ["m3", "m4"]
     assert cache.get_new_returns(jid, {f"m{i}" for i in range(5)}) == {}
     assert cache.get_new_returns(gen_jid(), set()) == {}
+
+
+def test_returns_read_back_follow_the_minion_id_rule(cache):
+    """A return filed by hand (or an older version) under a name that is not a valid minion id
+    is not reported as a minion's: reads use the rule writes are checked with (hamaster.ids)."""
+    jid = gen_jid()
+    cache.save_return(jid, "good", {"return": 1})
+    for name in (" spaced ", "bad\x1bname", "a" * 241):
+        cache.store.put(f"jobs/{jid}/returns/{name}", msgpack.packb({"return": 2}))
+    with pytest.raises(ValueError):
+        cache.save_return(jid, " spaced ", {"return": 2})
+    assert cache.get_returns(jid) == {"good": {"return": 1}}

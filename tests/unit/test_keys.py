@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from hamaster.crypto import normalize_pem
 from hamaster.pki_sync.keys import (
     AuthDecision,
     KeyRegistry,
@@ -15,7 +16,6 @@ from hamaster.pki_sync.keys import (
     UnknownMinion,
     generate_keypair,
     load_or_create_master_keypair,
-    normalize_pub,
     open_key_registry,
     pem_finger,
     valid_minion_id,
@@ -40,9 +40,26 @@ def make(pki, **kw) -> KeyRegistry:
     return reg
 
 
-def test_normalize_pub():
-    assert normalize_pub(b"  A  \r\nB\t\r\n\n") == "A\nB"
-    assert normalize_pub("A\nB\n") == normalize_pub("A\r\nB")
+def test_normalize_pem():
+    assert normalize_pem(b"  A  \r\nB\t\r\n\n") == "A\nB"
+    assert normalize_pem("A\nB\n") == normalize_pem("A\r\nB")
+    assert normalize_pem(b"A\n\n  B\rC\xff") == "A\nB\nC\ufffd"  # never raises on bytes
+
+
+def test_one_key_in_any_layout_is_the_same_accepted_key(pki, pubs):
+    """The registry and the request handler compare keys with the one normaliser
+    (``crypto.normalize_pem``): the accepted key re-wrapped with CRLF, indentation or a blank
+    line is the same key, never a "denied" other key."""
+    reg = make(pki, auto_accept=True)
+    assert reg.authorize("web1", pubs[0]) is AuthDecision.ACCEPTED
+    lines = pubs[0].strip().split("\n")
+    variants = ["\r\n".join(lines), "\n".join("  " + ln for ln in lines),
+                "\n".join(lines[:2] + [""] + lines[2:]) + "\n\n"]
+    for text in variants:
+        assert reg.accepted_in_memory("web1", text), text
+        assert reg.authorize("web1", text) is AuthDecision.ACCEPTED, text
+    assert reg.state_of("web1") is KeyState.ACCEPTED
+    assert not (pki / "minions_denied" / "web1").exists()
 
 
 @pytest.mark.parametrize("mid,ok", [
@@ -88,7 +105,7 @@ def test_accepted_same_key_and_different_key(pki, pubs):
     reg.store.put("minions/web1", pubs[0].encode())
     assert reg.authorize("web1", pubs[0].replace("\n", "\r\n") + "  \n") is AuthDecision.ACCEPTED
     assert reg.authorize("web1", pubs[1]) is AuthDecision.DENIED
-    assert normalize_pub((pki / "minions_denied" / "web1").read_text()) == normalize_pub(pubs[1])
+    assert normalize_pem((pki / "minions_denied" / "web1").read_text()) == normalize_pem(pubs[1])
     # the accepted key is untouched and still authenticates
     assert reg.authorize("web1", pubs[0]) is AuthDecision.ACCEPTED
 
@@ -131,7 +148,7 @@ def test_pending_same_key_autosign_accepts(pki, pubs, tmp_path):
 def test_unknown_auto_accept(pki, pubs):
     reg = make(pki, auto_accept=True)
     assert reg.authorize("web1", pubs[0]) is AuthDecision.ACCEPTED
-    assert reg.accepted_pub("web1") == normalize_pub(pubs[0])
+    assert reg.accepted_pub("web1") == normalize_pem(pubs[0])
     assert reg.accepted_ids() == ["web1"]
 
 
@@ -250,7 +267,7 @@ def test_second_registry_sees_changes_after_poll(pki, pubs):
     a.accept("web1")
     b.store.poll_now()
     assert b.state_of("web1") is KeyState.ACCEPTED
-    assert b.accepted_pub("web1") == normalize_pub(pubs[0])
+    assert b.accepted_pub("web1") == normalize_pem(pubs[0])
     a.delete("web1")
     b.store.poll_now()
     assert b.state_of("web1") is None
@@ -301,7 +318,7 @@ def test_master_pub_mismatch_is_rewritten_from_the_private_key(tmp_path, pubs):
     priv, pub = load_or_create_master_keypair(store, "")
     store.put("master.pub", pubs[0].encode())
     assert load_or_create_master_keypair(store, "") == (priv, pub)
-    assert normalize_pub(store.get("master.pub")) == normalize_pub(pub)
+    assert normalize_pem(store.get("master.pub")) == normalize_pem(pub)
 
 
 def test_open_key_registry(tmp_path, pubs):

@@ -367,6 +367,39 @@ def test_bad_algorithm_replies_match_capture():
             )
 
 
+@pytest.mark.parametrize("seq", _seqs(lambda r: r.get("kind") == "clear_request:_auth"
+                                     and not (r.get("probe") or "").startswith("auth-bad-")))
+def test_auth_request_passes_the_wire_checks(seq):
+    auth = messages.parse_auth_request(messages.parse_request(payload(seq)))
+    assert auth == messages.parse_auth_load(messages.parse_request(payload(seq)).load)
+
+
+@pytest.mark.parametrize("request_seq,reply_seq", [(62, 63), (64, 65), (66, 67)])
+def test_auth_request_bad_algorithm_refusal_is_salts_reply(request_seq, reply_seq):
+    assert DECODED[reply_seq]["reply_to_seq"] == request_seq
+    with pytest.raises(messages.AuthRefused) as exc:
+        messages.parse_auth_request(messages.parse_request(payload(request_seq)))
+    assert exc.value.reason == "bad_algo"
+    assert exc.value.reply(master_priv()) == payload(reply_seq)
+
+
+def test_auth_request_invalid_id_refusal_is_salts_signed_false():
+    """The signed ``{"ret": False, "nonce"}`` Salt gave in seq 69, for an id Salt calls invalid."""
+    load = dict(messages.parse_request(payload(68)).load)
+    load["id"] = "../vecminion"
+    with pytest.raises(messages.AuthRefused) as exc:
+        messages.parse_auth_request(messages.ClearRequest(load=load, version=3))
+    assert exc.value.reason == "invalid_id"
+    assert exc.value.reply(master_priv()) == payload(69)
+
+
+@pytest.mark.parametrize("seq", _seqs(lambda r: r.get("kind") == "clear_request:publish"))
+def test_cli_publish_is_not_a_served_clear_command(seq):
+    with pytest.raises(messages.BadRequest) as exc:
+        messages.parse_auth_request(messages.parse_request(payload(seq)))
+    assert exc.value.reason == "unknown_clear_cmd"
+
+
 # --------------------------------------------------------------------------------------------
 # X9.31
 # --------------------------------------------------------------------------------------------
@@ -478,6 +511,15 @@ def test_not_an_envelope_probe_is_malformed():
     with pytest.raises(messages.BadRequest) as exc:
         messages.parse_request(payload(60))
     assert exc.value.reason == "malformed"
+
+
+def test_refused_frames_claimed_id_for_the_log():
+    assert messages.claimed_id(payload(VERSION2_PROBE)) == "vecminion"  # envelope id
+    assert messages.claimed_id(payload(1)) == "vecminion"  # clear _auth: the load's id
+    assert messages.claimed_id(payload(60)) is None  # {"hello": "world"}
+    assert messages.claimed_id(payload(60)[:-3]) is None  # truncated
+    assert messages.claimed_id(codec.dumps({"id": "x" * 256, "enc": "aes"})) is None
+    assert messages.claimed_id(codec.dumps(["vecminion"])) is None
 
 
 def test_aes_request_tok_from_other_key_refused():
