@@ -1,0 +1,97 @@
+"""What the leader drills (``leader-kill``, ``leader-freeze``, ``leader-partition``) need configured
+in the cluster, and how ``hamaster-cluster up --leader-drills`` puts it there.
+
+Every master needs the same two options (docs/drills.md, "Leader drills")::
+
+    reactor:
+      - 'hamaster/drill/*':
+        - /path/to/hamaster-drill-reactor.sls       # REACTOR_SLS below (or salt://...)
+    schedule:
+      hamaster-drill:
+        function: salt.execute
+        seconds: 2
+        args: [<a minion>, test.echo, [hamaster-drill-schedule]]
+
+The drill fires ``hamaster/drill/<nonce>`` events with data ``{"n": i}`` at a minion (published
+``event.send`` jobs); the reactor runs ``cmd.run`` on that minion appending ``<nonce> <n>`` to
+:data:`~hamaster.drill.spec.DEFAULT_REACTION_FILE`; the drill reads the file back through a
+survivor. Both numbers go through Jinja's ``int`` filter, so an event with other data cannot put
+anything else into the shell command.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hamaster.drill.spec import DEFAULT_REACTION_FILE
+
+EVENT_PREFIX = "hamaster/drill"
+REACTOR_GLOB = f"{EVENT_PREFIX}/*"
+SCHEDULE_JOB = "hamaster-drill"
+SCHEDULE_MARKER = "hamaster-drill-schedule"
+SCHEDULE_SECONDS = 2
+CONF_NAME = "hamaster-drill.conf"  # in each master's master.d/
+
+REACTOR_SLS = f"""\
+{{# hamaster-drill reactor: leader-kill / leader-freeze / leader-partition (docs/drills.md) #}}
+{{% set nonce = tag.split('/')[-1] | int %}}
+{{% set n = data['data']['n'] | int %}}
+hamaster_drill_reaction:
+  local.cmd.run:
+    - tgt: {{{{ data['id'] }}}}
+    - arg:
+      - echo {{{{ nonce }}}} {{{{ n }}}} >> {DEFAULT_REACTION_FILE}
+"""
+
+
+def leader_drill_options(sls_path: str, minion: str) -> dict[str, Any]:
+    """The ``reactor`` and ``schedule`` options the leader drills need (``minion``: the schedule's
+    target, normally the drill's event minion)."""
+    return {
+        "reactor": [{REACTOR_GLOB: [sls_path]}],
+        "schedule": {SCHEDULE_JOB: {
+            "function": "salt.execute", "seconds": SCHEDULE_SECONDS,
+            "args": [minion, "test.echo", [SCHEDULE_MARKER]], "kwargs": {"timeout": 5},
+        }},
+    }
+
+
+def write_leader_drill_config(base: Path, confdirs: list[str], minion: str,
+                              lease_ttl: float | None = None) -> Path:
+    """Write the reactor sls under ``base/drill/`` and ``master.d/hamaster-drill.conf`` into every
+    master's confdir (the same on each); ``lease_ttl`` also sets ``ha_lease_ttl``. Returns the sls."""
+    sls = base / "drill" / "hamaster-drill-reactor.sls"
+    sls.parent.mkdir(parents=True, exist_ok=True)
+    sls.write_text(REACTOR_SLS)
+    opts = leader_drill_options(str(sls), minion)
+    if lease_ttl is not None:
+        opts["ha_lease_ttl"] = float(lease_ttl)
+    for confdir in confdirs:
+        d = Path(confdir) / "master.d"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / CONF_NAME).write_text(yaml.safe_dump(opts))
+    return sls
+
+
+def missing_leader_options(opts: dict, want_schedule: bool) -> list[str]:
+    """What a master's options lack for the leader drills, each naming the option to add."""
+    from hamaster.events.reactor import ReactorConfigError, parse_reactor_option
+
+    out = []
+    try:
+        rules = parse_reactor_option(opts.get("reactor"))
+    except ReactorConfigError as exc:
+        rules = []
+        out.append(f"reactor: {exc}")
+    if not any(fnmatch.fnmatchcase(f"{EVENT_PREFIX}/1", glob) for glob, _ in rules):
+        out.append(f"reactor: no entry matches '{EVENT_PREFIX}/<n>' (add - '{REACTOR_GLOB}': "
+                   "[<path of the drill reactor sls>])")
+    sched = opts.get("schedule") or {}
+    if want_schedule and not (isinstance(sched, dict) and isinstance(sched.get(SCHEDULE_JOB), dict)):
+        out.append(f"schedule: no job {SCHEDULE_JOB!r} (salt.execute test.echo {SCHEDULE_MARKER} every "
+                   f"{SCHEDULE_SECONDS} s)")
+    return out
