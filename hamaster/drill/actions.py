@@ -303,14 +303,15 @@ class Actions:
             raise DrillError(f"{node.name} is not running; nothing to isolate")
         rel = f"hamaster-drill-{node.name}-{os.getpid()}"
         moved: dict[int, str] = {}
-        rule = ["OUTPUT", "-o", "lo", "-m", "cgroup", "--path", rel,
-                "-m", "comment", "--comment", f"{RULE_COMMENT}:{node.name}", "-j", "DROP"]
+        tag = ["-m", "comment", "--comment", f"{RULE_COMMENT}:{node.name}", "-j", "DROP"]
+        rules = [["OUTPUT", "-o", "lo", "-m", "cgroup", "--path", rel, *tag]]
 
         def undo() -> None:
             self.heal(node)
-            for _ in range(10):
-                if subprocess.run([ipt, "-D", *rule], capture_output=True).returncode != 0:
-                    break
+            for rule in rules:
+                for _ in range(10):
+                    if subprocess.run([ipt, "-D", *rule], capture_output=True).returncode != 0:
+                        break
             for p, orig in moved.items():
                 try:
                     Path(root, orig.lstrip("/"), "cgroup.procs").write_text(str(p))
@@ -329,7 +330,8 @@ class Actions:
             if res.returncode != 0:
                 raise DrillError(f"iptables -I {' '.join(r)} failed: {res.stderr.strip()}")
         os.makedirs(os.path.join(root, rel), exist_ok=True)
-        for p in _process_group(pid):
+        group = _process_group(pid)
+        for p in group:
             orig = _cgroup2_of(p)
             if orig is None:
                 continue
@@ -338,9 +340,18 @@ class Actions:
                 Path(root, rel, "cgroup.procs").write_text(str(p))
             except OSError as exc:
                 raise DrillError(f"cannot move pid {p} into cgroup {rel}: {exc}") from None
-        res = subprocess.run([ipt, "-I", *rule], capture_output=True, text=True)
-        if res.returncode != 0:
-            raise DrillError(f"iptables -I {' '.join(rule)} failed (xt_cgroup): {res.stderr.strip()}")
+        # A socket keeps the cgroup it was created in: the connections the victim already has
+        # (its etcd client's, above all) are cut by their local port, both ways.
+        own = {node.ret_port, node.publish_port}
+        ports = sorted(_tcp_ports_of(group) - own)
+        for port in ports:
+            rules.append(["OUTPUT", "-o", "lo", "-p", "tcp", "--sport", str(port), *tag])
+            rules.append(["INPUT", "-i", "lo", "-p", "tcp", "--dport", str(port), *tag])
+        for rule in rules:
+            res = subprocess.run([ipt, "-I", *rule], capture_output=True, text=True)
+            if res.returncode != 0:
+                raise DrillError(f"iptables -I {' '.join(rule)} failed: {res.stderr.strip()}")
+        self.say(f"isolate {node.name}: also its {len(ports)} open connection(s) by local port")
         return u
 
     # -- backend ----------------------------------------------------------------------------------
@@ -521,6 +532,35 @@ def _cgroup2_of(pid: int) -> str | None:
     except OSError:
         return None
     return "/"
+
+
+def _tcp_ports_of(pids: list[int]) -> set[int]:
+    """Local TCP ports of the sockets the processes ``pids`` hold (listening ones included)."""
+    inodes: set[str] = set()
+    for p in pids:
+        try:
+            fds = os.listdir(f"/proc/{p}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{p}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                next(fh, None)
+                for line in fh:
+                    cols = line.split()
+                    if len(cols) > 9 and cols[9] in inodes:
+                        ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+        except OSError:
+            continue
+    return ports
 
 
 def _process_group(pid: int) -> list[int]:
