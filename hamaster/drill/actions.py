@@ -323,12 +323,6 @@ class Actions:
                 pass
 
         u = self.push(f"heal {node.name} (iptables rules, cgroup {rel})", undo)
-        self.say(f"isolate {node.name}: drop loopback tcp to/from ports {node.ret_port}, {node.publish_port} "
-                 f"and everything pid {pid}'s process group sends (cgroup {rel})")
-        for r in self._rules(node):
-            res = subprocess.run([ipt, "-I", *r], capture_output=True, text=True)
-            if res.returncode != 0:
-                raise DrillError(f"iptables -I {' '.join(r)} failed: {res.stderr.strip()}")
         os.makedirs(os.path.join(root, rel), exist_ok=True)
         group = _process_group(pid)
         for p in group:
@@ -347,11 +341,19 @@ class Actions:
         for port in ports:
             rules.append(["OUTPUT", "-o", "lo", "-p", "tcp", "--sport", str(port), *tag])
             rules.append(["INPUT", "-i", "lo", "-p", "tcp", "--dport", str(port), *tag])
-        for rule in rules:
-            res = subprocess.run([ipt, "-I", *rule], capture_output=True, text=True)
-            if res.returncode != 0:
-                raise DrillError(f"iptables -I {' '.join(rule)} failed: {res.stderr.strip()}")
-        self.say(f"isolate {node.name}: also its {len(ports)} open connection(s) by local port")
+        rules.extend(self._rules(node))   # undo() deletes these through heal() too: harmless
+        # All at once (one iptables-restore commit): a leader cut off minions a moment before the
+        # store would still claim reactions whose publishes reach no one.
+        script = "*filter\n" + "".join(f"-I {' '.join(r)}\n" for r in rules) + "COMMIT\n"
+        restore = shutil.which("iptables-restore")
+        if restore is None:
+            raise DrillError("leader-partition needs iptables-restore (package iptables)")
+        self.say(f"isolate {node.name}: drop loopback tcp to/from ports {node.ret_port}, {node.publish_port}, "
+                 f"its {len(ports)} open connection(s) by local port and every packet pid {pid}'s process "
+                 f"group sends (cgroup {rel}), in one iptables-restore")
+        res = subprocess.run([restore, "--noflush"], input=script, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise DrillError(f"iptables-restore --noflush failed: {res.stderr.strip()}\n{script}")
         return u
 
     # -- backend ----------------------------------------------------------------------------------

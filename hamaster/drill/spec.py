@@ -43,6 +43,10 @@ minions, PIDs, confdirs and logs are read from its ``cluster.json``) or explicit
     # default to what the loss implies (quorum kept: none / works; quorum lost: all / refused;
     # rsync: the other masters / works).
 
+The leader scenarios (``leader-kill``, ``leader-freeze``, ``leader-partition``) take ``victim:
+leader`` (whoever holds the lease when the drill runs) and ``event_interval_s``, ``event_minion``,
+``reaction_file``; the cluster needs the drill reactor and schedule (:mod:`hamaster.drill.setup`).
+
 Without commands, nodes are handled locally: signals to ``pid`` (or the PID in ``pidfile``),
 ``hamaster-master -c confdir`` to start, iptables on the loopback interface to isolate.
 """
@@ -115,8 +119,8 @@ SCENARIOS: dict[str, Scenario] = {
                  note=_LEADER_NOTE),
         Scenario("leader-freeze", "SIGSTOP the leader past the lease TTL, SIGCONT it after another master "
                  "took over.", True, _LEADER, note=_LEADER_NOTE),
-        Scenario("leader-partition", "Cut the leader off minions and the store (locally: iptables on lo, "
-                 "its ports and everything its process sends), then heal.", True, _LEADER,
+        Scenario("leader-partition", "Cut the leader off minions and the store (iptables), then heal.",
+                 True, _LEADER,
                  note=_LEADER_NOTE + " Locally needs an etcd cluster, iptables and root (an fs ha_dir "
                  "cannot be cut, the leader would keep its lease); on real hosts give isolate/heal "
                  "commands that also cut the store."),
