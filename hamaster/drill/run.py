@@ -649,6 +649,7 @@ class DrillRun:
             self.say(f"NO new leader seen through {s_api.name} within {d.detect_timeout_s:.0f} s")
         self.hold()
         self.actions.restore(undo)
+        t_back_wall = time.time()
         self.measured["outage_s"] = round(time.monotonic() - t_fail, 3)
         self.say(f"{v.name} restored")
         # Keep firing while the old leader is back (a stale leader resuming must not react again).
@@ -676,12 +677,24 @@ class DrillRun:
             self.measured["missed_ns"] = missed[:50]
         self.say(f"reactions: {len(seen)} for {len(fired)} events, {len(dups)} duplicated, {len(missed)} missed")
         if want_schedule:
-            self._count_schedule(s_api, SCHEDULE_MARKER, SCHEDULE_SECONDS, t_start_wall)
+            self._count_schedule(s_api, SCHEDULE_MARKER, SCHEDULE_SECONDS, t_start_wall, t_back_wall)
 
-    def _count_schedule(self, api: MasterApi, marker: str, every: int, since: float) -> None:
-        """Slots of the drill schedule with more than one jid in the job cache, since ``since``."""
-        until = time.time() - every   # the newest slot may still be publishing
-        slots = schedule_jids(api, marker, since, until)
+    def _count_schedule(self, api: MasterApi, marker: str, every: int, since: float, back: float) -> None:
+        """Slots of the drill schedule with more than one jid in the job cache, from ``since`` to
+        the first slot run after ``back`` (the victim restored; waited for, up to 3 slots)."""
+        def resumed() -> dict[int, list[str]] | None:
+            slots = schedule_jids(api, marker, since, time.time())
+            return slots if any(s >= back for s in slots) else None
+
+        slots, took = wait_for(resumed, 3 * every + 5, interval=0.5)
+        self.measured["schedule_resumed"] = took is not None
+        if took is None:
+            self.notes.append(f"no run of the drill schedule found in {api.name}'s job cache for a slot "
+                              f"after the restore within {3 * every + 5} s")
+            until = time.time() - every
+            slots = schedule_jids(api, marker, since, until)
+        else:
+            until = max(slots)
         dup = {s: j for s, j in slots.items() if len(j) > 1}
         span = int(until // every) - int(-(-since // every)) + 1
         self.measured["schedule_runs"] = sum(len(j) for j in slots.values())
