@@ -662,7 +662,10 @@ class DrillRun:
             self.measured["event_publish_errors"] = len(firer.errors)
             self.notes.append(f"{len(firer.errors)} event.send publishes failed, e.g. {firer.errors[0]}")
         self.say(f"fired {len(fired)} events; waiting for their reactions on {minion}")
+        t_last = time.monotonic()
         seen = self._wait_reactions(s_api, minion, nonce, fired, d.recovery_timeout_s)
+        if fired <= set(seen):  # how long the last reactions took to show (reading included)
+            self.measured["reactions_settled_s"] = round(time.monotonic() - t_last, 3)
         counts: dict[int, int] = {}
         for n in seen:
             counts[n] = counts.get(n, 0) + 1

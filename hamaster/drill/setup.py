@@ -10,7 +10,9 @@ Every master needs the same two options (docs/drills.md, "Leader drills")::
       hamaster-drill:
         function: salt.execute
         seconds: 2
+        maxrunning: 3        # a run waits for the minion's return (up to 5 s): never skip for it
         args: [<a minion>, test.echo, [hamaster-drill-schedule]]
+        kwargs: {timeout: 5}
 
 The drill fires ``hamaster/drill/<nonce>`` events with data ``{"n": i}`` at a minion (published
 ``event.send`` jobs); the reactor runs ``cmd.run`` on that minion appending ``<nonce> <n>`` to
@@ -54,7 +56,7 @@ def leader_drill_options(sls_path: str, minion: str) -> dict[str, Any]:
     return {
         "reactor": [{REACTOR_GLOB: [sls_path]}],
         "schedule": {SCHEDULE_JOB: {
-            "function": "salt.execute", "seconds": SCHEDULE_SECONDS,
+            "function": "salt.execute", "seconds": SCHEDULE_SECONDS, "maxrunning": 3,
             "args": [minion, "test.echo", [SCHEDULE_MARKER]], "kwargs": {"timeout": 5},
         }},
     }
