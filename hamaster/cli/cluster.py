@@ -413,6 +413,8 @@ def cmd_up(c: LocalCluster, n_masters: int, n_minions: int, backend: str = "fs",
     t0 = time.monotonic()
     if leader_drills and backend == "rsync":
         return die("--leader-drills needs the leader lease (etcd or fs): the rsync backend has none")
+    if leader_drills and n_minions < 1:
+        return die("--leader-drills needs a minion (the drill schedule's target)")
     if c.state and any(c.alive(e) for e in c.state.get("masters", []) + c.state.get("minions", [])
                        + c.state.get("services", [])):
         return die(f"a cluster is already running in {c.base}; run `hamaster-cluster down --dir {c.base}` first")
@@ -429,12 +431,15 @@ def cmd_up(c: LocalCluster, n_masters: int, n_minions: int, backend: str = "fs",
             return die(f"{c.base} holds a cluster on {old} (its minions trust that store's master key); "
                        f"give the same etcd options, use another --dir, or remove {c.base}")
     c.configure(n_masters, n_minions, backend, etcd_endpoints, etcd_members)
-    if leader_drills:  # hamaster-drill leader-* scenarios: reactor + schedule (hamaster/drill/setup.py)
-        from hamaster.drill.setup import write_leader_drill_config
+    # hamaster-drill leader-* scenarios: reactor + schedule (hamaster/drill/setup.py)
+    from hamaster.drill.setup import remove_leader_drill_config, write_leader_drill_config
 
-        sls = write_leader_drill_config(c.base, [m["confdir"] for m in c.state["masters"]],
-                                        c.state["minions"][0]["name"], lease_ttl)
+    confdirs = [m["confdir"] for m in c.state["masters"]]
+    if leader_drills:
+        sls = write_leader_drill_config(c.base, confdirs, c.state["minions"][0]["name"], lease_ttl)
         print(f"leader drills: reactor {sls} and schedule hamaster-drill in every master's master.d/")
+    else:
+        remove_leader_drill_config(confdirs)
     etcd = c.state.get("etcd") or {}
     if c.services("etcd"):
         took = c.start_services(c.services("etcd"))

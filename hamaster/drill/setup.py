@@ -79,6 +79,13 @@ def write_leader_drill_config(base: Path, confdirs: list[str], minion: str,
     return sls
 
 
+def remove_leader_drill_config(confdirs: list[str]) -> None:
+    """Remove ``master.d/hamaster-drill.conf`` (a cluster directory started again without
+    ``--leader-drills`` must not keep the drill reactor and schedule of an earlier ``up``)."""
+    for confdir in confdirs:
+        (Path(confdir) / "master.d" / CONF_NAME).unlink(missing_ok=True)
+
+
 def missing_leader_options(opts: dict, want_schedule: bool) -> list[str]:
     """What a master's options lack for the leader drills, each naming the option to add."""
     from hamaster.events.reactor import ReactorConfigError, parse_reactor_option

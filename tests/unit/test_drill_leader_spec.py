@@ -15,6 +15,7 @@ from hamaster.drill.setup import (
     SCHEDULE_JOB,
     leader_drill_options,
     missing_leader_options,
+    remove_leader_drill_config,
     write_leader_drill_config,
 )
 from hamaster.drill.spec import LEADER_SCENARIOS, SCENARIOS, parse_drill
@@ -137,6 +138,9 @@ def test_missing_configuration_names_the_options(tmp_path: Path) -> None:
         assert opts["ha_lease_ttl"] == 2.0 and opts["reactor"] == [{"hamaster/drill/*": [str(sls)]}]
         assert opts["schedule"][SCHEDULE_JOB]["args"][0] == "minion1"
     assert sls.read_text() == REACTOR_SLS
+    remove_leader_drill_config([str(tmp_path / "c1")])   # `up` again without --leader-drills
+    assert "reactor" not in load_master_config(tmp_path / "c1")
+    assert missing_leader_options(load_master_config(tmp_path / "c2"), True) == []
 
 
 def test_drill_reactor_sls_puts_only_numbers_into_the_shell() -> None:
