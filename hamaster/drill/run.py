@@ -585,13 +585,20 @@ class DrillRun:
         """Read the reaction file through ``api`` until every number in ``want`` is in it (or the
         deadline); returns the last reading."""
         last: list[int] = []
+        reads = self.measured.setdefault("reaction_reads", [])  # (t, numbers seen or the error)
 
         def done() -> bool:
             nonlocal last
-            last = reactions_seen(api, minion, self.d.reaction_file, nonce)
+            try:
+                last = reactions_seen(api, minion, self.d.reaction_file, nonce)
+            except DrillError as exc:
+                reads.append([round(time.monotonic() - self.t0, 2), str(exc)[:200]])
+                raise
+            reads.append([round(time.monotonic() - self.t0, 2), len(set(last) & want)])
             return want <= set(last)
 
         wait_for(done, timeout, interval=0.5)
+        del reads[:-60]
         return last
 
     def _leader_failover(self, breaker: Callable[[Node], Undo]) -> None:
