@@ -568,13 +568,12 @@ class DrillRun:
 
     def _check_leader_config(self, want_schedule: bool) -> None:
         """Every local master has the drill's reactor (and schedule) options, or a clear error."""
-        from hamaster.config import load_master_config
-        from hamaster.drill.setup import missing_leader_options
+        from hamaster.drill.setup import effective_master_options, missing_leader_options
 
         for m in self.d.masters:
             if m.exec is not None or not m.confdir:
                 continue
-            missing = missing_leader_options(load_master_config(m.confdir), want_schedule)
+            missing = missing_leader_options(effective_master_options(m.confdir), want_schedule)
             if missing:
                 raise DrillError(f"{m.name} ({m.confdir}) is not configured for the leader drills: "
                                  + "; ".join(missing) + " — see docs/drills.md (Leader drills) or "

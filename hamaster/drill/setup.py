@@ -86,6 +86,27 @@ def remove_leader_drill_config(confdirs: list[str]) -> None:
         (Path(confdir) / "master.d" / CONF_NAME).unlink(missing_ok=True)
 
 
+def effective_master_options(confdir: str) -> dict:
+    """A local master's options as it runs with them: its confdir plus the cluster's shared
+    ``config/master.d/*.conf`` fragments in the store (where a reactor is often configured)."""
+    from hamaster.config import load_master_config
+    from hamaster.master.shared import is_ha, open_store, shared_config
+    from hamaster.store.base import StoreError
+
+    opts = load_master_config(confdir)
+    if not is_ha(opts):
+        return opts
+    try:
+        store = open_store(opts)
+        try:
+            fragment, _ = shared_config(store)
+        finally:
+            store.close()
+    except StoreError:
+        return opts
+    return load_master_config(confdir, overrides=fragment) if fragment else opts
+
+
 def missing_leader_options(opts: dict, want_schedule: bool) -> list[str]:
     """What a master's options lack for the leader drills, each naming the option to add."""
     from hamaster.events.reactor import ReactorConfigError, parse_reactor_option

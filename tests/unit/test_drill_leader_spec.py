@@ -154,3 +154,20 @@ def test_drill_reactor_sls_puts_only_numbers_into_the_shell() -> None:
     hostile = render_jinja_yaml(REACTOR_SLS, {"tag": "hamaster/drill/$(reboot)", "data": {
         "id": "minion1", "data": {"n": "1; reboot"}}})
     assert hostile["hamaster_drill_reaction"]["local.cmd.run"][1]["arg"][0].startswith("echo 0 0 >> /")
+
+
+def test_configuration_in_the_shared_store_counts(tmp_path: Path) -> None:
+    """A reactor in the cluster's shared config/master.d/ (fs: under ha_dir) is what the masters
+    run with: the drill's configuration check must see it."""
+    from hamaster.drill.setup import effective_master_options
+
+    ha = tmp_path / "ha"
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "master").write_text(yaml.safe_dump({"master_id": "m1", "ha_backend": "fs", "ha_dir": str(ha),
+                                                 "root_dir": str(tmp_path / "root")}))
+    assert len(missing_leader_options(effective_master_options(str(conf)), True)) == 2
+    (ha / "config" / "master.d").mkdir(parents=True)
+    (ha / "config" / "master.d" / "drill.conf").write_text(
+        yaml.safe_dump(leader_drill_options("/srv/r.sls", "minion1")))
+    assert missing_leader_options(effective_master_options(str(conf)), True) == []
