@@ -409,8 +409,13 @@ def _pending_state():
 
 
 def cmd_up(c: LocalCluster, n_masters: int, n_minions: int, backend: str = "fs",
-           etcd_endpoints: list[str] | None = None, etcd_members: int = 3) -> int:
+           etcd_endpoints: list[str] | None = None, etcd_members: int = 3,
+           leader_drills: bool = False, lease_ttl: float | None = None) -> int:
     t0 = time.monotonic()
+    if leader_drills and backend == "rsync":
+        return die("--leader-drills needs the leader lease (etcd or fs): the rsync backend has none")
+    if leader_drills and n_minions < 1:
+        return die("--leader-drills needs a minion (the drill schedule's target)")
     if c.state and any(c.alive(e) for e in c.state.get("masters", []) + c.state.get("minions", [])
                        + c.state.get("services", [])):
         return die(f"a cluster is already running in {c.base}; run `hamaster-cluster down --dir {c.base}` first")
@@ -427,6 +432,15 @@ def cmd_up(c: LocalCluster, n_masters: int, n_minions: int, backend: str = "fs",
             return die(f"{c.base} holds a cluster on {old} (its minions trust that store's master key); "
                        f"give the same etcd options, use another --dir, or remove {c.base}")
     c.configure(n_masters, n_minions, backend, etcd_endpoints, etcd_members)
+    # hamaster-drill leader-* scenarios: reactor + schedule (hamaster/drill/setup.py)
+    from hamaster.drill.setup import remove_leader_drill_config, write_leader_drill_config
+
+    confdirs = [m["confdir"] for m in c.state["masters"]]
+    if leader_drills:
+        sls = write_leader_drill_config(c.base, confdirs, c.state["minions"][0]["name"], lease_ttl)
+        print(f"leader drills: reactor {sls} and schedule hamaster-drill in every master's master.d/")
+    else:
+        remove_leader_drill_config(confdirs)
     etcd = c.state.get("etcd") or {}
     if c.services("etcd"):
         took = c.start_services(c.services("etcd"))
@@ -558,6 +572,12 @@ def main(argv: list[str] | None = None) -> int:
                             help="etcd: use this existing etcd (default: start a local one)")
             sp.add_argument("--etcd-members", type=int, choices=(1, 3), default=3,
                             help="etcd without --etcd-endpoints: members of the local etcd (default 3)")
+        if name == "up":
+            sp.add_argument("--leader-drills", action="store_true",
+                            help="configure the reactor and 2 s schedule the hamaster-drill leader-* "
+                            "scenarios need (docs/drills.md)")
+            sp.add_argument("--lease-ttl", type=float, metavar="SECONDS",
+                            help="with --leader-drills: ha_lease_ttl of the masters (default 5)")
         if name == "demo":
             sp.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
     args = p.parse_args(argv)
@@ -576,7 +596,10 @@ def main(argv: list[str] | None = None) -> int:
         backend = {"backend": args.backend, "etcd_endpoints": endpoints or None, "etcd_members": args.etcd_members}
     try:
         if args.cmd == "up":
-            return cmd_up(c, args.masters, args.minions, **backend)
+            if args.lease_ttl is not None and not args.leader_drills:
+                return die("--lease-ttl goes with --leader-drills")
+            return cmd_up(c, args.masters, args.minions, **backend,
+                          leader_drills=args.leader_drills, lease_ttl=args.lease_ttl)
         if args.cmd == "demo":
             return cmd_demo(c, args.masters, args.minions, args.keep, **backend)
         if args.cmd == "status":

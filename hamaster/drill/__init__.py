@@ -6,7 +6,9 @@ shared store unreachable, restart every minion, restart every master in turn), k
 minions through the surviving masters and tracks a job through the victim
 (:mod:`hamaster.drill.measure`), restores what it broke, and checks the figures against the
 drill's objectives (:mod:`hamaster.drill.run`): failed pings, time to detect, time to recover,
-results lost, key changes visible on the restored master.
+results lost, key changes visible on the restored master. The leader scenarios take the lease
+holder away while numbered events are fired and count reactions run twice or never, schedule
+slots run twice and the time until another master leads.
 
 Every action registers its undo before anything else can fail, and the undo stack is always
 unwound (``try/finally`` plus SIGINT/SIGTERM handlers), so Ctrl-C restores what the drill stopped,

@@ -281,6 +281,81 @@ class Actions:
                 if subprocess.run([ipt, "-D", *rule], capture_output=True).returncode != 0:
                     break
 
+    # -- leader-partition: the victim's process cut off minions *and* the store ----------------------
+
+    def isolate_process(self, node: Node) -> Undo:
+        """Cut ``node`` off everything (``leader-partition``); with ``commands.isolate`` that command.
+
+        Locally: the minion-facing port rules of :meth:`isolate`, plus a DROP of every packet the
+        victim's processes send on ``lo`` (``iptables -m cgroup --path``: its process group is moved
+        into a cgroup v2 made for the drill), so it cannot renew its lease with etcd or reach a
+        peer either. The undo moves the processes back, deletes the rules and the cgroup.
+        """
+        if "isolate" in node.commands:
+            return self.isolate(node)
+        ipt = shutil.which("iptables")
+        if ipt is None:
+            raise DrillError("leader-partition needs iptables here (`apt-get install -y iptables`) "
+                             "or isolate/heal commands")
+        root = _cgroup2_root()
+        pid = node.current_pid()
+        if not pid or not _pid_alive(pid):
+            raise DrillError(f"{node.name} is not running; nothing to isolate")
+        rel = f"hamaster-drill-{node.name}-{os.getpid()}"
+        moved: dict[int, str] = {}
+        tag = ["-m", "comment", "--comment", f"{RULE_COMMENT}:{node.name}", "-j", "DROP"]
+        rules = [["OUTPUT", "-o", "lo", "-m", "cgroup", "--path", rel, *tag]]
+
+        def undo() -> None:
+            self.heal(node)
+            for rule in rules:
+                for _ in range(10):
+                    if subprocess.run([ipt, "-D", *rule], capture_output=True).returncode != 0:
+                        break
+            for p, orig in moved.items():
+                try:
+                    Path(root, orig.lstrip("/"), "cgroup.procs").write_text(str(p))
+                except OSError:  # gone (killed meanwhile): nothing to move back
+                    pass
+            try:
+                os.rmdir(os.path.join(root, rel))
+            except FileNotFoundError:
+                pass
+
+        u = self.push(f"heal {node.name} (iptables rules, cgroup {rel})", undo)
+        os.makedirs(os.path.join(root, rel), exist_ok=True)
+        group = _process_group(pid)
+        for p in group:
+            orig = _cgroup2_of(p)
+            if orig is None:
+                continue
+            moved[p] = orig
+            try:
+                Path(root, rel, "cgroup.procs").write_text(str(p))
+            except OSError as exc:
+                raise DrillError(f"cannot move pid {p} into cgroup {rel}: {exc}") from None
+        # A socket keeps the cgroup it was created in: the connections the victim already has
+        # (its etcd client's, above all) are cut by their local port, both ways.
+        own = {node.ret_port, node.publish_port}
+        ports = sorted(_tcp_ports_of(group) - own)
+        for port in ports:
+            rules.append(["OUTPUT", "-o", "lo", "-p", "tcp", "--sport", str(port), *tag])
+            rules.append(["INPUT", "-i", "lo", "-p", "tcp", "--dport", str(port), *tag])
+        rules.extend(self._rules(node))   # undo() deletes these through heal() too: harmless
+        # All at once (one iptables-restore commit): a leader cut off minions a moment before the
+        # store would still claim reactions whose publishes reach no one.
+        script = "*filter\n" + "".join(f"-I {' '.join(r)}\n" for r in rules) + "COMMIT\n"
+        restore = shutil.which("iptables-restore")
+        if restore is None:
+            raise DrillError("leader-partition needs iptables-restore (package iptables)")
+        self.say(f"isolate {node.name}: drop loopback tcp to/from ports {node.ret_port}, {node.publish_port}, "
+                 f"its {len(ports)} open connection(s) by local port and every packet pid {pid}'s process "
+                 f"group sends (cgroup {rel}), in one iptables-restore")
+        res = subprocess.run([restore, "--noflush"], input=script, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise DrillError(f"iptables-restore --noflush failed: {res.stderr.strip()}\n{script}")
+        return u
+
     # -- backend ----------------------------------------------------------------------------------
 
     def ha_dir(self) -> str:
@@ -440,6 +515,80 @@ class Actions:
             t.join()
         if errors:
             raise DrillError("; ".join(errors))
+
+
+def _cgroup2_root() -> str:
+    """Where the cgroup v2 hierarchy is mounted (``/sys/fs/cgroup`` or ``…/unified``)."""
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            for line in fh:
+                left, _, right = line.partition(" - ")
+                if right.split()[:1] == ["cgroup2"]:
+                    return left.split()[4]
+    except OSError:
+        pass
+    raise DrillError("leader-partition needs a cgroup v2 hierarchy (none mounted) or isolate/heal commands")
+
+
+def _cgroup2_of(pid: int) -> str | None:
+    """The cgroup v2 path of ``pid`` (``0::<path>`` in /proc/PID/cgroup), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as fh:
+            for line in fh:
+                if line.startswith("0::"):
+                    return line[3:].strip() or "/"
+    except OSError:
+        return None
+    return "/"
+
+
+def _tcp_ports_of(pids: list[int]) -> set[int]:
+    """Local TCP ports of the sockets the processes ``pids`` hold (listening ones included)."""
+    inodes: set[str] = set()
+    for p in pids:
+        try:
+            fds = os.listdir(f"/proc/{p}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{p}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                next(fh, None)
+                for line in fh:
+                    cols = line.split()
+                    if len(cols) > 9 and cols[9] in inodes:
+                        ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+        except OSError:
+            continue
+    return ports
+
+
+def _process_group(pid: int) -> list[int]:
+    """``pid`` and every live process in its process group."""
+    out = [pid]
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return out
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == pid:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                out.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
 
 
 def wait_master_socket(node: Node, timeout: float, running: Callable[[], bool]) -> None:

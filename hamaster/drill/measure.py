@@ -144,6 +144,42 @@ class MasterApi:
         """Whether this master's in-memory view has ``kid`` accepted (a publish to it matches)."""
         return kid in (self.publish_async([kid], "test.ping", []).get("minions") or [])
 
+    def leader(self) -> tuple[str | None, int]:
+        """``(holder, epoch)`` of the leader lease in this master's ``cluster.status``."""
+        st = self.runner("cluster.status")
+        rec = st.get("leader") if isinstance(st, dict) else None
+        if not isinstance(rec, dict):
+            return None, 0
+        return (rec.get("leader") or None), int(rec.get("epoch") or 0)
+
+    def call(self, ids: list[str], fun: str, arg: list, timeout: float) -> dict:
+        """Publish ``fun`` to ``ids`` and wait for the returns: ``{id: return}``."""
+        if self.sock_dir is None:
+            res = self._cli("hamaster", "-t", str(timeout), "--out", "json", "--static", "-L", ",".join(ids),
+                            fun, *[a if isinstance(a, str) else json.dumps(a) for a in arg],
+                            timeout=timeout + 30)
+            try:
+                got = json.loads(res.stdout) if res.stdout.strip() else {}
+            except json.JSONDecodeError:
+                raise DrillError(f"{fun} through {self.name}: {res.stderr.strip()[-300:]}") from None
+            return got if isinstance(got, dict) else {}
+        from hamaster.localapi import LocalApiError, LocalClient
+
+        out: dict = {}
+        try:
+            with LocalClient(self.sock_dir, timeout=timeout + 5) as c:
+                c.send({"cmd": "publish", "tgt": list(ids), "tgt_type": "list", "fun": fun, "arg": arg,
+                        "timeout": timeout})
+                pub = c.recv()
+                if not pub.get("jid"):
+                    raise DrillError(f"{fun} through {self.name} not published: {pub.get('error')}")
+                for msg in c.stream():
+                    for mid, ret in (msg.get("ret") or {}).items():
+                        out[mid] = ret.get("return") if isinstance(ret, dict) else ret
+        except (LocalApiError, OSError) as exc:
+            raise DrillError(f"{fun} through {self.name}: {exc}") from None
+        return out
+
     def status_of(self, master_id: str) -> tuple[bool | None, bool | None]:
         """``(alive, store_ok)`` of ``master_id`` in this master's ``cluster.status``."""
         st = self.runner("cluster.status")
@@ -356,3 +392,93 @@ def stage_pending_key(master: Node, kid: str) -> None:
 
     if kid not in keys.list_keys().get(KeyState.PENDING, []):
         raise DrillError(f"could not stage the pending key {kid} (auto_accept or autosign on?)")
+
+
+# -- leader drills: numbered events, the reactions they caused, the schedule's jids -------------------
+
+
+class EventFirer(threading.Thread):
+    """Fires ``<prefix>/<nonce>`` events with data ``{"n": i}`` at one minion, every ``interval``
+    seconds, as published ``event.send`` jobs through the masters it is told are up (in turn)."""
+
+    def __init__(self, apis: list[MasterApi], minion: str, tag: str, interval: float) -> None:
+        super().__init__(name="drill-event-firer", daemon=True)
+        self.apis = apis
+        self.minion = minion
+        self.tag = tag
+        self.interval = interval
+        self.fired: list[int] = []        # n published (the minion was targeted)
+        self.errors: list[str] = []       # publishes that failed (n not counted as fired)
+        self._next = 0
+        self._stop_evt = threading.Event()
+        self._lock = threading.Lock()
+
+    def fire_one(self) -> int | None:
+        """Fire the next number now; returns it, or None if no master published it."""
+        with self._lock:
+            n = self._next
+            self._next += 1
+        for k in range(len(self.apis)):
+            api = self.apis[(n + k) % len(self.apis)]
+            pub = api.publish_async([self.minion], "event.send", [self.tag, {"n": n}])
+            if pub.get("jid") and self.minion in (pub.get("minions") or [self.minion]):
+                self.fired.append(n)
+                return n
+            self.errors.append(f"n={n} through {api.name}: {pub.get('error') or 'minion not targeted'}")
+        return None
+
+    def run(self) -> None:
+        t_next = time.monotonic()
+        while not self._stop_evt.is_set():
+            self.fire_one()
+            t_next += self.interval
+            self._stop_evt.wait(max(0.0, t_next - time.monotonic()))
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+        self.join(timeout=30)
+
+
+def reactions_seen(api: MasterApi, minion: str, path: str, nonce: int, timeout: float = 15) -> list[int]:
+    """The numbers the drill reactor appended for ``nonce`` to ``path`` on ``minion`` (one entry per
+    line: a number twice means it was reacted to twice); read with ``cmd.run grep`` through ``api``."""
+    import shlex
+
+    got = api.call([minion], "cmd.run", [f"grep '^{int(nonce)} ' {shlex.quote(path)} || true"], timeout)
+    if minion not in got:
+        raise DrillError(f"{minion} did not answer cmd.run (reading {path}) through {api.name}")
+    text = got[minion]
+    if not isinstance(text, str):
+        raise DrillError(f"reading {path} on {minion}: {str(text)[:300]}")
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == str(nonce) and parts[1].lstrip("-").isdigit():
+            out.append(int(parts[1]))
+    return out
+
+
+def jid_slot(jid: str) -> int | None:
+    """The UTC second a schedule jid names (its first 14 digits), None if it is not one."""
+    import calendar
+
+    try:
+        return calendar.timegm(time.strptime(str(jid)[:14], "%Y%m%d%H%M%S"))
+    except ValueError:
+        return None
+
+
+def schedule_jids(api: MasterApi, marker: str, since: float, until: float) -> dict[int, list[str]]:
+    """``{slot: [jid, ...]}`` of the drill schedule's jobs (``test.echo <marker>``) in the job cache
+    whose slot is in ``[since, until]`` (wall clock)."""
+    jobs = api.runner("jobs.list_jobs", timeout=30)
+    out: dict[int, list[str]] = {}
+    for jid, rec in (jobs or {}).items():
+        if not isinstance(rec, dict) or rec.get("Function") != "test.echo":
+            continue
+        if marker not in [str(a) for a in rec.get("Arguments") or []]:
+            continue
+        slot = jid_slot(jid)
+        if slot is not None and since <= slot <= until:
+            out.setdefault(slot, []).append(str(jid))
+    return out

@@ -19,16 +19,19 @@ from typing import Any
 from hamaster.drill import DrillError
 from hamaster.drill.actions import Actions, Undo
 from hamaster.drill.measure import (
+    EventFirer,
     LogWatcher,
     MasterApi,
     Pinger,
     StoreSampler,
     lookup_returns,
+    reactions_seen,
+    schedule_jids,
     stage_pending_key,
     time_until_all_answer,
     wait_for,
 )
-from hamaster.drill.spec import SCENARIOS, Drill, Node
+from hamaster.drill.spec import LEADER_SCENARIOS, LEADER_VICTIM, SCENARIOS, Drill, Node
 from hamaster.pki_sync.confirm import EXIT_UNCONFIRMED as KEY_UNCONFIRMED
 
 OBJECTIVE_MEASURE = {
@@ -39,6 +42,10 @@ OBJECTIVE_MEASURE = {
     "key_change_visible": "key_change_visible",
     "key_change_refused": "key_change_refused",
     "max_store_errors": "store_errors",
+    "duplicate_reactions": "duplicate_reactions",
+    "missed_reactions": "missed_reactions",
+    "duplicate_schedule_runs": "duplicate_schedule_runs",
+    "leader_failover_s": "leader_failover_s",
 }
 
 
@@ -526,6 +533,187 @@ class DrillRun:
         self.key_visible(list(self.apis.values()))
         self.count_lost(jid, self.apis[self.d.masters[-1].name])
 
+    # -- leader scenarios -------------------------------------------------------------------------
+
+    def sc_leader_kill(self) -> None:
+        self._leader_failover(self.actions.kill)
+
+    def sc_leader_freeze(self) -> None:
+        self._leader_failover(self.actions.freeze)
+
+    def sc_leader_partition(self) -> None:
+        self._leader_failover(self.actions.isolate_process)
+
+    def _resolve_leader(self) -> tuple[Node, int]:
+        """The lease holder now (asked through every master in turn) and its epoch."""
+        def ask() -> tuple[str, int] | None:
+            for api in self.apis.values():
+                try:
+                    name, epoch = api.leader()
+                except DrillError:
+                    continue
+                if name:
+                    return name, epoch
+            return None
+
+        found, _ = wait_for(ask, self.d.preflight_timeout_s, interval=0.2)
+        if not found:
+            raise DrillError("no master holds the leader lease (cluster.status shows no leader): the leader "
+                             "drills need a lease (ha_backend etcd or fs) and a healthy cluster")
+        name, epoch = found
+        if name not in self.apis:
+            raise DrillError(f"the leader is {name}, which is not a master of this drill "
+                             f"({', '.join(self.apis)})")
+        return self.d.master(name), epoch
+
+    def _check_leader_config(self, want_schedule: bool) -> None:
+        """Every local master has the drill's reactor (and schedule) options, or a clear error."""
+        from hamaster.drill.setup import effective_master_options, missing_leader_options
+
+        for m in self.d.masters:
+            if m.exec is not None or not m.confdir:
+                continue
+            missing = missing_leader_options(effective_master_options(m.confdir), want_schedule)
+            if missing:
+                raise DrillError(f"{m.name} ({m.confdir}) is not configured for the leader drills: "
+                                 + "; ".join(missing) + " — see docs/drills.md (Leader drills) or "
+                                 "`hamaster-cluster up --leader-drills`")
+
+    def _wait_reactions(self, api: MasterApi, minion: str, nonce: int, want: set[int],
+                        timeout: float) -> list[int]:
+        """Read the reaction file through ``api`` until every number in ``want`` is in it (or the
+        deadline); returns the last reading."""
+        last: list[int] = []
+        reads = self.measured.setdefault("reaction_reads", [])  # (t, numbers seen or the error)
+
+        def done() -> bool:
+            nonlocal last
+            try:
+                last = reactions_seen(api, minion, self.d.reaction_file, nonce)
+            except DrillError as exc:
+                reads.append([round(time.monotonic() - self.t0, 2), str(exc)[:200]])
+                raise
+            reads.append([round(time.monotonic() - self.t0, 2), len(set(last) & want)])
+            return want <= set(last)
+
+        wait_for(done, timeout, interval=0.5)
+        del reads[:-60]
+        return last
+
+    def _leader_failover(self, breaker: Callable[[Node], Undo]) -> None:
+        from hamaster.drill.setup import EVENT_PREFIX, SCHEDULE_MARKER, SCHEDULE_SECONDS
+
+        d = self.d
+        want_schedule = "duplicate_schedule_runs" in d.objectives
+        self._check_leader_config(want_schedule)
+        v, epoch = self._resolve_leader()
+        d.victim = v.name
+        self.measured["leader_before"] = {"master": v.name, "epoch": epoch}
+        self.say(f"the leader is {v.name} (epoch {epoch}): it is the victim")
+        survivors = [self.apis[m.name] for m in d.masters if m is not v]
+        s_api = survivors[0]
+        minion = d.event_minion or self.ids[0]
+        nonce = time.time_ns() // 1000
+        tag = f"{EVENT_PREFIX}/{nonce}"
+        t_start_wall = time.time()
+
+        # The reactor answers at all (configuration, sls, the minion's cmd.run) before the failure.
+        firer = EventFirer(survivors, minion, tag, d.event_interval_s)
+        first = firer.fire_one()
+        if first is None:
+            raise DrillError(f"could not publish event.send to {minion}: {firer.errors[-1:]}")
+        got = self._wait_reactions(s_api, minion, nonce, {first}, 20)
+        if first not in got:
+            raise DrillError(f"no reaction to {tag} (n={first}) on {minion} within 20 s: is the drill reactor "
+                             f"configured on every master (reactor: - '{EVENT_PREFIX}/*': [<drill sls>]) and "
+                             f"does it append to {d.reaction_file}? See docs/drills.md (Leader drills)")
+        self.say(f"firing {tag} events at {minion} every {d.event_interval_s:g} s through "
+                 f"{', '.join(a.name for a in survivors)}")
+        firer.start()
+        wait_for(lambda: len(firer.fired) >= 5, 10)
+
+        t_fail = time.monotonic()
+        undo = breaker(v)
+        self.say(f"{d.scenario}: the leader {v.name} is down for the drill")
+        failover: float | None = None
+        new: tuple[str | None, int] = (None, 0)
+        while time.monotonic() - t_fail < d.detect_timeout_s:
+            try:
+                new = s_api.leader()
+            except DrillError:
+                new = (None, 0)
+            if new[0] and new[0] != v.name and new[1] > epoch:
+                failover = time.monotonic() - t_fail
+                break
+            time.sleep(0.1)
+        self.measured["leader_failover_s"] = round(failover, 3) if failover is not None else None
+        if failover is not None:
+            self.measured["leader_after"] = {"master": new[0], "epoch": new[1]}
+            self.say(f"{s_api.name} sees {new[0]} hold the lease (epoch {new[1]}) {failover:.2f} s after "
+                     "the failure")
+        else:
+            self.say(f"NO new leader seen through {s_api.name} within {d.detect_timeout_s:.0f} s")
+        self.hold()
+        self.actions.restore(undo)
+        t_back_wall = time.time()
+        self.measured["outage_s"] = round(time.monotonic() - t_fail, 3)
+        self.say(f"{v.name} restored")
+        # Keep firing while the old leader is back (a stale leader resuming must not react again).
+        n_back = len(firer.fired)
+        wait_for(lambda: len(firer.fired) >= n_back + max(5, int(1.0 / d.event_interval_s)), 20)
+        firer.stop()
+        fired = set(firer.fired)
+        self.measured["events_fired"] = len(fired)
+        if firer.errors:
+            self.measured["event_publish_errors"] = len(firer.errors)
+            self.notes.append(f"{len(firer.errors)} event.send publishes failed, e.g. {firer.errors[0]}")
+        self.say(f"fired {len(fired)} events; waiting for their reactions on {minion}")
+        t_last = time.monotonic()
+        seen = self._wait_reactions(s_api, minion, nonce, fired, d.recovery_timeout_s)
+        if fired <= set(seen):  # how long the last reactions took to show (reading included)
+            self.measured["reactions_settled_s"] = round(time.monotonic() - t_last, 3)
+        counts: dict[int, int] = {}
+        for n in seen:
+            counts[n] = counts.get(n, 0) + 1
+        dups = sorted(n for n, k in counts.items() if k > 1)
+        missed = sorted(fired - set(counts))
+        self.measured["reactions"] = len(seen)
+        self.measured["duplicate_reactions"] = len(dups)
+        self.measured["missed_reactions"] = len(missed)
+        if dups:
+            self.measured["duplicate_ns"] = dups[:50]
+        if missed:
+            self.measured["missed_ns"] = missed[:50]
+        self.say(f"reactions: {len(seen)} for {len(fired)} events, {len(dups)} duplicated, {len(missed)} missed")
+        if want_schedule:
+            self._count_schedule(s_api, SCHEDULE_MARKER, SCHEDULE_SECONDS, t_start_wall, t_back_wall)
+
+    def _count_schedule(self, api: MasterApi, marker: str, every: int, since: float, back: float) -> None:
+        """Slots of the drill schedule with more than one jid in the job cache, from ``since`` to
+        the first slot run after ``back`` (the victim restored; waited for, up to 3 slots)."""
+        def resumed() -> dict[int, list[str]] | None:
+            slots = schedule_jids(api, marker, since, time.time())
+            return slots if any(s >= back for s in slots) else None
+
+        slots, took = wait_for(resumed, 3 * every + 5, interval=0.5)
+        self.measured["schedule_resumed"] = took is not None
+        if took is None:
+            self.notes.append(f"no run of the drill schedule found in {api.name}'s job cache for a slot "
+                              f"after the restore within {3 * every + 5} s")
+            until = time.time() - every
+            slots = schedule_jids(api, marker, since, until)
+        else:
+            until = max(slots)
+        dup = {s: j for s, j in slots.items() if len(j) > 1}
+        span = int(until // every) - int(-(-since // every)) + 1
+        self.measured["schedule_runs"] = sum(len(j) for j in slots.values())
+        self.measured["schedule_slots"] = max(span, 0)
+        self.measured["schedule_slots_missed"] = max(0, span - len(slots))
+        self.measured["duplicate_schedule_runs"] = len(dup)
+        if dup:
+            self.measured["duplicate_schedule_jids"] = {str(s): j for s, j in list(dup.items())[:20]}
+        self.say(f"schedule: {len(slots)} of {span} slots ran, {len(dup)} with more than one jid")
+
     # -- result -----------------------------------------------------------------------------------
 
     def result(self, aborted: str | None, interrupted: bool, problems: list[str]) -> dict:
@@ -549,7 +737,8 @@ class DrillRun:
             "drill": self.d.name,
             "file": self.d.path,
             "scenario": self.d.scenario,
-            "victim": self.d.victim_node.name if self.d.scenario in ("kill", "stop", "freeze", "partition") else None,
+            "victim": (self.d.victim_node.name if self.d.scenario in ("kill", "stop", "freeze", "partition")
+                       or (self.d.scenario in LEADER_SCENARIOS and self.d.victim != LEADER_VICTIM) else None),
             "masters": [m.name for m in self.d.masters],
             "minions": self.ids,
             "started": self.started,
@@ -588,6 +777,11 @@ def render_table(res: dict) -> str:
             ("key change refused", _fmt(m.get("key_change_refused")), "key_change_refused", ""),
             ("key change visible", _fmt(m.get("key_change_visible")), "key_change_visible", ""),
             ("store errors", _fmt(m.get("store_errors")), "max_store_errors", ""),
+            ("leader failover", _fmt(m.get("leader_failover_s"), " s"), "leader_failover_s", " s"),
+            ("reactions duplicated", _fmt(m.get("duplicate_reactions")), "duplicate_reactions", ""),
+            ("reactions missed", f"{_fmt(m.get('missed_reactions'))} of {_fmt(m.get('events_fired'))}",
+             "missed_reactions", ""),
+            ("schedule slots doubled", _fmt(m.get("duplicate_schedule_runs")), "duplicate_schedule_runs", ""),
             ("cluster healthy after", _fmt(m.get("healthy_after")), "healthy_after", "")]
     lost = m.get("backend_lost")
     lines = [f"drill {res['drill']!r}: scenario {res['scenario']}"

@@ -43,6 +43,10 @@ minions, PIDs, confdirs and logs are read from its ``cluster.json``) or explicit
     # default to what the loss implies (quorum kept: none / works; quorum lost: all / refused;
     # rsync: the other masters / works).
 
+The leader scenarios (``leader-kill``, ``leader-freeze``, ``leader-partition``) take ``victim:
+leader`` (whoever holds the lease when the drill runs) and ``event_interval_s``, ``event_minion``,
+``reaction_file``; the cluster needs the drill reactor and schedule (:mod:`hamaster.drill.setup`).
+
 Without commands, nodes are handled locally: signals to ``pid`` (or the PID in ``pidfile``),
 ``hamaster-master -c confdir`` to start, iptables on the loopback interface to isolate.
 """
@@ -59,6 +63,8 @@ import yaml
 from hamaster.drill import DrillError
 
 COMMAND_NAMES = ("stop", "start", "kill", "freeze", "thaw", "isolate", "heal")
+LEADER_VICTIM = "leader"  # victim: leader — whoever holds the leader lease when the drill starts
+DEFAULT_REACTION_FILE = "/tmp/hamaster-drill-reactions.log"
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,12 @@ class Scenario:
 
 # What each scenario measures (the objectives it accepts).
 _FAILOVER = ("max_failed_pings", "max_detect_s", "max_recovery_s", "max_lost_results", "key_change_visible")
+
+# The leader scenarios (issue 14): reactions and schedule runs exactly once across a failover.
+_LEADER = ("duplicate_reactions", "missed_reactions", "duplicate_schedule_runs", "leader_failover_s")
+_LEADER_NOTE = ("the victim is whoever holds the leader lease when the drill starts; the cluster needs the "
+                "drill's reactor and schedule options (docs/drills.md, `hamaster-cluster up --leader-drills`).")
+LEADER_SCENARIOS = ("leader-kill", "leader-freeze", "leader-partition")
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
@@ -103,6 +115,15 @@ SCENARIOS: dict[str, Scenario] = {
                  "after the minions are back, not while they are down."),
         Scenario("rolling-restart", "Restart every master in turn; pings through the others must never fail.", True,
                  ("max_failed_pings", "max_recovery_s", "max_lost_results", "key_change_visible")),
+        Scenario("leader-kill", "SIGKILL the master holding the leader lease, then restart it.", True, _LEADER,
+                 note=_LEADER_NOTE),
+        Scenario("leader-freeze", "SIGSTOP the leader past the lease TTL, SIGCONT it after another master "
+                 "took over.", True, _LEADER, note=_LEADER_NOTE),
+        Scenario("leader-partition", "Cut the leader off minions and the store (iptables), then heal.",
+                 True, _LEADER,
+                 note=_LEADER_NOTE + " Locally needs an etcd cluster, iptables and root (an fs ha_dir "
+                 "cannot be cut, the leader would keep its lease); on real hosts give isolate/heal "
+                 "commands that also cut the store."),
     )
 }
 
@@ -114,6 +135,11 @@ OBJECTIVES = {
     "key_change_visible": bool,
     "key_change_refused": bool,   # backend-loss: the key change during the loss failed with a clear error
     "max_store_errors": int,      # backend-loss: store_ok false on a master expected to keep its store
+    # leader-*: limits (the value measured must be <= the limit)
+    "duplicate_reactions": int,   # event numbers reacted to more than once
+    "missed_reactions": int,      # event numbers fired but never reacted to
+    "duplicate_schedule_runs": int,  # schedule slots with more than one jid in the job cache
+    "leader_failover_s": float,   # failure -> a survivor sees another master hold the lease (new epoch)
 }
 
 ETCD_ROLES = ("leader", "follower")  # backend.etcd_members may name a role instead of a member
@@ -123,7 +149,8 @@ _BACKEND_KEYS = ("stop", "start", "dir", "etcd_member", "etcd_members", "rsync_d
 _TOP_KEYS = {
     "name", "scenario", "cluster_dir", "masters", "minions", "victim", "hold_s", "job_sleep_s",
     "ping_timeout_s", "ping_interval_s", "detect_timeout_s", "recovery_timeout_s", "preflight_timeout_s",
-    "key_change", "objectives", "backend", "description",
+    "key_change", "objectives", "backend", "description", "event_interval_s", "reaction_file",
+    "event_minion",
 }
 _NODE_KEYS = {"name", "host", "ret_port", "publish_port", "confdir", "exec", "pid", "pidfile", "log", "commands",
               "minion_sees_as"}
@@ -193,6 +220,11 @@ class Drill:
     expect_key_change: str | None = None     # "works" | "refused" | None (no key change)
     cluster_backend: str | None = None       # cluster_dir mode: fs | etcd | rsync
     services: list[dict] = field(default_factory=list)  # cluster_dir mode: etcd members, rsync daemons
+    # leader-*: numbered events fired every event_interval_s at event_minion (default: the first
+    # minion); the drill reactor appends "<nonce> <n>" to reaction_file on that minion.
+    event_interval_s: float = 0.2
+    reaction_file: str = DEFAULT_REACTION_FILE
+    event_minion: str | None = None
 
     def master(self, name: str) -> Node:
         for m in self.masters:
@@ -202,6 +234,8 @@ class Drill:
 
     @property
     def victim_node(self) -> Node:
+        if self.victim == LEADER_VICTIM:
+            raise DrillError("victim: leader is resolved when the drill runs (the lease holder then)")
         return self.master(self.victim) if self.victim else self.masters[0]
 
 
@@ -340,12 +374,20 @@ def parse_drill(data: Any, path: str = "<drill>") -> Drill:
         raise _err(path, "ping_timeout_s", "must be > 0")
 
     victim = data.get("victim")
+    if scenario in LEADER_SCENARIOS:
+        if victim not in (None, LEADER_VICTIM):
+            raise _err(path, "victim", f"scenario {scenario} drills the lease holder: `victim: leader` "
+                       f"(or leave it out), not {victim!r}")
+        victim = None
+        drill.victim = LEADER_VICTIM
+        _parse_leader_fields(drill, data, minions)
     if victim is not None:
         if not isinstance(victim, str) or victim not in {m.name for m in masters}:
             raise _err(path, "victim", f"{victim!r} is not a master of this cluster; masters: "
                        f"{', '.join(m.name for m in masters)}")
         drill.victim = victim
-    if scenario in ("kill", "stop", "freeze", "partition", "backend-loss", "rolling-restart") and len(masters) < 2:
+    if (scenario in ("kill", "stop", "freeze", "partition", "backend-loss", "rolling-restart")
+            or scenario in LEADER_SCENARIOS) and len(masters) < 2:
         raise _err(path, "masters", f"scenario {scenario} needs at least 2 masters (a survivor to measure through)")
 
     kc = data.get("key_change", "auto")
@@ -394,6 +436,29 @@ def parse_drill(data: Any, path: str = "<drill>") -> Drill:
 
     _check_capabilities(drill)
     return drill
+
+
+def _parse_leader_fields(d: Drill, data: dict, minions: list[Node]) -> None:
+    """``event_interval_s``, ``reaction_file``, ``event_minion`` of the leader scenarios."""
+    path = d.path
+    if data.get("event_interval_s") is not None:
+        d.event_interval_s = _num(path, "event_interval_s", data["event_interval_s"], float, 0.02)
+    rf = data.get("reaction_file")
+    if rf is not None:
+        if not isinstance(rf, str) or not rf.startswith("/") or any(c in rf for c in "\n'\"$`\\"):
+            raise _err(path, "reaction_file", "must be an absolute path (no quotes, $, ` or newlines): the "
+                       "file the drill reactor appends to on the minion")
+        d.reaction_file = rf
+    em = data.get("event_minion")
+    if em is not None:
+        if em not in {n.name for n in minions}:
+            raise _err(path, "event_minion", f"{em!r} is not a minion of this drill; minions: "
+                       f"{', '.join(n.name for n in minions)}")
+        d.event_minion = em
+    if d.scenario == "leader-partition" and d.cluster_dir is not None and d.cluster_backend != "etcd":
+        raise _err(path, "scenario", f"leader-partition cannot cut the {d.cluster_backend} store of a local "
+                   "cluster (the leader keeps its lease: a directory is not cut by iptables); run it on a "
+                   "`hamaster-cluster up --backend etcd` cluster, or on real hosts with isolate/heal commands")
 
 
 def _parse_backend(d: Drill, raw: Any) -> None:
@@ -507,6 +572,20 @@ def _check_capabilities(d: Drill) -> None:
         raise _err(d.path, f"{node.kind} {node.name}.commands.{cmd}",
                    f"is needed for scenario {d.scenario} (no cluster_dir{' or pid/pidfile' if alt == 'pid' else ''})")
 
+    if d.scenario in LEADER_SCENARIOS:  # any master may hold the lease when the drill runs
+        for m in d.masters:
+            if d.scenario == "leader-kill":
+                need(m, "kill", "pid")
+                need(m, "start", "none")
+            elif d.scenario == "leader-freeze":
+                need(m, "freeze", "pid")
+                need(m, "thaw", "pid")
+            elif ("isolate" in m.commands) != ("heal" in m.commands):
+                raise _err(d.path, f"master {m.name}.commands", "give both `isolate` and `heal`")
+            elif "isolate" not in m.commands and (not local or m.host not in ("127.0.0.1", "localhost", "::1")):
+                raise _err(d.path, f"master {m.name}.commands.isolate",
+                           "is needed: the built-in isolation only cuts local masters of a hamaster-cluster dir")
+        return
     v = d.victim_node
     if d.scenario in ("kill", "stop"):
         need(v, d.scenario, "pid")

@@ -133,3 +133,14 @@ def test_bad_drill_file_is_explained(tmp_path: Path) -> None:
     out = subprocess.run([str(BIN / "hamaster-drill"), "list"], capture_output=True, text=True).stdout
     for s in ("kill", "stop", "freeze", "partition", "backend-loss", "minion-storm", "rolling-restart"):
         assert s in out
+
+
+def test_leader_drill_refuses_an_unconfigured_cluster(cluster_dir: Path) -> None:
+    """This cluster has no drill reactor: the leader drill stops before breaking anything and
+    names the option to add."""
+    rc, doc, err = _run(_drill_file(cluster_dir, "leader-kill"))
+    assert rc == 3 and doc["aborted"], err
+    assert "reactor: no entry matches 'hamaster/drill/<n>'" in doc["aborted"]
+    assert "schedule: no job 'hamaster-drill'" in doc["aborted"]
+    assert "--leader-drills" in doc["aborted"] and not doc["restore_problems"]
+    assert doc["measured"].get("healthy_after") is True and "leader_before" not in doc["measured"]
