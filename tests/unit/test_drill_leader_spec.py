@@ -139,7 +139,7 @@ def test_missing_configuration_names_the_options(tmp_path: Path) -> None:
         assert opts["schedule"][SCHEDULE_JOB]["args"][0] == "minion1"
     assert sls.read_text() == REACTOR_SLS
     remove_leader_drill_config([str(tmp_path / "c1")])   # `up` again without --leader-drills
-    assert "reactor" not in load_master_config(tmp_path / "c1")
+    assert not load_master_config(tmp_path / "c1")["reactor"]   # the default: no rules
     assert missing_leader_options(load_master_config(tmp_path / "c2"), True) == []
 
 
