@@ -9,10 +9,11 @@ Two kinds of roots:
 * **Directory roots** — a :class:`~hamaster.store.fs.FsStore` or a
   :class:`~hamaster.store.readonly.ReadOnlyDirStore` (what :meth:`FileServer.from_opts` opens
   for an operator's ``file_roots`` directory). They are read straight from disk: chunks are
-  read at their offset, hashes are cached keyed on the file's ``(dev, inode, size, mtime_ns, ctime_ns)`` once it has not changed for a few
-  seconds. Every path is opened component by component beneath the root
-  (:mod:`hamaster.beneath`: ``openat`` + ``O_NOFOLLOW``; in-root symlinks are
-  resolved by the server and followed only while they stay beneath the root), and the file is
+  read at their offset, hashes are cached keyed on the file's
+  ``(dev, inode, size, mtime_ns, ctime_ns)`` once it has not changed for a few seconds. Every
+  path is opened component by component beneath the root (:mod:`hamaster.beneath`: ``openat``
+  + ``O_NOFOLLOW``; in-root symlinks are resolved by the server and followed only while they
+  stay beneath the root), and the file is
   read through the descriptor that was checked, so a concurrent rename or symlink swap cannot
   make a request read outside the root. Under a store, the ``file_roots/<env>`` components
   must be real directories. A local directory that contains ``pki_dir`` or ``ha_dir`` is not
