@@ -35,7 +35,6 @@ from hamaster.master.shared import (
     open_shared_state,
 )
 from hamaster.metrics import MasterMetrics
-from hamaster.minion.matcher import check_minions, expand_nodegroups
 from hamaster.pki_sync.keys import (
     KeyRegistryError,
     KeyState,
@@ -45,6 +44,7 @@ from hamaster.pki_sync.keys import (
     read_master_keypair,
     write_master_pub,
 )
+from hamaster.targeting import check_minions, expand_nodegroups
 
 log = logging.getLogger(__name__)
 
