@@ -27,7 +27,8 @@ Two kinds of roots:
   first root is ``file_manifest/<env>/<path>`` (sha256, size, mode, inline). A file is served
   from the inline blob ``file_blobs/<sha256>`` in the store or from the master's local cache
   ``<cachedir>/file_blobs/<sha256>``. A large blob not in the cache yet makes the file "missing"
-  (no fall-through to later roots) and calls ``on_blob_missing(sha)`` so the master fetches it
+  (no fall-through to later roots) and calls the callback given to
+  :meth:`FileServer.set_blob_missing` with the sha so the master fetches it
   from a peer in the background (:mod:`hamaster.fileroots.blobs`); requests never wait on a peer.
   Without manifest entries this root is empty and the direct ``file_roots/<env>/`` layout serves.
 
@@ -47,6 +48,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,7 +210,7 @@ class _ManifestRoot(_Root):
         cache = self.server.blob_cache
         if cache is not None and cache.has(entry.sha256):
             return entry.sha256
-        notify = self.server.on_blob_missing
+        notify = self.server._on_blob_missing
         if notify is not None:
             try:
                 notify(entry.sha256)
@@ -340,9 +342,7 @@ class FileServer:
         #: With ``manifest`` (a store holding ``file_manifest/``), every environment's first root.
         self._manifest = manifest
         self.blob_cache = blob_cache
-        #: Called with a sha256 when a manifest file's blob is not in ``blob_cache`` (the master
-        #: fetches it in the background). Must not block.
-        self.on_blob_missing: Any = None
+        self._on_blob_missing: Callable[[str], None] | None = None
         self._sources = {env: self._manifest_roots(env) + [_Root(store, prefix) for store, prefix in roots]
                          for env, roots in sources.items()}
         self._discover = discover
@@ -357,6 +357,12 @@ class FileServer:
         """True when requests read the cluster's shared store (etcd, an NFS-backed directory):
         such reads can stall for a store timeout, so callers serve them off the event loop."""
         return self._discover is not None or self._manifest is not None
+
+    def set_blob_missing(self, callback: Callable[[str], None] | None) -> None:
+        """Call ``callback(sha256)`` when a manifest file's large blob is not in ``blob_cache``
+        (the master fetches it in the background); None stops the calls. It must not block;
+        an exception from it is logged at debug and never breaks serving."""
+        self._on_blob_missing = callback
 
     # ------------------------------------------------------------------ construction
 

@@ -291,9 +291,9 @@ class Master:
         self.handler.master_pub_text = self.master_pub_text
         self.publish_key.rekey(self.master_priv, f"master key changed {old_finger} -> {new_finger}")
         self.handler.sessions.clear()
-        server = getattr(getattr(self, "blob_service", None), "server", None)
-        if server is not None:      # peers fetching file blobs now sign with the new key
-            server.pub = self.master_priv.public_key()
+        blob_service = getattr(self, "blob_service", None)
+        if blob_service is not None:  # peers fetching file blobs now sign with the new key
+            blob_service.rekey(self.master_priv)
         self._key_mismatch_store = False
         self.metrics.master_key_changes.labels(self.master_id).inc()
         self._update_mismatch_metric()
@@ -888,11 +888,14 @@ class Master:
             tasks.append(asyncio.create_task(self._cluster_heartbeat(), name="cluster-heartbeat"))
             tasks.append(asyncio.create_task(self._sync_remote_returns(), name="remote-returns"))
         # -- file blobs between masters (hamaster/fileroots/blobs.py) --
-        from hamaster.fileroots.blobs import BlobService
+        from hamaster.fileroots.blobs import BlobService, peer_addresses
 
-        blob_service = self.blob_service = BlobService.for_master(self)
+        blob_service = self.blob_service = BlobService.from_opts(
+            self.opts, self.state.store, self.files.blob_cache, self.master_priv,
+            peers=lambda: peer_addresses(self.cluster_masters(), self.master_id))
         if blob_service is not None:
             await blob_service.start()
+            self.files.set_blob_missing(blob_service.request_sync)
             self.blob_address = blob_service.address
             tasks.append(asyncio.create_task(blob_service.sync_forever(self._stop), name="file-blobs"))
         # -- end file blobs --
@@ -923,6 +926,7 @@ class Master:
                 await asyncio.to_thread(key_confirm.close)   # its fence may need this loop
                 await asyncio.to_thread(self._mark_stopped)
             if blob_service is not None:  # file blobs
+                self.files.set_blob_missing(None)
                 await blob_service.close()
             await cli.close()
             if metrics_server is not None:

@@ -20,9 +20,9 @@ from hamaster.bus import codec, messages
 from hamaster.bus.crypticle import Crypticle, generate_key_string
 from hamaster.bus.replay import RequestReplayGuard
 from hamaster.master.pubkey import PublishKey
-from hamaster.master.ratelog import RateLimitedLog
 from hamaster.metrics import MasterMetrics
 from hamaster.pki_sync.keys import AuthDecision, KeyRegistry, key_hint
+from hamaster.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
