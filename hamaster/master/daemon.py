@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ from hamaster.jobs.jid import gen_jid
 from hamaster.master.jobs import JobTracker, JobWriter
 from hamaster.master.pubkey import PublishKey
 from hamaster.master.reqhandler import Deferred, RequestHandler
+from hamaster.master.runners import RunnerContext, cluster_status_report
 from hamaster.master.shared import (
     MASTERS_PREFIX,
     SharedState,
@@ -154,10 +156,21 @@ class Master:
         self._pillar_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=PILLAR_WORKERS, thread_name_prefix="pillar")
         self._load_grains_cache()
-        # -- event bus, leader lease, reactor, schedule (hamaster/events/service.py) --
-        from hamaster.events.service import EventServices
+        # -- event bus, leader lease, reactor, schedule (hamaster/master/events.py) --
+        from hamaster.master.events import EventServices
 
         self.events = EventServices.for_master(self)
+        self.runner_ctx = self._runner_context()
+
+    def _runner_context(self) -> RunnerContext:
+        """What runners get of this master (hamaster/master/runners.py): no more than that."""
+        return RunnerContext(
+            opts=self.opts, master_id=self.master_id, store=self.state.store, keys=self.keys,
+            job_cache=self.job_cache, tracker=self.tracker, publish=self.publish,
+            grains=self.grains,
+            compile_pillar=lambda mid, grains, env: self.pillar.compiler.compile(mid, grains, env),
+            blob_cache=self.files.blob_cache,
+            cluster_status=functools.partial(cluster_status_report, self), events=self.events)
 
     # -- cluster identity (the master keypair) -----------------------------------------------------
     # One keypair for the whole cluster: taken (or created, or agreed on rsync) before anything
@@ -904,11 +917,12 @@ class Master:
         api_service = None
         from hamaster.api import api_options
 
-        if api_options(self.opts) is not None:
+        apiopts = api_options(self.opts)
+        if apiopts is not None:
             from hamaster.api.server import ApiService
+            from hamaster.master.apibridge import MasterApiBridge
 
-            api_service = ApiService.for_master(self)
-            assert api_service is not None
+            api_service = ApiService(MasterApiBridge(self, asyncio.get_running_loop()), apiopts)
             await api_service.start()
         # -- end REST API --
         self.ready.set()
