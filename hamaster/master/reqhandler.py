@@ -120,7 +120,7 @@ class RequestHandler:
         #: With ``allow_defer``, ``_pillar`` (a compile that reads the pillar tree) runs off the loop.
         self.defer_pillar = False
         #: ``on_auth(minion_id, act, result, pub)`` after each _auth decision (the ``salt/auth``
-        #: event; hamaster/events/service.py). Must not block or raise.
+        #: event; hamaster/master/events.py). Must not block or raise.
         self.on_auth: Callable[[str, str, bool, str], None] | None = None
 
     # -- entry point ---------------------------------------------------------------------
