@@ -2,9 +2,9 @@
 
 Owns: the aiohttp application and its thread (:mod:`.server`), eauth and ACLs (:mod:`.eauth`),
 tokens in the shared store (:mod:`.tokens`), the lowstate clients (:mod:`.clients`) and the
-narrow interface to the master's event loop (:mod:`.bridge`). Imports from ``hamaster.master``
-only through :mod:`.bridge`; in ``hamaster.master`` the daemon starts it and
-``publisher_acl`` reuses :class:`.eauth.Acl` (:mod:`.eauth` imports nothing of the master).
+narrow interface to the master (:mod:`.bridge`: declared here, implemented by
+:mod:`hamaster.master.apibridge`). Imports nothing of ``hamaster.master``: the daemon starts it
+with its bridge, and ``master/publisher_acl.py`` reuses :class:`.eauth.Acl`.
 """
 
 from __future__ import annotations

@@ -1,21 +1,26 @@
-"""The API's one door into the master: short coroutines run on the master's event loop.
+"""The API's one door into the master: what the API may ask of it, as an interface.
 
 The API serves HTTP on its own thread and event loop. Whatever needs the master's in-memory
 state (targeting, publishing, waiting for returns, runners) is handed to the master's loop with
 ``asyncio.run_coroutine_threadsafe`` and awaited from the API loop; each such coroutine only
 awaits (never blocks), so the master's request/publish loop is never held up by HTTP clients.
 Anything that reads the store (keys, tokens, job cache) runs in the API's own worker threads.
+
+This module only declares :class:`MasterBridge`; the master implements it
+(:mod:`hamaster.master.apibridge`) and hands it to :class:`~hamaster.api.server.ApiService`, so
+the API imports nothing of the master.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Coroutine
+import abc
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hamaster.master.daemon import Master
+    from hamaster.events.bus import EventBus
     from hamaster.pki_sync.keys import KeyRegistry
+    from hamaster.store.base import Store
 
 #: ``allowed(targeted_ids, matches)``: the ACL check, run on the master loop between targeting
 #: and publishing; ``matches(expr)`` gives the minions a compound/glob expression matches.
@@ -27,46 +32,32 @@ class TargetRefused(Exception):
     """The ACL does not allow the call on (all of) the targeted minions."""
 
 
-class MasterBridge:
-    """What the API may ask of the master; every method is awaited from the API loop."""
+class RunnerRefused(Exception):
+    """A runner that does not exist or was called wrongly (the message says which)."""
 
-    def __init__(self, master: Master, loop: asyncio.AbstractEventLoop) -> None:
-        self._master = master
-        self._loop = loop
 
-    @property
-    def opts(self) -> dict:
-        """The master's options (read-only by convention)."""
-        return self._master.opts
+class MasterBridge(abc.ABC):
+    """What the API may ask of the master; every coroutine is awaited from the API loop.
 
-    @property
-    def master_id(self) -> str:
-        """This master's id."""
-        return self._master.master_id
+    The plain attributes are the master's own objects: ``opts`` (read-only by convention),
+    ``master_id``, ``keys`` (thread-safe; call its store-touching methods from a thread),
+    ``metrics_registry`` (Prometheus), ``store`` (the shared store, None for a single master),
+    ``event_bus`` (the cluster event bus, None without one) and ``emit(tag, data)`` (puts an
+    event on that bus; None without one).
+    """
 
-    @property
-    def keys(self) -> KeyRegistry:
-        """The key registry (thread-safe; call its store-touching methods from a thread)."""
-        return self._master.keys
+    def __init__(self, *, opts: dict, master_id: str, keys: KeyRegistry, metrics_registry: Any,
+                 store: Store | None, event_bus: EventBus | None = None,
+                 emit: Callable[[str, Any], None] | None = None) -> None:
+        self.opts = opts
+        self.master_id = master_id
+        self.keys = keys
+        self.metrics_registry = metrics_registry
+        self.store = store
+        self.event_bus = event_bus
+        self.emit = emit
 
-    @property
-    def metrics_registry(self) -> Any:
-        """The master's Prometheus registry."""
-        return self._master.metrics.registry
-
-    @property
-    def store(self) -> Any:
-        """The shared store, or None for a single master."""
-        return self._master.state.store
-
-    async def _on_master(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return await asyncio.wrap_future(fut)
-        except asyncio.CancelledError:
-            fut.cancel()
-            raise
-
+    @abc.abstractmethod
     async def run_job(self, tgt: Any, tgt_type: str, fun: str, arg: list, *, user: str,
                       check: TargetCheck, wait: bool, timeout: float = 5.0,
                       gather_job_timeout: float = 0.0, ret: str = "",
@@ -76,52 +67,11 @@ class MasterBridge:
         Returns ``(publication, {minion_id: return})``; raises :class:`TargetRefused` when
         ``check`` refuses, ``ValueError`` for an invalid target.
         """
-        m = self._master
 
-        async def job() -> tuple[dict, dict[str, dict]]:
-            from hamaster.master.waiting import wait_job
-
-            targeted = m.resolve_targets(tgt, tgt_type)
-
-            def matches(expr: str) -> set[str]:
-                try:
-                    return set(m.resolve_targets(expr, "compound"))
-                except ValueError:
-                    return set()
-
-            if not check(targeted, matches):
-                raise TargetRefused(f"{fun} on {tgt!r}")
-            pub = m.publish(tgt, fun, arg, tgt_type=tgt_type, ret=ret, user=user)
-            rets: dict[str, dict] = {}
-            if not pub.get("jid") or not wait:
-                return pub, rets
-
-            async def got(mid: str, data: dict) -> None:
-                rets[mid] = data
-                if on_return is not None:
-                    on_return(mid, data)
-
-            await wait_job(m, pub["jid"], set(pub["minions"]), timeout, gather_job_timeout, got)
-            return pub, rets
-
-        return await self._on_master(job())
-
+    @abc.abstractmethod
     async def runner(self, fun: str, args: list, kwargs: dict) -> Any:
-        """Run a master runner (``hamaster-run``'s functions); raises ``RunnerError``."""
-        from hamaster.master.runners import run_runner
+        """Run a master runner (``hamaster-run``'s functions); raises :class:`RunnerRefused`."""
 
-        return await self._on_master(run_runner(self._master, fun, args, kwargs))
-
+    @abc.abstractmethod
     async def job_info(self, jid: str) -> tuple[dict | None, dict]:
         """``(load, {minion: return})`` of one job, from memory and the job cache."""
-        from hamaster.master.runners import jobs_lookup_jid
-
-        m = self._master
-
-        async def info() -> tuple[dict | None, dict]:
-            load = await asyncio.to_thread(m.job_cache.get_load, jid)
-            if load is None and jid in m.tracker.jobs:
-                load = m.tracker.jobs[jid].load
-            return load, await jobs_lookup_jid(m, jid)
-
-        return await self._on_master(info())

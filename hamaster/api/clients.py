@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
-from hamaster.api.bridge import MasterBridge, TargetRefused
+from hamaster.api.bridge import MasterBridge, RunnerRefused, TargetRefused
 from hamaster.api.eauth import Acl
 from hamaster.cliargs import parse_cli_args, split_args
 from hamaster.jobs.jid import gen_jid
@@ -207,8 +207,6 @@ class LowstateRunner:
 
     async def runner(self, chunk: dict, acl: Acl, user: str) -> Any:
         """A master runner, synchronously; ``full_return`` wraps it as Salt's event data."""
-        from hamaster.master.runners import RunnerError
-
         fun = _str_field(chunk, "fun")
         args, kwargs = self._call_args(chunk)
         if not acl.allows_class("runner", fun, args, kwargs):
@@ -219,7 +217,7 @@ class LowstateRunner:
         try:
             result = await self.bridge.runner(fun, args, kwargs)
             success = True
-        except RunnerError as exc:
+        except RunnerRefused as exc:
             result, success = str(exc), False
         if chunk.get("full_return"):
             return {"fun": f"runner.{fun}", "fun_args": [*args, *([kwargs] if kwargs else [])],

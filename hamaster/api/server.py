@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl
 
 import yaml
@@ -32,16 +32,14 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from hamaster import ids
-from hamaster.api import api_options, eauth
+from hamaster.api import eauth
 from hamaster.api.bridge import MasterBridge
 from hamaster.api.clients import SALT_CLIENTS, ApiError, LowstateRunner
 from hamaster.api.tokens import TokenStore
 from hamaster.events.bus import decode_position
+from hamaster.jobs.cache import job_summary
 from hamaster.options import opt
 from hamaster.store.base import StoreError
-
-if TYPE_CHECKING:
-    from hamaster.master.daemon import Master
 
 log = logging.getLogger(__name__)
 
@@ -465,8 +463,6 @@ class ApiApp:
 
     async def jobs_get(self, request: web.Request) -> web.Response:
         """``GET /jobs``: the job list; ``GET /jobs/<jid>``: one job's info and returns."""
-        from hamaster.master.runners import _summary
-
         sess = await self._session(request)
         jid = request.match_info.get("jid")
         if not jid:
@@ -480,7 +476,7 @@ class ApiApp:
         load, rets = await self.bridge.job_info(jid)
         info: dict[str, Any] = {"jid": jid}
         if load:
-            info.update(_summary(load))
+            info.update(job_summary(load))
             info["Minions"] = list(load.get("minions") or [])
         info["Result"] = {mid: {"return": val} for mid, val in rets.items()}
         return self._reply(request, {"info": [info], "return": [rets]})
@@ -635,8 +631,10 @@ def _ssl_context(apiopts: dict) -> ssl.SSLContext | None:
 class ApiService:
     """The API server's thread: its own event loop, aiohttp runner and worker pool."""
 
-    def __init__(self, master: Master, apiopts: dict) -> None:
-        self.master = master
+    def __init__(self, bridge: MasterBridge, apiopts: dict) -> None:
+        """``bridge``: the master's door (its ``emit``/``event_bus`` feed ``GET /events``);
+        ``apiopts``: the ``rest_cherrypy`` block (:func:`hamaster.api.api_options`)."""
+        self.bridge = bridge
         self.apiopts = apiopts
         self.thread: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -648,15 +646,9 @@ class ApiService:
         self.pool = ThreadPoolExecutor(max_workers=int(apiopts.get("thread_pool", 8)),
                                        thread_name_prefix="api-worker")
 
-    @classmethod
-    def for_master(cls, master: Master) -> ApiService | None:
-        """The service when the master config has a ``rest_cherrypy`` block, else None."""
-        apiopts = api_options(master.opts)
-        return None if apiopts is None else cls(master, apiopts)
-
     def _token_store(self) -> TokenStore:
-        store = self.master.state.store
-        opts = self.master.opts
+        store = self.bridge.store
+        opts = self.bridge.opts
         if store is None:
             from hamaster.store.fs import FsStore
 
@@ -667,20 +659,18 @@ class ApiService:
 
     async def start(self) -> None:
         """Start the thread and wait until the port is bound (raises ``OSError`` if not)."""
-        master_loop = asyncio.get_running_loop()
-        self.thread = threading.Thread(target=self._main, args=(master_loop,), name="rest-api",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self._main, name="rest-api", daemon=True)
         self.thread.start()
         await asyncio.to_thread(self._ready.wait, 30)
         if self._error is not None:
             raise OSError(f"REST API failed to start: {self._error}") from self._error
 
-    def _main(self, master_loop: asyncio.AbstractEventLoop) -> None:
+    def _main(self) -> None:
         loop = asyncio.new_event_loop()
         self.loop = loop
         asyncio.set_event_loop(loop)
         try:
-            loop.run_until_complete(self._serve(master_loop))
+            loop.run_until_complete(self._serve())
         except BaseException as exc:  # reported to start() / logged
             if not self._ready.is_set():
                 self._error = exc
@@ -690,13 +680,12 @@ class ApiService:
             self._ready.set()
             loop.close()
 
-    async def _serve(self, master_loop: asyncio.AbstractEventLoop) -> None:
+    async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        bridge = MasterBridge(self.master, master_loop)
-        services = getattr(self.master, "events", None)
-        bus = getattr(services, "bus", None)
+        bridge = self.bridge
+        bus = bridge.event_bus
         events = EventLog(asyncio.get_running_loop(), bus=bus,
-                          emit=services.emit if bus is not None else None)
+                          emit=bridge.emit if bus is not None else None)
         tokens = self._token_store()
         app = ApiApp(bridge, self.apiopts, tokens, self.pool, events)
 
@@ -705,7 +694,7 @@ class ApiService:
                                             "act": getattr(new, "value", "delete")})
 
         if bus is None:  # with a bus, the master's event services put salt/key events on it
-            self.master.keys.on_change(key_event)
+            bridge.keys.on_change(key_event)
         debug = bool(self.apiopts.get("debug"))
         self.runner = web.AppRunner(app.make_app(), access_log=log if debug else None,
                                     handle_signals=False, shutdown_timeout=2.0)

@@ -76,7 +76,7 @@ class Actions:
         self._lock = threading.Lock()
         self.cluster = None
         if drill.cluster_dir:
-            from hamaster.cli.cluster import LocalCluster
+            from hamaster.localcluster import LocalCluster
             from hamaster.localdirs import UnsafeDirectory
 
             try:

@@ -8,7 +8,9 @@
 - ``reactor`` — Salt's ``reactor:`` option, run on the lease holder only, each reaction claimed
   create-if-absent under the lease epoch before it acts.
 - ``schedule`` — Salt's master ``schedule:`` option, one run per slot cluster-wide.
-- ``service`` — wires these into a master (the hooks in ``master/daemon.py`` call it).
 
-Imports: store, jobs, master.leader; never the daemon (it is passed in).
+The master's side (wiring these into a master, the ``state.event``, ``schedule.list`` and
+``salt.execute`` runners) is :mod:`hamaster.master.events`.
+
+Imports: store and pillar (the renderer); nothing of the master.
 """

@@ -104,7 +104,7 @@ def derive_jid(claim_key: str, action: str, ts: float) -> str:
 
 
 class ReactorHost:
-    """What the reactor needs of the master (implemented in :mod:`hamaster.events.service`)."""
+    """What the reactor needs of the master (implemented in :mod:`hamaster.master.events`)."""
 
     def read_sls(self, path: str) -> str:  # pragma: no cover - interface
         """The text of an sls (absolute path or ``salt://``)."""

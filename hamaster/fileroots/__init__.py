@@ -1,5 +1,5 @@
 """The file server: file_roots listing, hashing and serving, kept on a store."""
 
-from hamaster.fileroots.server import FileServer, ReadOnlyDirStore, open_file_server
+from hamaster.fileroots.server import FileServer, open_file_server
 
-__all__ = ["FileServer", "ReadOnlyDirStore", "open_file_server"]
+__all__ = ["FileServer", "open_file_server"]

@@ -29,6 +29,7 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hamaster import crypto
@@ -39,12 +40,12 @@ from hamaster.fileroots.manifest import (
     is_sha256,
     load_manifest,
 )
-from hamaster.master.ratelog import RateLimitedLog
+from hamaster.ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from hamaster.master.daemon import Master
+    from hamaster.store.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -316,13 +317,37 @@ def _advertised_host(interface: str) -> str:
     return f"[{interface}]" if ":" in interface else interface
 
 
-class BlobService:
-    """A master's blob server plus the background fetcher of missing blobs."""
+def peer_addresses(records: Mapping[str, Mapping[str, Any]], own_id: str) -> list[str]:
+    """``blob_address`` of every live master in ``records`` (``cluster/masters/<id>`` records
+    with ``alive``) other than ``own_id``, sorted by master id."""
+    out = []
+    for mid, rec in sorted(records.items()):
+        addr = rec.get("blob_address")
+        if mid != own_id and rec.get("alive") and isinstance(addr, str) and addr:
+            out.append(addr)
+    return out
 
-    def __init__(self, master: Master, cache: BlobCache, port: int | None):
-        self.master = master
+
+class BlobService:
+    """A master's blob server plus the background fetcher of missing blobs.
+
+    Its dependencies are explicit: the shared ``store`` (the manifest is read and watched
+    there), the local blob ``cache``, the cluster master key ``key`` (signs fetches; its public
+    half checks requests; :meth:`rekey` swaps it), ``peers()`` (blocking: the ``host:port``
+    addresses of the other live masters' blob servers), and the ``port`` (None: fetch only)
+    and ``interface`` to serve on. The file server reports cache misses to
+    :meth:`request_sync` (the master registers it with ``FileServer.set_blob_missing``).
+    """
+
+    def __init__(self, store: Store, cache: BlobCache, key: rsa.RSAPrivateKey,
+                 peers: Callable[[], list[str]], port: int | None = None,
+                 interface: str = "127.0.0.1") -> None:
+        self.store = store
         self.cache = cache
+        self.key = key
+        self.peers = peers
         self.port = port  # None: no server (fetch only)
+        self.interface = interface
         self.server: BlobServer | None = None
         self.address = ""
         self.missing: set[str] = set()
@@ -331,36 +356,45 @@ class BlobService:
         self._pruned_at = 0.0
 
     @classmethod
-    def for_master(cls, master: Master) -> BlobService | None:
-        """The service for a clustered master, None for a lone master.
+    def from_opts(cls, opts: dict, store: Store | None, cache: BlobCache | None,
+                  key: rsa.RSAPrivateKey, peers: Callable[[], list[str]]) -> BlobService | None:
+        """The service for a clustered master (``store`` is its shared store), None for a
+        lone master (no store). ``cache`` defaults to ``<cachedir>/file_blobs``.
 
         ``file_blob_port``: > 0 serves on that port; 0 (default) serves on a port the OS picks
         when the backend cannot hold large blobs (its class's ``PEER_BLOBS``: etcd) and not at
         all otherwise; < 0 never serves. The server binds
         on ``file_blob_interface`` (default: ``interface``).
         """
-        if master.state.store is None:
+        if store is None:
             return None
-        raw = master.opts.get("file_blob_port", 0) or 0
+        raw = opts.get("file_blob_port", 0) or 0
         try:
             port: int | None = int(raw)
         except (TypeError, ValueError):
             log.warning("file_blob_port must be an integer, got %r; not serving blobs", raw)
             port = -1
-        if port == 0 and not master.state.store.PEER_BLOBS:
+        if port == 0 and not store.PEER_BLOBS:
             port = None
         elif port is not None and port < 0:
             port = None
-        cache = getattr(master.files, "blob_cache", None) or BlobCache(
-            f"{master.opts['cachedir']}/{CACHE_DIRNAME}")
-        return cls(master, cache, port)
+        cache = cache or BlobCache(f"{opts['cachedir']}/{CACHE_DIRNAME}")
+        interface = opts.get("file_blob_interface") or opts.get("interface", "127.0.0.1")
+        return cls(store, cache, key, peers, port, interface)
+
+    def rekey(self, key: rsa.RSAPrivateKey) -> None:
+        """Sign fetches with ``key`` and accept only requests signed by it from now on (the
+        cluster master key changed)."""
+        self.key = key
+        if self.server is not None:
+            self.server.pub = key.public_key()
 
     async def start(self) -> None:
+        """Serve (when a port is set) and watch the manifest for blobs to fetch."""
         self._loop = asyncio.get_running_loop()
         if self.port is not None:
-            iface = (self.master.opts.get("file_blob_interface")
-                     or self.master.opts.get("interface", "127.0.0.1"))
-            server = BlobServer(self.cache, self.master.master_priv.public_key(), iface, self.port)
+            iface = self.interface
+            server = BlobServer(self.cache, self.key.public_key(), iface, self.port)
             try:
                 await server.start()
             except OSError as exc:  # the master still serves; peers cannot fetch from it
@@ -368,11 +402,8 @@ class BlobService:
             else:
                 self.server = server
                 self.address = f"{_advertised_host(iface)}:{server.port}"
-        self.master.files.on_blob_missing = self.request_sync
-        store = self.master.state.store
-        assert store is not None
         try:
-            await asyncio.to_thread(store.watch, MANIFEST_PREFIX.rstrip("/"),
+            await asyncio.to_thread(self.store.watch, MANIFEST_PREFIX.rstrip("/"),
                                     lambda changes: self.request_sync())
         except Exception as exc:  # the periodic rescan still catches up
             log.warning("cannot watch the file manifest: %s", exc)
@@ -383,19 +414,9 @@ class BlobService:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._wake.set)
 
-    def _peers(self) -> list[str]:
-        out = []
-        for mid, rec in sorted(self.master.cluster_masters().items()):
-            addr = rec.get("blob_address")
-            if mid != self.master.master_id and rec.get("alive") and isinstance(addr, str) and addr:
-                out.append(addr)
-        return out
-
     async def sync_once(self) -> dict:
         """Fetch every large blob the manifest names that the cache lacks: ``{fetched, missing}``."""
-        store = self.master.state.store
-        assert store is not None
-        entries = await asyncio.to_thread(load_manifest, store)
+        entries = await asyncio.to_thread(load_manifest, self.store)
         if time.monotonic() - self._pruned_at > PRUNE_EVERY:
             self._pruned_at = time.monotonic()
             named = {e.sha256 for e in entries.values() if not e.inline}
@@ -406,11 +427,11 @@ class BlobService:
                 if not e.inline and not self.cache.has(e.sha256)}
         fetched: list[str] = []
         if want:
-            peers = await asyncio.to_thread(self._peers)
+            peers = await asyncio.to_thread(self.peers)
             for sha, size in sorted(want.items()):
                 for addr in peers:
                     try:
-                        await fetch(addr, sha, self.master.master_priv, self.cache, size)
+                        await fetch(addr, sha, self.key, self.cache, size)
                     except BlobFetchError as exc:
                         log.debug("blob %s not fetched from %s: %s", sha, addr, exc)
                         continue
@@ -442,6 +463,6 @@ class BlobService:
             await asyncio.sleep(0.5 if self.missing else 0.05)
 
     async def close(self) -> None:
-        self.master.files.on_blob_missing = None
+        """Stop serving (the fetcher stops with the ``stop`` event given to sync_forever)."""
         if self.server is not None:
             await self.server.close()

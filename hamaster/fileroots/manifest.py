@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hamaster import beneath
+from hamaster.fileroots.paths import skip_entry, valid_env
 from hamaster.store.base import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -259,10 +261,7 @@ def publish(store: Store, cache: BlobCache, src_dir: str | Path, saltenv: str = 
     name them; entries of files no longer in ``src_dir`` are deleted, then inline blobs no entry
     names any more. Returns a summary (counts and changed paths).
     """
-    from hamaster.fileroots import beneath
-    from hamaster.fileroots.server import _clean_segment, _skip_name, _valid_env
-
-    if not isinstance(saltenv, str) or not _valid_env(saltenv):
+    if not isinstance(saltenv, str) or not valid_env(saltenv):
         raise ValueError(f"invalid saltenv {saltenv!r}")
     src = Path(src_dir).expanduser()
     if not src.is_dir():
@@ -271,8 +270,7 @@ def publish(store: Store, cache: BlobCache, src_dir: str | Path, saltenv: str = 
     new: dict[str, Entry] = {}
     # Every file is opened component by component beneath src_dir and copied from that
     # descriptor: a symlink swapped in meanwhile can never make the push read outside it.
-    for rel, fd, _st in beneath.walk_files(
-            src, lambda name: _skip_name(name, False) or not _clean_segment(name)):
+    for rel, fd, _st in beneath.walk_files(src, lambda name: skip_entry(name, False)):
         try:
             sha, size, mode = cache.put_fd(fd)
         except OSError as exc:

@@ -6,13 +6,14 @@ of all roots of the environment.
 
 Two kinds of roots:
 
-* **Directory roots** — a :class:`~hamaster.store.fs.FsStore` or a :class:`ReadOnlyDirStore`
-  (what :meth:`FileServer.from_opts` opens for an operator's ``file_roots`` directory). They are
-  read straight from disk: chunks are read at their offset, hashes are cached keyed on the
-  file's ``(dev, inode, size, mtime_ns, ctime_ns)`` once it has not changed for a few
-  seconds. Every path is opened component by component beneath the root
-  (:mod:`hamaster.fileroots.beneath`: ``openat`` + ``O_NOFOLLOW``; in-root symlinks are
-  resolved by the server and followed only while they stay beneath the root), and the file is
+* **Directory roots** — a :class:`~hamaster.store.fs.FsStore` or a
+  :class:`~hamaster.store.readonly.ReadOnlyDirStore` (what :meth:`FileServer.from_opts` opens
+  for an operator's ``file_roots`` directory). They are read straight from disk: chunks are
+  read at their offset, hashes are cached keyed on the file's
+  ``(dev, inode, size, mtime_ns, ctime_ns)`` once it has not changed for a few seconds. Every
+  path is opened component by component beneath the root (:mod:`hamaster.beneath`: ``openat``
+  + ``O_NOFOLLOW``; in-root symlinks are resolved by the server and followed only while they
+  stay beneath the root), and the file is
   read through the descriptor that was checked, so a concurrent rename or symlink swap cannot
   make a request read outside the root. Under a store, the ``file_roots/<env>`` components
   must be real directories. A local directory that contains ``pki_dir`` or ``ha_dir`` is not
@@ -26,7 +27,8 @@ Two kinds of roots:
   first root is ``file_manifest/<env>/<path>`` (sha256, size, mode, inline). A file is served
   from the inline blob ``file_blobs/<sha256>`` in the store or from the master's local cache
   ``<cachedir>/file_blobs/<sha256>``. A large blob not in the cache yet makes the file "missing"
-  (no fall-through to later roots) and calls ``on_blob_missing(sha)`` so the master fetches it
+  (no fall-through to later roots) and calls the callback given to
+  :meth:`FileServer.set_blob_missing` with the sha so the master fetches it
   from a peer in the background (:mod:`hamaster.fileroots.blobs`); requests never wait on a peer.
   Without manifest entries this root is empty and the direct ``file_roots/<env>/`` layout serves.
 
@@ -46,12 +48,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hamaster.fileroots import beneath
+from hamaster import beneath
 from hamaster.fileroots.manifest import (
     BLOBS_PREFIX,
     CACHE_DIRNAME,
@@ -61,15 +63,16 @@ from hamaster.fileroots.manifest import (
     blob_key,
     read_inline,
 )
-from hamaster.store.base import (
-    Change,
-    Store,
-    StoreError,
-    WatchCallback,
-    validate_key,
-    validate_prefix,
+from hamaster.fileroots.paths import (
+    clean_segment,
+    holds_keys,
+    skip_name,
+    valid_env,
+    walk_dir,
 )
-from hamaster.store.fs import MARKER_NAME, TMP_PREFIX, FsStore
+from hamaster.store.base import Store, StoreError, validate_key, validate_prefix
+from hamaster.store.fs import FsStore
+from hamaster.store.readonly import ReadOnlyDirStore
 
 log = logging.getLogger(__name__)
 
@@ -85,95 +88,7 @@ _SETTLE_NS = 5_000_000_000
 _Sig = tuple[int, int, int, int, int]
 
 
-class ReadOnlyDirStore(Store):
-    """An operator's ``file_roots`` directory seen as a read-only :class:`Store`.
-
-    Unlike :class:`FsStore` it never creates, chmods or writes anything (no marker file) and a
-    missing directory is simply empty. Keys are relative paths of regular files (symlinks whose
-    target stays inside the directory included; dotfiles included). Writes raise
-    :class:`StoreError`; watches are accepted but never fire.
-    """
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    def get(self, key: str) -> bytes | None:
-        """Content of the file at ``key`` (None if absent or outside the directory)."""
-        validate_key(key)
-        return beneath.read_file(self.root, key.split("/"))
-
-    def put(self, key: str, value: bytes) -> None:
-        raise StoreError(f"{self.root} is a read-only file_roots directory")
-
-    def delete(self, key: str) -> bool:
-        raise StoreError(f"{self.root} is a read-only file_roots directory")
-
-    def compare_and_put(self, key: str, expected: bytes | None, value: bytes | None) -> bool:
-        raise StoreError(f"{self.root} is a read-only file_roots directory")
-
-    def list(self, prefix: str) -> builtins.list[str]:
-        """Relative paths of the files under ``prefix``, sorted."""
-        prefix = validate_prefix(prefix)
-        keys = builtins.list(_walk_dir(self.root, skip_hidden=False))
-        if prefix:
-            keys = [k for k in keys if k == prefix or k.startswith(prefix + "/")]
-        return sorted(keys)
-
-    def watch(self, prefix: str, callback: WatchCallback) -> None:
-        """Accepted and ignored: operator directories are re-read on every request."""
-
-    def start(self) -> None:
-        """Nothing to start."""
-
-    def poll_now(self) -> builtins.list[Change]:
-        return []
-
-    def heartbeat(self, member_id: str, info: bytes, ttl: float) -> None:
-        raise StoreError(f"{self.root} is a read-only file_roots directory")
-
-    def members(self) -> dict[str, bytes]:
-        return {}
-
-    def healthy(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-
 # --------------------------------------------------------------------------- disk helpers
-
-
-def _skip_name(name: str, skip_hidden: bool) -> bool:
-    if skip_hidden:
-        return name.startswith(".")
-    return name == MARKER_NAME or name.startswith(TMP_PREFIX)
-
-
-def _walk_dir(base: Path, skip_hidden: bool, prefix: Sequence[str] = ()) -> Iterator[str]:
-    """Relative paths of regular files under ``base``/``prefix`` (in-root symlinks followed,
-    opened component by component: :mod:`hamaster.fileroots.beneath`)."""
-    def skip(name: str) -> bool:
-        return _skip_name(name, skip_hidden) or not _clean_segment(name)
-
-    for rel, _fd, _st in beneath.walk_files(base, skip, prefix):
-        yield rel
-
-
-def _holds_keys(directory: str, opts: dict) -> str | None:
-    """``pki_dir`` or ``ha_dir`` if ``directory`` is it or one of its parents, else None."""
-    real = os.path.realpath(directory)
-    for name in ("pki_dir", "ha_dir"):
-        value = opts.get(name)
-        if isinstance(value, str) and value:
-            key_dir = os.path.realpath(os.path.expanduser(value))
-            if key_dir == real or key_dir.startswith(real.rstrip("/") + "/"):
-                return f"{name} {value}"
-    return None
-
-
-def _clean_segment(seg: str) -> bool:
-    return bool(seg) and seg not in (".", "..") and "\0" not in seg and "\\" not in seg
 
 
 class FileTooLarge(Exception):
@@ -207,18 +122,18 @@ class _Root:
 
     def files(self) -> builtins.list[str]:
         if self.base is not None:
-            return builtins.list(_walk_dir(self.base, self.skip_hidden, self.prefix_segments))
+            return builtins.list(walk_dir(self.base, self.skip_hidden, self.prefix_segments))
         n = len(self.key_prefix)
         return [k[n:] for k in self.store.list(self.prefix) if k.startswith(self.key_prefix)]
 
     def open(self, segments: builtins.list[str]) -> tuple[int, os.stat_result] | None:
         """A directory root's regular file at ``segments``: ``(fd, fstat)`` (caller closes it).
 
-        Opened component by component beneath the root (:mod:`hamaster.fileroots.beneath`), so a
+        Opened component by component beneath the root (:mod:`hamaster.beneath`), so a
         concurrent rename or symlink swap cannot make it a file outside the root.
         """
         assert self.base is not None
-        if any(_skip_name(s, self.skip_hidden) for s in segments):
+        if any(skip_name(s, self.skip_hidden) for s in segments):
             return None
         root = beneath.open_root(self.base, self.prefix_segments)
         if root is None:
@@ -295,7 +210,7 @@ class _ManifestRoot(_Root):
         cache = self.server.blob_cache
         if cache is not None and cache.has(entry.sha256):
             return entry.sha256
-        notify = self.server.on_blob_missing
+        notify = self.server._on_blob_missing
         if notify is not None:
             try:
                 notify(entry.sha256)
@@ -372,10 +287,6 @@ def _env_of(load: Any) -> str | None:
     return env
 
 
-def _valid_env(env: str) -> bool:
-    return _clean_segment(env) and "/" not in env and not env.startswith(".")
-
-
 def local_roots(raw: Any, opts: dict, option: str = "file_roots"
                 ) -> dict[str, builtins.list[tuple[Store, str]]]:
     """``{saltenv: [(ReadOnlyDirStore(dir), ""), …]}`` for an operator's ``file_roots``-shaped
@@ -387,7 +298,7 @@ def local_roots(raw: Any, opts: dict, option: str = "file_roots"
         raw = {}
     local: dict[str, builtins.list[tuple[Store, str]]] = {}
     for env, dirs in raw.items():
-        if not isinstance(env, str) or not _valid_env(env):
+        if not isinstance(env, str) or not valid_env(env):
             log.warning("%s: ignoring invalid saltenv %r", option, env)
             continue
         if isinstance(dirs, str):
@@ -401,7 +312,7 @@ def local_roots(raw: Any, opts: dict, option: str = "file_roots"
                 log.warning("%s: ignoring invalid directory %r in %s", option, d, env)
                 continue
             d = os.path.expanduser(d)
-            secret = _holds_keys(d, opts)
+            secret = holds_keys(d, opts)
             if secret:
                 log.error("%s: ignoring %s in %s: it contains %s (the master's keys "
                           "must never be under a file root)", option, d, env, secret)
@@ -431,9 +342,7 @@ class FileServer:
         #: With ``manifest`` (a store holding ``file_manifest/``), every environment's first root.
         self._manifest = manifest
         self.blob_cache = blob_cache
-        #: Called with a sha256 when a manifest file's blob is not in ``blob_cache`` (the master
-        #: fetches it in the background). Must not block.
-        self.on_blob_missing: Any = None
+        self._on_blob_missing: Callable[[str], None] | None = None
         self._sources = {env: self._manifest_roots(env) + [_Root(store, prefix) for store, prefix in roots]
                          for env, roots in sources.items()}
         self._discover = discover
@@ -449,13 +358,20 @@ class FileServer:
         such reads can stall for a store timeout, so callers serve them off the event loop."""
         return self._discover is not None or self._manifest is not None
 
+    def set_blob_missing(self, callback: Callable[[str], None] | None) -> None:
+        """Call ``callback(sha256)`` when a manifest file's large blob is not in ``blob_cache``
+        (the master fetches it in the background); None stops the calls. It must not block;
+        an exception from it is logged at debug and never breaks serving."""
+        self._on_blob_missing = callback
+
     # ------------------------------------------------------------------ construction
 
     @classmethod
     def from_opts(cls, opts: dict, shared_store: Store | None = None) -> FileServer:
         """Roots from ``opts["file_roots"]``; with ``shared_store``, ``file_roots/<env>/`` first.
 
-        Local directories are opened read-only (:class:`ReadOnlyDirStore`): nothing is created
+        Local directories are opened read-only
+        (:class:`~hamaster.store.readonly.ReadOnlyDirStore`): nothing is created
         or chmod'ed in them, and a missing directory is just empty.
         """
         local = local_roots(opts.get("file_roots", {"base": ["/srv/salt"]}), opts)
@@ -482,14 +398,14 @@ class FileServer:
         for key in store.list(prefix):
             rest = key[len(prefix):] if key.startswith(prefix) else ""
             env, sep, _ = rest.partition("/")
-            if sep and _valid_env(env):
+            if sep and valid_env(env):
                 envs.add(env)
         return envs
 
     # ------------------------------------------------------------------ lookup
 
     def _manifest_roots(self, env: str) -> builtins.list[_Root]:
-        if self._manifest is None or not _valid_env(env):
+        if self._manifest is None or not valid_env(env):
             return []
         return [_ManifestRoot(self._manifest, env, self)]
 
@@ -497,7 +413,7 @@ class FileServer:
         roots = self._sources.get(env)
         if roots is not None:
             return roots
-        if not _valid_env(env):
+        if not valid_env(env):
             return []
         roots = self._manifest_roots(env)
         if self._discover is not None:
@@ -566,9 +482,9 @@ class FileServer:
     @staticmethod
     def _listable(root: _Root, rel: str) -> bool:
         segs = rel.split("/")
-        if not all(_clean_segment(s) for s in segs):
+        if not all(clean_segment(s) for s in segs):
             return False
-        return root.dir is None or not any(_skip_name(s, root.skip_hidden) for s in segs)
+        return root.dir is None or not any(skip_name(s, root.skip_hidden) for s in segs)
 
     def _hash(self, found: _Found) -> str | None:
         root, loc = found.root, found.loc
@@ -728,13 +644,13 @@ class FileServer:
 
     def env_files(self, env: str) -> builtins.list[str]:
         """Relative paths of the files of ``env``, sorted (the union of its roots)."""
-        return self._env_files(env) if _valid_env(env) else []
+        return self._env_files(env) if valid_env(env) else []
 
     def read(self, env: str, rel: str, max_size: int | None = None) -> bytes | None:
         """The whole content of ``rel`` in ``env`` from the first root that has it; None when it
         is missing or its path is refused. Raises :class:`FileTooLarge` past ``max_size``."""
         clean = _sanitize(rel, env)
-        if clean is None or not _valid_env(clean[1]):
+        if clean is None or not valid_env(clean[1]):
             return None
         found = self._lookup(clean[1], clean[0])
         if found is None:

@@ -168,6 +168,19 @@ class JobCache:
         log.warning("job cache: skipping %s/%s in expiry: %s", self.prefix, ids.shown(name), why)
 
 
+def job_summary(load: dict[str, Any]) -> dict[str, Any]:
+    """A job's load as the ``Function``/``Arguments``/``Target``… summary of Salt's
+    ``jobs.print_job`` and the REST API's ``GET /jobs/<jid>`` (missing fields are None)."""
+    return {
+        "Function": load.get("fun"),
+        "Arguments": load.get("arg", []),
+        "Target": load.get("tgt"),
+        "Target-type": load.get("tgt_type"),
+        "User": load.get("user"),
+        "StartTime": load.get("_stamp"),
+    }
+
+
 def open_job_cache(opts: dict[str, Any]) -> JobCache:
     """Single-master job cache: an FsStore at ``<cachedir>/jobs_store`` (keys ``jobs/<jid>/…``)."""
     from hamaster.store.fs import FsStore

@@ -236,7 +236,8 @@ class CliServer:
             await writer.drain()
             return
         try:
-            result = await run_runner(self.master, str(req.get("fun")), list(req.get("arg") or []), dict(req.get("kwarg") or {}))
+            result = await run_runner(self.master.runner_ctx, str(req.get("fun")),
+                                     list(req.get("arg") or []), dict(req.get("kwarg") or {}))
             reply = {"return": result}
         except RunnerError as exc:
             reply = {"error": str(exc)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import hashlib
 import logging
 import os
@@ -27,9 +28,9 @@ from hamaster.master.jobs import JobTracker, JobWriter
 from hamaster.master.membership import DEFAULT_TTL, Membership, alive_count
 from hamaster.master.pubkey import PublishKey
 from hamaster.master.reqhandler import Deferred, RequestHandler
+from hamaster.master.runners import RunnerContext, cluster_status_report
 from hamaster.master.shared import SharedState, config_hash, open_shared_state
 from hamaster.metrics import MasterMetrics
-from hamaster.minion.matcher import check_minions, expand_nodegroups
 from hamaster.options import opt
 from hamaster.pki_sync.keys import (
     KeyRegistryError,
@@ -40,6 +41,7 @@ from hamaster.pki_sync.keys import (
     read_master_keypair,
     write_master_pub,
 )
+from hamaster.targeting import check_minions, expand_nodegroups
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +160,21 @@ class Master:
         self._pillar_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=PILLAR_WORKERS, thread_name_prefix="pillar")
         self._load_grains_cache()
-        # -- event bus, leader lease, reactor, schedule (hamaster/events/service.py) --
-        from hamaster.events.service import EventServices
+        # -- event bus, leader lease, reactor, schedule (hamaster/master/events.py) --
+        from hamaster.master.events import EventServices
 
         self.events = EventServices.for_master(self)
+        self.runner_ctx = self._runner_context()
+
+    def _runner_context(self) -> RunnerContext:
+        """What runners get of this master (hamaster/master/runners.py): no more than that."""
+        return RunnerContext(
+            opts=self.opts, master_id=self.master_id, store=self.state.store, keys=self.keys,
+            job_cache=self.job_cache, tracker=self.tracker, publish=self.publish,
+            grains=self.grains,
+            compile_pillar=lambda mid, grains, env: self.pillar.compiler.compile(mid, grains, env),
+            blob_cache=self.files.blob_cache,
+            cluster_status=functools.partial(cluster_status_report, self), events=self.events)
 
     # -- cluster identity (the master keypair) -----------------------------------------------------
     # One keypair for the whole cluster: taken (or created, or agreed on rsync) before anything
@@ -293,9 +306,9 @@ class Master:
         self.handler.master_pub_text = self.master_pub_text
         self.publish_key.rekey(self.master_priv, f"master key changed {old_finger} -> {new_finger}")
         self.handler.sessions.clear()
-        server = getattr(getattr(self, "blob_service", None), "server", None)
-        if server is not None:      # peers fetching file blobs now sign with the new key
-            server.pub = self.master_priv.public_key()
+        blob_service = getattr(self, "blob_service", None)
+        if blob_service is not None:  # peers fetching file blobs now sign with the new key
+            blob_service.rekey(self.master_priv)
         self._key_mismatch_store = False
         self.metrics.master_key_changes.labels(self.master_id).inc()
         self._update_mismatch_metric()
@@ -884,11 +897,14 @@ class Master:
             tasks.append(asyncio.create_task(self._cluster_heartbeat(), name="cluster-heartbeat"))
             tasks.append(asyncio.create_task(self._sync_remote_returns(), name="remote-returns"))
         # -- file blobs between masters (hamaster/fileroots/blobs.py) --
-        from hamaster.fileroots.blobs import BlobService
+        from hamaster.fileroots.blobs import BlobService, peer_addresses
 
-        blob_service = self.blob_service = BlobService.for_master(self)
+        blob_service = self.blob_service = BlobService.from_opts(
+            self.opts, self.state.store, self.files.blob_cache, self.master_priv,
+            peers=lambda: peer_addresses(self.cluster_masters(), self.master_id))
         if blob_service is not None:
             await blob_service.start()
+            self.files.set_blob_missing(blob_service.request_sync)
             self.blob_address = blob_service.address
             tasks.append(asyncio.create_task(blob_service.sync_forever(self._stop), name="file-blobs"))
         # -- end file blobs --
@@ -897,11 +913,12 @@ class Master:
         api_service = None
         from hamaster.api import api_options
 
-        if api_options(self.opts) is not None:
+        apiopts = api_options(self.opts)
+        if apiopts is not None:
             from hamaster.api.server import ApiService
+            from hamaster.master.apibridge import MasterApiBridge
 
-            api_service = ApiService.for_master(self)
-            assert api_service is not None
+            api_service = ApiService(MasterApiBridge(self, asyncio.get_running_loop()), apiopts)
             await api_service.start()
         # -- end REST API --
         self.ready.set()
@@ -919,6 +936,7 @@ class Master:
                 await asyncio.to_thread(key_confirm.close)   # its fence may need this loop
                 await asyncio.to_thread(self._mark_stopped)
             if blob_service is not None:  # file blobs
+                self.files.set_blob_missing(None)
                 await blob_service.close()
             await cli.close()
             if metrics_server is not None:

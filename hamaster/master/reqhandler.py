@@ -25,9 +25,9 @@ from hamaster.bus import messages
 from hamaster.bus.crypticle import Crypticle, generate_key_string
 from hamaster.bus.replay import RequestReplayGuard
 from hamaster.master.pubkey import PublishKey
-from hamaster.master.ratelog import RateLimitedLog
 from hamaster.metrics import MasterMetrics
 from hamaster.pki_sync.keys import AuthDecision, KeyRegistry, key_hint
+from hamaster.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class RequestHandler:
         #: loop.
         self.defer_pillar = False
         #: ``on_auth(minion_id, act, result, pub)`` after each _auth decision (the ``salt/auth``
-        #: event; hamaster/events/service.py). Must not block or raise.
+        #: event; hamaster/master/events.py). Must not block or raise.
         self.on_auth: Callable[[str, str, bool, str], None] | None = None
 
     # -- entry point ---------------------------------------------------------------------

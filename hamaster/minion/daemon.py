@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq.asyncio
 
-from hamaster.minion import matcher
+from hamaster import targeting
 from hamaster.minion.connection import MasterConnection, RequestFailed
 from hamaster.minion.executor import execute
 from hamaster.minion.grains_core import collect_grains
@@ -152,7 +152,7 @@ class Minion:
         if jid in self.seen:
             return
         try:
-            targeted = matcher.matches(
+            targeted = targeting.matches(
                 load["tgt"], str(load.get("tgt_type", "glob")), self.minion_id, self.grains,
                 str(load.get("delimiter", ":")), pillar=self.pillar,
             )

@@ -10,6 +10,6 @@
   beneath-the-root opener).
 - :mod:`.compiler` — ``top.sls`` matching, ``include:``, merging, ``_errors``, size limits.
 
-May import ``hamaster.fileroots``, ``hamaster.minion.matcher``, ``hamaster.store`` and
+May import ``hamaster.fileroots``, ``hamaster.targeting``, ``hamaster.store`` and
 ``hamaster.bus``.
 """

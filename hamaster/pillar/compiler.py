@@ -38,9 +38,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hamaster import targeting
 from hamaster.bus import codec
 from hamaster.fileroots.server import FileTooLarge
-from hamaster.minion import matcher
 from hamaster.pillar.merge import merge
 from hamaster.pillar.render import RenderContext, Renderer, RenderError, safe_opts
 from hamaster.pillar.tree import PillarTree, TreeSnapshot
@@ -381,10 +381,10 @@ class _Compile:
                     log.warning("pillar top: nodegroup %r is not defined", tgt)
                     return False
                 if isinstance(group, list):
-                    return matcher.matches(group, "list", self.minion_id, self.grains)
-                return matcher.matches(str(group), "compound", self.minion_id, self.grains)
+                    return targeting.matches(group, "list", self.minion_id, self.grains)
+                return targeting.matches(str(group), "compound", self.minion_id, self.grains)
             if kind in _MATCHER_TYPES:
-                return matcher.matches(tgt, kind, self.minion_id, self.grains)
+                return targeting.matches(tgt, kind, self.minion_id, self.grains)
             if kind.startswith("pillar"):
                 return False
             log.warning("pillar top: unknown match type %r for target %r", kind, tgt)

@@ -116,7 +116,7 @@ class StateCompiler:
 
     def top_matches(self) -> tuple[dict[str, list[str]], list[str]]:
         """``{saltenv: [sls, ...]}`` this minion gets from the top files, and errors."""
-        from hamaster.minion import matcher
+        from hamaster import targeting
 
         top_name = str(self.opts.get("state_top") or "top.sls").removeprefix("salt://")
         errors: list[str] = []
@@ -143,7 +143,7 @@ class StateCompiler:
                         if isinstance(item, dict) and "match" in item:
                             kind = str(item["match"])
                     try:
-                        ok = matcher.matches(str(tgt), kind, self.minion_id, self.grains)
+                        ok = targeting.matches(str(tgt), kind, self.minion_id, self.grains)
                     except (ValueError, TypeError) as exc:
                         log.warning("top: target %r (%s) is invalid: %s", tgt, kind, exc)
                         ok = False

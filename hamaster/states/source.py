@@ -98,7 +98,7 @@ class LocalSource(Source):
         self._roots = {str(k): [str(d) for d in (v or [])] for k, v in dict(file_roots).items()}
 
     def _read(self, rel: str, saltenv: str) -> bytes | None:
-        from hamaster.fileroots.beneath import read_file
+        from hamaster.beneath import read_file
 
         segments = rel.split("/")
         for base in self._roots.get(saltenv, []):
@@ -115,7 +115,7 @@ class LocalSource(Source):
         return list(self._roots) or ["base"]
 
     def list_files(self, prefix: str, saltenv: str = "base") -> list[str]:
-        from hamaster.fileroots.beneath import walk_files
+        from hamaster.beneath import walk_files
 
         rel = clean_rel(prefix)
         if rel is None:

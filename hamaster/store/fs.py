@@ -86,6 +86,13 @@ LEASE_KEEP_EPOCHS = 5
 #: Hidden file marking a store root; if it vanishes the share is taken as unmounted.
 MARKER_NAME = ".hamaster-store"
 TMP_PREFIX = ".tmp-"
+
+
+def internal_name(name: str) -> bool:
+    """True for a name an fs store uses for itself (its marker file, its temp files)."""
+    return name == MARKER_NAME or name.startswith(TMP_PREFIX)
+
+
 #: Every this many passes every watched directory is re-listed (names; new entries stat'ed).
 FULL_RESCAN_EVERY = 20
 #: Every this many passes every file is stat'ed too (finds in-place edits, stale mtimes).

@@ -99,7 +99,7 @@ def test_publish_inline_vs_large_and_serving(tmp_path, tree):
     # master B (empty cache): small served inline, big "missing" until its blob arrives
     fs_b = FileServer.from_opts({"file_roots": {}, "cachedir": str(tmp_path / "b")}, store)
     misses: list[str] = []
-    fs_b.on_blob_missing = misses.append
+    fs_b.set_blob_missing(misses.append)
     assert fetch(fs_b, "dir/small.txt") == SMALL
     assert fs_b.file_list({}) == ["big.bin", "dir/small.txt"]
     assert fs_b.file_hash({"path": "big.bin"}) == "" and misses == [big_sha]
@@ -221,6 +221,65 @@ def test_fetch_between_masters(tmp_path, keypair):
             await server.close()
         with pytest.raises(blobs.BlobFetchError, match="connect"):
             await blobs.fetch(addr, sha, keypair, dst)
+
+    asyncio.run(scenario())
+
+
+def test_blob_service_with_explicit_dependencies(tmp_path, tree, keypair):
+    """Two services over one store, built from their parts (no master): a file server's cache
+    miss wakes B's fetcher, which gets the blob from A through ``peers()``; a rekey on A
+    refuses B until B is rekeyed too."""
+    store = FsStore(tmp_path / "store", poll_interval=0.05)
+    cache_a, cache_b = BlobCache(tmp_path / "a"), BlobCache(tmp_path / "b")
+    publish(store, cache_a, tree)
+    big_sha = hashlib.sha256(BIG).hexdigest()
+    opts = {"cachedir": str(tmp_path), "ha_backend": "fs", "file_blob_port": 0}
+    assert blobs.BlobService.from_opts(opts, None, cache_a, keypair, list) is None  # lone master
+    assert blobs.BlobService.from_opts(opts, store, cache_a, keypair, list).port is None
+    a = blobs.BlobService.from_opts({**opts, "file_blob_port": -1, "interface": "127.0.0.1"},
+                                    store, cache_a, keypair, list)
+    assert a is not None and a.port is None
+    a.port = 0  # serve on a free port
+    fs_b = FileServer.from_opts({"file_roots": {}, "cachedir": str(tmp_path / "b")}, store)
+    fs_b.blob_cache = cache_b
+    asked: list[int] = []
+
+    def peers() -> list[str]:
+        asked.append(1)
+        return [a.address]
+
+    b = blobs.BlobService(store, cache_b, keypair, peers)
+    other = crypto.load_private_key(crypto.generate_keypair(1024)[0])
+
+    async def scenario() -> None:
+        await a.start()
+        await b.start()
+        stop = asyncio.Event()
+        fs_b.set_blob_missing(b.request_sync)
+        try:
+            assert a.address.endswith(f":{a.server.port}") and b.server is None
+            assert await b.sync_once() == {"fetched": [big_sha], "missing": []}
+            assert fetch(fs_b, "big.bin") == BIG and asked
+            cache_b.prune(set(), 0)  # B lost its copy: the next miss wakes its fetcher
+            assert not cache_b.has(big_sha)
+            a.rekey(other)  # A now accepts only the new key: B (old key) is refused
+            assert (await b.sync_once())["missing"] == [big_sha]
+            b.rekey(other)
+            task = asyncio.create_task(b.sync_forever(stop))
+            assert fetch(fs_b, "big.bin") is None  # missing now; reported to b.request_sync
+            deadline = time.monotonic() + 10
+            while not cache_b.has(big_sha):
+                assert time.monotonic() < deadline, "the cache miss did not wake the fetcher"
+                await asyncio.sleep(0.02)
+            assert fetch(fs_b, "big.bin") == BIG
+            stop.set()
+            b.request_sync()
+            await asyncio.wait_for(task, 5)
+        finally:
+            fs_b.set_blob_missing(None)
+            await a.close()
+            await b.close()
+            store.close()
 
     asyncio.run(scenario())
 

@@ -13,9 +13,10 @@ import pytest
 
 from hamaster.fileroots import open_file_server
 from hamaster.fileroots import server as server_mod
-from hamaster.fileroots.server import FileServer, ReadOnlyDirStore
+from hamaster.fileroots.server import FileServer
 from hamaster.store.base import Change, Store, StoreUnavailable, validate_key, validate_prefix
 from hamaster.store.fs import FsStore
+from hamaster.store.readonly import ReadOnlyDirStore
 
 
 class MemStore(Store):

@@ -7,7 +7,7 @@ import os
 import stat
 
 from hamaster.config import setup_logging
-from hamaster.master.ratelog import MAX_ARG_CHARS, RateLimitedLog
+from hamaster.ratelog import MAX_ARG_CHARS, RateLimitedLog
 
 
 class _Clock:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hamaster.minion.matcher import check_minions, matches
+from hamaster.targeting import check_minions, matches
 
 GRAINS = {
     "os": "Ubuntu",

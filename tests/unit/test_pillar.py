@@ -334,7 +334,7 @@ def test_minion_pillar_module() -> None:
 
 
 def test_pillar_targets_and_nodegroups() -> None:
-    from hamaster.minion.matcher import check_minions, expand_nodegroups, matches
+    from hamaster.targeting import check_minions, expand_nodegroups, matches
 
     pillar = {"role": "web", "web": {"port": 80, "vhosts": ["a", "b"]}}
     assert matches("web:port:80", "pillar", "m", {}, pillar=pillar)
@@ -366,7 +366,7 @@ def test_mine_store_get_delete_flush_and_acl() -> None:
     ids = ["a", "b", "c"]
 
     def check(tgt: object, tgt_type: str) -> list[str]:
-        from hamaster.minion.matcher import check_minions
+        from hamaster.targeting import check_minions
         return check_minions(tgt, tgt_type, ids, lambda _m: {})
 
     assert cache.mine_store("a", {"ip": "1.1.1.1", "os": "x"})
@@ -530,7 +530,7 @@ def test_mine_commands_survive_bad_input() -> None:
     cache = MinionDataCache(None)
 
     def check(tgt: object, tgt_type: str) -> list[str]:
-        from hamaster.minion.matcher import check_minions
+        from hamaster.targeting import check_minions
         return check_minions(tgt, tgt_type, ["a"], lambda _m: {})
 
     cache.mine_store("a", {"f": 1})

@@ -238,6 +238,12 @@ def open_file(root: Root, segments: Sequence[str]) -> tuple[int, os.stat_result]
     return fd, st
 
 
+def clean_segment(name: str) -> bool:
+    """True for a path component that names an entry: neither empty nor ``.`` nor ``..``, and
+    free of NUL bytes and backslashes."""
+    return bool(name) and name not in (".", "..") and "\0" not in name and "\\" not in name
+
+
 def read_at(fd: int, offset: int = 0, size: int = -1) -> bytes | None:
     """``size`` bytes (all with -1) at ``offset`` of the open file ``fd``; None on error."""
     try:

@@ -1,7 +1,9 @@
 """Wires the leader lease, the event bus, the reactor and the master schedule into a master.
 
-``master/daemon.py`` calls :meth:`EventServices.for_master` once, ``start()`` when serving,
-``close()`` when stopping, and ``emit(...)`` at the points where Salt's master fires events.
+The parts live in :mod:`hamaster.events` (which imports nothing of the master); this module is
+the master's side of them. ``master/daemon.py`` calls :meth:`EventServices.for_master` once,
+``start()`` when serving, ``close()`` when stopping, and ``emit(...)`` at the points where
+Salt's master fires events.
 Without a shared store (a single master) the bus, the lease, the reactor and the schedule use a
 private fs store under ``cachedir/events`` (the master is then always the leader).
 Also registers the runners ``state.event``, ``schedule.list`` and ``salt.execute``.
@@ -28,6 +30,7 @@ from hamaster.events.reactor import Reactor, ReactorHost, parse_reactor_option, 
 from hamaster.events.schedule import Scheduler, parse_schedule_option
 from hamaster.master import runners
 from hamaster.master.leader import LeaderElector, elector_for
+from hamaster.master.runners import RunnerContext
 from hamaster.options import opt
 from hamaster.store.base import Lease, StoreError
 from hamaster.store.fs import FsStore
@@ -74,7 +77,7 @@ class _Host(ReactorHost):
         return self._on_loop(go(), 30.0)
 
     def runner(self, fun: str, arg: list, kwarg: dict) -> Any:
-        return self._on_loop(runners.run_runner(self.master, fun, arg, kwarg))
+        return self._on_loop(runners.run_runner(self.master.runner_ctx, fun, arg, kwarg))
 
     def wheel_key(self, fun: str, match: str) -> Any:
         keys = self.master.keys
@@ -203,7 +206,7 @@ class EventServices:
     def _submit(self, fun: str, args: list, kwargs: dict) -> concurrent.futures.Future:
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(
-            runners.run_runner(self.master, fun, args, kwargs), self._loop)
+            runners.run_runner(self.master.runner_ctx, fun, args, kwargs), self._loop)
 
     async def _watch_cluster(self) -> None:
         """Store down/up on this master; master down (seen by the leader, emitted once)."""
@@ -259,14 +262,14 @@ class EventServices:
 # -- runners ---------------------------------------------------------------------------------
 
 
-def _services(master: Master) -> EventServices:
-    svc = getattr(master, "events", None)
+def _services(ctx: RunnerContext) -> EventServices:
+    svc = ctx.events
     if svc is None or svc.bus is None:
         raise runners.RunnerError("this master has no event bus")
     return svc
 
 
-async def state_event(master: Master, tagmatch: str = "*", count: int = -1,
+async def state_event(ctx: RunnerContext, tagmatch: str = "*", count: int = -1,
                       pretty: bool = False, position: str | None = None, wait: float = 1.0,
                       limit: int = 1000) -> dict:
     """One read of the cluster event stream (``hamaster-run state.event`` loops over it).
@@ -275,7 +278,7 @@ async def state_event(master: Master, tagmatch: str = "*", count: int = -1,
     waits up to ``wait`` seconds for a first matching event. ``position`` from any master;
     ``start`` for every retained event; none for events from now on.
     """
-    svc = _services(master)
+    svc = _services(ctx)
     assert svc.bus is not None
     try:
         since = {} if position == "start" else decode_position(position)
@@ -293,9 +296,9 @@ async def state_event(master: Master, tagmatch: str = "*", count: int = -1,
         await asyncio.sleep(0.05)
 
 
-async def schedule_list(master: Master) -> dict:
+async def schedule_list(ctx: RunnerContext) -> dict:
     """The master schedule: every job with its next fire time and newest slot run."""
-    svc = getattr(master, "events", None)
+    svc = ctx.events
     if svc is None or not svc.jobs:
         return {}
     if svc.scheduler is not None:
@@ -303,14 +306,14 @@ async def schedule_list(master: Master) -> dict:
     return {j.name: j.describe() for j in svc.jobs}
 
 
-async def salt_execute(master: Master, tgt: Any, fun: str, arg: Any = (), timeout: Any = None,
+async def salt_execute(ctx: RunnerContext, tgt: Any, fun: str, arg: Any = (), timeout: Any = None,
                        tgt_type: str = "glob", ret: str = "", jid: str = "",
                        kwarg: dict | None = None) -> dict:
     """Salt's ``salt.execute``: publish ``fun`` to ``tgt`` and return ``{minion: return}``."""
     args = list(arg) if isinstance(arg, list | tuple) else [arg]
     if kwarg:
         args.append({"__kwarg__": True, **kwarg})
-    pub = master.publish(tgt, str(fun), args, tgt_type=str(tgt_type), ret=str(ret or ""),
+    pub = ctx.publish(tgt, str(fun), args, tgt_type=str(tgt_type), ret=str(ret or ""),
                          jid=str(jid) if jid else None)
     if not pub.get("jid"):
         return {}
@@ -319,8 +322,8 @@ async def salt_execute(master: Master, tgt: Any, fun: str, arg: Any = (), timeou
     async def got(mid: str, r: dict) -> None:
         out[mid] = r.get("return")
 
-    wait = float(timeout or master.opts.get("timeout", 5))
-    await master.tracker.collect(pub["jid"], set(pub["minions"]), wait, got)
+    wait = float(timeout or ctx.opts.get("timeout", 5))
+    await ctx.tracker.collect(pub["jid"], set(pub["minions"]), wait, got)
     return out
 
 
