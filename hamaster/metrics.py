@@ -119,7 +119,7 @@ class MasterMetrics:
             "Copies of one minion event (sent to several masters) merged away", labels,
             registry=r)
         self.events_dropped = Counter("hamaster_events_dropped_total",
-                                      "Events dropped (writer queue full)", labels, registry=r)
+                                      "Events dropped (writer queue full, or a batch the store refused)", labels, registry=r)
         self.reactions = Counter("hamaster_reactions_total", "Reactor actions, by result",
                                  labels + ["result"], registry=r)
         self.schedule_runs = Counter("hamaster_schedule_runs_total",

@@ -211,7 +211,8 @@ OPTIONS: tuple[Option, ...] = (
     _m("event_retention", 3600.0, FLOAT, "Seconds events stay on the cluster bus."),
     _m("event_memory", 20000, INT, "Events kept in memory per master."),
     _m("event_merge_window", 5.0, FLOAT,
-       "Seconds across which events of the masters are merged in order."),
+       "Copies of one minion event (one per master) that name no job are merged when "
+       "received within this many seconds (also the reactor's claim buckets)."),
     _m("reactor", [], LIST, "Reactor rules: `[{tag glob: [sls, ...]}]`."),
     _m("schedule", {}, DICT, "The master schedule: job name → options."),
     # -- master: REST API

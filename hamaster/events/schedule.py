@@ -115,24 +115,52 @@ class Job:
         return out
 
 
+#: The job options this schedule honours; any other is refused by name (Salt's ``when``,
+#: ``range``, ``once``, ``until``, ``after``, ``returner`` … are not supported: a job that
+#: silently ignored one would run at times the operator did not ask for).
+JOB_KEYS = frozenset({"function", "args", "arg", "kwargs", "kwarg", "seconds", "minutes",
+                      "hours", "days", "cron", "splay", "run_on_start", "maxrunning",
+                      "catch_up", "enabled", "name", "jid_include"})
+
+
+def _number(name: str, key: str, raw: Any) -> float:
+    try:
+        value = float(raw or 0)
+    except (TypeError, ValueError):
+        raise ScheduleConfigError(f"schedule job {name!r}: {key} must be a number, got {raw!r} "
+                                  "(a Salt-style splay {start, end} is not supported)") from None
+    if value < 0:
+        raise ScheduleConfigError(f"schedule job {name!r}: {key} must be >= 0, got {raw!r}")
+    return value
+
+
 def parse_schedule_option(value: Any) -> list[Job]:
-    """``schedule:`` → jobs; raises :class:`ScheduleConfigError` naming the bad job."""
+    """``schedule:`` → jobs; raises :class:`ScheduleConfigError` naming the bad job.
+
+    ``enabled: false`` at the top level turns the whole schedule off (as in Salt): no jobs."""
     if not value:
         return []
     if not isinstance(value, dict):
         raise ScheduleConfigError("schedule must be a map of job name → options")
+    if value.get("enabled", True) is False:
+        return []
     jobs = []
     for name, o in value.items():
-        if name in ("enabled",) or not isinstance(o, dict):
-            if name != "enabled":
-                raise ScheduleConfigError(f"schedule job {name!r} is not a map")
+        if name == "enabled":
             continue
+        if not isinstance(o, dict):
+            raise ScheduleConfigError(f"schedule job {name!r} is not a map")
+        unknown = sorted(str(k) for k in o if k not in JOB_KEYS)
+        if unknown:
+            raise ScheduleConfigError(f"schedule job {name!r}: unsupported option(s) "
+                                      f"{', '.join(unknown)} (docs/events.md lists the "
+                                      "supported ones)")
         fun = o.get("function")
         if not isinstance(fun, str) or not fun:
             raise ScheduleConfigError(f"schedule job {name!r} needs function: <runner>")
         if not all(c.isalnum() or c in "-_." for c in str(name)):
             raise ScheduleConfigError(f"schedule job name {name!r}: letters, digits, -_. only")
-        interval = sum(float(o.get(unit) or 0) * mult for unit, mult in
+        interval = sum(_number(str(name), unit, o.get(unit)) * mult for unit, mult in
                        (("seconds", 1), ("minutes", 60), ("hours", 3600), ("days", 86400)))
         cron = o.get("cron")
         if cron:
@@ -150,11 +178,17 @@ def parse_schedule_option(value: Any) -> list[Job]:
         kwargs = o.get("kwargs", o.get("kwarg")) or {}
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise ScheduleConfigError(f"schedule job {name!r}: args is a list, kwargs a map")
+        try:
+            maxrunning = int(o.get("maxrunning", 1) or 0)
+        except (TypeError, ValueError):
+            raise ScheduleConfigError(f"schedule job {name!r}: maxrunning must be an integer"
+                                      ) from None
         jobs.append(Job(name=str(name), function=fun, args=list(args), kwargs=dict(kwargs),
                         interval=interval, cron=str(cron) if cron else None,
-                        splay=float(o.get("splay") or 0), run_on_start=bool(o.get("run_on_start")),
-                        maxrunning=int(o.get("maxrunning", 1) or 0),
-                        catch_up=bool(o.get("catch_up")), enabled=o.get("enabled", True) is not False))
+                        splay=_number(str(name), "splay", o.get("splay")),
+                        run_on_start=bool(o.get("run_on_start")), maxrunning=maxrunning,
+                        catch_up=bool(o.get("catch_up")),
+                        enabled=o.get("enabled", True) is not False))
     return jobs
 
 

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Every this many seconds the leader deletes reactor claims past their retention.
+CLAIM_SWEEP_EVERY = 600.0
 KEY_ACTS = {"accepted": "accept", "pending": "pend", "rejected": "reject", "denied": "denied"}
 
 
@@ -108,10 +110,13 @@ class EventServices:
         self.bus: EventBus | None = None
         if store is not None:
             self.bus = EventBus(store, master.master_id, master.metrics,
-                                retention=float(opts.get("event_retention") or DEFAULT_RETENTION),
-                                memory=int(opts.get("event_memory") or DEFAULT_MEMORY),
-                                merge_window=float(opts.get("event_merge_window")
-                                                   or DEFAULT_MERGE_WINDOW))
+                                retention=_option("event_retention", opts.get("event_retention"),
+                                                  DEFAULT_RETENTION),
+                                memory=int(_option("event_memory", opts.get("event_memory"),
+                                                   DEFAULT_MEMORY)),
+                                merge_window=_option("event_merge_window",
+                                                     opts.get("event_merge_window"),
+                                                     DEFAULT_MERGE_WINDOW, zero_ok=True))
         self.reactor: Reactor | None = None
         self.scheduler: Scheduler | None = None
         self._tasks: list[asyncio.Task] = []
@@ -209,7 +214,9 @@ class EventServices:
             runners.run_runner(self.master.runner_ctx, fun, args, kwargs), self._loop)
 
     async def _watch_cluster(self) -> None:
-        """Store down/up on this master; master down (seen by the leader, emitted once)."""
+        """Store down/up on this master; master down (seen by the leader, emitted once); the
+        leader deletes reactor claims past their retention every ``CLAIM_SWEEP_EVERY`` s."""
+        last_claim_sweep = time.monotonic()
         while True:
             await asyncio.sleep(2.0)
             ok = self.store.healthy() and (self.master._store_ok or not self.master.state.ha)
@@ -217,8 +224,17 @@ class EventServices:
                 self._store_ok = ok
                 self.emit(f"hamaster/cluster/store/{'up' if ok else 'down'}",
                           {"master_id": self.master.master_id})
-            if (self.elector is None or not self.elector.is_leader()
-                    or not self.master.state.ha):
+            leading = self.elector is not None and self.elector.is_leader()
+            if (leading and self.reactor is not None
+                    and time.monotonic() - last_claim_sweep > CLAIM_SWEEP_EVERY):
+                last_claim_sweep = time.monotonic()
+                try:
+                    gone = await asyncio.to_thread(self.reactor.sweep_claims)
+                    if gone:
+                        log.info("reactor: %d claims past their retention deleted", gone)
+                except StoreError as exc:
+                    log.warning("reactor: claim sweep failed: %s", exc)
+            if not leading or not self.master.state.ha:
                 self._alive = None
                 continue
             try:
@@ -260,6 +276,20 @@ class EventServices:
 
 
 # -- runners ---------------------------------------------------------------------------------
+
+
+def _option(name: str, raw: Any, default: float, zero_ok: bool = False) -> float:
+    """Option ``name``'s value ``raw``, a positive number (``zero_ok``: 0 allowed too); null
+    means the default; anything else is a configuration error naming the option."""
+    if raw is None:
+        return float(default)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ValueError(f"{name} must be {'>= 0' if zero_ok else '> 0'}, got {raw!r}")
+    return value
 
 
 def _services(ctx: RunnerContext) -> EventServices:

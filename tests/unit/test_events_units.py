@@ -278,9 +278,14 @@ def test_schedule_one_run_per_slot_even_with_two_leaders(tmp_path: Path) -> None
 
 def test_schedule_option_errors_and_cron() -> None:
     for bad, msg in (({"j": {"seconds": 1}}, "function"), ({"j": {"function": "f"}}, "seconds"),
-                     ({"j": {"function": "f", "cron": "nope"}}, "cron"), ([1], "map")):
+                     ({"j": {"function": "f", "cron": "nope"}}, "cron"), ([1], "map"),
+                     ({"j": {"function": "f", "seconds": 5, "when": "6pm"}}, "unsupported.*when"),
+                     ({"j": {"function": "f", "seconds": 5, "splay": {"start": 1, "end": 3}}},
+                      "splay must be a number"),
+                     ({"j": {"function": "f", "seconds": -5}}, "seconds must be >= 0")):
         with pytest.raises(ValueError, match=msg):
             parse_schedule_option(bad)
+    assert parse_schedule_option({"enabled": False, "j": {"function": "f", "seconds": 5}}) == []
     (job,) = parse_schedule_option({"c": {"function": "f", "cron": "*/5 * * * *"}})
     slot = job.slot_at_or_before(1_800_000_123.0)
     assert slot % 300 == 0 and slot <= 1_800_000_123 and job.slot_after(slot) == slot + 300
@@ -423,3 +428,14 @@ def test_fs_watch_reports_a_directory_in_key_order(tmp_path: Path) -> None:
         writer.put(k, b"{}")
     reader.poll_now()
     assert seen == sorted(keys)
+
+
+def test_event_number_options_refuse_zero_and_junk_by_name() -> None:
+    from hamaster.master.events import _option
+
+    assert _option("event_retention", None, 3600.0) == 3600.0
+    assert _option("event_merge_window", 0, 5.0, zero_ok=True) == 0.0
+    for raw, msg in ((0, "event_retention must be > 0"), ("x", "must be a number"),
+                     (-1, "must be > 0")):
+        with pytest.raises(ValueError, match=msg):
+            _option("event_retention", raw, 3600.0)
