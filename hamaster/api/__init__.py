@@ -2,9 +2,11 @@
 
 Owns: the aiohttp application and its thread (:mod:`.server`), eauth and ACLs (:mod:`.eauth`),
 tokens in the shared store (:mod:`.tokens`), the lowstate clients (:mod:`.clients`) and the
-narrow interface to the master's event loop (:mod:`.bridge`). Imports from ``hamaster.master``
-only through :mod:`.bridge`; in ``hamaster.master`` the daemon starts it and
-``publisher_acl`` reuses :class:`.eauth.Acl` (:mod:`.eauth` imports nothing of the master).
+narrow interface to the master's event loop (:mod:`.bridge`). Reaches the master's state only
+through :mod:`.bridge`; otherwise imports from ``hamaster.master`` the runners' functions
+(:mod:`.clients`, :mod:`.server`) and the daemon's type for hints. In ``hamaster.master`` the
+daemon starts it and ``publisher_acl`` reuses :class:`.eauth.Acl` (:mod:`.eauth` imports nothing
+of the master).
 """
 
 from __future__ import annotations
