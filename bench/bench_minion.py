@@ -83,7 +83,8 @@ def main() -> None:
 
     sha = subprocess.run([sys.executable, "-c", SHA_PROBE], capture_output=True, text=True,
                          check=True).stdout.split()
-    print(json.dumps({"sha256_MBps_hashlib": int(sha[0]), "sha256_MBps_crypto_hexdigest": int(sha[1]),
+    print(json.dumps({"sha256_MBps_hashlib": int(sha[0]),
+                      "sha256_MBps_crypto_hexdigest": int(sha[1]),
                       "_hashlib_loaded": sha[2] == "True", "ssl_loaded": sha[3] == "True"}),
           flush=True)
 
