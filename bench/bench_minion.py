@@ -4,11 +4,11 @@ Run: ``python bench/bench_minion.py [--minions 3] [--mib 100] [--repeat 3]``.
 Starts one master (``file_roots`` holding a ``--mib`` MiB file of random bytes) and ``--minions``
 minions at log level ``warning``; once all answer and have idled for a few heartbeats, reports
 the median minion RSS and a breakdown by mapping (Python heap and anonymous memory vs shared
-libraries), then the wall time of ``hamaster MINION cp.get_file salt://big DEST`` (the minion
-fetches the file in ``file_buffer_size`` chunks, checks its SHA-256, writes it) and the SHA-256
-throughput, in a process importing the minion's entry point, of :mod:`hashlib` and of
-:func:`hamaster.crypto.hexdigest` (what the minion hashes files with). Prints JSON lines; asserts
-nothing.
+libraries), then the wall time and the minion's CPU time of ``hamaster MINION cp.get_file
+salt://big DEST`` (the minion fetches the file in ``file_buffer_size`` chunks, each checked with
+HMAC-SHA256, checks the file's SHA-256, writes it), and the SHA-256 throughput, in a process
+importing the minion's entry point, of :mod:`hashlib` and of :func:`hamaster.crypto.hexdigest`
+(what the minion hashes files with). Prints JSON lines; asserts nothing.
 """
 
 from __future__ import annotations
@@ -51,6 +51,13 @@ def rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used (from /proc)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_by_mapping(pid: int) -> dict[str, float]:
@@ -108,19 +115,21 @@ def main() -> None:
                           "minion_rss_mib": [round(r, 1) for r in rss],
                           "by_mapping_mib": rss_by_mapping(procs[0].pid)}), flush=True)
 
-        times = []
+        times, cpu = [], []
         for i in range(args.repeat):
             dest = c.base / f"dest{i}"
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_s(procs[0].pid)
             res = c.run("hamaster", "-t", "300", "--out", "json", "--static", ids[0],
                         "cp.get_file", "salt://big", str(dest), timeout=600)
             times.append(time.perf_counter() - t0)
+            cpu.append(cpu_s(procs[0].pid) - c0)
             got = json.loads(res.stdout)
             assert got == {ids[0]: str(dest)}, (res.stdout, res.stderr)
             assert dest.stat().st_size == args.mib * 1024 * 1024
             dest.unlink()
         print(json.dumps({f"cp_get_file_{args.mib}MiB_s": [round(t, 2) for t in times],
                           "median_s": round(statistics.median(times), 2),
+                          "minion_cpu_s_median": round(statistics.median(cpu), 2),
                           "minion_rss_after_mib": round(rss_mib(procs[0].pid), 1)}), flush=True)
     finally:
         c.close()
