@@ -894,7 +894,8 @@ def _parse_json_objects(text: str) -> dict[str, Any] | None:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    """``python saltenv.py [VERSION …]``: build (or verify) the cached venvs."""
+    """``python -m tests.integration.interop.saltenv [VERSION …]`` from the repository root:
+    build (or verify) the cached venvs."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     versions = list(argv if argv is not None else sys.argv[1:]) or SALT_VERSIONS
     for v in versions:
