@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.integration.harness import Cluster, free_port, wait_until  # noqa: E402
+from tests.integration.harness import Cluster  # noqa: E402
+from tests.kit import free_port, wait_until  # noqa: E402
 
 PING = json.dumps([{"client": "local", "tgt": "*", "fun": "test.ping"}]).encode()
 

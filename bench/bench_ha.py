@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.integration.harness import BIN, Cluster, wait_until  # noqa: E402
+from tests.integration.harness import BIN, Cluster  # noqa: E402
+from tests.kit import wait_until  # noqa: E402
 
 
 def two_masters(c: Cluster, extra: dict | None = None) -> None:

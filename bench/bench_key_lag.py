@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hamaster.config import load_master_config  # noqa: E402
 from hamaster.localapi import LocalClient  # noqa: E402
 from hamaster.master.shared import open_shared_state  # noqa: E402
-from tests.integration.harness import Cluster, wait_until  # noqa: E402
+from tests.integration.harness import Cluster  # noqa: E402
+from tests.kit import wait_until  # noqa: E402
 
 
 def ping_via(conf_dir: Path, mid: str, timeout: float = 1.0) -> bool:

@@ -45,6 +45,10 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.kit import free_port, stop_group, wait_until  # noqa: E402
+
 BIN = Path(sys.executable).parent
 
 SCRAPER = r"""
@@ -78,14 +82,6 @@ def timed_scrapes(port: int, n: int) -> list[float]:
         capture_output=True, text=True, check=True, timeout=600,
     )
     return json.loads(res.stdout)["ms"]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metric(body: str, name: str) -> float | None:
@@ -217,15 +213,7 @@ def main() -> None:
 
         thread = threading.Thread(target=lambda: asyncio.run(serve()), name="master-loop", daemon=True)
         thread.start()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                scrape(mport)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        wait_until(lambda: scrape(mport), 30, 0.1, "the master's /metrics", ignore=(OSError,))
 
         # baseline: the same master before any minion connects
         base_ms = timed_scrapes(mport, args.scrapes)
@@ -304,13 +292,7 @@ def main() -> None:
         if thread is not None and "loop" in loop_box:
             loop_box["loop"].call_soon_threadsafe(master.stop)
             thread.join(timeout=20)
-        if swarm is not None and swarm.poll() is None:
-            swarm.terminate()
-            try:
-                swarm.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                swarm.kill()
-                swarm.wait()
+        stop_group(swarm, 30)
         shutil.rmtree(base, ignore_errors=True)
 
 

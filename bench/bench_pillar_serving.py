@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_pillar import make_tree  # noqa: E402
 from hamaster.localapi import LocalClient  # noqa: E402
-from tests.integration.harness import Cluster, wait_until  # noqa: E402
+from tests.integration.harness import Cluster  # noqa: E402
+from tests.kit import wait_until  # noqa: E402
 
 SWARM_PKI = Path("/var/cache/hamaster-bench/pillar-swarm-pki")
 

@@ -14,7 +14,7 @@ import secrets
 import tempfile
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
@@ -22,6 +22,13 @@ ENC_ALGOS = {"OAEP-SHA1": hashes.SHA1, "OAEP-SHA224": hashes.SHA224}
 SIG_ALGOS = {"PKCS1v15-SHA1": hashes.SHA1, "PKCS1v15-SHA224": hashes.SHA224}
 DEFAULT_ENC_ALGO = "OAEP-SHA1"
 DEFAULT_SIG_ALGO = "PKCS1v15-SHA1"
+
+#: hashlib names of the digests :func:`hexdigest` takes from cryptography's OpenSSL.
+OPENSSL_DIGESTS: dict[str, type[hashes.HashAlgorithm]] = {
+    "md5": hashes.MD5, "sha1": hashes.SHA1, "sha224": hashes.SHA224, "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384, "sha512": hashes.SHA512, "sha3_224": hashes.SHA3_224,
+    "sha3_256": hashes.SHA3_256, "sha3_384": hashes.SHA3_384, "sha3_512": hashes.SHA3_512,
+}
 
 
 class CryptoError(Exception):
@@ -113,6 +120,25 @@ def pem_fingerprint(pem: bytes | str, algo: str = "sha256") -> str:
     body = "".join(line + "\n" for line in lines if not line.startswith("-----"))
     digest = hashlib.new(algo, body.encode()).hexdigest()
     return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+def hexdigest(algo: str, data: bytes) -> str:
+    """The hex digest of ``data`` with ``algo`` (a :mod:`hashlib` name), for bulk data (files).
+
+    Computed by the OpenSSL that cryptography links statically when it has the algorithm: a
+    minion's :mod:`hashlib` has only CPython's built-in hashes (:mod:`hamaster.cli.lean`), ~5×
+    slower on large files. Other names go to :func:`hashlib.new` (ValueError when unknown).
+    """
+    cls = OPENSSL_DIGESTS.get(algo.lower())
+    if cls is not None:
+        try:
+            h = hashes.Hash(cls())
+        except UnsupportedAlgorithm:  # e.g. MD5 under an OpenSSL FIPS provider
+            pass
+        else:
+            h.update(data)
+            return h.finalize().hex()
+    return hashlib.new(algo, data).hexdigest()
 
 
 def _enc_hash(algo: str) -> type[hashes.HashAlgorithm]:

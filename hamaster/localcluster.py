@@ -33,12 +33,6 @@ BACKENDS = store_registry.names()
 RSYNC_MAX_BACKOFF = 2.0  # a local peer that is back is retried within 2 s (default 30 s)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def program(name: str) -> str:
     """The path of console script ``name`` next to this Python (else ``name``, from PATH)."""
     cand = Path(sys.executable).parent / name
@@ -110,8 +104,8 @@ class LocalCluster:
                 "master_id": f"master{i + 1}",
                 "root_dir": str(self.base / f"master{i + 1}"),
                 "interface": "127.0.0.1",
-                "publish_port": _free_port(),
-                "ret_port": _free_port(),
+                "publish_port": cs.free_port(),
+                "ret_port": cs.free_port(),
                 **per_master[i],
                 "log_level": "info",
                 "timeout": 5,
@@ -161,7 +155,7 @@ class LocalCluster:
                                    f"stop what uses them, or remove {self.base} and start afresh")
         else:
             shutil.rmtree(datadir, ignore_errors=True)
-            ports = [(_free_port(), _free_port()) for _ in names]
+            ports = [(cs.free_port(), cs.free_port()) for _ in names]
         datadir.mkdir(parents=True, exist_ok=True)
         initial = cs.etcd_initial_cluster([(nm, pp) for nm, (_, pp) in zip(names, ports, strict=True)])
         for nm, (cp, pp) in zip(names, ports, strict=True):
@@ -183,7 +177,7 @@ class LocalCluster:
         for i in range(n):
             name = f"master{i + 1}"
             ha_dir = self.base / name / "ha"
-            port = _free_port()
+            port = cs.free_port()
             conf, passfile = cs.write_rsyncd_config(self.base / "rsyncd" / name, ha_dir, port, password)
             services.append({
                 "name": f"rsyncd-{name}", "kind": "rsyncd", "master": name, "pid": None, "port": port,

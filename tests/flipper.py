@@ -8,13 +8,12 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.kit import kill_group, wait_until
 
 _SCRIPT = r"""
 import os, sys
@@ -36,14 +35,10 @@ def flipping(base: Path, target: Path, timeout: float = 10.0) -> Iterator[subpro
     proc = subprocess.Popen([sys.executable, "-c", _SCRIPT, str(base), str(target)],
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + timeout
-        while not (base / "flipper.ready").exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"flipper did not start (exit {proc.poll()})")
-            time.sleep(0.01)
+        wait_until(lambda: (base / "flipper.ready").exists() or proc.poll() is not None,
+                   timeout, 0.01, "the flipper to start")
+        assert proc.poll() is None, f"flipper did not start (exit {proc.poll()})"
         yield proc
         assert proc.poll() is None, "the flipper died: the race was not exercised"
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        kill_group(proc)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import base64
 import hmac
 import os
-from hashlib import sha256
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as openssl_hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from hamaster.bus import codec
@@ -30,6 +31,14 @@ class CrypticleError(ValueError):
 def generate_key_string() -> str:
     """A fresh key string: base64 of 24 AES bytes followed by 32 HMAC bytes."""
     return base64.b64encode(os.urandom(AES_KEY_SIZE + HMAC_KEY_SIZE)).decode()
+
+
+def _mac(key: bytes, body: bytes | memoryview) -> bytes:
+    """HMAC-SHA256 by cryptography's OpenSSL: a minion's :mod:`hmac` has only CPython's built-in
+    SHA-256 (:mod:`hamaster.cli.lean`), 6x slower on a 1 MiB file chunk and 2x on a small one."""
+    h = openssl_hmac.HMAC(key, hashes.SHA256())
+    h.update(body)
+    return h.finalize()
 
 
 class Crypticle:
@@ -56,14 +65,14 @@ class Crypticle:
         pad = 16 - len(data) % 16
         enc = Cipher(algorithms.AES(self._aes_key), modes.CBC(iv)).encryptor()
         body = iv + enc.update(data + bytes([pad]) * pad) + enc.finalize()
-        return body + hmac.new(self._hmac_key, body, sha256).digest()
+        return body + _mac(self._hmac_key, body)
 
     def decrypt(self, data: bytes | memoryview) -> bytes:
         """Check the HMAC (constant time) and padding, and return the plaintext."""
         if len(data) < 16 + 16 + SIG_SIZE or (len(data) - SIG_SIZE) % 16:
             raise CrypticleError("ciphertext has an impossible length")
         body, mac = data[:-SIG_SIZE], data[-SIG_SIZE:]
-        if not hmac.compare_digest(hmac.new(self._hmac_key, body, sha256).digest(), mac):
+        if not hmac.compare_digest(_mac(self._hmac_key, body), mac):
             raise CrypticleError("HMAC check failed (wrong key or tampered data)")
         dec = Cipher(algorithms.AES(self._aes_key), modes.CBC(body[:16])).decryptor()
         plain = dec.update(body[16:]) + dec.finalize()

@@ -59,9 +59,8 @@ def cmd_list(verbose: bool = False) -> int:
     from hamaster.drill.spec import SCENARIOS
 
     for s in SCENARIOS.values():
-        state = "" if s.implemented else " [not implemented]"
         caveat = " [limits: list -v]" if s.note and not verbose else ""
-        print(f"{s.name:<16} {s.summary}{state}{caveat}")
+        print(f"{s.name:<16} {s.summary}{caveat}")
         if s.note and verbose:
             print(textwrap.indent(textwrap.fill(f"note: {s.note}", 84), " " * 17))
     return 0

@@ -73,7 +73,6 @@ class Scenario:
 
     name: str
     summary: str
-    implemented: bool
     measures: tuple[str, ...]
     note: str = ""
 
@@ -90,17 +89,16 @@ LEADER_SCENARIOS = ("leader-kill", "leader-freeze", "leader-partition")
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
-        Scenario("kill", "SIGKILL one master, then restart it.",
-                 True, _FAILOVER),
-        Scenario("stop", "Stop one master gracefully (SIGTERM or its stop command), start it again.", True, _FAILOVER),
-        Scenario("freeze", "SIGSTOP one master (a hung host), then SIGCONT.", True, _FAILOVER),
+        Scenario("kill", "SIGKILL one master, then restart it.", _FAILOVER),
+        Scenario("stop", "Stop one master gracefully (SIGTERM or its stop command), start it again.", _FAILOVER),
+        Scenario("freeze", "SIGSTOP one master (a hung host), then SIGCONT.", _FAILOVER),
         Scenario("partition", "Cut one master off minions (locally: iptables DROP of its ports on lo; its fs store access stays).",
-                 True, _FAILOVER,
+                 _FAILOVER,
                  note="locally the victim keeps its access to an fs ha_dir (a directory cannot be cut by "
                  "iptables), so cluster.status keeps showing it alive; detection is from the minions' view. "
                  "Needs iptables and root; on real hosts give isolate/heal commands."),
         Scenario("backend-loss", "Lose (part of) the store: fs ha_dir renamed away, etcd members or an rsync "
-                 "daemon stopped, or your stop/start commands.", True,
+                 "daemon stopped, or your stop/start commands.",
                  ("max_failed_pings", "max_detect_s", "max_recovery_s", "max_lost_results", "key_change_visible",
                   "key_change_refused", "max_store_errors"),
                  note="fs: no key change (a key command would re-create the renamed ha_dir). etcd with quorum "
@@ -109,18 +107,18 @@ SCENARIOS: dict[str, Scenario] = {
                  "converges (or is accepted again) once quorum returns. rsync: the masters pushing to the "
                  "stopped daemon report store_ok: false (replication degraded, writes kept locally); the key "
                  "change is made through one of them and must reach the peer after it returns."),
-        Scenario("minion-storm", "Restart every minion at once; all must answer through every master again.", True,
+        Scenario("minion-storm", "Restart every minion at once; all must answer through every master again.",
                  ("max_failed_pings", "max_recovery_s", "key_change_visible"),
                  note="no tracked job (a job dies with its minion) and no detection; failed pings are counted "
                  "after the minions are back, not while they are down."),
-        Scenario("rolling-restart", "Restart every master in turn; pings through the others must never fail.", True,
+        Scenario("rolling-restart", "Restart every master in turn; pings through the others must never fail.",
                  ("max_failed_pings", "max_recovery_s", "max_lost_results", "key_change_visible")),
-        Scenario("leader-kill", "SIGKILL the master holding the leader lease, then restart it.", True, _LEADER,
+        Scenario("leader-kill", "SIGKILL the master holding the leader lease, then restart it.", _LEADER,
                  note=_LEADER_NOTE),
         Scenario("leader-freeze", "SIGSTOP the leader past the lease TTL, SIGCONT it after another master "
-                 "took over.", True, _LEADER, note=_LEADER_NOTE),
+                 "took over.", _LEADER, note=_LEADER_NOTE),
         Scenario("leader-partition", "Cut the leader off minions and the store (iptables), then heal.",
-                 True, _LEADER,
+                 _LEADER,
                  note=_LEADER_NOTE + " Locally needs an etcd cluster, iptables and root (an fs ha_dir "
                  "cannot be cut, the leader would keep its lease); on real hosts give isolate/heal "
                  "commands that also cut the store."),

@@ -3,8 +3,8 @@
 - ``bus`` — Salt-shaped events (tag, data with ``_stamp``) written by every master to the shared
   store (``events/<master_id>/<seq>``, one value per batch, bounded retention), read back as one
   logical stream on every master; copies of one minion event merged.
-- ``render`` — a minimal ``jinja|yaml`` renderer for reactor sls files (to be unified with the
-  pillar renderer).
+- ``render`` — reactor sls files rendered through the renderer pillar and states share
+  (:mod:`hamaster.pillar.render`), with the event's ``tag`` and ``data``.
 - ``reactor`` — Salt's ``reactor:`` option, run on the lease holder only, each reaction claimed
   create-if-absent under the lease epoch before it acts.
 - ``schedule`` — Salt's master ``schedule:`` option, one run per slot cluster-wide.

@@ -350,7 +350,6 @@ class FileServer:
         self._lock = threading.Lock()
         self._hashes: dict[str, tuple[_Sig, str]] = {}
         self._store_down: set[int] = set()
-        self.bytes_served = 0
 
     @property
     def reads_shared_store(self) -> bool:
@@ -626,8 +625,6 @@ class FileServer:
             data = gzip_mod.compress(data, compresslevel=level)
             ret["gzip"] = level
         ret["data"] = data
-        with self._lock:
-            self.bytes_served += len(data)
         return ret
 
     def envs(self) -> builtins.list[str]:

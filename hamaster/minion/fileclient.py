@@ -6,10 +6,10 @@ chunk, then the content is checked against the hash. Masters are tried in order.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import TYPE_CHECKING
 
+from hamaster import crypto
 from hamaster.bus import codec
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ async def fetch_file(conns: list[MasterConnection], url: str, saltenv: str = "ba
                 loc += len(chunk)
             content = b"".join(chunks)
             algo = str(info.get("hash_type", "sha256"))
-            if hashlib.new(algo, content).hexdigest() != info["hsum"]:
+            if crypto.hexdigest(algo, content) != info["hsum"]:
                 log.warning("hash mismatch fetching %s from %s; trying another master", url, conn.name)
                 continue
             return content

@@ -54,9 +54,6 @@ class KeyRegistryError(Exception):
     """A key operation cannot be done; the message says why and what to do."""
 
 
-KeyError_ = KeyRegistryError
-
-
 class UnknownMinion(KeyRegistryError):
     """No key for this minion id in the requested state(s)."""
 

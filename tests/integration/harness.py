@@ -10,39 +10,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from tests.kit import free_port, kill_group, stop_group, wait_until
+
+__all__ = ["BIN", "Cluster", "Proc", "free_port", "wait_until"]
+
 BIN = Path(sys.executable).parent
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now on ``host``."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_until(cond: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> Any:
-    """Poll ``cond`` until it returns a truthy value; raise AssertionError at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 @dataclass
@@ -77,30 +57,16 @@ class Proc:
             os.killpg(self.pid, sig)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, wait, then SIGKILL the group."""
+        """SIGTERM the group, wait, then SIGKILL it (tests.kit.stop_group); close the log."""
         if self.popen is None:
             return
-        if self.popen.poll() is None:
-            try:
-                os.killpg(self.pid, signal.SIGCONT)
-                os.killpg(self.pid, signal.SIGTERM)
-                self.popen.wait(timeout=timeout)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        if self.popen.poll() is None:
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.popen.wait(timeout=10)
+        stop_group(self.popen, timeout)
         self.log_fh.close()
 
     def kill(self) -> None:
         """SIGKILL the group and reap it."""
         if self.running():
-            os.killpg(self.pid, signal.SIGKILL)
-            assert self.popen is not None
-            self.popen.wait(timeout=10)
+            kill_group(self.popen)
             self.log_fh.close()
 
     def log_text(self) -> str:

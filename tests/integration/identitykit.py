@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from hamaster import crypto
-from tests.integration.harness import Cluster, wait_until
+from tests.integration.harness import Cluster
 from tests.integration.services import etcd_server, rsync_daemon
+from tests.kit import wait_until
 
 BACKENDS = ["fs", "etcd", "rsync"]
 SERVES = re.compile(r"master (\S+) serves the cluster master key ([0-9a-f:]+)")

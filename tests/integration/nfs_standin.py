@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.integration.harness import free_port, wait_until
+from tests.kit import free_port, stop_group, wait_until
 
 SSHD = "/usr/sbin/sshd"
 
@@ -75,11 +74,5 @@ def sshfs_mounts(export: Path, count: int, dir_cache: bool = False) -> Iterator[
                     break
                 subprocess.run(["fusermount3", "-uz", str(mp)], capture_output=True)
                 time.sleep(0.1)
-        if sshd_proc is not None:
-            try:
-                os.killpg(sshd_proc.pid, signal.SIGTERM)
-                sshd_proc.wait(timeout=10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(sshd_proc.pid, signal.SIGKILL)
+        stop_group(sshd_proc, 10)
         shutil.rmtree(work, ignore_errors=True)

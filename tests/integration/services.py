@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from hamaster import cluster_services as cs
-from tests.integration.harness import free_port
+from tests.kit import free_port
 
 
 def need_binary(name: str) -> str:

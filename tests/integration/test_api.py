@@ -25,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.harness import BIN, Cluster, free_port, wait_until
+from tests.integration.harness import BIN, Cluster
+from tests.kit import free_port, wait_until
 
 ALL_CLIENTS = ["local", "local_async", "runner", "wheel"]
 PEPPER = BIN / "pepper"

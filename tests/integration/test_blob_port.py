@@ -22,7 +22,8 @@ import pytest
 from hamaster import crypto
 from hamaster.fileroots import blobs
 from hamaster.fileroots.manifest import BlobCache
-from tests.integration.harness import Cluster, free_port, wait_until
+from tests.integration.harness import Cluster
+from tests.kit import free_port, wait_until
 
 IDLE = 40
 BLOB_HOST = "127.0.0.3"  # file_blob_interface; the master's interface stays 127.0.0.1

@@ -20,7 +20,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.harness import BIN, Cluster, wait_until
+from tests.integration.harness import BIN, Cluster
+from tests.kit import wait_until
 
 GATHER = 3
 

@@ -14,8 +14,9 @@ import zmq
 from hamaster import crypto
 from hamaster.bus import codec, messages
 from hamaster.bus.crypticle import Crypticle, CrypticleError, generate_key_string
-from tests.integration.harness import BIN, Cluster, wait_until
+from tests.integration.harness import BIN, Cluster
 from tests.integration.spy import SpyMinion
+from tests.kit import wait_until
 
 
 def _accept_all(c: Cluster, ids: list[str]) -> None:

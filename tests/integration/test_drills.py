@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.drillkit import assert_drill_passed, drill_file, run_drill
-from tests.integration.harness import BIN, wait_until
+from tests.integration.harness import BIN
+from tests.kit import wait_until
 
 # The targets for one master of two.
 TARGETS = {"max_failed_pings": 0, "max_detect_s": 10, "max_recovery_s": 5, "max_lost_results": 0}

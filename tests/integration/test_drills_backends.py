@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.drillkit import assert_drill_passed, drill_file, run_drill
-from tests.integration.harness import BIN, wait_until
+from tests.integration.harness import BIN
+from tests.kit import wait_until
 
 TARGETS = {"max_failed_pings": 0, "max_detect_s": 10, "max_recovery_s": 5, "max_lost_results": 0}
 FIGURES = ("failed_pings", "pings_sent", "detect_minions_s", "detect_status_s", "recovery_s", "lost_results",

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from hamaster.fileroots.manifest import BLOBS_PREFIX, INLINE_MAX, MANIFEST_PREFIX
-from tests.integration.harness import Cluster, free_port, wait_until
+from tests.integration.harness import Cluster
 from tests.integration.services import EtcdCluster, etcd_server
+from tests.kit import free_port, wait_until
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ import os
 import time
 
 from tests.flipper import flipping
-from tests.integration.harness import Cluster, wait_until
+from tests.integration.harness import Cluster
 from tests.integration.spy import SpyMinion
+from tests.kit import wait_until
 
 DECOY = b"decoy: not a key\n"
 #: Requests are sent until this many, or until the deadline (bounded test time).

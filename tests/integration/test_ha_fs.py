@@ -8,7 +8,8 @@ import threading
 import time
 from pathlib import Path
 
-from tests.integration.harness import Cluster, wait_until
+from tests.integration.harness import Cluster
+from tests.kit import wait_until
 
 
 def _ha_cluster(c: Cluster, n_masters: int = 2, extra: dict | None = None) -> Path:

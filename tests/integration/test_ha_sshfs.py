@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration import nfs_standin
-from tests.integration.harness import Cluster, wait_until
+from tests.integration.harness import Cluster
+from tests.kit import wait_until
 
 pytestmark = pytest.mark.skipif(nfs_standin.available() is not None, reason=str(nfs_standin.available()))
 

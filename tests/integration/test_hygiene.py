@@ -21,8 +21,9 @@ import msgpack
 import pytest
 
 from hamaster.bus import codec, messages
-from tests.integration.harness import BIN, Cluster, free_port, wait_until
+from tests.integration.harness import BIN, Cluster
 from tests.integration.spy import SpyMinion
+from tests.kit import free_port, wait_until
 
 
 def _metrics(port: int) -> str:

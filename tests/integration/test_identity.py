@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from hamaster.pki_sync.keys import generate_keypair
-from tests.integration.harness import Cluster, free_port, wait_until
+from tests.integration.harness import Cluster
 from tests.integration.identitykit import (
     PINNED,
     backend_confs,
@@ -31,6 +31,7 @@ from tests.integration.identitykit import (
     wait_one_key,
 )
 from tests.integration.services import need_binary
+from tests.kit import free_port, wait_until
 
 
 def _need(backend: str) -> None:

@@ -20,8 +20,9 @@ from contextlib import ExitStack
 
 import pytest
 
-from tests.integration.harness import Cluster, wait_until
+from tests.integration.harness import Cluster
 from tests.integration.services import etcd_server, rsync_daemon
+from tests.kit import wait_until
 
 POLL = 0.5          # the default ha_poll_interval: the window the barrier closes
 ROUNDS = {"fs": 12, "etcd": 12, "rsync": 8}

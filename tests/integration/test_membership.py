@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from tests.integration.harness import Cluster, wait_until
+from tests.integration.harness import Cluster
 from tests.integration.services import etcd_server
+from tests.kit import wait_until
 
 TTL = 2.0
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import tempfile
 import urllib.parse
@@ -21,7 +20,8 @@ import yaml
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.harness import Cluster, free_port, wait_until
+from tests.integration.harness import Cluster
+from tests.kit import free_port, stop_group, wait_until
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
@@ -252,13 +252,7 @@ class Prometheus:
             return ""
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=10)
+        stop_group(self.popen, 20)
         self.log.close()
 
 

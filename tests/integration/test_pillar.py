@@ -21,8 +21,9 @@ from hamaster.bus import messages
 from hamaster.config import load_minion_config
 from hamaster.minion.connection import MasterConnection
 from hamaster.minion.identity import MinionIdentity
-from tests.integration.harness import Cluster, wait_until
+from tests.integration.harness import Cluster
 from tests.integration.interop import saltenv
+from tests.kit import free_port, wait_until
 
 TREE = {
     "top.sls": (
@@ -80,8 +81,8 @@ def pillar_cluster(cluster: Cluster) -> dict[str, Any]:
     shared = cluster.base / "ha"
     tree = shared / "pillar_roots" / "base"
     _write_tree(tree)
-    pub = saltenv.free_port("127.0.0.1")
-    ret = saltenv.free_port("127.0.0.1")
+    pub = free_port()
+    ret = free_port()
     for host in ("127.0.0.1", "127.0.0.2"):
         cluster.add_master({"ha_dir": str(shared), "auto_accept": True, "publish_port": pub,
                             "ret_port": ret, "ha_poll_interval": POLL,

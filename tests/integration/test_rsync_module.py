@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path
 
 from hamaster.store.rsync import RsyncStore
-from tests.integration.harness import wait_until
 from tests.integration.services import need_binary, rsync_daemon
+from tests.kit import wait_until
 
 OPS_CONF = Path(__file__).resolve().parents[2] / "ops" / "rsync" / "rsyncd.conf"
 

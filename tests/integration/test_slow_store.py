@@ -16,8 +16,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.harness import Cluster, wait_until
+from tests.integration.harness import Cluster
 from tests.integration.services import EtcdCluster, etcd_server
+from tests.kit import wait_until
 
 STORE_TIMEOUT = 5.0
 

@@ -29,23 +29,15 @@ from hamaster.store import registry
 from hamaster.store.base import Change, InvalidKey, LeaseUnsupported, Store, StoreUnavailable
 from hamaster.store.fs import FsStore
 from tests.integration.services import EtcdCluster, etcd_cluster, etcd_server, rsync_daemon
+from tests.kit import wait_until
 
 POLL = 0.1
 BACKENDS = ["fs", "rsync", "etcd"]     # each has its Backend class and a branch in `backend`
 
 
 def eventually(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-        except StoreUnavailable as exc:
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+    """``wait_until`` where a store outage (StoreUnavailable) counts as "not yet"."""
+    return wait_until(cond, timeout, 0.05, what, ignore=(StoreUnavailable,))
 
 
 class Backend:

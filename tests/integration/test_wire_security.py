@@ -27,8 +27,9 @@ from hamaster import crypto
 from hamaster.bus import codec, messages
 from hamaster.bus.crypticle import Crypticle
 from hamaster.jobs.jid import gen_jid
-from tests.integration.harness import Cluster, free_port, wait_until
+from tests.integration.harness import Cluster
 from tests.integration.spy import SpyMinion
+from tests.kit import free_port, wait_until
 
 
 def _status_kib(pid: int, field: str) -> int:

@@ -39,7 +39,6 @@ def _doc(tmp_path: Path, scenario: str = "leader-kill", backend: str = "fs", **e
 
 def test_leader_scenarios_are_in_the_table_with_their_objectives() -> None:
     for name in LEADER_SCENARIOS:
-        assert SCENARIOS[name].implemented
         assert SCENARIOS[name].measures == ("duplicate_reactions", "missed_reactions",
                                             "duplicate_schedule_runs", "leader_failover_s")
 

@@ -18,6 +18,7 @@ from hamaster.master.leader import elector_for
 from hamaster.metrics import MasterMetrics
 from hamaster.store.base import LeaseUnsupported
 from hamaster.store.fs import FsStore
+from tests.kit import wait_until
 
 
 def _pair(tmp_path: Path) -> tuple[FsStore, FsStore]:
@@ -230,12 +231,9 @@ def test_reactor_claim_left_by_a_dead_leader_is_rerun_with_the_same_jid(tmp_path
     reactor_a = Reactor(rules, a_store, EventBus(a_store, "A"), lambda: old, host_a, "A")
     key, verdict = reactor_a._claim(ev, old)
     assert verdict == "new"
-    deadline = time.monotonic() + 5
-    new = None
-    while new is None and time.monotonic() < deadline:
-        new = b_store.lease_acquire("leader", "B", 5.0)
-        time.sleep(0.05)
-    assert new is not None and new.epoch == old.epoch + 1
+    new = wait_until(lambda: b_store.lease_acquire("leader", "B", 5.0), 5, 0.05,
+                     "B acquiring the lease A held")
+    assert new.epoch == old.epoch + 1
     host_b = RecordingHost({"/r/good.sls": GOOD})
     reactor_b = Reactor(rules, b_store, bus, lambda: new, host_b, "B")
     reactor_b._handle(ev, new)
@@ -365,9 +363,7 @@ def test_huge_event_data_is_replaced_and_batches_stay_small(tmp_path: Path) -> N
         bus.emit("big/one", {"blob": "x" * 2_000_000})
         for i in range(20):
             bus.emit("mid/x", {"blob": "y" * 100_000, "i": i})
-        deadline = time.monotonic() + 10
-        while len(bus.read({}, "*")[0]) < 21 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: len(bus.read({}, "*")[0]) >= 21, 10, 0.05, "21 events readable")
     finally:
         bus.stop()
     got, _ = bus.read({}, "*")

@@ -20,6 +20,7 @@ from hamaster.pki_sync.keys import (
     read_master_keypair,
 )
 from hamaster.store.fs import FsStore
+from tests.kit import wait_until
 
 PREFIX = "pki/master"
 
@@ -27,15 +28,6 @@ PREFIX = "pki/master"
 @pytest.fixture(scope="module")
 def pubs() -> list[str]:
     return [generate_keypair(2048)[1].decode() for _ in range(2)]
-
-
-def wait_for(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return bool(cond())
 
 
 # ------------------------------------------------------------------ the master keypair
@@ -118,8 +110,8 @@ def test_concurrent_auto_accept_on_three_masters_converges(tmp_path: Path, pubs:
             mid = f"m{rnd}"
             if pending_first:
                 stores[0].put(f"{PREFIX}/minions_pre/{mid}", (pubs[0] + "\n").encode())
-                assert wait_for(lambda mid=mid: all(r.state_of(mid) is KeyState.PENDING
-                                                    for r in regs))
+                wait_until(lambda mid=mid: all(r.state_of(mid) is KeyState.PENDING for r in regs),
+                           10, 0.01, f"{mid} pending on every registry")
             barrier = threading.Barrier(3)
             results: list = []
 
@@ -134,8 +126,8 @@ def test_concurrent_auto_accept_on_three_masters_converges(tmp_path: Path, pubs:
             for t in threads:
                 t.join()
             assert results == [AuthDecision.ACCEPTED] * 3, (rnd, results)
-            assert wait_for(lambda mid=mid: all(r.state_of(mid) is KeyState.ACCEPTED
-                                                for r in regs))
+            wait_until(lambda mid=mid: all(r.state_of(mid) is KeyState.ACCEPTED for r in regs),
+                       10, 0.01, f"{mid} accepted on every registry")
     finally:
         for s in stores:
             s.close()
@@ -189,8 +181,10 @@ def test_rsync_masters_agree_on_one_keypair(tmp_path: Path, spacing: float) -> N
         assert len({results[i] for i in range(3)}) == 1
         priv, pub = results[0]
         # every tree converges on that pair, candidates removed
-        assert wait_for(lambda: all(s.get(f"{PREFIX}/master.pem") == priv for s in stores), 30)
-        assert wait_for(lambda: all(s.list(candidates_prefix(PREFIX)) == [] for s in stores), 30)
+        wait_until(lambda: all(s.get(f"{PREFIX}/master.pem") == priv for s in stores), 30, 0.01,
+                   "every tree holding the chosen master.pem")
+        wait_until(lambda: all(s.list(candidates_prefix(PREFIX)) == [] for s in stores), 30, 0.01,
+                   "the candidates removed from every tree")
         assert all(crypto.normalize_pem(s.get(f"{PREFIX}/master.pub")) == crypto.normalize_pem(pub)
                    for s in stores)
     finally:

@@ -27,6 +27,7 @@ from hamaster.pki_sync.confirm import (
 from hamaster.pki_sync.keys import KeyRegistry, KeyState, generate_keypair
 from hamaster.store.base import MEMBERS_PREFIX
 from hamaster.store.fs import FsStore
+from tests.kit import wait_until
 
 POLL = 0.05
 
@@ -116,12 +117,8 @@ def _members(store: FsStore):
 
 
 def _accepted_everywhere(masters: list[FakeMaster], mid: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(m.keys.state_of(mid) is KeyState.ACCEPTED for m in masters):
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"{mid} not accepted on every master")
+    wait_until(lambda: all(m.keys.state_of(mid) is KeyState.ACCEPTED for m in masters),
+               timeout, 0.01, f"{mid} accepted on every master")
 
 
 def test_delete_returns_after_every_master_rotated(cluster, pub) -> None:
@@ -163,10 +160,8 @@ def test_ack_waits_until_the_key_change_callbacks_returned(tmp_path, pub) -> Non
         reg.delete("n2")
         applier = threading.Thread(target=slow.keys.refresh, args=(["n2"],))
         applier.start()
-        deadline = time.monotonic() + 5
-        while slow.keys.state_of("n2") is not None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert slow.keys.state_of("n2") is None and not slow.keys.settled("n2")
+        wait_until(lambda: slow.keys.state_of("n2") is None, 5, 0.01, "n2 gone from m2's registry")
+        assert not slow.keys.settled("n2")
         res = confirm_key_change(store, expect_for(["n2"], False), _members(store), timeout=2.0)
         assert list(res.missing) == ["m2"], res          # held in its callback: not confirmed
         assert "still being applied" in res.missing["m2"]

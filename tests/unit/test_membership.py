@@ -21,7 +21,7 @@ from hamaster.master.membership import (
 )
 from hamaster.store.base import Change, Store
 from hamaster.store.fs import FsStore
-from tests.integration.harness import wait_until
+from tests.kit import wait_until
 
 RECORD = {"version": "1.0", "state": "serving", "config_hash": "abc", "blob_address": "h:1"}
 

@@ -13,6 +13,7 @@ from hamaster.minion.modules import cmd, cp, grains, saltutil, test
 from hamaster.minion.modules import sys as sys_mod
 from hamaster.minion.modules.context import CommandExecutionError, ExecContext
 from hamaster.minion.modules.registry import FunctionRegistry
+from tests.kit import wait_until
 
 
 @pytest.fixture
@@ -106,10 +107,7 @@ def test_cmd_run_timeout_kills_the_process_group(ctx: ExecContext, tmp_path: Pat
     assert out == "Timed out after 1 seconds"
     assert ctx.retcode == 1
     child = int(pidfile.read_text())
-    deadline = time.monotonic() + 5
-    while not _process_gone(child) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _process_gone(child)
+    wait_until(lambda: _process_gone(child), 5, 0.05, f"grandchild {child} killed with the group")
 
 
 def test_cmd_run_all(ctx: ExecContext) -> None:

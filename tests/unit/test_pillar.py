@@ -388,7 +388,7 @@ def test_mine_store_get_delete_flush_and_acl() -> None:
 
 def test_data_cache_shared_through_the_store(tmp_path: Path) -> None:
     from hamaster.master.datacache import MinionDataCache
-    from tests.integration.harness import wait_until
+    from tests.kit import wait_until
 
     a_store, b_store = FsStore(tmp_path / "ha", poll_interval=0.05), FsStore(tmp_path / "ha",
                                                                             poll_interval=0.05)

@@ -299,7 +299,7 @@ def test_a_second_concurrent_state_run_is_refused(tmp_path: Path) -> None:
     th = threading.Thread(target=lambda: results.append(state_mod.apply(ctx, "slow")))
     th.start()
     try:
-        from tests.integration.harness import wait_until
+        from tests.kit import wait_until
 
         wait_until(lambda: state_mod._RUN_LOCK.locked(), 10, what="first run holding the lock")
         ctx2 = _system(tmp_path, files).ctx

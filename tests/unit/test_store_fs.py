@@ -12,15 +12,7 @@ import pytest
 
 from hamaster.store.base import Change, InvalidKey, StoreUnavailable
 from hamaster.store.fs import MARKER_NAME, STAT_RESCAN_EVERY, FsStore
-
-
-def wait_for(cond, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
+from tests.kit import wait_until
 
 
 @pytest.fixture
@@ -156,7 +148,7 @@ def test_watcher_thread_delivers(pair):
     b.start()
     b.start()  # idempotent
     a.put("x/y", b"v")
-    assert wait_for(lambda: Change("x/y", b"v") in seen)
+    wait_until(lambda: Change("x/y", b"v") in seen, 5, 0.01, "the watcher delivering x/y")
     b.close()
     assert b._thread is None
 

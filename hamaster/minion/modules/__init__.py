@@ -1,1 +1,2 @@
-"""Execution modules, one file per module (``test``, ``cmd``, ``grains``, ``sys`` …)."""
+"""Execution modules, one file per module (``test``, ``cmd``, ``grains``, ``sys`` …), listed in
+:data:`.registry.DEFAULT_MODULES`; every function takes the :class:`.context.ExecContext` first."""

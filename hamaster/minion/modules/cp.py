@@ -6,13 +6,13 @@ Files are fetched through ``ctx.fetch_file(path, saltenv)``, supplied by the min
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
 from typing import Any
 from urllib.parse import parse_qs
 
+from hamaster import crypto
 from hamaster.minion.modules.context import CommandExecutionError, ExecContext
 
 log = logging.getLogger(__name__)
@@ -101,4 +101,4 @@ def hash_file(ctx: ExecContext, path: str, saltenv: str = "base") -> dict[str, s
     data = _fetch(ctx, path, saltenv)
     if data is None:
         return {}
-    return {"hsum": hashlib.sha256(data).hexdigest(), "hash_type": "sha256"}
+    return {"hsum": crypto.hexdigest("sha256", data), "hash_type": "sha256"}

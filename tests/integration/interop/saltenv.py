@@ -27,7 +27,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.kit import free_ports, stop_group, wait_until
 
 log = logging.getLogger("hamaster.interop.saltenv")
 
@@ -490,45 +491,12 @@ def _pip_env() -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct free TCP ports on ``host``."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
-
-
-def wait_until(pred, timeout: float, interval: float = 0.2, what: str = "condition"):
-    """Poll ``pred()`` until it returns a truthy value (returned) or raise TimeoutError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 class _SaltDaemon:
@@ -632,22 +600,11 @@ class _SaltDaemon:
         proc = self.proc
         if proc is None:
             return None
-        pgid = proc.pid  # start_new_session=True: the daemon leads its own group
-        t0 = time.monotonic()
-        if proc.poll() is None:
-            _killpg(pgid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning(
-                    "salt-%s pid %s still running %.0f s after SIGTERM; killing its group",
-                    self.role,
-                    proc.pid,
-                    timeout,
-                )
-                _killpg(pgid, signal.SIGKILL)
-                proc.wait(10)
-            self.stop_seconds = time.monotonic() - t0
+        # the whole group, and whatever is left in it after the daemon exits (workers, job
+        # processes): SIGTERM, then SIGKILL (tests.kit.stop_group)
+        took = stop_group(proc, timeout)
+        if took is not None:
+            self.stop_seconds = took
             log.info(
                 "stopped salt-%s pid %s in %.1f s (rc %s)",
                 self.role,
@@ -655,13 +612,6 @@ class _SaltDaemon:
                 self.stop_seconds,
                 proc.returncode,
             )
-        # Whatever is left in the group (workers, job processes): SIGTERM, then SIGKILL.
-        if _group_alive(pgid):
-            _killpg(pgid, signal.SIGTERM)
-            try:
-                wait_until(lambda: not _group_alive(pgid), 3.0, 0.1, "process group exit")
-            except TimeoutError:
-                _killpg(pgid, signal.SIGKILL)
         return self.stop_seconds
 
     def __enter__(self):
@@ -943,25 +893,9 @@ def _parse_json_objects(text: str) -> dict[str, Any] | None:
     return merged
 
 
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 def _main(argv: Sequence[str] | None = None) -> int:
-    """``python saltenv.py [VERSION …]``: build (or verify) the cached venvs."""
+    """``python -m tests.integration.interop.saltenv [VERSION …]`` from the repository root:
+    build (or verify) the cached venvs."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     versions = list(argv if argv is not None else sys.argv[1:]) or SALT_VERSIONS
     for v in versions:

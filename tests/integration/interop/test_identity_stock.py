@@ -17,7 +17,7 @@ import pytest
 
 from hamaster import crypto
 from hamaster.pki_sync.keys import public_pem_of
-from tests.integration.harness import Cluster, wait_until
+from tests.integration.harness import Cluster
 from tests.integration.identitykit import backend_confs, start_masters, wait_one_key
 from tests.integration.interop.test_interop import (
     free_ports_on,
@@ -26,6 +26,7 @@ from tests.integration.interop.test_interop import (
     wait_answers,
 )
 from tests.integration.services import need_binary
+from tests.kit import wait_until
 
 try:
     from tests.integration.interop import saltenv

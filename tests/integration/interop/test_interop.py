@@ -46,8 +46,9 @@ import yaml
 
 from hamaster.bus import messages
 from hamaster.bus.crypticle import Crypticle
-from tests.integration.harness import BIN, Cluster, Proc, wait_until
+from tests.integration.harness import BIN, Cluster, Proc
 from tests.integration.spy import SpyMinion
+from tests.kit import free_ports, wait_until
 
 try:
     from tests.integration.interop import saltenv
@@ -248,7 +249,7 @@ def stop_all(procs: Iterable[Any]) -> None:
 def free_ports_on(n: int, hosts: list[str]) -> list[int]:
     """``n`` distinct TCP port numbers that are free on every one of ``hosts`` right now."""
     for _ in range(50):
-        ports = saltenv.free_ports(n, hosts[0])
+        ports = free_ports(n, hosts[0])
         try:
             for h in hosts[1:]:
                 socks = []
