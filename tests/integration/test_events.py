@@ -23,8 +23,9 @@ from typing import Any
 
 import pytest
 
-from tests.integration.harness import BIN, Cluster, free_port, wait_until
+from tests.integration.harness import BIN, Cluster
 from tests.integration.interop import saltenv
+from tests.kit import free_port, wait_until
 
 TTL = 2.0
 
