@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from hamaster.localapi import LocalClient
 from tests.integration.harness import BIN, Cluster
 from tests.integration.interop import saltenv
 from tests.kit import free_port, wait_until
@@ -195,16 +196,26 @@ def test_reactor_and_schedule_run_once_across_a_leader_kill(backend_opts: dict) 
             c.wait_all_answer([mid], master=i, timeout=60)
         leader = _leader(c, [0, 1, 2])
         other = [i for i in range(3) if i != leader]
-        n_events = 20
+        n_events = 20       # a stock minion runs each event.send and reaction as a job
 
         def fire(n: int, through: int) -> None:
-            res = c.run("hamaster", "--async", mid, "event.send", "hmtest/n",
-                        json.dumps({"n": n}), master=through)
-            assert res.returncode == 0, res.stdout + res.stderr
+            """Publish ``event.send`` through a master's CLI socket (what ``hamaster --async``
+            does, without a CLI process start-up per event)."""
+            sock = Path(c.masters[through]["conf"]["root_dir"]) / "var/run/hamaster/master"
+            with LocalClient(str(sock), timeout=30) as cli:
+                cli.send({"cmd": "publish", "tgt": mid, "tgt_type": "glob",
+                          "fun": "event.send", "arg": ["hmtest/n", {"n": n}], "timeout": 10,
+                          "wait": False})
+                pub = cli.recv()
+            assert pub.get("jid"), pub
 
         for n in range(8):
             fire(n, other[0])
-        wait_until(lambda: len(_lines(out)) >= 4, 30, 0.1, "reactions before the kill")
+        try:
+            wait_until(lambda: len(_lines(out)) >= 4, 60, 0.1, "reactions before the kill")
+        except AssertionError:
+            _dump(c, minion, out)
+            raise
         killed_at = time.time()
         victim = c.masters[leader]["proc"]
         if fault == "kill":
