@@ -139,12 +139,23 @@ append_n:
 """
 
 
-@pytest.fixture(params=["etcd-kill", "fs-kill", "etcd-freeze"])
-def backend_opts(request) -> Iterator[dict]:
+@pytest.fixture(params=["etcd-kill", "fs-kill", "etcd-freeze", "sshfs-kill"])
+def backend_opts(request, tmp_path: Path) -> Iterator[dict]:
     """Store options, plus ``fault``: SIGKILL the leader, or SIGSTOP it past the lease TTL and
-    SIGCONT it after the new leader took over."""
+    SIGCONT it after the new leader took over. ``sshfs``: the fs backend with each master on its
+    own sshfs mount of one export (the NFS stand-in: no cross-mount inotify, stale listings)."""
     backend, fault = request.param.split("-")
-    if backend == "etcd":
+    if backend == "sshfs":
+        from tests.integration import nfs_standin
+
+        why = nfs_standin.available()
+        if why:
+            pytest.skip(why)
+        export = tmp_path / "export"
+        export.mkdir()
+        with nfs_standin.sshfs_mounts(export, 3) as mounts:
+            yield {"ha_dirs": [str(m) for m in mounts], "fault": fault}
+    elif backend == "etcd":
         from tests.integration.services import etcd_server
 
         with etcd_server() as cluster:
@@ -184,8 +195,9 @@ def test_reactor_and_schedule_run_once_across_a_leader_kill(backend_opts: dict) 
                 "args": [mid, "cmd.run", [f"date +%s.%N >> {sched_out}"]],
                 "kwargs": {"timeout": 3}}},
         })
-        for host in hosts:
-            c.add_master(dict(opts), host=host)
+        ha_dirs = opts.pop("ha_dirs", None)
+        for i, host in enumerate(hosts):
+            c.add_master({**opts, **({"ha_dir": ha_dirs[i]} if ha_dirs else {})}, host=host)
         addrs = [f"{h}:{ret}" for h in hosts]
         minion = saltenv.SaltMinionProc(salt_bin, c.base / "stock", mid, addrs,
                                         extra=stock_minion_config("3008.5", pub))
