@@ -122,6 +122,6 @@ def missing_leader_options(opts: dict, want_schedule: bool) -> list[str]:
                    "[<path of the drill reactor sls>])")
     sched = opts.get("schedule") or {}
     if want_schedule and not (isinstance(sched, dict) and isinstance(sched.get(SCHEDULE_JOB), dict)):
-        out.append(f"schedule: no job {SCHEDULE_JOB!r} (salt.execute test.echo {SCHEDULE_MARKER} every "
-                   f"{SCHEDULE_SECONDS} s)")
+        out.append(f"schedule: no job {SCHEDULE_JOB!r} (salt.execute test.echo {SCHEDULE_MARKER} "
+                   f"every {SCHEDULE_SECONDS} s)")
     return out
