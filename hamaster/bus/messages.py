@@ -146,7 +146,8 @@ def parse_request(
         enc = small("enc")
         if enc == "clear":
             if len(data) > max_clear:
-                raise BadRequest("too_large", f"clear request of {len(data)} bytes exceeds {max_clear}")
+                raise BadRequest("too_large",
+                                 f"clear request of {len(data)} bytes exceeds {max_clear}")
             ls, le = fields["load"]
             load = codec.loads(data[ls:le])
             if not isinstance(load, dict):
@@ -339,11 +340,13 @@ def parse_auth_request(req: ClearRequest) -> AuthRequest:
 
 def _signed_clear(master_priv: rsa.RSAPrivateKey, inner: dict, sig_algo: str) -> bytes:
     body = codec.dumps(inner)
-    return codec.dumps({"enc": "clear", "load": body, "sig": crypto.sign(master_priv, body, sig_algo)})
+    return codec.dumps({"enc": "clear", "load": body,
+                        "sig": crypto.sign(master_priv, body, sig_algo)})
 
 
 def auth_status_reply(
-    master_priv: rsa.RSAPrivateKey, ret: bool, nonce: str | None, sig_algo: str = crypto.DEFAULT_SIG_ALGO
+    master_priv: rsa.RSAPrivateKey, ret: bool, nonce: str | None,
+    sig_algo: str = crypto.DEFAULT_SIG_ALGO
 ) -> bytes:
     """Signed ``{"ret": True|False, "nonce"}``: True = pending, False = rejected/denied."""
     inner: dict[str, Any] = {"ret": ret}
@@ -413,17 +416,20 @@ def pillar_reply(
     key_str = pillar_key or generate_key_string()
     enc_key = crypto.oaep_encrypt(minion_pub, key_str.encode(), enc_algo)
     data = codec.dumps({"key": enc_key, "pillar": pillar, "nonce": nonce})
-    sealed = Crypticle(key_str).dumps({"data": data, "sig": crypto.sign(master_priv, data, sig_algo)})
+    sealed = Crypticle(key_str).dumps({"data": data,
+                                       "sig": crypto.sign(master_priv, data, sig_algo)})
     return codec.dumps({"key": enc_key, "pillar": sealed})
 
 
 def wrap_publication(
-    pub_cipher: Crypticle, master_priv: rsa.RSAPrivateKey, inner: dict, sig_algo: str = crypto.DEFAULT_SIG_ALGO
+    pub_cipher: Crypticle, master_priv: rsa.RSAPrivateKey, inner: dict,
+    sig_algo: str = crypto.DEFAULT_SIG_ALGO
 ) -> bytes:
     """A publication frame: encrypted load, signed over the ciphertext."""
     load = pub_cipher.dumps(inner)
     return codec.dumps(
-        {"enc": "aes", "load": load, "sig_algo": sig_algo, "sig": crypto.sign(master_priv, load, sig_algo)}
+        {"enc": "aes", "load": load, "sig_algo": sig_algo,
+         "sig": crypto.sign(master_priv, load, sig_algo)}
     )
 
 
@@ -605,7 +611,8 @@ def aes_request(
     )
 
 
-def stamp_load(load: dict, minion_id: str, tok: bytes, nonce: str, now: float | None = None) -> dict:
+def stamp_load(load: dict, minion_id: str, tok: bytes, nonce: str,
+               now: float | None = None) -> dict:
     """Add the fields every v3 aes request carries: ``nonce``, ``ts``, ``tok`` (and ``id``)."""
     load.setdefault("id", minion_id)
     load["nonce"] = nonce

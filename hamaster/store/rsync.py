@@ -433,7 +433,8 @@ class RsyncStore(FsStore):
         argv = [
             # --omit-dir-times: let the receiver's directory mtimes move when files land, so its
             # poller (which re-lists a directory only when its mtime changes) sees them at once.
-            self.rsync, "-rt", "--omit-dir-times", "--update", "--modify-window=-1", "-p", "--chmod=D0700,F0600",
+            self.rsync, "-rt", "--omit-dir-times", "--update", "--modify-window=-1", "-p",
+            "--chmod=D0700,F0600",
             "--backup", f"--backup-dir={BACKUP_DIR}", f"--timeout={self.io_timeout}",
             f"--exclude=/{MARKER_NAME}", f"--include=/{TOMB_DIR}/", "--exclude=.*",
         ]
