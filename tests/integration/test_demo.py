@@ -27,5 +27,6 @@ def test_demo_passes_and_cleans_up() -> None:
         for entry in state.get("services", []) + state.get("masters", []) + state.get("minions", []):
             assert not entry.get("pid"), f"{entry['name']} still recorded as running after the demo"
     finally:
-        subprocess.run([str(BIN / "hamaster-cluster"), "down", "--dir", str(base)], capture_output=True, timeout=90)
+        subprocess.run([str(BIN / "hamaster-cluster"), "down", "--dir", str(base)],
+                       capture_output=True, timeout=90)
         shutil.rmtree(base, ignore_errors=True)

@@ -73,7 +73,8 @@ def value(body: str, name: str, **labels: str) -> float | None:
 
 
 def promtool_check(body: str) -> None:
-    res = subprocess.run([PROMTOOL, "check", "metrics"], input=body, capture_output=True, text=True, timeout=30)
+    res = subprocess.run([PROMTOOL, "check", "metrics"], input=body,
+                         capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, f"promtool check metrics failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
 
 
@@ -108,7 +109,8 @@ def ha_masters(c: Cluster, n: int = 2, extra: dict | None = None) -> list[int]:
 # -- one master: exposition, promtool, values --------------------------------------------------
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: apt-get install --no-install-recommends prometheus")
+@pytest.mark.skipif(PROMTOOL is None,
+                    reason="promtool missing: apt-get install --no-install-recommends prometheus")
 def test_metrics_exposition_and_values_move(cluster: Cluster) -> None:
     port = free_port()
     m = cluster.add_master({"metrics_port": port, "auto_accept": True})
@@ -125,13 +127,15 @@ def test_metrics_exposition_and_values_move(cluster: Cluster) -> None:
         if n.startswith("hamaster_"):
             assert lab.get("master_id") == "master0", (n, lab)
     # key counts are refreshed by the housekeeping pass (every 2 s), not on every key event
-    wait_until(lambda: value(scrape(port), "hamaster_keys", state="minions") == 1, 10, 0.2, "1 accepted key")
+    wait_until(lambda: value(scrape(port), "hamaster_keys", state="minions") == 1,
+               10, 0.2, "1 accepted key")
     body = scrape(port)
     assert value(body, "hamaster_keys", state="minions_pre") == 0
     assert value(body, "hamaster_auth_requests_total", result="accepted") >= 1
     assert value(body, "hamaster_store_up") == 1
     assert value(body, "hamaster_config_info") == 1
-    wait_until(lambda: value(scrape(port), "hamaster_minions_connected") == 1, 10, 0.2, "minions_connected == 1")
+    wait_until(lambda: value(scrape(port), "hamaster_minions_connected") == 1, 10, 0.2,
+               "minions_connected == 1")
 
     # a ping: one job published, one return received, one latency observation
     before = scrape(port)
@@ -164,7 +168,8 @@ def test_metrics_port_zero_disables(cluster: Cluster) -> None:
 # -- two HA masters: store, watch, sync lag, drift info ----------------------------------------
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: apt-get install --no-install-recommends prometheus")
+@pytest.mark.skipif(PROMTOOL is None,
+                    reason="promtool missing: apt-get install --no-install-recommends prometheus")
 def test_ha_store_and_cluster_metrics(cluster: Cluster) -> None:
     ports = ha_masters(cluster, 2, {"auto_accept": True})
     cluster.add_minion("hs1")
@@ -210,7 +215,8 @@ class Prometheus:
         self.dir = Path(tempfile.mkdtemp(prefix="prom-", dir=base))
         self.port = free_port()
         conf = {
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s",
+                       "evaluation_interval": "1s"},
             "scrape_configs": [{"job_name": "hamaster", "static_configs": [{"targets": targets}]}],
         }
         (self.dir / "prometheus.yml").write_text(yaml.safe_dump(conf))
@@ -256,13 +262,15 @@ class Prometheus:
         self.log.close()
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus missing: apt-get install --no-install-recommends prometheus")
+@pytest.mark.skipif(PROMETHEUS is None,
+                    reason="prometheus missing: apt-get install --no-install-recommends prometheus")
 def test_real_prometheus_scrapes_two_ha_masters(cluster: Cluster) -> None:
     ports = ha_masters(cluster, 2, {"auto_accept": False})
     inst = {f"127.0.0.1:{p}": f"master{i}" for i, p in enumerate(ports)}
     for mid in ("p1", "p2"):
         cluster.add_minion(mid)
-    wait_until(lambda: set(cluster.keys(0)["minions_pre"]) >= {"p1", "p2"}, 20, 0.2, "p1, p2 pending")
+    wait_until(lambda: set(cluster.keys(0)["minions_pre"]) >= {"p1", "p2"},
+               20, 0.2, "p1, p2 pending")
     cluster.run("hamaster-key", "-a", "p1", "-y", master=0, check=True)
     cluster.run("hamaster-key", "-a", "p2", "-y", master=1, check=True)
     cluster.wait_all_answer(["p1", "p2"], master=0)
@@ -284,7 +292,8 @@ def test_real_prometheus_scrapes_two_ha_masters(cluster: Cluster) -> None:
 
         # one more minion: pending on both, then accepted through master0, counted on both
         cluster.add_minion("p3")
-        wait_until(lambda: q('hamaster_keys{state="minions_pre"}') == dict.fromkeys(both, 1.0), 30, 0.5,
+        wait_until(lambda: q('hamaster_keys{state="minions_pre"}') == dict.fromkeys(both, 1.0), 30,
+                   0.5,
                    "p3 pending on both masters")
         cluster.run("hamaster-key", "-a", "p3", "-y", master=0, check=True)
         wait_until(lambda: q('hamaster_keys{state="minions"}') == dict.fromkeys(both, 3.0), 30, 0.5,
@@ -298,7 +307,8 @@ def test_real_prometheus_scrapes_two_ha_masters(cluster: Cluster) -> None:
         dead = f"127.0.0.1:{ports[1]}"
         alive = f"127.0.0.1:{ports[0]}"
         cluster.masters[1]["proc"].kill()
-        wait_until(lambda: q('up{job="hamaster"}') == {dead: 0.0, alive: 1.0}, 30, 0.5, "up == 0 for the killed master")
+        wait_until(lambda: q('up{job="hamaster"}') == {dead: 0.0, alive: 1.0}, 30, 0.5,
+                   "up == 0 for the killed master")
         wait_until(lambda: q("hamaster_cluster_masters_alive") == {"master0": 1.0}, 30, 0.5,
                    "master0 sees one master alive")
         assert q("hamaster_minions_connected") == {"master0": 3.0}

@@ -115,9 +115,9 @@ def test_big_nested_frame_refused_at_once_and_pings_keep_answering(cluster: Clus
         t.join(70)
         ctx.term()
     hwm_growth_mib = (_status_kib(pid, "VmHWM") - hwm_before) / 1024
-    print(f"\nbig frame: {len(reply_times)} refusals, reply time max {max(reply_times or [0]):.3f} s, "
-          f"master peak RSS +{hwm_growth_mib:.0f} MiB; {len(ping_times)} pings meanwhile, "
-          f"max {max(ping_times):.2f} s")
+    print(f"\nbig frame: {len(reply_times)} refusals, reply time max {max(reply_times or [0]):.3f} "
+          f"s, master peak RSS +{hwm_growth_mib:.0f} MiB; {len(ping_times)} pings meanwhile, max "
+          f"{max(ping_times):.2f} s")
     assert not errors, errors
     assert len(reply_times) >= 5
     assert max(reply_times) < 1.0, reply_times
@@ -381,7 +381,8 @@ def test_new_id_flood_bounded(cluster: Cluster) -> None:
     elapsed = time.monotonic() - t0
     pending = cluster.keys().get("minions_pre", [])
     throttled = _metric(port, "hamaster_keys_throttled_total")
-    print(f"\nflood: 60 new ids in {elapsed:.2f} s -> {len(pending)} pending, {throttled:.0f} throttled")
+    print(f"\nflood: 60 new ids in {elapsed:.2f} s -> {len(pending)} pending, "
+          f"{throttled:.0f} throttled")
     assert len(pending) <= min(12, 5 + 5 * elapsed + 1)
     assert len(pending) + throttled == 60
     assert throttled > 0

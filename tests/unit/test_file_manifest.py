@@ -61,7 +61,8 @@ def fetch(fs: FileServer, path: str, env: str = "base") -> bytes | None:
 def test_entry_round_trip_and_malformed():
     e = Entry("a" * 64, 10, 0o644, True)
     assert Entry.from_json(e.to_json()) == e
-    assert json.loads(e.to_json()) == {"sha256": "a" * 64, "size": 10, "mode": 0o644, "inline": True}
+    assert json.loads(e.to_json()) == {"sha256": "a" * 64, "size": 10,
+                                       "mode": 0o644, "inline": True}
     for bad in (None, b"", b"[]", b"{", b'{"sha256": "xyz", "size": 1}',
                 json.dumps({"sha256": "A" * 64, "size": 1}).encode(),
                 json.dumps({"sha256": "a" * 64, "size": -1}).encode(),
@@ -301,7 +302,8 @@ def test_prune_keeps_named_and_recent_blobs(tmp_path: Path) -> None:
     stale_tmp.write_bytes(b"half a download")
     (cache.root / "not-a-blob.txt").write_bytes(b"someone else's file")
     now = time.time()
-    for path in (cache.path(named), cache.path(old_unnamed), stale_tmp, cache.root / "not-a-blob.txt"):
+    for path in (cache.path(named), cache.path(old_unnamed), stale_tmp,
+                 cache.root / "not-a-blob.txt"):
         os.utime(path, (now - 7200, now - 7200))
 
     removed = cache.prune({named}, older_than=3600, now=now)

@@ -331,7 +331,8 @@ def assert_refused(fs: FileServer, load: dict) -> None:
 
 
 @pytest.mark.parametrize("path", [
-    "../secret.txt", "salt://../secret.txt", "sub/../../secret.txt", "salt://sub/../../../secret.txt",
+    "../secret.txt", "salt://../secret.txt", "sub/../../secret.txt",
+    "salt://sub/../../../secret.txt",
     "..", "salt://..", "/etc/passwd", "salt:///etc/passwd", "//etc/passwd",
     "ok.sls\0", "ok\0.sls", "salt://ok.sls\0/../x",
     "..\\secret.txt", "sub\\..\\..\\secret.txt", "salt://..\\..\\secret.txt", "ok.sls\\",
@@ -523,7 +524,8 @@ def test_in_root_symlinks_resolved_beneath_the_root(jail, caplog):
     assert fetch(fs, "dotted") == b"real"
     assert fetch(fs, "chain3") == b"real"
     with caplog.at_level(logging.WARNING, logger="hamaster.fileroots.server"):
-        for path in ["loop_a", "loop_b", "sub/via_parent", f"chain{server_mod.beneath.MAX_HOPS + 1}"]:
+        for path in ["loop_a", "loop_b", "sub/via_parent",
+                     f"chain{server_mod.beneath.MAX_HOPS + 1}"]:
             assert_refused(fs, {"path": path})
     files = fs.file_list({})
     assert "abs_inside" in files and "abs_dir/real.txt" in files and "dotted" in files

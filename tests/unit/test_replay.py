@@ -96,7 +96,8 @@ def test_registry_holds_back_new_keys_without_recording_them(tmp_path) -> None:
     assert decisions == [AuthDecision.PENDING] * 6
     assert len(reg.list_keys()[KeyState.PENDING]) == 3
     # auto_accept is not bounded (the operator accepts whoever asks)
-    auto = KeyRegistry(FsStore(tmp_path / "pki2"), "", auto_accept=True, throttle=NewKeyThrottle(0, 1))
+    auto = KeyRegistry(FsStore(tmp_path / "pki2"), "", auto_accept=True,
+                       throttle=NewKeyThrottle(0, 1))
     auto.load()
     assert all(auto.authorize(f"a{i}", pub.decode()) is AuthDecision.ACCEPTED for i in range(3))
 
@@ -145,7 +146,8 @@ def test_handler_window_refuses_an_old_request_even_when_its_nonce_was_forgotten
 
 def test_handler_requires_a_nonce(rig: Rig) -> None:
     body = {"cmd": "_minion_event", "id": MINION_ID, "ts": int(time.time()), "tok": rig.tok}
-    frame = codec.dumps({"enc": "aes", "load": rig.session.dumps(body), "version": 3, "id": MINION_ID})
+    frame = codec.dumps({"enc": "aes", "load": rig.session.dumps(body),
+                         "version": 3, "id": MINION_ID})
     assert _answer(rig, frame) == "bad load"
 
 

@@ -183,7 +183,8 @@ def errors(text: str, allow: Iterable[str] = ()) -> list[str]:
 
 def hm_json(c: Cluster, *args: str, master: int = 0, timeout: float = 10) -> tuple[Any, Any]:
     """``hamaster --out json --static -t TIMEOUT *args``: (parsed output or None, CompletedProcess)."""
-    res = c.run("hamaster", "--out", "json", "--static", "-t", str(timeout), *args, master=master, timeout=timeout + 60)
+    res = c.run("hamaster", "--out", "json", "--static", "-t", str(timeout), *args,
+                master=master, timeout=timeout + 60)
     try:
         data = json.loads(res.stdout) if res.stdout.strip() else None
     except json.JSONDecodeError:
@@ -196,7 +197,8 @@ def hm_ping(c: Cluster, target: str, *flags: str, master: int = 0, timeout: floa
     return data if isinstance(data, dict) else {}
 
 
-def wait_answers(c: Cluster, ids: Iterable[str], *, master: int = 0, timeout: float = 90, target: str | None = None) -> float:
+def wait_answers(c: Cluster, ids: Iterable[str], *, master: int = 0, timeout: float = 90,
+                 target: str | None = None) -> float:
     """Paced ``test.ping`` until every id answers True through ``master``; returns the seconds taken."""
     want = set(ids)
     t0 = time.monotonic()
@@ -286,7 +288,8 @@ class StockFleet:
     master: dict
     minions: dict[str, saltenv.SaltMinionProc]  # version -> minion
     witness: str = "hm-witness"
-    answered_at: dict[str, int] = field(default_factory=dict)  # version -> log offset at first answer
+    # version -> log offset at first answer
+    answered_at: dict[str, int] = field(default_factory=dict)
     steady: dict[str, str] | None = None
     restart: dict[str, float] = field(default_factory=dict)
 
@@ -369,7 +372,8 @@ class TestStockMinionOnHamaster:
         mn = f.minion(version)
         mid = mn.minion_id
         try:
-            wait_until(lambda: mid in key_lists(f.c).get("minions_pre", []), 90, 0.5, f"{mid} pending")
+            wait_until(lambda: mid in key_lists(f.c).get("minions_pre", []),
+                       90, 0.5, f"{mid} pending")
         except AssertionError as exc:
             pytest.fail(f"{exc}\n{f.diag(version)}")
         text = f.c.run("hamaster-key", "-L", check=True).stdout
@@ -444,7 +448,8 @@ class TestStockMinionOnHamaster:
         if version not in f.answered_at:
             pytest.skip("the command test did not get this minion answering")
         dest = mn.root_dir / "cp-motd.txt"
-        data, res = hm_json(f.c, mid, "cp.get_file", "salt://interop/motd.txt", str(dest), timeout=20)
+        data, res = hm_json(f.c, mid, "cp.get_file",
+                            "salt://interop/motd.txt", str(dest), timeout=20)
         assert data == {mid: str(dest)}, (res.stdout, res.stderr)
         assert dest.read_text() == "served by hamaster\n"
         data, res = hm_json(f.c, mid, "cp.list_master", timeout=20)
@@ -454,7 +459,8 @@ class TestStockMinionOnHamaster:
         data, res = hm_json(f.c, mid, "mine.get", "*", "test.ping", timeout=20)
         assert data == {mid: {}}, res.stdout  # the mine is not kept: _mine_get answers {}
         managed = mn.root_dir / "state-motd.txt"
-        data, res = hm_json(f.c, mid, "state.apply", "probe", f"pillar={{\"dest\": \"{managed}\"}}", timeout=60)
+        data, res = hm_json(f.c, mid, "state.apply", "probe",
+                            f"pillar={{\"dest\": \"{managed}\"}}", timeout=60)
         states = (data or {}).get(mid)
         assert isinstance(states, dict) and len(states) == 2, (res.stdout, res.stderr)
         assert all(st["result"] is True for st in states.values()), states
@@ -552,7 +558,8 @@ class TestStockMinionOnHamaster:
         took = time.monotonic() - f.restart["killed_at"]
         after = mn.log_text()[int(f.restart[f"offset-{version}"]):]
         auths = auth_requests(after)
-        print(f"{mn.minion_id}: answering {took:.1f} s after the master was killed ({len(auths)} _auth)")
+        print(f"{mn.minion_id}: answering {took:.1f} s after the master was killed "
+              f"({len(auths)} _auth)")
         assert mn.running
         # it re-authenticated because the new master has new keys, and then stopped
         assert 1 <= len(auths) <= 3, auths
@@ -580,7 +587,8 @@ class TestStockMinionOnHamaster:
         after = mn.log_text()[before:]
         assert "Executing command test.echo" not in after and marker not in after, tail(after)
         # its key comes back as pending (it re-authenticated with it), never as accepted
-        wait_until(lambda: mid in key_lists(c).get("minions_pre", []), 30, 0.5, f"{mid} pending again")
+        wait_until(lambda: mid in key_lists(c).get("minions_pre", []), 30,
+                   0.5, f"{mid} pending again")
         assert mid not in key_lists(c)["minions"]
 
 
@@ -596,7 +604,8 @@ class HaFleet:
     hm_ids: list[str]
 
     def diag(self) -> str:
-        parts = [f"--- {m['proc'].name} ---\n{tail(m['proc'].log_text(), 2000)}" for m in self.c.masters]
+        parts = [
+            f"--- {m['proc'].name} ---\n{tail(m['proc'].log_text(), 2000)}" for m in self.c.masters]
         parts += [mn.describe() for mn in self.stock.values()]
         return "\n".join(parts)
 
@@ -615,11 +624,14 @@ def ha_fleet() -> Any:
         # both on the same ports, as two hosts would be.
         pub, ret = free_ports_on(2, ["127.0.0.1", "127.0.0.2"])
         for host in ("127.0.0.1", "127.0.0.2"):
-            c.add_master({"ha_dir": str(shared), "timeout": 10, "publish_port": pub, "ret_port": ret}, host=host)
+            c.add_master(
+                {"ha_dir": str(shared), "timeout": 10, "publish_port": pub, "ret_port": ret},
+                host=host)
         addrs = [f"{m['host']}:{m['conf']['ret_port']}" for m in c.masters]
         for v, b in bins.items():
             stock[v] = saltenv.SaltMinionProc(
-                b, c.base / f"s{v}", minion_id_for(v, "multi"), addrs, extra=stock_minion_config(v, pub)
+                b, c.base / f"s{v}", minion_id_for(v, "multi"), addrs,
+                extra=stock_minion_config(v, pub)
             )
         for mn in stock.values():
             mn.start()
@@ -627,8 +639,10 @@ def ha_fleet() -> Any:
         for mid in hm_ids:
             c.add_minion(mid)
         want = {mn.minion_id for mn in stock.values()} | set(hm_ids)
-        wait_until(lambda: set(key_lists(c, 1).get("minions_pre", [])) >= want, 90, 0.5, "all keys pending")
-        c.run("hamaster-key", "-A", "-y", master=1, check=True)  # accepted through B, used through A
+        wait_until(lambda: set(key_lists(c, 1).get("minions_pre", [])) >= want,
+                   90, 0.5, "all keys pending")
+        # accepted through B, used through A
+        c.run("hamaster-key", "-A", "-y", master=1, check=True)
         yield HaFleet(c, stock, hm_ids)
     finally:
         stop_all(stock.values())
@@ -670,7 +684,9 @@ class TestHaFleet:
         for mn in ha_fleet.stock.values():
             text = mn.log_text()
             accepted = text.rfind("Minion is ready to receive requests")
-            known = [*KNOWN_SALT_JOB_NOISE.get(mn.config["grains"]["salt_release"], []), MULTI_MASTER_NOISE]
+            known = [
+                *KNOWN_SALT_JOB_NOISE.get(mn.config["grains"]["salt_release"], []),
+                MULTI_MASTER_NOISE]
             assert errors(text[accepted:], allow=known) == [], errors(text[accepted:], allow=known)
             assert auth_requests(text[accepted:]) == [], auth_requests(text[accepted:])
 
@@ -720,13 +736,16 @@ def salt_masters() -> Any:
     try:
         for v, b in bins.items():
             # two workers instead of five: three masters boot at once on a small machine
-            sm = saltenv.SaltMasterProc(b, c.base / f"sm{v}", interface="127.0.0.1", extra={"worker_threads": 2})
+            sm = saltenv.SaltMasterProc(b, c.base / f"sm{v}", interface="127.0.0.1",
+                                        extra={"worker_threads": 2})
             sm.start()
-            envs[v] = OnSaltMaster(v, sm, c, None, f"hm-on-salt-{v.replace('.', '-')}")  # type: ignore[arg-type]
+            # type: ignore[arg-type]
+            envs[v] = OnSaltMaster(v, sm, c, None, f"hm-on-salt-{v.replace('.', '-')}")
         for e in envs.values():
             e.sm.wait_ready(120)
             fake = {"host": "127.0.0.1", "conf": {"ret_port": e.sm.ret_port}}
-            e.minion = c.add_minion(e.mid, masters=[fake], extra={"grains": {"role": "hamaster-minion"}})
+            e.minion = c.add_minion(e.mid, masters=[fake],
+                                    extra={"grains": {"role": "hamaster-minion"}})
         if SALT_MASTER_VERSION in envs:  # the Salt fleet that the migration test moves
             e = envs[SALT_MASTER_VERSION]
             e.stock = saltenv.SaltMinionProc(
@@ -826,7 +845,8 @@ class TestWithSaltMaster:
         assert hamaster_loud(text[since:]) == [], hamaster_loud(text[since:])
 
 
-    def test_migrate_salt_fleet_to_hamaster_masters(self, salt_masters: dict[str, OnSaltMaster]) -> None:
+    def test_migrate_salt_fleet_to_hamaster_masters(self,
+                                                    salt_masters: dict[str, OnSaltMaster]) -> None:
         """The documented migration: copy salt-master's keypair and accepted keys into
         ``ha_dir/pki/master/``, start two hamaster masters on it, point the minions at both.
         Nobody re-accepts a key and no minion re-pins a master key."""
@@ -860,14 +880,17 @@ class TestWithSaltMaster:
         pub, ret = free_ports_on(2, ["127.0.0.1", "127.0.0.2"])
         first = len(e.c.masters)
         for host in ("127.0.0.1", "127.0.0.2"):
-            e.c.add_master({"ha_dir": str(shared), "timeout": 10, "publish_port": pub, "ret_port": ret}, host=host)
+            e.c.add_master(
+                {"ha_dir": str(shared), "timeout": 10, "publish_port": pub, "ret_port": ret},
+                host=host)
         for i in (first, first + 1):
             keys = key_lists(e.c, i)
             assert {stock_id, e.mid} <= set(keys["minions"]) and not keys["minions_pre"], keys
         # `hamaster-key -F` prints the fingerprint a minion's `master_finger` must hold; the
         # stock minion below is restarted with it and checks the hamaster masters against it.
         # (salt-key 3008.5 -F hashes the whole PEM text instead: a different value.)
-        hm_fp = json.loads(e.c.run("hamaster-key", "-F", "--out", "json", master=first, check=True).stdout)
+        hm_fp = json.loads(
+            e.c.run("hamaster-key", "-F", "--out", "json", master=first, check=True).stdout)
         master_finger = hm_fp["local"]["master.pub"]
         # 3. point the minions at both masters and restart them
         pinned = (e.stock.pki_dir / "minion_master.pub").read_text()
@@ -911,14 +934,17 @@ class TestBadInput:
             # an old minion opens a new connection for each _auth: four sockets, four routing ids
             frames = []
             for _ in range(3):
-                load = {"cmd": "_auth", "id": "old-minion", "pub": spy.pub_text, "nonce": messages.new_nonce()}
+                load = {"cmd": "_auth", "id": "old-minion", "pub": spy.pub_text,
+                        "nonce": messages.new_nonce()}
                 frames.append(msgpack.packb({"enc": "clear", "load": load, "version": 2}))
-            body = messages.stamp_load({"cmd": "_minion_event", "tag": "x", "data": {}}, "old-minion", spy.tok, messages.new_nonce())
+            body = messages.stamp_load({"cmd": "_minion_event", "tag": "x", "data": {}},
+                                       "old-minion", spy.tok, messages.new_nonce())
             frames.append(messages.aes_request("old-minion", session, body, version=2))
             for frame in frames:
                 assert spy.roundtrip(frame) == BAD_LOAD_FRAME
             # the same request as version 3 is served
-            body = messages.stamp_load({"cmd": "_minion_event", "tag": "x", "data": {}}, "old-minion", spy.tok, messages.new_nonce())
+            body = messages.stamp_load({"cmd": "_minion_event", "tag": "x", "data": {}},
+                                       "old-minion", spy.tok, messages.new_nonce())
             reply = spy.roundtrip(messages.aes_request("old-minion", session, body))
             assert messages.parse_aes_reply(reply, session, body["nonce"]) is None
         finally:
@@ -934,7 +960,8 @@ class TestBadInput:
         a = cluster.add_master({"auto_accept": True}, host="127.0.0.1")
         b = cluster.add_master({"auto_accept": True}, host="127.0.0.2")
         proc = cluster.add_minion("pinned1", masters=[a])
-        wait_until(lambda: cluster.ping("pinned1", master=0, timeout=3) == {"pinned1": True}, 30, 0.2, "pinned1 via A")
+        wait_until(lambda: cluster.ping("pinned1", master=0, timeout=3) == {"pinned1": True},
+                   30, 0.2, "pinned1 via A")
         pinned = (Path(cluster.base) / "minion-pinned1").rglob("minion_master.pub")
         pinned_path = next(iter(pinned))
         pinned_before = pinned_path.read_text()
