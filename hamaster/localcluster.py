@@ -137,7 +137,8 @@ class LocalCluster:
 
     def _configure_etcd(self, old: dict, endpoints: list[str] | None,
                         n: int, services: list[dict]) -> dict:
-        """Either an existing etcd (own prefix) or ``n`` local members (ports kept across up/down)."""
+        """Either an existing etcd (own prefix) or ``n`` local members (ports kept across
+        up/down)."""
         if endpoints:
             prev = old.get("etcd") or {}
             prefix = prev.get("prefix") if prev.get("endpoints") == endpoints and not prev.get("local") else None
@@ -174,7 +175,8 @@ class LocalCluster:
                 "endpoints": [e["endpoint"] for e in services], "prefix": "/hamaster"}
 
     def _configure_rsync(self, n: int, services: list[dict]) -> list[dict]:
-        """Per master: its own ha_dir, an authenticated rsync daemon serving it, the others as peers."""
+        """Per master: its own ha_dir, an authenticated rsync daemon serving it, the others as
+        peers."""
         rsync_bin = shutil.which("rsync")
         if rsync_bin is None:
             raise RuntimeError("--backend rsync needs rsync (Debian: apt-get install rsync)")
@@ -327,7 +329,8 @@ class LocalCluster:
         raise RuntimeError(f"{m['name']} did not become ready in {timeout}s")
 
     def ping(self, m: dict, timeout: float = 3) -> dict:
-        """``test.ping`` to every minion through master ``m``: {id: True} for those that answered."""
+        """``test.ping`` to every minion through master ``m``: {id: True} for those that
+        answered."""
         from hamaster.config import load_master_config
         from hamaster.localapi import LocalApiError, LocalClient
 

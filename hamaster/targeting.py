@@ -251,7 +251,8 @@ def parse_compound(tgt: str) -> _Node:
 
 
 def _pillar_exact(expr: str, pillar: Mapping[str, Any], delimiter: str) -> bool:
-    """``key[:subkey...]:value`` where the value equals (as a string) or, for a list, contains it."""
+    """``key[:subkey...]:value`` where the value equals (as a string) or, for a list, contains
+    it."""
     parts = expr.split(delimiter)
     for split in range(1, len(parts)):
         found, value = _lookup(pillar, parts[:split])

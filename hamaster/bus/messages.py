@@ -3,7 +3,8 @@
 Master side: :func:`parse_request` → :class:`ClearRequest` / :class:`AesRequest`,
 :func:`parse_auth_request` (every wire check of an ``_auth``; :class:`AuthRefused` carries
 Salt's answer), :func:`open_aes_request`, :func:`aes_reply`, :func:`auth_*_reply`,
-:func:`pillar_reply`, :func:`wrap_publication`. Minion side: :func:`auth_request`, :func:`parse_auth_reply`,
+:func:`pillar_reply`, :func:`wrap_publication`. Minion side: :func:`auth_request`,
+:func:`parse_auth_reply`,
 :func:`aes_request`, :func:`parse_aes_reply`, :func:`parse_pillar_reply`,
 :func:`open_publication`. No sockets, no clocks except where a caller passes them in.
 Map key orders follow what real Salt 3008.5 puts on the wire.
@@ -622,7 +623,8 @@ def stamp_load(load: dict, minion_id: str, tok: bytes, nonce: str,
 
 
 def parse_aes_reply(frame: bytes, session: Crypticle, nonce: str) -> Any:
-    """Decrypt a master's reply to an aes request; raises :class:`BadLoadReply` on ``"bad load"``."""
+    """Decrypt a master's reply to an aes request; raises :class:`BadLoadReply` on
+    ``"bad load"``."""
     try:
         obj = _envelope(frame)
     except codec.DecodeError as exc:

@@ -11,7 +11,8 @@ group when it leads one), ``hamaster-master -c CONFDIR`` / ``hamaster-minion -c 
 start (``cluster_dir`` mode), iptables rules on the loopback interface to isolate, ``rename(2)``
 of an fs ``ha_dir`` to lose the backend, and on an etcd or rsync ``hamaster-cluster`` the
 recorded etcd members / rsync daemons stopped by PID (SIGKILL by default) and restarted with
-their recorded command line (the undo waits until each serves again). With a command (``systemctl …``, ``ssh host …``) the
+their recorded command line (the undo waits until each serves again). With a command
+(``systemctl …``, ``ssh host …``) the
 command is run through ``sh -c`` with ``{name} {host} {pid} {confdir} {ret_port} {publish_port}``
 filled in.
 """
@@ -294,7 +295,8 @@ class Actions:
     # -- leader-partition: the victim's process cut off minions *and* the store --------------------
 
     def isolate_process(self, node: Node) -> Undo:
-        """Cut ``node`` off everything (``leader-partition``); with ``commands.isolate`` that command.
+        """Cut ``node`` off everything (``leader-partition``); with ``commands.isolate`` that
+        command.
 
         Locally: the minion-facing port rules of :meth:`isolate`, plus a DROP of every packet the
         victim's processes send on ``lo`` (``iptables -m cgroup --path``: its process group is moved
@@ -613,7 +615,8 @@ def _process_group(pid: int) -> list[int]:
 
 
 def wait_master_socket(node: Node, timeout: float, running: Callable[[], bool]) -> None:
-    """Wait until the local master's CLI socket accepts a connection (a stale file does not count)."""
+    """Wait until the local master's CLI socket accepts a connection (a stale file does not
+    count)."""
     from hamaster.config import load_master_config
     from hamaster.localapi import LocalApiError, LocalClient
 

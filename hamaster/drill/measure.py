@@ -261,7 +261,8 @@ class Pinger(threading.Thread):
 
 
 class StoreSampler(threading.Thread):
-    """Samples ``store_ok`` of every master from its own ``cluster.status`` while a backend is lost."""
+    """Samples ``store_ok`` of every master from its own ``cluster.status`` while a backend is
+    lost."""
 
     def __init__(self, apis: list[MasterApi], interval: float = 0.25) -> None:
         super().__init__(name="drill-store-sampler", daemon=True)
@@ -283,7 +284,8 @@ class StoreSampler(threading.Thread):
             self._stop_evt.wait(self.interval)
 
     def stop(self) -> None:
-        """Stop sampling now; a status call still in flight (a store timing out) is not waited for."""
+        """Stop sampling now; a status call still in flight (a store timing out) is not waited
+        for."""
         self.stopped_at = round(time.monotonic() - self.t0, 3)
         self._stop_evt.set()
         self.join(timeout=0.5)
@@ -338,7 +340,8 @@ class LogWatcher:
 
 def wait_for(cond: Callable[[], Any],
              timeout: float, interval: float = 0.1) -> tuple[Any, float | None]:
-    """Poll ``cond`` until truthy: ``(value, seconds taken)`` or ``(last value, None)`` at the deadline."""
+    """Poll ``cond`` until truthy: ``(value, seconds taken)`` or ``(last value, None)`` at the
+    deadline."""
     t0 = time.monotonic()
     last: Any = None
     while True:
@@ -453,7 +456,8 @@ class EventFirer(threading.Thread):
 def reactions_seen(api: MasterApi, minion: str, path: str,
                    nonce: int, timeout: float = 15) -> list[int]:
     """The numbers the drill reactor appended for ``nonce`` to ``path`` on ``minion`` (one entry per
-    line: a number twice means it was reacted to twice); read with ``cmd.run grep`` through ``api``."""
+    line: a number twice means it was reacted to twice); read with ``cmd.run grep`` through
+    ``api``."""
     import shlex
 
     got = api.call([minion], "cmd.run",

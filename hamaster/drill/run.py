@@ -213,7 +213,8 @@ class DrillRun:
 
     @staticmethod
     def _key_in_state(api: MasterApi, kid: str, state: str) -> bool:
-        """Whether ``hamaster-key -l STATE`` through ``api`` (its store, not its memory) lists ``kid``."""
+        """Whether ``hamaster-key -l STATE`` through ``api`` (its store, not its memory) lists
+        ``kid``."""
         res = api.key("-l", state, "--out", "json")
         try:
             data = json.loads(res.stdout) if res.returncode == 0 else {}
@@ -447,7 +448,8 @@ class DrillRun:
             self.say(f"{who} store_ok: false after {worst:.2f} s")
 
     def _key_change_via(self) -> MasterApi:
-        """Through whom backend-loss changes a key: a degraded master if only some are, else the last."""
+        """Through whom backend-loss changes a key: a degraded master if only some are, else the
+        last."""
         names = [m.name for m in self.d.masters]
         down = self.d.store_down_on
         if down and len(down) < len(names):
@@ -491,7 +493,8 @@ class DrillRun:
                           f"everywhere: {msg}")
 
     def _converge_key(self, via: MasterApi, apis: list[MasterApi]) -> None:
-        """After a refused key change: the key converges, or is accepted again, once the store is back."""
+        """After a refused key change: the key converges, or is accepted again, once the store is
+        back."""
         assert self.kid
         if self._key_in_state(via, self.kid, "acc"):
             self.measured["key_change_landed_late"] = True

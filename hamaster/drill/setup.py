@@ -65,7 +65,8 @@ def leader_drill_options(sls_path: str, minion: str) -> dict[str, Any]:
 def write_leader_drill_config(base: Path, confdirs: list[str], minion: str,
                               lease_ttl: float | None = None) -> Path:
     """Write the reactor sls under ``base/drill/`` and ``master.d/hamaster-drill.conf`` into every
-    master's confdir (the same on each); ``lease_ttl`` also sets ``ha_lease_ttl``. Returns the sls."""
+    master's confdir (the same on each); ``lease_ttl`` also sets ``ha_lease_ttl``. Returns the
+    sls."""
     sls = base / "drill" / "hamaster-drill-reactor.sls"
     sls.parent.mkdir(parents=True, exist_ok=True)
     sls.write_text(REACTOR_SLS)

@@ -32,12 +32,16 @@ minions, PIDs, confdirs and logs are read from its ``cluster.json``) or explicit
     backend:                        # backend-loss: how to take the shared store away and back
       stop: ssh root@nfs1 systemctl stop nfs-server
       start: ssh root@nfs1 systemctl start nfs-server
-      store_down_on: all            # masters expected to report store_ok: false (all | none | [names])
-      expect_key_change: refused    # a key change during the loss: works | refused (default: none made)
+      store_down_on: all            # masters expected to report store_ok: false (all | none |
+      [names])
+      expect_key_change: refused    # a key change during the loss: works | refused (default: none
+      made)
 
     # backend-loss on a hamaster-cluster dir (cluster_dir) on etcd or rsync:
-    backend: {etcd_members: [etcd1]}        # stop these etcd members by PID (etcd_member: etcd1 too;
-                                            # `leader` / `follower`: the member in that role right then)
+    backend: {etcd_members: [etcd1]}        # stop these etcd members by PID (etcd_member: etcd1
+    too;
+                                            # `leader` / `follower`: the member in that role right
+                                            then)
     backend: {rsync_daemon: master2}        # stop master2's rsync daemon (its peers cannot push)
     # optional: signal: KILL (default, a crash) or TERM; store_down_on / expect_key_change
     # default to what the loss implies (quorum kept: none / works; quorum lost: all / refused;

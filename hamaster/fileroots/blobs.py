@@ -418,7 +418,8 @@ class BlobService:
                 self._loop.call_soon_threadsafe(self._wake.set)
 
     async def sync_once(self) -> dict:
-        """Fetch every large blob the manifest names that the cache lacks: ``{fetched, missing}``."""
+        """Fetch every large blob the manifest names that the cache lacks:
+        ``{fetched, missing}``."""
         entries = await asyncio.to_thread(load_manifest, self.store)
         if time.monotonic() - self._pruned_at > PRUNE_EVERY:
             self._pruned_at = time.monotonic()

@@ -17,7 +17,8 @@ Two kinds of roots:
   read through the descriptor that was checked, so a concurrent rename or symlink swap cannot
   make a request read outside the root. Under a store, the ``file_roots/<env>`` components
   must be real directories. A local directory that contains ``pki_dir`` or ``ha_dir`` is not
-  served at all. In an ``FsStore`` names starting with ``.`` are never served (they are its temp files and
+  served at all. In an ``FsStore`` names starting with ``.`` are never served (they are its temp
+  files and
   marker, never keys); a ``ReadOnlyDirStore`` serves dotfiles as Salt does (except a store
   marker or ``.tmp-`` temp file).
 * **Any other store** (etcd, …) — read through ``store.list``/``store.get``. A value is read whole
@@ -185,7 +186,8 @@ _PENDING = "\0pending"
 
 
 class _ManifestRoot(_Root):
-    """``file_manifest/<env>/``: locations are ``file_blobs/<sha>`` (inline) or ``<sha>`` (cache)."""
+    """``file_manifest/<env>/``: locations are ``file_blobs/<sha>`` (inline) or ``<sha>``
+    (cache)."""
 
     def __init__(self, store: Store, env: str, server: FileServer):
         super().__init__(store, f"{MANIFEST_PREFIX}{env}/")

@@ -47,7 +47,8 @@ def run_drill(path: Path, timeout: float = 150) -> tuple[int, dict, str]:
 
 def assert_drill_passed(rc: int, doc: dict, err: str) -> dict:
     """Fail with every objective, note, ping failure and the drill's log unless the drill passed,
-    the cluster was healthy afterwards and everything it touched was restored; returns the figures."""
+    the cluster was healthy afterwards and everything it touched was restored; returns the
+    figures."""
     m = doc["measured"]
     assert rc == 0 and doc["ok"], (f"rc "
                                    f"{rc}\n{json.dumps(doc['objectives'], indent=1)}\n{doc['notes']}\nping "

@@ -1,4 +1,5 @@
-"""ops/prometheus: the alert rules pass ``promtool check/test rules``; dashboard and docs cover every metric."""
+"""ops/prometheus: the alert rules pass ``promtool check/test rules``; dashboard and docs cover
+every metric."""
 
 from __future__ import annotations
 
@@ -109,7 +110,8 @@ def test_dashboard_has_a_panel_for_every_metric() -> None:
 
 @needs_promtool
 def test_dashboard_queries_parse(tmp_path: Path) -> None:
-    """Each panel query, with Grafana's variables filled in, is valid PromQL (promtool parses it)."""
+    """Each panel query, with Grafana's variables filled in, is valid PromQL (promtool parses
+    it)."""
     rules = [
         {"record": f"dashboard:expr_{i}",
          "expr": e.replace("$__rate_interval", "5m").replace("$master", ".*")}

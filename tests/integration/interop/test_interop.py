@@ -182,7 +182,8 @@ def errors(text: str, allow: Iterable[str] = ()) -> list[str]:
 
 
 def hm_json(c: Cluster, *args: str, master: int = 0, timeout: float = 10) -> tuple[Any, Any]:
-    """``hamaster --out json --static -t TIMEOUT *args``: (parsed output or None, CompletedProcess)."""
+    """``hamaster --out json --static -t TIMEOUT *args``: (parsed output or None,
+    CompletedProcess)."""
     res = c.run("hamaster", "--out", "json", "--static", "-t", str(timeout), *args,
                 master=master, timeout=timeout + 60)
     try:
@@ -199,7 +200,8 @@ def hm_ping(c: Cluster, target: str, *flags: str, master: int = 0, timeout: floa
 
 def wait_answers(c: Cluster, ids: Iterable[str], *, master: int = 0, timeout: float = 90,
                  target: str | None = None) -> float:
-    """Paced ``test.ping`` until every id answers True through ``master``; returns the seconds taken."""
+    """Paced ``test.ping`` until every id answers True through ``master``; returns the seconds
+    taken."""
     want = set(ids)
     t0 = time.monotonic()
     tgt = target or (",".join(sorted(want)))
