@@ -141,7 +141,8 @@ class LocalCluster:
         up/down)."""
         if endpoints:
             prev = old.get("etcd") or {}
-            prefix = prev.get("prefix") if prev.get("endpoints") == endpoints and not prev.get("local") else None
+            prefix = (prev.get("prefix")
+                      if prev.get("endpoints") == endpoints and not prev.get("local") else None)
             return {"local": False, "endpoints": endpoints,
                     "prefix": prefix or f"/hamaster-cluster/{secrets.token_hex(4)}"}
         etcd_bin = shutil.which("etcd")

@@ -71,7 +71,8 @@ def _lookup(data: Any, path: Sequence[str]) -> tuple[bool, Any]:
     for part in path:
         if isinstance(cur, Mapping) and part in cur:
             cur = cur[part]
-        elif isinstance(cur, list) and part.lstrip("-").isdigit() and -len(cur) <= int(part) < len(cur):
+        elif (isinstance(cur, list) and part.lstrip("-").isdigit()
+              and -len(cur) <= int(part) < len(cur)):
             cur = cur[int(part)]
         else:
             return False, None

@@ -4,8 +4,7 @@ Master side: :func:`parse_request` → :class:`ClearRequest` / :class:`AesReques
 :func:`parse_auth_request` (every wire check of an ``_auth``; :class:`AuthRefused` carries
 Salt's answer), :func:`open_aes_request`, :func:`aes_reply`, :func:`auth_*_reply`,
 :func:`pillar_reply`, :func:`wrap_publication`. Minion side: :func:`auth_request`,
-:func:`parse_auth_reply`,
-:func:`aes_request`, :func:`parse_aes_reply`, :func:`parse_pillar_reply`,
+:func:`parse_auth_reply`, :func:`aes_request`, :func:`parse_aes_reply`, :func:`parse_pillar_reply`,
 :func:`open_publication`. No sockets, no clocks except where a caller passes them in.
 Map key orders follow what real Salt 3008.5 puts on the wire.
 """
@@ -556,12 +555,14 @@ def parse_auth_reply(
     if "ret" in inner and "aes" not in inner:
         return AuthResult(status="pending" if inner["ret"] is True else "rejected")
     if pinned_master_pub is not None and (
-        not isinstance(offered, str) or crypto.normalize_pem(offered) != crypto.normalize_pem(pinned_master_pub)
+        not isinstance(offered, str)
+        or crypto.normalize_pem(offered) != crypto.normalize_pem(pinned_master_pub)
     ):
         raise MasterKeyMismatch("master presented a key that differs from the pinned master key")
     try:
         aes_key = crypto.oaep_decrypt(minion_priv, codec.to_bytes(inner["aes"]), enc_algo).decode()
-        session_key = crypto.oaep_decrypt(minion_priv, codec.to_bytes(inner["session"]), enc_algo).decode()
+        session_key = crypto.oaep_decrypt(minion_priv, codec.to_bytes(inner["session"]),
+                                          enc_algo).decode()
     except (KeyError, crypto.CryptoError, codec.DecodeError, UnicodeDecodeError) as exc:
         raise AuthReplyError(f"cannot decrypt the keys in the auth reply: {exc}") from None
     aes_key = aes_key.split("_|-", 1)[0]

@@ -11,10 +11,9 @@ group when it leads one), ``hamaster-master -c CONFDIR`` / ``hamaster-minion -c 
 start (``cluster_dir`` mode), iptables rules on the loopback interface to isolate, ``rename(2)``
 of an fs ``ha_dir`` to lose the backend, and on an etcd or rsync ``hamaster-cluster`` the
 recorded etcd members / rsync daemons stopped by PID (SIGKILL by default) and restarted with
-their recorded command line (the undo waits until each serves again). With a command
-(``systemctl …``, ``ssh host …``) the
-command is run through ``sh -c`` with ``{name} {host} {pid} {confdir} {ret_port} {publish_port}``
-filled in.
+their recorded command line (the undo waits until each serves again). With a command (``systemctl
+…``, ``ssh host …``) the command is run through ``sh -c`` with ``{name} {host} {pid} {confdir}
+{ret_port} {publish_port}`` filled in.
 """
 
 from __future__ import annotations
@@ -84,14 +83,15 @@ class Actions:
                 self.cluster = LocalCluster(Path(drill.cluster_dir))
             except UnsafeDirectory as exc:
                 raise DrillError(f"cluster_dir: {exc}") from None
-            # type: ignore[method-assign]  # thread-safe, atomic
-            self.cluster.save = self._save_cluster
-            entries = {
-                e["name"]: e for e in self.cluster.state.get("masters", []) + self.cluster.state.get("minions", [])}
+            # thread-safe, atomic
+            self.cluster.save = self._save_cluster  # type: ignore[method-assign]
+            entries = {e["name"]: e for e in (self.cluster.state.get("masters", [])
+                                              + self.cluster.state.get("minions", []))}
             for n in drill.masters + drill.minions:
                 if n.name in entries:
                     n.local_entry = entries[n.name]
-        self.service_entries = {e["name"]: e for e in self.cluster.state.get("services", [])} if self.cluster else {}
+        self.service_entries = ({e["name"]: e for e in self.cluster.state.get("services", [])}
+                                if self.cluster else {})
         self._lost: list[dict] | None = None
 
     def _save_cluster(self) -> None:
@@ -150,7 +150,8 @@ class Actions:
         try:
             return cmd.format_map(values)
         except (KeyError, IndexError, ValueError) as exc:
-            raise DrillError(f"command for {node.name} has a bad placeholder ({exc}): {cmd}") from None
+            raise DrillError(f"command for {node.name} has a bad placeholder ({exc}): "
+                             f"{cmd}") from None
 
     def run_command(self, node: Node, which: str) -> None:
         cmd = self._fmt(node, node.commands[which])

@@ -136,7 +136,8 @@ class MasterApi:
 
         try:
             with LocalClient(self.sock_dir, timeout=timeout) as c:
-                return c.call({"cmd": "runner", "fun": fun, "arg": list(args), "kwarg": {}}).get("return")
+                return c.call({"cmd": "runner", "fun": fun, "arg": list(args),
+                               "kwarg": {}}).get("return")
         except (LocalApiError, OSError) as exc:
             raise DrillError(f"{fun} on {self.name}: {exc}") from None
 
@@ -166,7 +167,8 @@ class MasterApi:
             try:
                 got = json.loads(res.stdout) if res.stdout.strip() else {}
             except json.JSONDecodeError:
-                raise DrillError(f"{fun} through {self.name}: {res.stderr.strip()[-300:]}") from None
+                raise DrillError(f"{fun} through {self.name}: "
+                                 f"{res.stderr.strip()[-300:]}") from None
             return got if isinstance(got, dict) else {}
         from hamaster.localapi import LocalApiError, LocalClient
 

@@ -270,7 +270,8 @@ class DrillRun:
         if minion_done:
             self.notes.append("no minion logs known: detection from the minions' view not measured")
         det_min = det_status = None
-        while time.monotonic() - t_fail < self.d.detect_timeout_s and not (minion_done and status_done):
+        while (time.monotonic() - t_fail < self.d.detect_timeout_s
+               and not (minion_done and status_done)):
             if not minion_done:
                 found = watcher.scan(needle)
                 if set(found) >= set(watcher.paths):
@@ -296,7 +297,8 @@ class DrillRun:
                 self.notes.append(f"minions that never logged '{needle}' within "
                                   f"{self.d.detect_timeout_s:.0f} s: {', '.join(missing)}")
         if status:
-            self.measured["detect_status_s"] = round(det_status, 3) if det_status is not None else None
+            self.measured["detect_status_s"] = (round(det_status, 3) if det_status is not None
+                                                else None)
         views = [
             v for k, v in self.measured.items() if k in ("detect_minions_s", "detect_status_s")]
         self.measured["detect_s"] = None if (not views or None in views) else round(max(views), 3)
@@ -309,7 +311,8 @@ class DrillRun:
     def recover(self, api: MasterApi) -> None:
         took = time_until_all_answer(api, self.ids, self.d.recovery_timeout_s, ping_timeout=0.5)
         self.measured["recovery_s"] = round(took, 3) if took is not None else None
-        self.say(f"every minion answers through {api.name} {took:.2f} s after it returned" if took is not None
+        self.say(f"every minion answers through {api.name} {took:.2f} s after it returned"
+                 if took is not None
                  else f"NOT every minion answers through {api.name} within "
                       f"{self.d.recovery_timeout_s:.0f} s")
 
@@ -506,7 +509,8 @@ class DrillRun:
             res = via.key("-a", self.kid, "-y")
             self.measured["key_change_made"] = res.returncode == 0
             self.say(f"key change retried through {via.name} after the store returned: "
-                     + ("accepted" if res.returncode == 0 else f"FAILED: {(res.stderr or res.stdout).strip()[-300:]}"))
+                     + ("accepted" if res.returncode == 0
+                        else f"FAILED: {(res.stderr or res.stdout).strip()[-300:]}"))
         self.key_visible(apis)
 
     def sc_minion_storm(self) -> None:
@@ -523,10 +527,9 @@ class DrillRun:
         self.say(f"started all {len(self.ids)} minions at once")
         per: dict[str, float | None] = {}
         for api in apis:
-            took = time_until_all_answer(api, self.ids,
-                                         max(0.0,
-                                             self.d.recovery_timeout_s - (time.monotonic() - t_back)),
-                                         ping_timeout=0.5)
+            took = time_until_all_answer(
+                api, self.ids, max(0.0, self.d.recovery_timeout_s - (time.monotonic() - t_back)),
+                ping_timeout=0.5)
             per[api.name] = None if took is None else round(time.monotonic() - t_back, 3)
         self.measured["recovery_by_master"] = per
         self.measured["recovery_s"] = None if None in per.values() else max(per.values())
@@ -534,8 +537,8 @@ class DrillRun:
                  f"s after the restart")
         pinger.pause(False)
         n = len(pinger.rounds)
-        wait_for(
-            lambda: len(pinger.rounds) >= n + 2 * len(apis) and time.monotonic() - t_back > self.d.hold_s, 30)
+        wait_for(lambda: (len(pinger.rounds) >= n + 2 * len(apis)
+                          and time.monotonic() - t_back > self.d.hold_s), 30)
         self.measured["failed_pings_before_storm"] = before
         self.key_visible(apis)
 
@@ -554,8 +557,8 @@ class DrillRun:
             took = time_until_all_answer(self.apis[m.name], self.ids,
                                          self.d.recovery_timeout_s, ping_timeout=0.5)
             per[m.name] = round(took, 3) if took is not None else None
-            self.say(f"every minion answers through {m.name} {took:.2f} s after its restart" if took is not None
-                     else f"NOT every minion answers through {m.name}")
+            self.say(f"every minion answers through {m.name} {took:.2f} s after its restart"
+                     if took is not None else f"NOT every minion answers through {m.name}")
             pinger.include(m.name)
         self.measured["recovery_by_master"] = per
         self.measured["recovery_s"] = None if None in per.values() else max(per.values())
@@ -747,7 +750,8 @@ class DrillRun:
         self.measured["schedule_slots_missed"] = max(0, span - len(slots))
         self.measured["duplicate_schedule_runs"] = len(dup)
         if dup:
-            self.measured["duplicate_schedule_jids"] = {str(s): j for s, j in list(dup.items())[:20]}
+            self.measured["duplicate_schedule_jids"] = {str(s): j
+                                                        for s, j in list(dup.items())[:20]}
         self.say(f"schedule: {len(slots)} of {span} slots ran, {len(dup)} with more than one jid")
 
     # -- result -----------------------------------------------------------------------------------
@@ -774,8 +778,10 @@ class DrillRun:
             "drill": self.d.name,
             "file": self.d.path,
             "scenario": self.d.scenario,
-            "victim": (self.d.victim_node.name if self.d.scenario in ("kill", "stop", "freeze", "partition")
-                       or (self.d.scenario in LEADER_SCENARIOS and self.d.victim != LEADER_VICTIM) else None),
+            "victim": (self.d.victim_node.name
+                       if self.d.scenario in ("kill", "stop", "freeze", "partition")
+                       or (self.d.scenario in LEADER_SCENARIOS and self.d.victim != LEADER_VICTIM)
+                       else None),
             "masters": [m.name for m in self.d.masters],
             "minions": self.ids,
             "started": self.started,

@@ -122,7 +122,8 @@ def missing_leader_options(opts: dict, want_schedule: bool) -> list[str]:
         out.append(f"reactor: no entry matches '{EVENT_PREFIX}/<n>' (add - '{REACTOR_GLOB}': "
                    "[<path of the drill reactor sls>])")
     sched = opts.get("schedule") or {}
-    if want_schedule and not (isinstance(sched, dict) and isinstance(sched.get(SCHEDULE_JOB), dict)):
+    if want_schedule and not (isinstance(sched, dict)
+                              and isinstance(sched.get(SCHEDULE_JOB), dict)):
         out.append(f"schedule: no job {SCHEDULE_JOB!r} (salt.execute test.echo {SCHEDULE_MARKER} "
                    f"every {SCHEDULE_SECONDS} s)")
     return out

@@ -32,16 +32,15 @@ minions, PIDs, confdirs and logs are read from its ``cluster.json``) or explicit
     backend:                        # backend-loss: how to take the shared store away and back
       stop: ssh root@nfs1 systemctl stop nfs-server
       start: ssh root@nfs1 systemctl start nfs-server
-      store_down_on: all            # masters expected to report store_ok: false (all | none |
-      [names])
-      expect_key_change: refused    # a key change during the loss: works | refused (default: none
-      made)
+      store_down_on: all            # masters expected to report store_ok: false
+                                    # (all | none | [names])
+      expect_key_change: refused    # a key change during the loss: works | refused
+                                    # (default: none made)
 
     # backend-loss on a hamaster-cluster dir (cluster_dir) on etcd or rsync:
-    backend: {etcd_members: [etcd1]}        # stop these etcd members by PID (etcd_member: etcd1
-    too;
-                                            # `leader` / `follower`: the member in that role right
-                                            then)
+    backend: {etcd_members: [etcd1]}        # stop these etcd members by PID
+                                            # (etcd_member: etcd1 too; `leader` / `follower`:
+                                            # the member in that role right then)
     backend: {rsync_daemon: master2}        # stop master2's rsync daemon (its peers cannot push)
     # optional: signal: KILL (default, a crash) or TERM; store_down_on / expect_key_change
     # default to what the loss implies (quorum kept: none / works; quorum lost: all / refused;
@@ -151,13 +150,16 @@ OBJECTIVES = {
     "max_recovery_s": float,
     "max_lost_results": int,
     "key_change_visible": bool,
-    "key_change_refused": bool,   # backend-loss: the key change during the loss failed with a clear error
-    "max_store_errors": int,      # backend-loss: store_ok false on a master expected to keep its store
+    # backend-loss: the key change during the loss failed with a clear error
+    "key_change_refused": bool,
+    # backend-loss: store_ok false on a master expected to keep its store
+    "max_store_errors": int,
     # leader-*: limits (the value measured must be <= the limit)
     "duplicate_reactions": int,   # event numbers reacted to more than once
     "missed_reactions": int,      # event numbers fired but never reacted to
     "duplicate_schedule_runs": int,  # schedule slots with more than one jid in the job cache
-    "leader_failover_s": float,   # failure -> a survivor sees another master hold the lease (new epoch)
+    # failure -> a survivor sees another master hold the lease (new epoch)
+    "leader_failover_s": float,
 }
 
 ETCD_ROLES = ("leader", "follower")  # backend.etcd_members may name a role instead of a member
@@ -433,7 +435,8 @@ def parse_drill(data: Any, path: str = "<drill>") -> Drill:
     else:
         raise _err(path, "key_change", "must be `auto`, `off` or the id of a pending key to accept")
     _parse_backend(drill, data.get("backend"))
-    if "key_change_visible" not in sc.measures or (scenario == "backend-loss" and drill.expect_key_change is None):
+    if "key_change_visible" not in sc.measures or (scenario == "backend-loss"
+                                                   and drill.expect_key_change is None):
         drill.key_change = None
     if drill.key_change == "auto" and any(m.exec for m in masters):
         raise _err(path, "key_change",
@@ -467,7 +470,8 @@ def parse_drill(data: Any, path: str = "<drill>") -> Drill:
                        "would re-create the renamed ha_dir); with stop/start commands set "
                        "backend.expect_key_change: works | refused")
         raise _err(path, f"objectives.{k}", "needs key_change (auto or a pending key id)")
-    if "max_store_errors" in drill.objectives and set(drill.store_down_on) >= {m.name for m in masters}:
+    if ("max_store_errors" in drill.objectives
+            and set(drill.store_down_on) >= {m.name for m in masters}):
         raise _err(path, "objectives.max_store_errors",
                    "every master is expected to lose its store here "
                    "(store_down_on: all): there is no master whose store errors could be counted")
@@ -498,7 +502,8 @@ def _parse_leader_fields(d: Drill, data: dict, minions: list[Node]) -> None:
             raise _err(path, "event_minion", f"{em!r} is not a minion of this drill; minions: "
                        f"{', '.join(n.name for n in minions)}")
         d.event_minion = em
-    if d.scenario == "leader-partition" and d.cluster_dir is not None and d.cluster_backend != "etcd":
+    if (d.scenario == "leader-partition" and d.cluster_dir is not None
+            and d.cluster_backend != "etcd"):
         raise _err(path, "scenario",
                    f"leader-partition cannot cut the {d.cluster_backend} store of a local "
                    "cluster (the leader keeps its lease: a directory is not cut by iptables); run "
@@ -529,7 +534,8 @@ def _parse_backend(d: Drill, raw: Any) -> None:
     if members is not None:
         if isinstance(members, str):
             members = [members]
-        if not isinstance(members, list) or not members or not all(isinstance(m, str) and m for m in members):
+        if (not isinstance(members, list) or not members
+                or not all(isinstance(m, str) and m for m in members)):
             raise _err(path, "backend.etcd_members",
                        "must be a member name or a non-empty list of them")
         if len(set(members)) != len(members):
@@ -594,7 +600,8 @@ def _parse_backend(d: Drill, raw: Any) -> None:
             known = [e["master"] for e in d.services if e.get("kind") == "rsyncd"]
             raise _err(path, "backend.rsync_daemon",
                        f"{owner!r} has no rsync daemon in this cluster"
-                       + (f"; masters with one: {', '.join(known)}" if known else " (is it on the rsync backend?)"))
+                       + (f"; masters with one: {', '.join(known)}" if known
+                          else " (is it on the rsync backend?)"))
         d.rsync_daemon = owner
         down_on, expect = [m for m in master_names if m != owner], "works"
     else:
@@ -605,7 +612,8 @@ def _parse_backend(d: Drill, raw: Any) -> None:
             down_on = list(master_names)
         elif sdo == "none":
             down_on = []
-        elif isinstance(sdo, list) and all(isinstance(x, str) for x in sdo) and set(sdo) <= set(master_names):
+        elif (isinstance(sdo, list) and all(isinstance(x, str) for x in sdo)
+              and set(sdo) <= set(master_names)):
             down_on = [m for m in master_names if m in sdo]
         else:
             raise _err(path, "backend.store_down_on",
@@ -645,7 +653,8 @@ def _check_capabilities(d: Drill) -> None:
                 need(m, "thaw", "pid")
             elif ("isolate" in m.commands) != ("heal" in m.commands):
                 raise _err(d.path, f"master {m.name}.commands", "give both `isolate` and `heal`")
-            elif "isolate" not in m.commands and (not local or m.host not in ("127.0.0.1", "localhost", "::1")):
+            elif "isolate" not in m.commands and (
+                    not local or m.host not in ("127.0.0.1", "localhost", "::1")):
                 raise _err(d.path, f"master {m.name}.commands.isolate",
                            "is needed: the built-in isolation only cuts local masters of a "
                            "hamaster-cluster dir")

@@ -281,7 +281,8 @@ async def fetch(address: str, sha: str, priv: rsa.RSAPrivateKey, cache: BlobCach
     try:
         writer.write(make_request(priv, sha))
         await asyncio.wait_for(writer.drain(), timeout)
-        head = (await asyncio.wait_for(reader.readuntil(b"\n"), timeout)).decode("ascii", "replace").strip()
+        head = (await asyncio.wait_for(reader.readuntil(b"\n"), timeout)).decode(
+            "ascii", "replace").strip()
         verb, _, rest = head.partition(" ")
         if verb != "OK":
             raise BlobFetchError(f"{address} refused blob {sha}: {rest or head}")

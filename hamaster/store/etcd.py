@@ -36,8 +36,7 @@ Mapping: store key ``k`` is etcd key ``<prefix>/k`` (``prefix`` defaults to ``/h
   Writes are never queued or dropped silently. A write that timed out has an unknown outcome:
   etcd may still commit it when quorum returns (measured in the contract suite), so callers
   retry idempotently and watches report it if it lands. Reads are linearizable (never stale), so
-  they
-  fail too without quorum; masters serve from their in-memory views meanwhile.
+  they fail too without quorum; masters serve from their in-memory views meanwhile.
 - Leader lease: ``leases/<name>/holder`` (``{"holder", "epoch"}``) is attached to an etcd
   lease of ``ttl`` seconds that the holder keeps alive; ``leases/<name>/epoch`` counts holders.
   Taking the lease is one transaction: the holder key is absent and the epoch counter is what

@@ -741,8 +741,8 @@ def salt_masters() -> Any:
             sm = saltenv.SaltMasterProc(b, c.base / f"sm{v}", interface="127.0.0.1",
                                         extra={"worker_threads": 2})
             sm.start()
-            # type: ignore[arg-type]
-            envs[v] = OnSaltMaster(v, sm, c, None, f"hm-on-salt-{v.replace('.', '-')}")
+            envs[v] = OnSaltMaster(v, sm, c, None,  # type: ignore[arg-type]
+                                   f"hm-on-salt-{v.replace('.', '-')}")
         for e in envs.values():
             e.sm.wait_ready(120)
             fake = {"host": "127.0.0.1", "conf": {"ret_port": e.sm.ret_port}}
