@@ -25,8 +25,8 @@ from hamaster.jobs.jid import gen_jid  # noqa: E402
 def burst(store_a, store_b, n: int) -> dict:
     a, b = JobCache(store_a), JobCache(store_b)
     jid = gen_jid()
-    rets = [
-        (jid, f"m{i:05d}", {"return": True, "retcode": 0, "success": True, "fun": "test.ping"}) for i in range(n)]
+    rets = [(jid, f"m{i:05d}", {"return": True, "retcode": 0, "success": True, "fun": "test.ping"})
+            for i in range(n)]
     t0 = time.perf_counter()
     a.save_returns(rets)
     t_write = time.perf_counter() - t0

@@ -49,8 +49,8 @@ def bench_fleet(n: int, repeat: int) -> dict:
         c.add_master({"auto_accept": True, "log_level": "warning"})
         ids = [f"b{n}-{i:03d}" for i in range(n)]
         t0 = time.perf_counter()
-        procs = [
-            c.add_minion(mid, extra={"log_level": "warning", "acceptance_wait_time": 0.5}) for mid in ids]
+        procs = [c.add_minion(mid, extra={"log_level": "warning", "acceptance_wait_time": 0.5})
+                 for mid in ids]
         wait_until(lambda: sum(v is True for v in c.ping(timeout=1).values()) == n, 120,
                    interval=0.05, what="all answering")
         startup = time.perf_counter() - t0

@@ -62,7 +62,9 @@ def bench_kill_and_restart(n_minions: int) -> dict:
             c.add_minion(mid, extra={"log_level": "warning", "acceptance_wait_time": 0.5})
         for m in (0, 1):
             wait_until(
-                lambda m=m: sum(v is True for v in c.ping(master=m, timeout=3).values()) == n_minions, 120, interval=0.5, what="all up")
+                lambda m=m: sum(v is True
+                                for v in c.ping(master=m, timeout=3).values()) == n_minions,
+                120, interval=0.5, what="all up")
         failed = []
         done = threading.Event()
         pings = [0]

@@ -54,7 +54,8 @@ def run(backend: str, n: int) -> dict:
             from tests.integration.services import etcd_server
 
             cluster = stack.enter_context(etcd_server())
-            extra = [{"ha_backend": "etcd", "ha_etcd_endpoints": cluster.endpoints, "ha_etcd_prefix": "/bench"}] * 2
+            extra = [{"ha_backend": "etcd", "ha_etcd_endpoints": cluster.endpoints,
+                      "ha_etcd_prefix": "/bench"}] * 2
         elif backend == "rsync":
             from tests.integration.services import rsync_daemon
 
@@ -77,7 +78,9 @@ def run(backend: str, n: int) -> dict:
             mid = f"lag{i:02d}"
             c.add_minion(mid, extra={"log_level": "warning", "acceptance_wait_time": 0.1})
             wait_until(
-                lambda mid=mid: (keys_a.load() or True) and mid in keys_a.list_keys().get(_pending(), []), 30, what="pending")
+                lambda mid=mid: ((keys_a.load() or True)
+                                 and mid in keys_a.list_keys().get(_pending(), [])),
+                30, what="pending")
             t0 = time.perf_counter()
             keys_a.accept(mid)
             wait_until(lambda mid=mid: ping_via(c.masters[1]["confdir"], mid, 0.15), 30,

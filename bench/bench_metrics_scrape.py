@@ -108,7 +108,8 @@ class Recorder:
         self.lock = threading.Lock()
 
     def in_scrape(self) -> bool:
-        return getattr(self.local, "collecting", False) or "process_request_thread" in threading.current_thread().name
+        return (getattr(self.local, "collecting", False)
+                or "process_request_thread" in threading.current_thread().name)
 
     def hit(self, what: str) -> None:
         if not self.active:
@@ -270,7 +271,8 @@ def main() -> None:
         print(f"{int(connected)} minions connected in {time.perf_counter() - t0:.1f} s")
 
         body = scrape(mport)
-        assert metric(body, 'hamaster_keys{master_id="bench",state="minions"}') == args.keys, "keys gauge"
+        assert metric(body, 'hamaster_keys{master_id="bench",state="minions"}') == args.keys, (
+            "keys gauge")
 
         # the timed scrapes, from another process
         rec.active = True

@@ -50,8 +50,8 @@ def assert_drill_passed(rc: int, doc: dict, err: str) -> dict:
     the cluster was healthy afterwards and everything it touched was restored; returns the
     figures."""
     m = doc["measured"]
-    assert rc == 0 and doc["ok"], (f"rc "
-                                   f"{rc}\n{json.dumps(doc['objectives'], indent=1)}\n{doc['notes']}\nping "
-                                   f"failures: {m.get('ping_failures')}\n{err}")
+    assert rc == 0 and doc["ok"], (f"rc {rc}\n{json.dumps(doc['objectives'], indent=1)}\n"
+                                   f"{doc['notes']}\nping failures: {m.get('ping_failures')}\n"
+                                   f"{err}")
     assert m["healthy_after"] is True and not doc["restore_problems"], doc["restore_problems"]
     return m

@@ -60,7 +60,8 @@ def sshfs_mounts(export: Path, count: int, dir_cache: bool = False) -> Iterator[
         for i in range(count):
             mp = work / f"mnt{i}"
             mp.mkdir()
-            opts = f"IdentityFile={work / 'client_key'},StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,BatchMode=yes"
+            opts = (f"IdentityFile={work / 'client_key'},StrictHostKeyChecking=no,"
+                    "UserKnownHostsFile=/dev/null,BatchMode=yes")
             if not dir_cache:
                 opts += ",dir_cache=no"
             def mount(mp: Path = mp, opts: str = opts) -> bool:
@@ -74,7 +75,8 @@ def sshfs_mounts(export: Path, count: int, dir_cache: bool = False) -> Iterator[
     finally:
         for mp in mounts:
             for _ in range(20):
-                if subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True).returncode == 0:
+                if subprocess.run(["fusermount3", "-u", str(mp)],
+                                  capture_output=True).returncode == 0:
                     break
                 subprocess.run(["fusermount3", "-uz", str(mp)], capture_output=True)
                 time.sleep(0.1)

@@ -62,7 +62,8 @@ def test_accept_keys_and_run_commands(cluster: Cluster) -> None:
     jid = res.stdout.strip().split()[-1]
     assert len(jid) == 20 and jid.isdigit()
     wait_until(
-        lambda: json.loads(cluster.run("hamaster-run", "--out", "json", "jobs.lookup_jid", jid, check=True).stdout)
+        lambda: json.loads(cluster.run("hamaster-run", "--out", "json", "jobs.lookup_jid", jid,
+                                       check=True).stdout)
         == {"web1": "later", "db1": "later"},
         15, what="lookup_jid",
     )
@@ -140,7 +141,9 @@ def test_deleted_key_cannot_decrypt_new_publications(cluster: Cluster) -> None:
         def readable() -> bool:
             cluster.run("hamaster", "keep1", "test.ping")
             frame = spy.next_publication(2)
-            return frame is not None and messages.open_publication(frame, Crypticle(old_key), crypto.load_public_key(spy.master_pub_text))["fun"] == "test.ping"
+            return frame is not None and messages.open_publication(
+                frame, Crypticle(old_key),
+                crypto.load_public_key(spy.master_pub_text))["fun"] == "test.ping"
         wait_until(readable, 20, interval=0.1, what="spy reads a publication")
         cluster.run("hamaster-key", "-d", "spy-del", "-y", check=True)
         # the master rotates its publish key; the next publication is unreadable with the old key
@@ -233,12 +236,14 @@ def test_master_survives_bad_input(cluster: Cluster) -> None:
         other = SpyMinion("127.0.0.1", info["conf"]["ret_port"], "spy-bad")
         body = messages.stamp_load({"cmd": "_minion_event", "tag": "x"}, "spy-bad",
                                    other.tok, messages.new_nonce())
-        assert codec.loads(spy.roundtrip(messages.aes_request("spy-bad", session, body))) == "bad load"
+        assert codec.loads(spy.roundtrip(messages.aes_request("spy-bad", session,
+                                                              body))) == "bad load"
         other.close()
         # envelope id differing from the load id is refused
         body = messages.stamp_load({"cmd": "_minion_event", "tag": "x", "id": "b1"}, "b1",
                                    spy.tok, messages.new_nonce())
-        assert codec.loads(spy.roundtrip(messages.aes_request("spy-bad", session, body))) == "bad load"
+        assert codec.loads(spy.roundtrip(messages.aes_request("spy-bad", session,
+                                                              body))) == "bad load"
     finally:
         spy.close()
         ctx.term()

@@ -143,7 +143,8 @@ def test_bad_drill_file_is_explained(tmp_path: Path) -> None:
     res = subprocess.run([str(BIN / "hamaster-drill"), "check", str(bad)],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "cluster.json" in res.stderr
-    out = subprocess.run([str(BIN / "hamaster-drill"), "list"], capture_output=True, text=True).stdout
+    out = subprocess.run([str(BIN / "hamaster-drill"), "list"], capture_output=True,
+                         text=True).stdout
     for s in ("kill", "stop", "freeze", "partition", "backend-loss",
               "minion-storm", "rolling-restart"):
         assert s in out

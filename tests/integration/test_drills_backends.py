@@ -55,7 +55,8 @@ def _cluster(backend: str, *extra: str) -> Iterator[Path]:
     finally:
         subprocess.run([str(BIN / "hamaster-cluster"), "down", "--dir", str(base)],
                        capture_output=True, timeout=120)
-        state = json.loads((base / "cluster.json").read_text()) if (base / "cluster.json").exists() else {}
+        state = (json.loads((base / "cluster.json").read_text())
+                 if (base / "cluster.json").exists() else {})
         shutil.rmtree(base, ignore_errors=True)
         for e in state.get("services", []) + state.get("masters", []) + state.get("minions", []):
             assert not e.get("pid"), f"{e['name']} still recorded as running after down"

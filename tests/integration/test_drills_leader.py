@@ -64,4 +64,5 @@ def test_leader_failure_reacts_once_and_fails_over(leader_cluster: Path, scenari
     assert m["schedule_resumed"] is True and m["schedule_runs"] >= 1
     assert m["duplicate_schedule_runs"] == 0
     victim = before["master"]
-    assert (f"kill -9 {victim}" if scenario == "leader-kill" else f"freeze {victim} (SIGSTOP") in err
+    assert (f"kill -9 {victim}" if scenario == "leader-kill"
+            else f"freeze {victim} (SIGSTOP") in err

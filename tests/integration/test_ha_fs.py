@@ -72,7 +72,8 @@ def test_files_jobs_and_returns_shared(cluster: Cluster) -> None:
     res = cluster.run("hamaster", "--async", "f1", "test.echo", "shared-job", master=0, check=True)
     jid = res.stdout.split()[-1]
     wait_until(
-        lambda: json.loads(cluster.run("hamaster-run", "--out", "json", "jobs.lookup_jid", jid, master=1).stdout or "{}") == {"f1": "shared-job"},
+        lambda: json.loads(cluster.run("hamaster-run", "--out", "json", "jobs.lookup_jid", jid,
+                                       master=1).stdout or "{}") == {"f1": "shared-job"},
         15, what="lookup on B",
     )
     jobs_a = json.loads(
@@ -97,7 +98,8 @@ def test_origin_master_killed_mid_job_return_survives(cluster: Cluster) -> None:
     jid = res.stdout.split()[-1]
     cluster.masters[0]["proc"].kill()
     wait_until(
-        lambda: json.loads(cluster.run("hamaster-run", "--out", "json", "jobs.lookup_jid", jid, master=1).stdout or "{}") == {"k1": True},
+        lambda: json.loads(cluster.run("hamaster-run", "--out", "json", "jobs.lookup_jid", jid,
+                                       master=1).stdout or "{}") == {"k1": True},
         30, interval=0.25, what="return of the orphaned job on the survivor",
     )
     # and pings keep working through the survivor
@@ -115,8 +117,8 @@ def test_store_unreachable_masters_keep_serving(cluster: Cluster) -> None:
         for i in (0, 1):
             assert cluster.ping("s1", master=i) == {"s1": True}
         def reports_down() -> bool:
-            st = json.loads(
-                cluster.run("hamaster-run", "--out", "json", "cluster.status", master=0).stdout or "{}")
+            st = json.loads(cluster.run("hamaster-run", "--out", "json", "cluster.status",
+                                        master=0).stdout or "{}")
             return st.get("store_ok") is False
         wait_until(reports_down, 15, what="store reported down")
     finally:
@@ -225,7 +227,8 @@ def test_failover_master_type(cluster: Cluster) -> None:
 def test_shared_config_fragment_and_drift(cluster: Cluster) -> None:
     shared = cluster.base / "shared"
     (shared / "config" / "master.d").mkdir(parents=True)
-    (shared / "config" / "master.d" / "10-accept.conf").write_text("auto_accept: true\npublish_port: 1\n")
+    (shared / "config" / "master.d" / "10-accept.conf").write_text(
+        "auto_accept: true\npublish_port: 1\n")
     cluster.add_master({"ha_dir": str(shared)})
     cluster.add_master({"ha_dir": str(shared)})
     # the fragment applies to both masters: the minion is accepted with no operator action
@@ -234,7 +237,8 @@ def test_shared_config_fragment_and_drift(cluster: Cluster) -> None:
     cluster.wait_all_answer(["cf1"], master=1)
     assert "per-host option 'publish_port'" in cluster.masters[0]["proc"].log_text()
     def status() -> dict:
-        return json.loads(cluster.run("hamaster-run", "--out", "json", "cluster.status", master=0).stdout or "{}")
+        return json.loads(cluster.run("hamaster-run", "--out", "json", "cluster.status",
+                                      master=0).stdout or "{}")
     wait_until(
         lambda: len([m for m in status().get("masters", {}).values() if m.get("alive")]) == 2, 15,
         what="2 masters alive")

@@ -48,16 +48,19 @@ def test_two_masters_on_two_mounts(cluster: Cluster) -> None:
             wait_until(served, 30, interval=0.5, what="file served by B")
             assert dest.read_text() == "over the wire\n"
             # a job through A is looked up on B
-            jid = cluster.run("hamaster", "--async", "n2", "test.echo", "nfs-job", master=0, check=True).stdout.split()[-1]
+            jid = cluster.run("hamaster", "--async", "n2", "test.echo", "nfs-job", master=0,
+                              check=True).stdout.split()[-1]
             wait_until(
-                lambda: json.loads(cluster.run("hamaster-run", "--out", "json", "jobs.lookup_jid", jid, master=1).stdout or "{}") == {"n2": "nfs-job"},
+                lambda: json.loads(cluster.run("hamaster-run", "--out", "json", "jobs.lookup_jid",
+                                               jid, master=1).stdout or "{}") == {"n2": "nfs-job"},
                 30, interval=0.5, what="lookup on B",
             )
             # rejected on B → refused by A
             cluster.run("hamaster-key", "-r", "n2", "-y",
                         "--include-accepted", master=1, check=True)
             wait_until(
-                lambda: cluster.run("hamaster", "-t", "2", "n2", "test.ping", master=0).returncode == 2, 30, what="n2 refused by A")
+                lambda: cluster.run("hamaster", "-t", "2", "n2", "test.ping",
+                                    master=0).returncode == 2, 30, what="n2 refused by A")
             assert cluster.ping("n1", master=0) == {"n1": True}
             cluster.close()  # stop processes before unmounting
     finally:

@@ -61,7 +61,8 @@ def scrape(port: int) -> str:
 
 def samples(body: str) -> list[tuple[str, dict, float]]:
     """Every sample of an exposition as (name, labels, value)."""
-    return [(s.name, s.labels, s.value) for fam in text_string_to_metric_families(body) for s in fam.samples]
+    return [(s.name, s.labels, s.value)
+            for fam in text_string_to_metric_families(body) for s in fam.samples]
 
 
 def value(body: str, name: str, **labels: str) -> float | None:
@@ -75,7 +76,8 @@ def value(body: str, name: str, **labels: str) -> float | None:
 def promtool_check(body: str) -> None:
     res = subprocess.run([PROMTOOL, "check", "metrics"], input=body,
                          capture_output=True, text=True, timeout=30)
-    assert res.returncode == 0, f"promtool check metrics failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+    assert res.returncode == 0, (f"promtool check metrics failed ({res.returncode}):\n"
+                                 f"{res.stdout}\n{res.stderr}")
 
 
 def send_garbage(port: int) -> bytes:
@@ -141,19 +143,23 @@ def test_metrics_exposition_and_values_move(cluster: Cluster) -> None:
     before = scrape(port)
     assert cluster.ping("mx1") == {"mx1": True}
     after = scrape(port)
-    assert value(after, "hamaster_jobs_published_total") == value(before, "hamaster_jobs_published_total") + 1
-    assert value(after, "hamaster_returns_received_total") == value(before, "hamaster_returns_received_total") + 1
+    assert (value(after, "hamaster_jobs_published_total")
+            == value(before, "hamaster_jobs_published_total") + 1)
+    assert (value(after, "hamaster_returns_received_total")
+            == value(before, "hamaster_returns_received_total") + 1)
     assert (
         value(after, "hamaster_job_return_latency_seconds_count")
         == value(before, "hamaster_job_return_latency_seconds_count") + 1
     )
-    assert value(after, "hamaster_job_return_latency_seconds_sum") > value(before, "hamaster_job_return_latency_seconds_sum")
+    assert (value(after, "hamaster_job_return_latency_seconds_sum")
+            > value(before, "hamaster_job_return_latency_seconds_sum"))
 
     # a garbage frame on ret_port: refused and counted as malformed
     rejected = value(after, "hamaster_requests_rejected_total", reason="malformed") or 0
     send_garbage(m["conf"]["ret_port"])
     wait_until(
-        lambda: (value(scrape(port), "hamaster_requests_rejected_total", reason="malformed") or 0) == rejected + 1,
+        lambda: (value(scrape(port), "hamaster_requests_rejected_total", reason="malformed")
+                 or 0) == rejected + 1,
         5, 0.1, "malformed rejection counted",
     )
     promtool_check(scrape(port))
@@ -237,7 +243,8 @@ class Prometheus:
 
     def query(self, promql: str) -> dict[str, float]:
         """Instant query; returns ``{instance or master_id: value}`` (empty on any error)."""
-        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        url = (f"http://127.0.0.1:{self.port}/api/v1/query?"
+               + urllib.parse.urlencode({"query": promql}))
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:
                 data = json.load(resp)
@@ -282,7 +289,8 @@ def test_real_prometheus_scrapes_two_ha_masters(cluster: Cluster) -> None:
         both = {"master0", "master1"}
 
         # the first scrape takes ~6 s to show up
-        up = wait_until(lambda: (lambda r: r if len(r) == 2 and all(r.values()) else None)(q('up{job="hamaster"}')),
+        up = wait_until(lambda: (lambda r: r if len(r) == 2 and all(r.values()) else None)(
+                            q('up{job="hamaster"}')),
                         40, 0.5, "both masters up in Prometheus")
         assert set(up) == set(inst)
         wait_until(lambda: q("hamaster_minions_connected") == dict.fromkeys(both, 2.0), 30, 0.5,

@@ -29,7 +29,8 @@ def etcd() -> Iterator[EtcdCluster]:
         yield srv
 
 
-def test_new_minion_auth_on_a_frozen_store_does_not_stall_pings(etcd: EtcdCluster, cluster: Cluster) -> None:
+def test_new_minion_auth_on_a_frozen_store_does_not_stall_pings(etcd: EtcdCluster,
+                                                                cluster: Cluster) -> None:
     # etcd first: set up before the masters and torn down after they have stopped.
     cluster.add_master({"ha_backend": "etcd", "ha_etcd_endpoints": etcd.endpoints,
                         "ha_etcd_prefix": "/hm-slow",
@@ -62,7 +63,8 @@ def test_new_minion_auth_on_a_frozen_store_does_not_stall_pings(etcd: EtcdCluste
         failed = [t for t, ok in results if not ok]
         assert len(results) >= 3 and not failed, f"pings failed at {failed} s (of {len(results)})"
         # The newcomer's decision did hit the frozen store (then fell back to memory: pending).
-        wait_until(lambda: "auth of newcomer decided from memory" in cluster.masters[0]["proc"].log_text(),
+        wait_until(lambda: ("auth of newcomer decided from memory"
+                            in cluster.masters[0]["proc"].log_text()),
                    STORE_TIMEOUT + 10, 0.2,
                    what="the newcomer's key decision to give up on the store")
     finally:

@@ -271,7 +271,8 @@ def _port_free_on_both() -> int:
         return port
 
 
-def test_publication_replayed_after_minion_restart_is_refused(cluster: Cluster, tmp_path: Path) -> None:
+def test_publication_replayed_after_minion_restart_is_refused(cluster: Cluster,
+                                                              tmp_path: Path) -> None:
     ret_port, pub_port = _port_free_on_both(), _port_free_on_both()
     cluster.add_master({"auto_accept": True, "ret_port": ret_port, "publish_port": pub_port},
                        host="127.0.0.2")
@@ -342,10 +343,12 @@ def test_forged_auth_never_drops_the_accepted_session(cluster: Cluster) -> None:
         t.join(30)
         forger.close()
     reauths = _metric(port, "hamaster_auth_requests_total", result="accepted") - accepted_before
-    no_session = _metric(port, "hamaster_requests_rejected_total", reason="no_session") - no_session_before
+    no_session = (_metric(port, "hamaster_requests_rejected_total", reason="no_session")
+                  - no_session_before)
     heartbeats = _metric(port, "hamaster_requests_total", cmd="_hamaster_ping")
     print(f"\nforged _auth: {forged} sent in 5 s; real minion re-authentications {reauths:.0f}, "
-          f"no_session refusals {no_session:.0f}; {len(answers)} pings, heartbeats {heartbeats:.0f}")
+          f"no_session refusals {no_session:.0f}; {len(answers)} pings, "
+          f"heartbeats {heartbeats:.0f}")
     assert forged >= 30
     assert reauths == 0
     assert no_session == 0

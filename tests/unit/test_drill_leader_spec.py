@@ -131,7 +131,8 @@ def test_missing_configuration_names_the_options(tmp_path: Path) -> None:
     assert missing[1].startswith("schedule:") and SCHEDULE_JOB in missing[1]
     assert missing_leader_options({}, want_schedule=False) == [missing[0]]
     assert missing_leader_options({"reactor": [{"other/*": ["/x.sls"]}]}, False) == [missing[0]]
-    assert missing_leader_options({"reactor": "nonsense"}, False)[0].startswith("reactor: reactor must be")
+    assert missing_leader_options({"reactor": "nonsense"}, False)[0].startswith(
+        "reactor: reactor must be")
     assert missing_leader_options(leader_drill_options("/x.sls", "minion1"), True) == []
 
     sls = write_leader_drill_config(tmp_path,
@@ -159,7 +160,8 @@ def test_drill_reactor_sls_puts_only_numbers_into_the_shell() -> None:
     assert action[1]["arg"][0].startswith("echo 1234 7 >> /")
     hostile = render_jinja_yaml(REACTOR_SLS, {"tag": "hamaster/drill/$(reboot)", "data": {
         "id": "minion1", "data": {"n": "1; reboot"}}})
-    assert hostile["hamaster_drill_reaction"]["local.cmd.run"][1]["arg"][0].startswith("echo 0 0 >> /")
+    assert hostile["hamaster_drill_reaction"]["local.cmd.run"][1]["arg"][0].startswith(
+        "echo 0 0 >> /")
 
 
 def test_configuration_in_the_shared_store_counts(tmp_path: Path) -> None:

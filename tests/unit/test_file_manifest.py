@@ -129,13 +129,15 @@ def test_republish_updates_removes_and_collects_inline(tmp_path, tree):
     (tree / "new.sls").write_bytes(b"new")
     (tree / "big.bin").unlink()
     again = publish(store, cache, tree)
-    assert (again["added"], again["updated"], again["removed"]) == (["new.sls"], ["dir/small.txt"], ["big.bin"])
+    assert (again["added"], again["updated"], again["removed"]) == (["new.sls"], ["dir/small.txt"],
+                                                                    ["big.bin"])
     assert store.get(manifest_key("base", "big.bin")) is None
     assert store.get(blob_key(old_small)) is None  # no entry names it any more
     assert fetch(fs, "dir/small.txt") == b"changed"
     assert fs.manifest_hash() != h1
     # an unchanged tree writes nothing
-    assert publish(store, cache, tree)["added"] == [] and publish(store, cache, tree)["updated"] == []
+    assert (publish(store, cache, tree)["added"] == []
+            and publish(store, cache, tree)["updated"] == [])
     # another env sharing a blob keeps it alive
     publish(store, cache, tree, "dev")
     (tree / "new.sls").unlink()

@@ -166,7 +166,8 @@ def test_list_hash_serve_round_trip(served):
     assert fs.serve_file({"path": "top.sls", "loc": 50, "saltenv": "base"}) == {
         "data": b"", "dest": "top.sls"}
     # An empty file exists: a hash and a first (empty) chunk with dest, as Salt minions expect.
-    assert fs.file_hash({"path": "empty.txt", "saltenv": "base"})["hsum"] == hashlib.sha256().hexdigest()
+    assert (fs.file_hash({"path": "empty.txt", "saltenv": "base"})["hsum"]
+            == hashlib.sha256().hexdigest())
     assert fs.serve_file({"path": "empty.txt", "loc": 0, "saltenv": "base"}) == {
         "data": b"", "dest": "empty.txt"}
     assert fetch(fs, "empty.txt") == b""
@@ -177,7 +178,8 @@ def test_missing_and_defaults(served):
     assert fs.file_hash({"path": "nope.sls", "saltenv": "base"}) == ""
     assert fs.file_hash_and_stat({"path": "nope.sls", "saltenv": "base"}) == ("", None)
     assert fs.file_find({"path": "nope.sls", "saltenv": "base"}) == {}
-    assert fs.serve_file({"path": "nope.sls", "loc": 0, "saltenv": "base"}) == {"data": b"", "dest": ""}
+    assert fs.serve_file({"path": "nope.sls", "loc": 0, "saltenv": "base"}) == {"data": b"",
+                                                                                "dest": ""}
     assert fs.file_hash({"path": "web", "saltenv": "base"}) == ""  # a directory is not a file
     assert fs.file_hash({"path": "top.sls", "saltenv": "dev"}) == ""
     assert fs.file_list({"saltenv": "dev"}) == []
@@ -476,7 +478,8 @@ def test_manifest_hash(tmp_path):
     assert one.manifest_hash() not in (h, h2)
     os.rename(tmp_path / "one/top2.sls", tmp_path / "one/top.sls")
     assert one.manifest_hash() == h
-    assert FileServer.from_opts({"file_roots": {"dev": [str(tmp_path / "one")]}}).manifest_hash() != h
+    assert FileServer.from_opts(
+        {"file_roots": {"dev": [str(tmp_path / "one")]}}).manifest_hash() != h
 
 
 def test_concurrent_serving(tmp_path):

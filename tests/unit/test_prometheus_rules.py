@@ -117,7 +117,8 @@ def test_dashboard_queries_parse(tmp_path: Path) -> None:
          "expr": e.replace("$__rate_interval", "5m").replace("$master", ".*")}
         for i, e in enumerate(dashboard_exprs())
     ]
-    (tmp_path / "dash.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    (tmp_path / "dash.yml").write_text(
+        yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     res = promtool("check", "rules", "dash.yml", cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
 

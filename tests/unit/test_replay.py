@@ -141,7 +141,8 @@ def test_handler_window_refuses_an_old_request_even_when_its_nonce_was_forgotten
     assert len(rig.handler.sessions[MINION_ID].replay) == 1  # the captured nonce is forgotten
     assert _answer(rig, frame) == "bad load"
     # a minion clock 200 s behind is inside the tolerance
-    assert isinstance(_answer(rig, rig.aes_frame({"cmd": "_minion_event"}, now=now[0] - 200)), bytes)
+    assert isinstance(_answer(rig, rig.aes_frame({"cmd": "_minion_event"}, now=now[0] - 200)),
+                      bytes)
 
 
 def test_handler_requires_a_nonce(rig: Rig) -> None:
@@ -175,7 +176,8 @@ def test_large_request_is_decrypted_off_the_loop(rig: Rig) -> None:
 
 
 def _nonce_of(rig: Rig, frame: bytes) -> str:
-    return Crypticle(rig.session.key_string).loads(codec.to_bytes(codec.loads(frame)["load"]))["nonce"]
+    return Crypticle(rig.session.key_string).loads(
+        codec.to_bytes(codec.loads(frame)["load"]))["nonce"]
 
 
 def test_auth_reply_carries_the_publish_serial(rig: Rig) -> None:

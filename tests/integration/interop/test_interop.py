@@ -506,7 +506,8 @@ class TestStockMinionOnHamaster:
         assert loud == [], loud
         # 3007.17's "failed to return" warnings: every one of those returns did reach the master
         for jid in sorted(set(FAILED_RETURN.findall(working + window))):
-            out = f.c.run("hamaster-run", "--out", "json", "jobs.lookup_jid", jid, check=True).stdout
+            out = f.c.run("hamaster-run", "--out", "json", "jobs.lookup_jid", jid,
+                          check=True).stdout
             assert mn.minion_id in json.loads(out), (jid, out)
         # the whole life of the minion: exactly one accepted authentication per master connection
         # start-up; the pending retries before acceptance are the only other _auth requests
@@ -576,15 +577,17 @@ class TestStockMinionOnHamaster:
         assert mid not in key_lists(c)["minions"]
         # The master learns of the deletion at its next store poll (ha_poll_interval, 0.2 s here);
         # two CLI runs can take less than that, so the first targeting may still match.
-        res = wait_until(lambda: (r := c.run("hamaster", "-t", "3", mid, "test.ping")).returncode == 2
-                         and r, 10, 0.2, f"{mid} no longer targeted")
+        res = wait_until(lambda: (r := c.run("hamaster", "-t", "3", mid,
+                                             "test.ping")).returncode == 2 and r,
+                         10, 0.2, f"{mid} no longer targeted")
         assert "No minions matched" in res.stderr, (res.stdout, res.stderr)
         # The deletion rotated the publish key: a job for everyone is not readable by it any more
         # (it fails to decrypt, re-authenticates, and is told its key is pending again).
         before = len(mn.log_text())
         marker = f"after-delete-{version}"
         data, res = hm_json(c, "*", "test.echo", marker, timeout=8)
-        assert data and data.get("hm-witness") == marker and mid not in data, (res.stdout, res.stderr)
+        assert data and data.get("hm-witness") == marker and mid not in data, (res.stdout,
+                                                                               res.stderr)
         time.sleep(3)
         after = mn.log_text()[before:]
         assert "Executing command test.echo" not in after and marker not in after, tail(after)
@@ -653,7 +656,8 @@ def ha_fleet() -> Any:
 
 class TestHaFleet:
     @pytest.mark.parametrize("version", SALT_VERSIONS)
-    def test_multi_master_stock_minion_answers_through_either(self, ha_fleet: HaFleet, version: str) -> None:
+    def test_multi_master_stock_minion_answers_through_either(self, ha_fleet: HaFleet,
+                                                             version: str) -> None:
         mn = ha_fleet.stock.get(version)
         if mn is None:
             salt_bin(version)  # skips with the build error
@@ -709,11 +713,13 @@ class OnSaltMaster:
 
     def diag(self) -> str:
         stock = self.stock.describe() if self.stock else ""
-        return f"{self.sm.describe()}\n--- hamaster minion ---\n{tail(self.minion.log_text())}\n{stock}"
+        return (f"{self.sm.describe()}\n--- hamaster minion ---\n"
+                f"{tail(self.minion.log_text())}\n{stock}")
 
 
 #: 3008.5 is the release the issue names; the older two are covered too (it costs ~30 s each).
-SALT_MASTER_VERSIONS = [SALT_MASTER_VERSION] + [v for v in SALT_VERSIONS if v != SALT_MASTER_VERSION]
+SALT_MASTER_VERSIONS = [SALT_MASTER_VERSION] + [v for v in SALT_VERSIONS
+                                                if v != SALT_MASTER_VERSION]
 
 # "2026-11-26 00:11:15,762 [hamaster.master.daemon:330][DEBUG] message"
 _HM_LOG_LEVEL = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ \[[^\]]*\]\[(\w+)\] (.*)$")
@@ -800,7 +806,8 @@ class TestWithSaltMaster:
         assert data == {mid: "hm-42"}, (r.stdout, r.stderr)
         data, r = sm.run_job(mid, "test.arg", "x", "k=v")
         ret = (data or {}).get(mid) or {}
-        assert ret.get("args") == ["x"] and ret.get("kwargs", {}).get("k") == "v", (r.stdout, r.stderr)
+        assert ret.get("args") == ["x"] and ret.get("kwargs", {}).get("k") == "v", (r.stdout,
+                                                                                    r.stderr)
         # grain targeting: the salt-master matches on the grains our minion sent with _pillar
         data, r = sm.run_job("role:hamaster-minion", "test.ping", tgt_type="grain")
         assert data == {mid: True}, (r.stdout, r.stderr)
@@ -915,7 +922,8 @@ class TestWithSaltMaster:
                 pytest.fail(f"{exc}\n{e.diag()}")
         assert (e.stock.pki_dir / "minion_master.pub").read_text() == pinned
         after = e.stock.log_text()[offset:]
-        assert errors(after, allow=[*KNOWN_SALT_JOB_NOISE[SALT_MASTER_VERSION], MULTI_MASTER_NOISE]) == []
+        assert errors(after, allow=[*KNOWN_SALT_JOB_NOISE[SALT_MASTER_VERSION],
+                                    MULTI_MASTER_NOISE]) == []
         assert "has cached the public key" not in after  # never pending: its key came along
         assert "refusing master" not in e.minion.log_text()
 
