@@ -169,13 +169,11 @@ _BACKEND_KEYS = ("stop", "start", "dir", "etcd_member", "etcd_members", "rsync_d
 _TOP_KEYS = {
     "name", "scenario", "cluster_dir", "masters", "minions", "victim", "hold_s", "job_sleep_s",
     "ping_timeout_s", "ping_interval_s", "detect_timeout_s", "recovery_timeout_s",
-    "preflight_timeout_s",
-    "key_change", "objectives", "backend", "description", "event_interval_s", "reaction_file",
-    "event_minion",
+    "preflight_timeout_s", "key_change", "objectives", "backend", "description",
+    "event_interval_s", "reaction_file", "event_minion",
 }
 _NODE_KEYS = {"name", "host", "ret_port", "publish_port", "confdir", "exec", "pid", "pidfile",
-              "log", "commands",
-              "minion_sees_as"}
+              "log", "commands", "minion_sees_as"}
 
 
 @dataclass

@@ -85,8 +85,8 @@ PAGE = 500
 GRPC_MAX_MSG = 64 * 1024 * 1024
 
 
-# Pacing of retries after fast failures (an election, a refused connection): 50
-# ms doubling to 0.5 s.
+# Pacing of retries after fast failures (an election, a refused connection):
+# 50 ms doubling to 0.5 s.
 RETRY_PAUSE = 0.05
 RETRY_PAUSE_MAX = 0.5
 ATTEMPT_TIMEOUT_MIN = 0.5
