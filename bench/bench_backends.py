@@ -25,7 +25,8 @@ from hamaster.jobs.jid import gen_jid  # noqa: E402
 def burst(store_a, store_b, n: int) -> dict:
     a, b = JobCache(store_a), JobCache(store_b)
     jid = gen_jid()
-    rets = [(jid, f"m{i:05d}", {"return": True, "retcode": 0, "success": True, "fun": "test.ping"}) for i in range(n)]
+    rets = [(jid, f"m{i:05d}", {"return": True, "retcode": 0, "success": True, "fun": "test.ping"})
+            for i in range(n)]
     t0 = time.perf_counter()
     a.save_returns(rets)
     t_write = time.perf_counter() - t0
@@ -36,7 +37,8 @@ def burst(store_a, store_b, n: int) -> dict:
         if seen >= n:
             break
     total = time.perf_counter() - t0
-    return {"returns": n, "write_s": round(t_write, 3), "visible_on_other_master_s": round(total, 3), "seen": seen}
+    return {"returns": n, "write_s": round(t_write, 3),
+            "visible_on_other_master_s": round(total, 3), "seen": seen}
 
 
 def main() -> None:

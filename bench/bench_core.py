@@ -35,7 +35,8 @@ def rss_mib(pid: int) -> float:
 
 def cli_ping(c: Cluster, timeout: float = 10) -> tuple[float, dict]:
     """Wall time of one `hamaster '*' test.ping --out json --static` from CLI start to exit."""
-    argv = [str(BIN / "hamaster"), "-c", str(c.masters[0]["confdir"]), "-t", str(timeout), "--out", "json", "--static", "*", "test.ping"]
+    argv = [str(BIN / "hamaster"), "-c", str(c.masters[0]["confdir"]), "-t", str(timeout), "--out",
+            "json", "--static", "*", "test.ping"]
     t0 = time.perf_counter()
     res = subprocess.run(argv, capture_output=True, text=True)
     dt = time.perf_counter() - t0
@@ -48,8 +49,10 @@ def bench_fleet(n: int, repeat: int) -> dict:
         c.add_master({"auto_accept": True, "log_level": "warning"})
         ids = [f"b{n}-{i:03d}" for i in range(n)]
         t0 = time.perf_counter()
-        procs = [c.add_minion(mid, extra={"log_level": "warning", "acceptance_wait_time": 0.5}) for mid in ids]
-        wait_until(lambda: sum(v is True for v in c.ping(timeout=1).values()) == n, 120, interval=0.05, what="all answering")
+        procs = [c.add_minion(mid, extra={"log_level": "warning", "acceptance_wait_time": 0.5})
+                 for mid in ids]
+        wait_until(lambda: sum(v is True for v in c.ping(timeout=1).values()) == n, 120,
+                   interval=0.05, what="all answering")
         startup = time.perf_counter() - t0
         times = []
         for _ in range(repeat):
@@ -94,7 +97,8 @@ def bench_swarm(n: int, repeat: int) -> dict:
             },
             args=["--swarm", str(n), "--swarm-prefix", "sw-"],
         )
-        wait_until(lambda: sum(v is True for v in c.ping(timeout=5).values()) == n, 900, interval=1.0, what="swarm answering")
+        wait_until(lambda: sum(v is True for v in c.ping(timeout=5).values()) == n, 900,
+                   interval=1.0, what="swarm answering")
         startup = time.perf_counter() - t0
         times, missing = [], []
         for _ in range(repeat):

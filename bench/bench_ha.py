@@ -27,7 +27,8 @@ def two_masters(c: Cluster, extra: dict | None = None) -> None:
     shared = c.base / "shared"
     shared.mkdir()
     for _ in range(2):
-        c.add_master({"ha_dir": str(shared), "log_level": "warning", "ha_poll_interval": 0.5, **(extra or {})})
+        c.add_master({"ha_dir": str(shared), "log_level": "warning",
+                      "ha_poll_interval": 0.5, **(extra or {})})
 
 
 def bench_key_lag(n: int) -> dict:
@@ -43,9 +44,11 @@ def bench_key_lag(n: int) -> dict:
             t0 = time.perf_counter()
             c.run("hamaster-key", "-a", mid, "-y", master=0, check=True)
             # hamaster-key's own run time is part of the figure (it is what the operator waits on)
-            wait_until(lambda mid=mid: c.ping(mid, master=1, timeout=1).get(mid) is True, 30, interval=0.02, what="ping via B")
+            wait_until(lambda mid=mid: c.ping(mid, master=1, timeout=1).get(mid) is True, 30,
+                       interval=0.02, what="ping via B")
             lags.append(time.perf_counter() - t0)
-        return {"key_accept_A_to_ping_B_median_s": round(statistics.median(lags), 3), "max_s": round(max(lags), 3), "n": n}
+        return {"key_accept_A_to_ping_B_median_s": round(statistics.median(lags), 3),
+                "max_s": round(max(lags), 3), "n": n}
     finally:
         c.close()
 
@@ -58,13 +61,17 @@ def bench_kill_and_restart(n_minions: int) -> dict:
         for mid in ids:
             c.add_minion(mid, extra={"log_level": "warning", "acceptance_wait_time": 0.5})
         for m in (0, 1):
-            wait_until(lambda m=m: sum(v is True for v in c.ping(master=m, timeout=3).values()) == n_minions, 120, interval=0.5, what="all up")
+            wait_until(
+                lambda m=m: sum(v is True
+                                for v in c.ping(master=m, timeout=3).values()) == n_minions,
+                120, interval=0.5, what="all up")
         failed = []
         done = threading.Event()
         pings = [0]
 
         def pinger() -> None:
-            argv = [str(BIN / "hamaster"), "-c", str(c.masters[1]["confdir"]), "-t", "5", "--out", "json", "--static", "*", "test.ping"]
+            argv = [str(BIN / "hamaster"), "-c", str(c.masters[1]["confdir"]), "-t", "5", "--out",
+                    "json", "--static", "*", "test.ping"]
             while not done.is_set():
                 res = subprocess.run(argv, capture_output=True, text=True)
                 got = json.loads(res.stdout) if res.stdout.strip() else {}
@@ -79,7 +86,9 @@ def bench_kill_and_restart(n_minions: int) -> dict:
         t_restart = time.perf_counter()
         c.masters[0]["proc"].start()
         c.wait_master_ready(c.masters[0])
-        wait_until(lambda: sum(v is True for v in c.ping(master=0, timeout=2).values()) == n_minions, 60, interval=0.05, what="all back")
+        wait_until(
+            lambda: sum(v is True for v in c.ping(master=0, timeout=2).values()) == n_minions, 60,
+            interval=0.05, what="all back")
         back = time.perf_counter() - t_restart
         done.set()
         t.join()

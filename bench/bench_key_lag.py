@@ -30,7 +30,8 @@ def ping_via(conf_dir: Path, mid: str, timeout: float = 1.0) -> bool:
     opts = load_master_config(conf_dir)
     try:
         with LocalClient(opts["sock_dir"], timeout=timeout + 2) as c:
-            c.send({"cmd": "publish", "tgt": mid, "tgt_type": "glob", "fun": "test.ping", "arg": [], "timeout": timeout})
+            c.send({"cmd": "publish", "tgt": mid, "tgt_type": "glob", "fun": "test.ping",
+                    "arg": [], "timeout": timeout})
             if not c.recv().get("jid"):
                 return False
             return any(m.get("ret", {}).get(mid, {}).get("return") is True for m in c.stream())
@@ -53,7 +54,8 @@ def run(backend: str, n: int) -> dict:
             from tests.integration.services import etcd_server
 
             cluster = stack.enter_context(etcd_server())
-            extra = [{"ha_backend": "etcd", "ha_etcd_endpoints": cluster.endpoints, "ha_etcd_prefix": "/bench"}] * 2
+            extra = [{"ha_backend": "etcd", "ha_etcd_endpoints": cluster.endpoints,
+                      "ha_etcd_prefix": "/bench"}] * 2
         elif backend == "rsync":
             from tests.integration.services import rsync_daemon
 
@@ -62,7 +64,8 @@ def run(backend: str, n: int) -> dict:
                 d.mkdir()
             daemons = [stack.enter_context(rsync_daemon(d)) for d in dirs]
             extra = [
-                {"ha_backend": "rsync", "ha_dir": str(dirs[i]), "ha_rsync_peers": [daemons[1 - i].url],
+                {"ha_backend": "rsync", "ha_dir": str(dirs[i]),
+                 "ha_rsync_peers": [daemons[1 - i].url],
                  "ha_rsync_password_file": str(daemons[1 - i].password_file)}
                 for i in (0, 1)
             ]
@@ -74,12 +77,17 @@ def run(backend: str, n: int) -> dict:
         for i in range(n):
             mid = f"lag{i:02d}"
             c.add_minion(mid, extra={"log_level": "warning", "acceptance_wait_time": 0.1})
-            wait_until(lambda mid=mid: (keys_a.load() or True) and mid in keys_a.list_keys().get(_pending(), []), 30, what="pending")
+            wait_until(
+                lambda mid=mid: ((keys_a.load() or True)
+                                 and mid in keys_a.list_keys().get(_pending(), [])),
+                30, what="pending")
             t0 = time.perf_counter()
             keys_a.accept(mid)
-            wait_until(lambda mid=mid: ping_via(c.masters[1]["confdir"], mid, 0.15), 30, interval=0.0, what="ping via B")
+            wait_until(lambda mid=mid: ping_via(c.masters[1]["confdir"], mid, 0.15), 30,
+                       interval=0.0, what="ping via B")
             lags.append(time.perf_counter() - t0)
-        return {"backend": backend, "n": n, "median_s": round(statistics.median(lags), 3), "max_s": round(max(lags), 3)}
+        return {"backend": backend, "n": n, "median_s": round(statistics.median(lags), 3),
+                "max_s": round(max(lags), 3)}
     finally:
         c.close()
         stack.close()

@@ -108,7 +108,8 @@ class Recorder:
         self.lock = threading.Lock()
 
     def in_scrape(self) -> bool:
-        return getattr(self.local, "collecting", False) or "process_request_thread" in threading.current_thread().name
+        return (getattr(self.local, "collecting", False)
+                or "process_request_thread" in threading.current_thread().name)
 
     def hit(self, what: str) -> None:
         if not self.active:
@@ -120,7 +121,8 @@ class Recorder:
                 self.background += 1
 
     def audit(self, event: str, args: tuple) -> None:
-        if not self.active or event not in ("open", "os.listdir", "os.scandir", "os.rename", "os.remove", "os.mkdir"):
+        if not self.active or event not in ("open", "os.listdir", "os.scandir",
+                                            "os.rename", "os.remove", "os.mkdir"):
             return
         path = args[0] if args else None
         if isinstance(path, bytes):
@@ -131,7 +133,8 @@ class Recorder:
             self.hit(f"{event} {path}")
 
     def wrap_store(self, store: object) -> None:
-        for name in ("get", "put", "delete", "list", "compare_and_put", "delete_tree", "members", "heartbeat", "poll_now", "healthy"):
+        for name in ("get", "put", "delete", "list", "compare_and_put", "delete_tree", "members",
+                     "heartbeat", "poll_now", "healthy"):
             fn = getattr(store, name, None)
             if fn is None:
                 continue
@@ -161,10 +164,12 @@ def main() -> None:
     p.add_argument("--minions", type=int, default=1_000)
     p.add_argument("--scrapes", type=int, default=50)
     p.add_argument("--switch-interval", type=float, default=None,
-                   help="experiment: sys.setswitchinterval() for the master (Python's default 0.005 s)")
+                   help="experiment: sys.setswitchinterval() for the master (Python's "
+                        "default 0.005 s)")
     p.add_argument("--minion-key-bits", type=int, default=1024)
     p.add_argument("--heartbeat", type=float, default=2.0,
-                   help="minions' master_heartbeat_interval (hamaster's default 2 s: 500 requests/s at 1,000 minions)")
+                   help="minions' master_heartbeat_interval (hamaster's default 2 s: 500 "
+                        "requests/s at 1,000 minions)")
     p.add_argument("--connect-timeout", type=float, default=300.0)
     args = p.parse_args()
     if args.switch_interval:
@@ -186,7 +191,8 @@ def main() -> None:
         mconf.mkdir()
         (mconf / "master").write_text(yaml.safe_dump({
             "root_dir": str(base / "m"), "interface": "127.0.0.1", "publish_port": free_port(),
-            "ret_port": free_port(), "master_id": "bench", "metrics_port": mport, "log_level": "warning",
+            "ret_port": free_port(), "master_id": "bench", "metrics_port": mport,
+            "log_level": "warning",
             "auto_accept": False,
         }))
         opts = load_master_config(str(mconf))
@@ -197,11 +203,13 @@ def main() -> None:
         ids = [f"bench-{i:05d}" for i in range(args.keys)]
         for mid in ids:
             (keydir / mid).write_bytes(pub)
-        print(f"wrote {args.keys} accepted key files in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(
+            f"wrote {args.keys} accepted key files in {time.perf_counter() - t0:.1f} s", flush=True)
 
         t0 = time.perf_counter()
         master = Master(opts)
-        print(f"master loaded {len(master.keys.accepted_ids())} accepted keys in {time.perf_counter() - t0:.2f} s")
+        print(f"master loaded {len(master.keys.accepted_ids())} accepted keys in "
+              f"{time.perf_counter() - t0:.2f} s")
         rec = Recorder(str(base / "m"))
         rec.wrap_store(master.keys.store)
         rec.wrap_collect(master.metrics.registry)
@@ -211,7 +219,8 @@ def main() -> None:
             loop_box["loop"] = asyncio.get_running_loop()
             await master.run()
 
-        thread = threading.Thread(target=lambda: asyncio.run(serve()), name="master-loop", daemon=True)
+        thread = threading.Thread(target=lambda: asyncio.run(serve()),
+                                  name="master-loop", daemon=True)
         thread.start()
         wait_until(lambda: scrape(mport), 30, 0.1, "the master's /metrics", ignore=(OSError,))
 
@@ -236,7 +245,8 @@ def main() -> None:
             (d / "minion.pub").write_bytes(pub)
         t0 = time.perf_counter()
         swarm = subprocess.Popen(
-            [str(BIN / "hamaster-minion"), "-c", str(sconf), "-l", "warning", "--swarm", str(args.minions),
+            [str(BIN / "hamaster-minion"), "-c", str(sconf), "-l", "warning", "--swarm",
+             str(args.minions),
              "--swarm-prefix", "bench-"],
             stdout=open(base / "swarm.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)),
@@ -250,7 +260,9 @@ def main() -> None:
                 break
             if time.monotonic() - last_note > 15:
                 last_note = time.monotonic()
-                print(f"  {int(connected)} connected after {time.perf_counter() - t0:.0f} s", flush=True)
+                print(
+                    f"  {int(connected)} connected after {time.perf_counter() - t0:.0f} s",
+                    flush=True)
             if swarm.poll() is not None:
                 raise SystemExit(f"swarm exited: {(base / 'swarm.log').read_text()[-2000:]}")
             time.sleep(0.5)
@@ -259,7 +271,8 @@ def main() -> None:
         print(f"{int(connected)} minions connected in {time.perf_counter() - t0:.1f} s")
 
         body = scrape(mport)
-        assert metric(body, 'hamaster_keys{master_id="bench",state="minions"}') == args.keys, "keys gauge"
+        assert metric(body, 'hamaster_keys{master_id="bench",state="minions"}') == args.keys, (
+            "keys gauge")
 
         # the timed scrapes, from another process
         rec.active = True
@@ -276,7 +289,8 @@ def main() -> None:
             t0 = time.perf_counter()
             generate_latest(master.metrics.registry)
             cpu.append((time.perf_counter() - t0) * 1e3)
-        print(f"generate_latest(registry) in this process (shares the GIL with the busy master loop): {summary(cpu)}")
+        print(f"generate_latest(registry) in this process (shares the GIL with the busy master "
+              f"loop): {summary(cpu)}")
         print(f"store calls / file accesses under root_dir from scrapes: {len(rec.scrape_hits)}; "
               f"from background threads in the same window: {rec.background}")
         assert not rec.scrape_hits, rec.scrape_hits[:10]
@@ -285,7 +299,8 @@ def main() -> None:
         t0 = time.perf_counter()
         for _ in range(10):
             master._update_key_metrics()
-        print(f"_update_key_metrics with {args.keys} keys: {(time.perf_counter() - t0) / 10 * 1e3:.2f} ms per key event")
+        print(f"_update_key_metrics with {args.keys} keys: "
+              f"{(time.perf_counter() - t0) / 10 * 1e3:.2f} ms per key event")
         verdict = "OK" if p95 <= 50 else "OVER BUDGET"
         print(f"budget 50 ms: p95 {p95:.2f} ms -> {verdict}")
     finally:

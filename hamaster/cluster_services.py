@@ -42,7 +42,8 @@ def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
 def spawn(argv: list[str], log_path: str | Path) -> subprocess.Popen:
     """Start ``argv`` in a new session, stdout and stderr appended to ``log_path``."""
     with open(log_path, "ab") as log:
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL,
                                 start_new_session=True)
 
 
@@ -163,17 +164,20 @@ def write_rsyncd_config(workdir: str | Path, path: str | Path, port: int, passwo
 
 def rsyncd_argv(rsync: str, conf: str | Path, port: int) -> list[str]:
     """``rsync --daemon`` in the foreground on ``127.0.0.1:port`` (so it can be stopped by PID)."""
-    return [rsync, "--daemon", "--no-detach", f"--config={conf}", "--address=127.0.0.1", f"--port={port}"]
+    return [rsync, "--daemon", "--no-detach", f"--config={conf}",
+            "--address=127.0.0.1", f"--port={port}"]
 
 
-def wait_port(proc_alive: Callable[[], bool], port: int, timeout: float, what: str, log_path: str | Path) -> None:
+def wait_port(proc_alive: Callable[[], bool], port: int, timeout: float,
+              what: str, log_path: str | Path) -> None:
     """Wait until ``port`` accepts connections; RuntimeError if ``proc_alive()`` turns False."""
     deadline = time.monotonic() + timeout
     while not port_open(port):
         if not proc_alive():
             raise RuntimeError(f"{what} exited: {_tail(log_path)}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not listening on {port} after {timeout:g}s: {_tail(log_path)}")
+            raise RuntimeError(f"{what} not listening on {port} after {timeout:g}s: "
+                               f"{_tail(log_path)}")
         time.sleep(0.02)
 
 

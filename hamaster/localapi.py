@@ -57,7 +57,8 @@ class LocalClient:
             ) from None
         except PermissionError:
             self.sock.close()
-            raise LocalApiError(f"permission denied on {self.path}: run as the master's user") from None
+            raise LocalApiError(f"permission denied on {self.path}: "
+                                "run as the master's user") from None
         except OSError as exc:
             self.sock.close()
             raise LocalApiError(f"cannot connect to {self.path}: {exc}") from None

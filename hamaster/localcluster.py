@@ -66,7 +66,7 @@ class LocalCluster:
             tmp.write_text(json.dumps(self.state, indent=2))
             os.replace(tmp, self.state_file)
 
-    # -- layout -------------------------------------------------------------------------------------
+    # -- layout ------------------------------------------------------------------------------------
 
     @property
     def backend(self) -> str:
@@ -113,7 +113,8 @@ class LocalCluster:
             confdir = self.base / f"master{i + 1}" / "conf"
             confdir.mkdir(parents=True, exist_ok=True)
             (confdir / "master").write_text(yaml.safe_dump(conf))
-            masters.append({"name": conf["master_id"], "confdir": str(confdir), "conf": conf, "pid": None})
+            masters.append({"name": conf["master_id"], "confdir": str(confdir),
+                            "conf": conf, "pid": None})
         minions = []
         for j in range(n_minions):
             mid = f"minion{j + 1}"
@@ -130,14 +131,18 @@ class LocalCluster:
             confdir.mkdir(parents=True, exist_ok=True)
             (confdir / "minion").write_text(yaml.safe_dump(conf))
             minions.append({"name": mid, "confdir": str(confdir), "pid": None})
-        self.state = {"backend": backend, "masters": masters, "minions": minions, "services": services, **extra}
+        self.state = {"backend": backend, "masters": masters, "minions": minions,
+                      "services": services, **extra}
         self.save()
 
-    def _configure_etcd(self, old: dict, endpoints: list[str] | None, n: int, services: list[dict]) -> dict:
-        """Either an existing etcd (own prefix) or ``n`` local members (ports kept across up/down)."""
+    def _configure_etcd(self, old: dict, endpoints: list[str] | None,
+                        n: int, services: list[dict]) -> dict:
+        """Either an existing etcd (own prefix) or ``n`` local members (ports kept across
+        up/down)."""
         if endpoints:
             prev = old.get("etcd") or {}
-            prefix = prev.get("prefix") if prev.get("endpoints") == endpoints and not prev.get("local") else None
+            prefix = (prev.get("prefix")
+                      if prev.get("endpoints") == endpoints and not prev.get("local") else None)
             return {"local": False, "endpoints": endpoints,
                     "prefix": prefix or f"/hamaster-cluster/{secrets.token_hex(4)}"}
         etcd_bin = shutil.which("etcd")
@@ -151,13 +156,15 @@ class LocalCluster:
             ports = [(prev[nm]["client_port"], prev[nm]["peer_port"]) for nm in names]
             busy = [p for pair in ports for p in pair if cs.port_open(p)]
             if busy:
-                raise RuntimeError(f"the etcd data in {datadir} needs ports {busy}, which are in use; "
-                                   f"stop what uses them, or remove {self.base} and start afresh")
+                raise RuntimeError(f"the etcd data in {datadir} needs ports {busy}, which "
+                                   f"are in use; stop what uses them, or remove "
+                                   f"{self.base} and start afresh")
         else:
             shutil.rmtree(datadir, ignore_errors=True)
             ports = [(cs.free_port(), cs.free_port()) for _ in names]
         datadir.mkdir(parents=True, exist_ok=True)
-        initial = cs.etcd_initial_cluster([(nm, pp) for nm, (_, pp) in zip(names, ports, strict=True)])
+        initial = cs.etcd_initial_cluster(
+            [(nm, pp) for nm, (_, pp) in zip(names, ports, strict=True)])
         for nm, (cp, pp) in zip(names, ports, strict=True):
             services.append({
                 "name": nm, "kind": "etcd", "pid": None, "endpoint": f"127.0.0.1:{cp}",
@@ -165,10 +172,12 @@ class LocalCluster:
                 "log": str(self.base / f"{nm}.log"),
                 "argv": cs.etcd_argv(etcd_bin, nm, datadir / nm, cp, pp, initial),
             })
-        return {"local": True, "endpoints": [e["endpoint"] for e in services], "prefix": "/hamaster"}
+        return {"local": True,
+                "endpoints": [e["endpoint"] for e in services], "prefix": "/hamaster"}
 
     def _configure_rsync(self, n: int, services: list[dict]) -> list[dict]:
-        """Per master: its own ha_dir, an authenticated rsync daemon serving it, the others as peers."""
+        """Per master: its own ha_dir, an authenticated rsync daemon serving it, the others as
+        peers."""
         rsync_bin = shutil.which("rsync")
         if rsync_bin is None:
             raise RuntimeError("--backend rsync needs rsync (Debian: apt-get install rsync)")
@@ -178,13 +187,16 @@ class LocalCluster:
             name = f"master{i + 1}"
             ha_dir = self.base / name / "ha"
             port = cs.free_port()
-            conf, passfile = cs.write_rsyncd_config(self.base / "rsyncd" / name, ha_dir, port, password)
+            conf, passfile = cs.write_rsyncd_config(
+                self.base / "rsyncd" / name, ha_dir, port, password)
             services.append({
-                "name": f"rsyncd-{name}", "kind": "rsyncd", "master": name, "pid": None, "port": port,
+                "name": f"rsyncd-{name}", "kind": "rsyncd", "master": name, "pid": None,
+                "port": port,
                 "path": str(ha_dir), "log": str(self.base / f"rsyncd-{name}.log"),
                 "argv": cs.rsyncd_argv(rsync_bin, conf, port),
             })
-            per_master.append({"ha_backend": "rsync", "ha_dir": str(ha_dir), "ha_rsync_password_file": str(passfile),
+            per_master.append({"ha_backend": "rsync", "ha_dir": str(ha_dir),
+                               "ha_rsync_password_file": str(passfile),
                                "ha_rsync_max_backoff": RSYNC_MAX_BACKOFF})
         for i, conf in enumerate(per_master):
             conf["ha_rsync_peers"] = [f"rsync://hamaster@127.0.0.1:{e['port']}/hamaster"
@@ -195,7 +207,7 @@ class LocalCluster:
             hello.write_text(HELLO)
         return per_master
 
-    # -- backend processes --------------------------------------------------------------------------
+    # -- backend processes -------------------------------------------------------------------------
 
     def start_service(self, entry: dict) -> None:
         """Start one etcd member or rsync daemon (idempotent); see :meth:`wait_service`."""
@@ -209,7 +221,8 @@ class LocalCluster:
         """Seconds until the service serves: an etcd member a quorum read, a daemon its port."""
         t0 = time.monotonic()
         if entry["kind"] == "rsyncd":
-            cs.wait_port(lambda: self.alive(entry), entry["port"], timeout, entry["name"], entry["log"])
+            cs.wait_port(lambda: self.alive(entry), entry["port"], timeout,
+                         entry["name"], entry["log"])
             return time.monotonic() - t0
         while time.monotonic() - t0 < timeout:
             if not self.alive(entry):
@@ -242,7 +255,7 @@ class LocalCluster:
         finally:
             store.close()
 
-    # -- processes ----------------------------------------------------------------------------------
+    # -- processes ---------------------------------------------------------------------------------
 
     def _start(self, entry: dict, kind: str) -> None:
         log = open(self.base / f"{entry['name']}.log", "ab")
@@ -317,14 +330,16 @@ class LocalCluster:
         raise RuntimeError(f"{m['name']} did not become ready in {timeout}s")
 
     def ping(self, m: dict, timeout: float = 3) -> dict:
-        """``test.ping`` to every minion through master ``m``: {id: True} for those that answered."""
+        """``test.ping`` to every minion through master ``m``: {id: True} for those that
+        answered."""
         from hamaster.config import load_master_config
         from hamaster.localapi import LocalApiError, LocalClient
 
         opts = load_master_config(m["confdir"])
         try:
             with LocalClient(opts["sock_dir"], timeout=timeout + 5) as c:
-                c.send({"cmd": "publish", "tgt": "*", "tgt_type": "glob", "fun": "test.ping", "arg": [], "timeout": timeout})
+                c.send({"cmd": "publish", "tgt": "*", "tgt_type": "glob", "fun": "test.ping",
+                        "arg": [], "timeout": timeout})
                 pub = c.recv()
                 if not pub.get("jid"):
                     return {}

@@ -98,7 +98,8 @@ def _nested_lines(value: Any, indent: int, prefix: str, out: list[str], c: _Colo
 
 
 def render_nested(data: Mapping[str, Any], color: bool = False, retcode: int = 0) -> str:
-    """Render ``{minion: return}`` like Salt's ``nested`` outputter (``retcode`` != 0 → red keys)."""
+    """Render ``{minion: return}`` like Salt's ``nested`` outputter (``retcode`` != 0 → red
+    keys)."""
     colors = _Colors(color)
     key_color = colors.error if retcode else colors.key
     lines: list[str] = []

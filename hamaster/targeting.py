@@ -71,7 +71,8 @@ def _lookup(data: Any, path: Sequence[str]) -> tuple[bool, Any]:
     for part in path:
         if isinstance(cur, Mapping) and part in cur:
             cur = cur[part]
-        elif isinstance(cur, list) and part.lstrip("-").isdigit() and -len(cur) <= int(part) < len(cur):
+        elif (isinstance(cur, list) and part.lstrip("-").isdigit()
+              and -len(cur) <= int(part) < len(cur)):
             cur = cur[int(part)]
         else:
             return False, None
@@ -251,7 +252,8 @@ def parse_compound(tgt: str) -> _Node:
 
 
 def _pillar_exact(expr: str, pillar: Mapping[str, Any], delimiter: str) -> bool:
-    """``key[:subkey...]:value`` where the value equals (as a string) or, for a list, contains it."""
+    """``key[:subkey...]:value`` where the value equals (as a string) or, for a list, contains
+    it."""
     parts = expr.split(delimiter)
     for split in range(1, len(parts)):
         found, value = _lookup(pillar, parts[:split])

@@ -132,7 +132,8 @@ class EventLog:
 
 def _stamp() -> str:
     now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)) + f".{int(now * 1e6) % 10**6:06d}"
+    return (time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
+            + f".{int(now * 1e6) % 10**6:06d}")
 
 
 def _dump_json(obj: Any) -> str:

@@ -3,8 +3,8 @@
 Master side: :func:`parse_request` → :class:`ClearRequest` / :class:`AesRequest`,
 :func:`parse_auth_request` (every wire check of an ``_auth``; :class:`AuthRefused` carries
 Salt's answer), :func:`open_aes_request`, :func:`aes_reply`, :func:`auth_*_reply`,
-:func:`pillar_reply`, :func:`wrap_publication`. Minion side: :func:`auth_request`, :func:`parse_auth_reply`,
-:func:`aes_request`, :func:`parse_aes_reply`, :func:`parse_pillar_reply`,
+:func:`pillar_reply`, :func:`wrap_publication`. Minion side: :func:`auth_request`,
+:func:`parse_auth_reply`, :func:`aes_request`, :func:`parse_aes_reply`, :func:`parse_pillar_reply`,
 :func:`open_publication`. No sockets, no clocks except where a caller passes them in.
 Map key orders follow what real Salt 3008.5 puts on the wire.
 """
@@ -146,7 +146,8 @@ def parse_request(
         enc = small("enc")
         if enc == "clear":
             if len(data) > max_clear:
-                raise BadRequest("too_large", f"clear request of {len(data)} bytes exceeds {max_clear}")
+                raise BadRequest("too_large",
+                                 f"clear request of {len(data)} bytes exceeds {max_clear}")
             ls, le = fields["load"]
             load = codec.loads(data[ls:le])
             if not isinstance(load, dict):
@@ -339,11 +340,13 @@ def parse_auth_request(req: ClearRequest) -> AuthRequest:
 
 def _signed_clear(master_priv: rsa.RSAPrivateKey, inner: dict, sig_algo: str) -> bytes:
     body = codec.dumps(inner)
-    return codec.dumps({"enc": "clear", "load": body, "sig": crypto.sign(master_priv, body, sig_algo)})
+    return codec.dumps({"enc": "clear", "load": body,
+                        "sig": crypto.sign(master_priv, body, sig_algo)})
 
 
 def auth_status_reply(
-    master_priv: rsa.RSAPrivateKey, ret: bool, nonce: str | None, sig_algo: str = crypto.DEFAULT_SIG_ALGO
+    master_priv: rsa.RSAPrivateKey, ret: bool, nonce: str | None,
+    sig_algo: str = crypto.DEFAULT_SIG_ALGO
 ) -> bytes:
     """Signed ``{"ret": True|False, "nonce"}``: True = pending, False = rejected/denied."""
     inner: dict[str, Any] = {"ret": ret}
@@ -413,17 +416,20 @@ def pillar_reply(
     key_str = pillar_key or generate_key_string()
     enc_key = crypto.oaep_encrypt(minion_pub, key_str.encode(), enc_algo)
     data = codec.dumps({"key": enc_key, "pillar": pillar, "nonce": nonce})
-    sealed = Crypticle(key_str).dumps({"data": data, "sig": crypto.sign(master_priv, data, sig_algo)})
+    sealed = Crypticle(key_str).dumps({"data": data,
+                                       "sig": crypto.sign(master_priv, data, sig_algo)})
     return codec.dumps({"key": enc_key, "pillar": sealed})
 
 
 def wrap_publication(
-    pub_cipher: Crypticle, master_priv: rsa.RSAPrivateKey, inner: dict, sig_algo: str = crypto.DEFAULT_SIG_ALGO
+    pub_cipher: Crypticle, master_priv: rsa.RSAPrivateKey, inner: dict,
+    sig_algo: str = crypto.DEFAULT_SIG_ALGO
 ) -> bytes:
     """A publication frame: encrypted load, signed over the ciphertext."""
     load = pub_cipher.dumps(inner)
     return codec.dumps(
-        {"enc": "aes", "load": load, "sig_algo": sig_algo, "sig": crypto.sign(master_priv, load, sig_algo)}
+        {"enc": "aes", "load": load, "sig_algo": sig_algo,
+         "sig": crypto.sign(master_priv, load, sig_algo)}
     )
 
 
@@ -549,12 +555,14 @@ def parse_auth_reply(
     if "ret" in inner and "aes" not in inner:
         return AuthResult(status="pending" if inner["ret"] is True else "rejected")
     if pinned_master_pub is not None and (
-        not isinstance(offered, str) or crypto.normalize_pem(offered) != crypto.normalize_pem(pinned_master_pub)
+        not isinstance(offered, str)
+        or crypto.normalize_pem(offered) != crypto.normalize_pem(pinned_master_pub)
     ):
         raise MasterKeyMismatch("master presented a key that differs from the pinned master key")
     try:
         aes_key = crypto.oaep_decrypt(minion_priv, codec.to_bytes(inner["aes"]), enc_algo).decode()
-        session_key = crypto.oaep_decrypt(minion_priv, codec.to_bytes(inner["session"]), enc_algo).decode()
+        session_key = crypto.oaep_decrypt(minion_priv, codec.to_bytes(inner["session"]),
+                                          enc_algo).decode()
     except (KeyError, crypto.CryptoError, codec.DecodeError, UnicodeDecodeError) as exc:
         raise AuthReplyError(f"cannot decrypt the keys in the auth reply: {exc}") from None
     aes_key = aes_key.split("_|-", 1)[0]
@@ -605,7 +613,8 @@ def aes_request(
     )
 
 
-def stamp_load(load: dict, minion_id: str, tok: bytes, nonce: str, now: float | None = None) -> dict:
+def stamp_load(load: dict, minion_id: str, tok: bytes, nonce: str,
+               now: float | None = None) -> dict:
     """Add the fields every v3 aes request carries: ``nonce``, ``ts``, ``tok`` (and ``id``)."""
     load.setdefault("id", minion_id)
     load["nonce"] = nonce
@@ -615,7 +624,8 @@ def stamp_load(load: dict, minion_id: str, tok: bytes, nonce: str, now: float | 
 
 
 def parse_aes_reply(frame: bytes, session: Crypticle, nonce: str) -> Any:
-    """Decrypt a master's reply to an aes request; raises :class:`BadLoadReply` on ``"bad load"``."""
+    """Decrypt a master's reply to an aes request; raises :class:`BadLoadReply` on
+    ``"bad load"``."""
     try:
         obj = _envelope(frame)
     except codec.DecodeError as exc:

@@ -15,7 +15,8 @@ def add_config_args(parser: argparse.ArgumentParser, log_short: bool = True) -> 
         help="directory holding the config file (default: $HAMASTER_CONFIG_DIR or /etc/hamaster)",
     )
     flags = ["-l", "--log-level"] if log_short else ["--log-level"]
-    parser.add_argument(*flags, dest="log_level", choices=LOG_LEVELS, default=None, help="console log level")
+    parser.add_argument(*flags, dest="log_level", choices=LOG_LEVELS, default=None,
+                        help="console log level")
 
 
 def die(msg: str, code: int = 2) -> int:

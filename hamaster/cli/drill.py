@@ -37,15 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used for ``--help``)."""
     p = argparse.ArgumentParser(
         prog="hamaster-drill",
-        description="Failover drills: break one thing on purpose, measure what users feel, restore it, "
-        "and fail loudly when an objective is missed.",
+        description="Failover drills: break one thing on purpose, measure what users feel, restore "
+        "it, and fail loudly when an objective is missed.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run a drill file", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r = sub.add_parser("run", help="run a drill file", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("drill", metavar="DRILL.yaml", help="the drill file")
-    r.add_argument("--out", choices=["table", "json"], default="table", help="what to print on stdout (default table)")
+    r.add_argument("--out", choices=["table", "json"], default="table",
+                   help="what to print on stdout (default table)")
     r.add_argument("--json-file", metavar="FILE", help="also write the JSON result to FILE")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     lp = sub.add_parser("list", help="show the scenarios, one line each")
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     except DrillError as exc:
         return die(str(exc))
     if args.cmd == "check":
-        print(f"{args.drill}: ok (scenario {drill.scenario}, {len(drill.masters)} masters, {len(drill.minions)} minions)")
+        print(f"{args.drill}: ok (scenario {drill.scenario}, {len(drill.masters)} masters, "
+              f"{len(drill.minions)} minions)")
         return 0
     from hamaster.drill.run import DrillRun, exit_code, render_table
 

@@ -13,10 +13,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hamaster-run",
         description="Run a runner function on the local master (like `salt-run`).",
         epilog=(
-            "Runners: jobs.list_jobs, jobs.lookup_jid JID, jobs.print_job JID, manage.status,\n"
-            "manage.up, manage.down, cluster.status, state.event [TAGMATCH] [count=N]\n"
-            "[pretty=True] [position=P], schedule.list, salt.execute TGT FUN [ARG]\n"
-            "Examples:\n  hamaster-run jobs.lookup_jid 20261125225206145339\n  hamaster-run manage.status --out json"
+            "Runners: jobs.list_jobs, jobs.lookup_jid JID, jobs.print_job JID, "
+            "manage.status,\nmanage.up, manage.down, cluster.status, state.event [TAGMATCH] "
+            "[count=N]\n[pretty=True] [position=P], schedule.list, salt.execute TGT FUN "
+            "[ARG]\nExamples:\n  hamaster-run jobs.lookup_jid 20261125225206145339\n  hamaster-run "
+            "manage.status --out json"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

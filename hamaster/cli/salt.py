@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used for ``--help``)."""
     p = argparse.ArgumentParser(
         prog="hamaster",
-        description="Run FUN on the minions matching TARGET, through the local master (like `salt`).",
+        description="Run FUN on the minions matching TARGET, through the local "
+                    "master (like `salt`).",
         epilog=(
             "Examples:\n"
             "  hamaster '*' test.ping\n"
@@ -55,26 +56,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(p, log_short=False)
     tg = p.add_mutually_exclusive_group()
-    tg.add_argument("-L", "--list", dest="tgt_type", action="store_const", const="list", help="target is a comma-separated list of ids")
-    tg.add_argument("-E", "--pcre", dest="tgt_type", action="store_const", const="pcre", help="target is a regular expression on ids")
-    tg.add_argument("-G", "--grain", dest="tgt_type", action="store_const", const="grain", help="target is grain:value (glob)")
-    tg.add_argument("-P", "--grain-pcre", dest="tgt_type", action="store_const", const="grain_pcre", help="target is grain:regex")
-    tg.add_argument("-I", "--pillar", dest="tgt_type", action="store_const", const="pillar", help="target is pillar:value (glob), judged on the minion data cache")
-    tg.add_argument("-J", "--pillar-pcre", dest="tgt_type", action="store_const", const="pillar_pcre", help="target is pillar:regex")
-    tg.add_argument("-N", "--nodegroup", dest="tgt_type", action="store_const", const="nodegroup", help="target is a nodegroup (the master's nodegroups option)")
-    tg.add_argument("-C", "--compound", dest="tgt_type", action="store_const", const="compound", help="compound target (and/or/not, G@, L@, E@, P@, I@, J@, S@, N@)")
+    tg.add_argument("-L", "--list", dest="tgt_type", action="store_const", const="list",
+                    help="target is a comma-separated list of ids")
+    tg.add_argument("-E", "--pcre", dest="tgt_type", action="store_const", const="pcre",
+                    help="target is a regular expression on ids")
+    tg.add_argument("-G", "--grain", dest="tgt_type", action="store_const", const="grain",
+                    help="target is grain:value (glob)")
+    tg.add_argument("-P", "--grain-pcre", dest="tgt_type", action="store_const", const="grain_pcre",
+                    help="target is grain:regex")
+    tg.add_argument("-I", "--pillar", dest="tgt_type", action="store_const", const="pillar",
+                    help="target is pillar:value (glob), judged on the minion data cache")
+    tg.add_argument("-J", "--pillar-pcre", dest="tgt_type", action="store_const",
+                    const="pillar_pcre", help="target is pillar:regex")
+    tg.add_argument("-N", "--nodegroup", dest="tgt_type", action="store_const", const="nodegroup",
+                    help="target is a nodegroup (the master's nodegroups option)")
+    tg.add_argument("-C", "--compound", dest="tgt_type", action="store_const", const="compound",
+                    help="compound target (and/or/not, G@, L@, E@, P@, I@, J@, S@, N@)")
     p.add_argument("-t", "--timeout", type=float, default=None,
                    help="seconds to wait before asking the minions still missing whether they run "
                         "the job (default: master's `timeout`, 5)")
     p.add_argument("--gather-job-timeout", type=float, default=None, metavar="SECONDS",
                    help="seconds between saltutil.find_job probes (default: the config's "
                         "`gather_job_timeout`, 10; 0: no probes, give up after -t)")
-    p.add_argument("--out", default=None, choices=["nested", "json", "yaml", "txt", "raw", "quiet", "highstate"],
+    p.add_argument("--out", default=None,
+                   choices=["nested", "json", "yaml", "txt", "raw", "quiet", "highstate"],
                    help="output format (default: what the function declares, e.g. highstate "
                         "for state.apply, else nested)")
     p.add_argument("-s", "--static", action="store_true",
                    help="print all returns at the end as one document")
-    p.add_argument("--async", dest="async_", action="store_true", help="publish and print the jid without waiting")
+    p.add_argument("--async", dest="async_", action="store_true",
+                   help="publish and print the jid without waiting")
     p.add_argument("--no-color", action="store_true", help="no colors in nested output")
     p.add_argument("-p", "--progress", action="store_true",
                    help="show a progress bar of returns (on a terminal) and a summary")
@@ -90,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit with the highest retcode of the minions")
     p.add_argument("target", metavar="TARGET")
     p.add_argument("fun", metavar="FUN")
-    p.add_argument("args", nargs="*", metavar="ARG", help="positional args and key=value keyword args")
+    p.add_argument("args", nargs="*", metavar="ARG",
+                   help="positional args and key=value keyword args")
     return p
 
 

@@ -11,9 +11,9 @@ group when it leads one), ``hamaster-master -c CONFDIR`` / ``hamaster-minion -c 
 start (``cluster_dir`` mode), iptables rules on the loopback interface to isolate, ``rename(2)``
 of an fs ``ha_dir`` to lose the backend, and on an etcd or rsync ``hamaster-cluster`` the
 recorded etcd members / rsync daemons stopped by PID (SIGKILL by default) and restarted with
-their recorded command line (the undo waits until each serves again). With a command (``systemctl …``, ``ssh host …``) the
-command is run through ``sh -c`` with ``{name} {host} {pid} {confdir} {ret_port} {publish_port}``
-filled in.
+their recorded command line (the undo waits until each serves again). With a command (``systemctl
+…``, ``ssh host …``) the command is run through ``sh -c`` with ``{name} {host} {pid} {confdir}
+{ret_port} {publish_port}`` filled in.
 """
 
 from __future__ import annotations
@@ -83,12 +83,15 @@ class Actions:
                 self.cluster = LocalCluster(Path(drill.cluster_dir))
             except UnsafeDirectory as exc:
                 raise DrillError(f"cluster_dir: {exc}") from None
-            self.cluster.save = self._save_cluster  # type: ignore[method-assign]  # thread-safe, atomic
-            entries = {e["name"]: e for e in self.cluster.state.get("masters", []) + self.cluster.state.get("minions", [])}
+            # thread-safe, atomic
+            self.cluster.save = self._save_cluster  # type: ignore[method-assign]
+            entries = {e["name"]: e for e in (self.cluster.state.get("masters", [])
+                                              + self.cluster.state.get("minions", []))}
             for n in drill.masters + drill.minions:
                 if n.name in entries:
                     n.local_entry = entries[n.name]
-        self.service_entries = {e["name"]: e for e in self.cluster.state.get("services", [])} if self.cluster else {}
+        self.service_entries = ({e["name"]: e for e in self.cluster.state.get("services", [])}
+                                if self.cluster else {})
         self._lost: list[dict] | None = None
 
     def _save_cluster(self) -> None:
@@ -141,22 +144,27 @@ class Actions:
     def _fmt(self, node: Node, cmd: str) -> str:
         values = {
             "name": node.name, "host": node.host, "pid": node.current_pid() or "",
-            "confdir": node.confdir or "", "ret_port": node.ret_port or "", "publish_port": node.publish_port or "",
+            "confdir": node.confdir or "", "ret_port": node.ret_port or "",
+            "publish_port": node.publish_port or "",
         }
         try:
             return cmd.format_map(values)
         except (KeyError, IndexError, ValueError) as exc:
-            raise DrillError(f"command for {node.name} has a bad placeholder ({exc}): {cmd}") from None
+            raise DrillError(f"command for {node.name} has a bad placeholder ({exc}): "
+                             f"{cmd}") from None
 
     def run_command(self, node: Node, which: str) -> None:
         cmd = self._fmt(node, node.commands[which])
         self.say(f"{which} {node.name}: $ {cmd}")
         try:
-            res = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+            res = subprocess.run(["sh", "-c", cmd], capture_output=True,
+                                 text=True, timeout=COMMAND_TIMEOUT)
         except subprocess.TimeoutExpired:
-            raise DrillError(f"`{cmd}` ({which} {node.name}) did not finish in {COMMAND_TIMEOUT:.0f} s") from None
+            raise DrillError(f"`{cmd}` ({which} {node.name}) did not finish in "
+                             f"{COMMAND_TIMEOUT:.0f} s") from None
         if res.returncode != 0:
-            raise DrillError(f"`{cmd}` ({which} {node.name}) exited {res.returncode}: {(res.stderr or res.stdout).strip()[-500:]}")
+            raise DrillError(f"`{cmd}` ({which} {node.name}) exited {res.returncode}: "
+                             f"{(res.stderr or res.stdout).strip()[-500:]}")
 
     def _signal(self, node: Node, sig: int) -> int | None:
         pid = node.current_pid()
@@ -183,7 +191,8 @@ class Actions:
             _reap(pid)
             time.sleep(0.05)
         if _pid_alive(pid):
-            raise DrillError(f"{node.name} (pid {pid}) still running {wait:.0f} s after signal {sig}")
+            raise DrillError(f"{node.name} (pid {pid}) still running {wait:.0f} s "
+                             f"after signal {sig}")
 
     def is_up(self, node: Node) -> bool:
         pid = node.current_pid()
@@ -251,7 +260,8 @@ class Actions:
                 continue
             for direction in ("--dport", "--sport"):
                 rules.append(["INPUT", "-i", "lo", "-p", "tcp", direction, str(port),
-                              "-m", "comment", "--comment", f"{RULE_COMMENT}:{node.name}", "-j", "DROP"])
+                              "-m", "comment", "--comment", f"{RULE_COMMENT}:{node.name}", "-j",
+                              "DROP"])
         return rules
 
     def isolate(self, node: Node) -> Undo:
@@ -261,8 +271,10 @@ class Actions:
             return u
         ipt = shutil.which("iptables")
         if ipt is None:
-            raise DrillError("partition needs iptables here (`apt-get install -y iptables`) or isolate/heal commands")
-        self.say(f"isolate {node.name}: drop loopback tcp to/from ports {node.ret_port}, {node.publish_port}")
+            raise DrillError("partition needs iptables here (`apt-get install -y iptables`) or "
+                             "isolate/heal commands")
+        self.say(f"isolate {node.name}: drop loopback tcp to/from ports {node.ret_port}, "
+                 f"{node.publish_port}")
         for rule in self._rules(node):
             res = subprocess.run([ipt, "-I", *rule], capture_output=True, text=True)
             if res.returncode != 0:
@@ -281,10 +293,11 @@ class Actions:
                 if subprocess.run([ipt, "-D", *rule], capture_output=True).returncode != 0:
                     break
 
-    # -- leader-partition: the victim's process cut off minions *and* the store ----------------------
+    # -- leader-partition: the victim's process cut off minions *and* the store --------------------
 
     def isolate_process(self, node: Node) -> Undo:
-        """Cut ``node`` off everything (``leader-partition``); with ``commands.isolate`` that command.
+        """Cut ``node`` off everything (``leader-partition``); with ``commands.isolate`` that
+        command.
 
         Locally: the minion-facing port rules of :meth:`isolate`, plus a DROP of every packet the
         victim's processes send on ``lo`` (``iptables -m cgroup --path``: its process group is moved
@@ -348,9 +361,10 @@ class Actions:
         restore = shutil.which("iptables-restore")
         if restore is None:
             raise DrillError("leader-partition needs iptables-restore (package iptables)")
-        self.say(f"isolate {node.name}: drop loopback tcp to/from ports {node.ret_port}, {node.publish_port}, "
-                 f"its {len(ports)} open connection(s) by local port and every packet pid {pid}'s process "
-                 f"group sends (cgroup {rel}), in one iptables-restore")
+        self.say(f"isolate {node.name}: drop loopback tcp to/from ports {node.ret_port}, "
+                 f"{node.publish_port}, its {len(ports)} open connection(s) by local port and "
+                 f"every packet pid {pid}'s process group sends (cgroup {rel}), in one "
+                 f"iptables-restore")
         res = subprocess.run([restore, "--noflush"], input=script, capture_output=True, text=True)
         if res.returncode != 0:
             raise DrillError(f"iptables-restore --noflush failed: {res.stderr.strip()}\n{script}")
@@ -375,7 +389,8 @@ class Actions:
             except StoreError:
                 shared = False
             if not shared or not opts.get("ha_dir"):
-                raise DrillError(f"{m.name} is not on an fs ha_dir; give backend stop/start commands")
+                raise DrillError(f"{m.name} is not on an fs ha_dir; give backend "
+                                 f"stop/start commands")
             dirs.add(os.path.realpath(opts["ha_dir"]))
         if len(dirs) != 1:
             raise DrillError(f"masters do not share one ha_dir ({sorted(dirs)}); give backend.dir")
@@ -399,7 +414,8 @@ class Actions:
             return []
         missing = [n for n in names if n not in self.service_entries]
         if missing or not names:
-            raise DrillError(f"{', '.join(missing) or d.rsync_daemon}: not in {d.cluster_dir}/cluster.json services")
+            raise DrillError(f"{', '.join(missing) or d.rsync_daemon}: not in "
+                             f"{d.cluster_dir}/cluster.json services")
         self._lost = [self.service_entries[n] for n in names]
         return self._lost
 
@@ -419,7 +435,9 @@ class Actions:
             if n == "leader":
                 n = leader
             elif n == "follower":
-                n = next((e["name"] for e in members if e["name"] != leader and e["name"] not in taken), "")
+                n = next(
+                    (e["name"] for e in members if e["name"] != leader and e["name"] not in taken),
+                    "")
                 if not n:
                     raise DrillError("no follower left to stop")
             if n in out:
@@ -435,12 +453,13 @@ class Actions:
         stopped = [e["name"] for e in self.service_entries.values()
                    if e.get("kind") == entries[0].get("kind") and not self.cluster.alive(e)]
         if stopped:
-            raise DrillError(f"{', '.join(stopped)} already stopped: start the cluster's backend before drilling it")
+            raise DrillError(f"{', '.join(stopped)} already stopped: start the cluster's backend "
+                             f"before drilling it")
         u = self.push(f"start {names} (after backend loss)", lambda: self._services_up(entries))
         sig = signal.SIGKILL if self.drill.backend_signal == "KILL" else signal.SIGTERM
         for e in entries:
-            self.say(f"backend loss: {'kill -9' if sig == signal.SIGKILL else 'stop (SIGTERM)'} {e['name']} "
-                     f"(pid {e.get('pid')})")
+            self.say(f"backend loss: {'kill -9' if sig == signal.SIGKILL else 'stop (SIGTERM)'} "
+                     f"{e['name']} (pid {e.get('pid')})")
             self.cluster.stop(e, sig)
         return u
 
@@ -462,14 +481,17 @@ class Actions:
         if "stop" in be:
             u = self.push("start the backend", self.backend_up)
             self.say(f"backend stop: $ {be['stop']}")
-            res = subprocess.run(["sh", "-c", be["stop"]], capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+            res = subprocess.run(["sh", "-c", be["stop"]], capture_output=True,
+                                 text=True, timeout=COMMAND_TIMEOUT)
             if res.returncode != 0:
-                raise DrillError(f"backend stop exited {res.returncode}: {res.stderr.strip()[-500:]}")
+                raise DrillError(f"backend stop exited {res.returncode}: "
+                                 f"{res.stderr.strip()[-500:]}")
             return u
         path = self.ha_dir()
         away = f"{path}.drill-away"
         if os.path.exists(away):
-            raise DrillError(f"{away} exists (a previous drill did not finish?): move it back to {path} first")
+            raise DrillError(f"{away} exists (a previous drill did not finish?): move it "
+                             f"back to {path} first")
         u = self.push(f"move {away} back to {path}", lambda: self._move_back(path, away))
         self.say(f"backend loss: rename {path} -> {away}")
         os.rename(path, away)
@@ -483,7 +505,8 @@ class Actions:
 
     def backend_up(self) -> None:
         be = self.drill.backend
-        res = subprocess.run(["sh", "-c", be["start"]], capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+        res = subprocess.run(["sh", "-c", be["start"]], capture_output=True,
+                             text=True, timeout=COMMAND_TIMEOUT)
         if res.returncode != 0:
             raise DrillError(f"backend start exited {res.returncode}: {res.stderr.strip()[-500:]}")
 
@@ -527,7 +550,8 @@ def _cgroup2_root() -> str:
                     return left.split()[4]
     except OSError:
         pass
-    raise DrillError("leader-partition needs a cgroup v2 hierarchy (none mounted) or isolate/heal commands")
+    raise DrillError("leader-partition needs a cgroup v2 hierarchy (none mounted) or "
+                     "isolate/heal commands")
 
 
 def _cgroup2_of(pid: int) -> str | None:
@@ -592,7 +616,8 @@ def _process_group(pid: int) -> list[int]:
 
 
 def wait_master_socket(node: Node, timeout: float, running: Callable[[], bool]) -> None:
-    """Wait until the local master's CLI socket accepts a connection (a stale file does not count)."""
+    """Wait until the local master's CLI socket accepts a connection (a stale file does not
+    count)."""
     from hamaster.config import load_master_config
     from hamaster.localapi import LocalApiError, LocalClient
 
@@ -600,7 +625,8 @@ def wait_master_socket(node: Node, timeout: float, running: Callable[[], bool]) 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not running():
-            raise DrillError(f"{node.name} exited right after start; see its log ({node.log or 'its log_file'})")
+            raise DrillError(f"{node.name} exited right after start; see its log "
+                             f"({node.log or 'its log_file'})")
         try:
             LocalClient(sock_dir, timeout=1).close()
             return

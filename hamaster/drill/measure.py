@@ -65,7 +65,8 @@ class MasterApi:
         """
         why = why if why is not None else []
         if self.sock_dir is None:
-            res = self._cli("hamaster", "-t", str(timeout), "--gather-job-timeout", "0",  # no probes
+            res = self._cli("hamaster", "-t", str(timeout), "--gather-job-timeout",
+                            "0",  # no probes
                             "--out", "json", "--static", "-L", ",".join(ids),
                             "test.ping", timeout=timeout + 30)
             try:
@@ -83,7 +84,8 @@ class MasterApi:
         t0 = time.monotonic()
         try:
             with LocalClient(self.sock_dir, timeout=timeout + 5) as c:
-                c.send({"cmd": "publish", "tgt": list(ids), "tgt_type": "list", "fun": "test.ping", "arg": [],
+                c.send({"cmd": "publish", "tgt": list(ids), "tgt_type": "list", "fun": "test.ping",
+                        "arg": [],
                         "timeout": timeout})
                 pub = c.recv()
                 if not pub.get("jid"):
@@ -91,7 +93,8 @@ class MasterApi:
                     return set()
                 untargeted = sorted(set(ids) - set(pub.get("minions") or []))
                 if untargeted:
-                    why.append(f"job {pub['jid']}: the master did not target {', '.join(untargeted)}")
+                    why.append(f"job {pub['jid']}: the master did not target "
+                               f"{', '.join(untargeted)}")
                 for msg in c.stream():
                     for mid, ret in (msg.get("ret") or {}).items():
                         if isinstance(ret, dict) and ret.get("return") is True:
@@ -115,7 +118,8 @@ class MasterApi:
 
         try:
             with LocalClient(self.sock_dir, timeout=10) as c:
-                c.send({"cmd": "publish", "tgt": list(ids), "tgt_type": "list", "fun": fun, "arg": arg,
+                c.send({"cmd": "publish", "tgt": list(ids), "tgt_type": "list", "fun": fun,
+                        "arg": arg,
                         "wait": False})
                 return c.recv()
         except (LocalApiError, OSError) as exc:
@@ -132,7 +136,8 @@ class MasterApi:
 
         try:
             with LocalClient(self.sock_dir, timeout=timeout) as c:
-                return c.call({"cmd": "runner", "fun": fun, "arg": list(args), "kwarg": {}}).get("return")
+                return c.call({"cmd": "runner", "fun": fun, "arg": list(args),
+                               "kwarg": {}}).get("return")
         except (LocalApiError, OSError) as exc:
             raise DrillError(f"{fun} on {self.name}: {exc}") from None
 
@@ -155,20 +160,23 @@ class MasterApi:
     def call(self, ids: list[str], fun: str, arg: list, timeout: float) -> dict:
         """Publish ``fun`` to ``ids`` and wait for the returns: ``{id: return}``."""
         if self.sock_dir is None:
-            res = self._cli("hamaster", "-t", str(timeout), "--out", "json", "--static", "-L", ",".join(ids),
+            res = self._cli("hamaster", "-t", str(timeout), "--out", "json", "--static", "-L",
+                            ",".join(ids),
                             fun, *[a if isinstance(a, str) else json.dumps(a) for a in arg],
                             timeout=timeout + 30)
             try:
                 got = json.loads(res.stdout) if res.stdout.strip() else {}
             except json.JSONDecodeError:
-                raise DrillError(f"{fun} through {self.name}: {res.stderr.strip()[-300:]}") from None
+                raise DrillError(f"{fun} through {self.name}: "
+                                 f"{res.stderr.strip()[-300:]}") from None
             return got if isinstance(got, dict) else {}
         from hamaster.localapi import LocalApiError, LocalClient
 
         out: dict = {}
         try:
             with LocalClient(self.sock_dir, timeout=timeout + 5) as c:
-                c.send({"cmd": "publish", "tgt": list(ids), "tgt_type": "list", "fun": fun, "arg": arg,
+                c.send({"cmd": "publish", "tgt": list(ids), "tgt_type": "list", "fun": fun,
+                        "arg": arg,
                         "timeout": timeout})
                 pub = c.recv()
                 if not pub.get("jid"):
@@ -193,7 +201,8 @@ class MasterApi:
 class Pinger(threading.Thread):
     """Keeps pinging every minion through the masters it is told are up; counts failures."""
 
-    def __init__(self, apis: list[MasterApi], ids: list[str], timeout: float, interval: float) -> None:
+    def __init__(self, apis: list[MasterApi], ids: list[str],
+                 timeout: float, interval: float) -> None:
         super().__init__(name="drill-pinger", daemon=True)
         self.apis = apis
         self.ids = ids
@@ -254,7 +263,8 @@ class Pinger(threading.Thread):
 
 
 class StoreSampler(threading.Thread):
-    """Samples ``store_ok`` of every master from its own ``cluster.status`` while a backend is lost."""
+    """Samples ``store_ok`` of every master from its own ``cluster.status`` while a backend is
+    lost."""
 
     def __init__(self, apis: list[MasterApi], interval: float = 0.25) -> None:
         super().__init__(name="drill-store-sampler", daemon=True)
@@ -271,11 +281,13 @@ class StoreSampler(threading.Thread):
                     _, ok = api.status_of(api.name)
                 except DrillError:
                     ok = None
-                self.samples.append({"t": round(time.monotonic() - self.t0, 3), "master": api.name, "store_ok": ok})
+                self.samples.append({"t": round(time.monotonic() - self.t0, 3),
+                                     "master": api.name, "store_ok": ok})
             self._stop_evt.wait(self.interval)
 
     def stop(self) -> None:
-        """Stop sampling now; a status call still in flight (a store timing out) is not waited for."""
+        """Stop sampling now; a status call still in flight (a store timing out) is not waited
+        for."""
         self.stopped_at = round(time.monotonic() - self.t0, 3)
         self._stop_evt.set()
         self.join(timeout=0.5)
@@ -328,8 +340,10 @@ class LogWatcher:
         return dict(self.found)
 
 
-def wait_for(cond: Callable[[], Any], timeout: float, interval: float = 0.1) -> tuple[Any, float | None]:
-    """Poll ``cond`` until truthy: ``(value, seconds taken)`` or ``(last value, None)`` at the deadline."""
+def wait_for(cond: Callable[[], Any],
+             timeout: float, interval: float = 0.1) -> tuple[Any, float | None]:
+    """Poll ``cond`` until truthy: ``(value, seconds taken)`` or ``(last value, None)`` at the
+    deadline."""
     t0 = time.monotonic()
     last: Any = None
     while True:
@@ -344,7 +358,8 @@ def wait_for(cond: Callable[[], Any], timeout: float, interval: float = 0.1) -> 
         time.sleep(interval)
 
 
-def time_until_all_answer(api: MasterApi, ids: list[str], timeout: float, ping_timeout: float = 1.0) -> float | None:
+def time_until_all_answer(api: MasterApi, ids: list[str], timeout: float,
+                          ping_timeout: float = 1.0) -> float | None:
     """Seconds until one ping through ``api`` is answered by every id (None at the deadline)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -394,7 +409,7 @@ def stage_pending_key(master: Node, kid: str) -> None:
         raise DrillError(f"could not stage the pending key {kid} (auto_accept or autosign on?)")
 
 
-# -- leader drills: numbered events, the reactions they caused, the schedule's jids -------------------
+# -- leader drills: numbered events, the reactions they caused, the schedule's jids ----------------
 
 
 class EventFirer(threading.Thread):
@@ -424,7 +439,8 @@ class EventFirer(threading.Thread):
             if pub.get("jid") and self.minion in (pub.get("minions") or [self.minion]):
                 self.fired.append(n)
                 return n
-            self.errors.append(f"n={n} through {api.name}: {pub.get('error') or 'minion not targeted'}")
+            self.errors.append(f"n={n} through {api.name}: "
+                               f"{pub.get('error') or 'minion not targeted'}")
         return None
 
     def run(self) -> None:
@@ -439,12 +455,15 @@ class EventFirer(threading.Thread):
         self.join(timeout=30)
 
 
-def reactions_seen(api: MasterApi, minion: str, path: str, nonce: int, timeout: float = 15) -> list[int]:
+def reactions_seen(api: MasterApi, minion: str, path: str,
+                   nonce: int, timeout: float = 15) -> list[int]:
     """The numbers the drill reactor appended for ``nonce`` to ``path`` on ``minion`` (one entry per
-    line: a number twice means it was reacted to twice); read with ``cmd.run grep`` through ``api``."""
+    line: a number twice means it was reacted to twice); read with ``cmd.run grep`` through
+    ``api``."""
     import shlex
 
-    got = api.call([minion], "cmd.run", [f"grep '^{int(nonce)} ' {shlex.quote(path)} || true"], timeout)
+    got = api.call([minion], "cmd.run",
+                   [f"grep '^{int(nonce)} ' {shlex.quote(path)} || true"], timeout)
     if minion not in got:
         raise DrillError(f"{minion} did not answer cmd.run (reading {path}) through {api.name}")
     text = got[minion]

@@ -86,14 +86,15 @@ class DrillRun:
             raise Interrupted(signal.Signals(signum).name)
 
         def while_restoring(signum: int, _frame: Any) -> None:
-            self._progress(f"{signal.Signals(signum).name}: restoring what the drill changed, please wait")
+            self._progress(f"{signal.Signals(signum).name}: restoring what the drill "
+                           f"changed, please wait")
 
         sigs = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
         old = {s: signal.signal(s, on_signal) for s in sigs}
         problems: list[str] = []
         try:
-            self.say(f"drill {self.d.name!r}: scenario {self.d.scenario}, {len(self.d.masters)} masters, "
-                     f"{len(self.ids)} minions")
+            self.say(f"drill {self.d.name!r}: scenario {self.d.scenario}, {len(self.d.masters)} "
+                     f"masters, {len(self.ids)} minions")
             self.preflight()
             getattr(self, "sc_" + self.d.scenario.replace("-", "_"))()
         except Interrupted as exc:
@@ -133,8 +134,9 @@ class DrillRun:
         for m in self.d.masters:
             took = time_until_all_answer(self.apis[m.name], self.ids, self.d.preflight_timeout_s)
             if took is None:
-                raise DrillError(f"preflight: not every minion answers through {m.name} within "
-                                 f"{self.d.preflight_timeout_s:.0f} s; fix the cluster before drilling it")
+                raise DrillError(f"preflight: not every minion answers through {m.name} "
+                                 f"within {self.d.preflight_timeout_s:.0f} s; fix the "
+                                 f"cluster before drilling it")
         self.say(f"preflight: every minion answers through every master ({', '.join(self.apis)})")
         if self.d.key_change:
             self.stage_key()
@@ -153,7 +155,8 @@ class DrillRun:
     # -- building blocks --------------------------------------------------------------------------
 
     def start_pinger(self, exclude: set[str]) -> Pinger:
-        self.pinger = Pinger(list(self.apis.values()), self.ids, self.d.ping_timeout_s, self.d.ping_interval_s)
+        self.pinger = Pinger(list(self.apis.values()), self.ids,
+                             self.d.ping_timeout_s, self.d.ping_interval_s)
         self.pinger.excluded = set(exclude)
         self.pinger.start()
         return self.pinger
@@ -161,8 +164,10 @@ class DrillRun:
     def track_job(self, via: MasterApi) -> str:
         pub = via.publish_async(self.ids, "test.sleep", [self.d.job_sleep_s])
         if not pub.get("jid"):
-            raise DrillError(f"could not publish the tracked job through {via.name}: {pub.get('error')}")
-        self.say(f"tracked job {pub['jid']} (test.sleep {self.d.job_sleep_s:g}) published through {via.name}")
+            raise DrillError(f"could not publish the tracked job through {via.name}: "
+                             f"{pub.get('error')}")
+        self.say(f"tracked job {pub['jid']} (test.sleep {self.d.job_sleep_s:g}) published "
+                 f"through {via.name}")
         time.sleep(min(1.0, self.d.job_sleep_s / 2))  # let the minions start it before the failure
         return pub["jid"]
 
@@ -172,7 +177,8 @@ class DrillRun:
         got = lookup_returns(via, jid, self.ids, self.d.job_sleep_s + 30, errors)
         if errors:
             self.measured["lookup_errors"] = len(errors)
-            self.notes.append(f"jobs.lookup_jid through {via.name} failed {len(errors)} time(s), e.g.: {errors[0][-300:]}")
+            self.notes.append(f"jobs.lookup_jid through {via.name} failed {len(errors)} time(s), "
+                              f"e.g.: {errors[0][-300:]}")
         lost = sorted(set(self.ids) - set(got))
         self.measured["lost_results"] = len(lost)
         self.measured["lost_ids"] = lost
@@ -192,19 +198,23 @@ class DrillRun:
             stage_pending_key(self.d.masters[0], self.kid)
             self.actions.push(f"delete the throwaway key {self.kid}", self._delete_key)
             self.say(f"staged a throwaway pending key {self.kid}")
-            if self.d.cluster_backend == "rsync":  # one tree per master: wait until it reached every one
+            # one tree per master: wait until it reached every one
+            if self.d.cluster_backend == "rsync":
                 kid = self.kid
                 for api in self.apis.values():
-                    _, took = wait_for(lambda a=api: self._key_in_state(a, kid, "pre"), 15, interval=0.2)
+                    _, took = wait_for(
+                        lambda a=api: self._key_in_state(a, kid, "pre"), 15, interval=0.2)
                     if took is None:
-                        raise DrillError(f"the staged key {kid} did not reach {api.name}'s tree within 15 s "
+                        raise DrillError(f"the staged key {kid} did not reach {api.name}'s "
+                                         f"tree within 15 s "
                                          "(is rsync replication working?)")
         else:
             self.kid = kc
 
     @staticmethod
     def _key_in_state(api: MasterApi, kid: str, state: str) -> bool:
-        """Whether ``hamaster-key -l STATE`` through ``api`` (its store, not its memory) lists ``kid``."""
+        """Whether ``hamaster-key -l STATE`` through ``api`` (its store, not its memory) lists
+        ``kid``."""
         res = api.key("-l", state, "--out", "json")
         try:
             data = json.loads(res.stdout) if res.returncode == 0 else {}
@@ -251,7 +261,8 @@ class DrillRun:
         self.measured["key_visible_s"] = round(worst, 3)
         self.say(f"key change visible on {', '.join(a.name for a in apis)}")
 
-    def detect(self, victim: Node, survivor: MasterApi, watcher: LogWatcher, t_fail: float, t_fail_wall: float,
+    def detect(self, victim: Node, survivor: MasterApi, watcher: LogWatcher, t_fail: float,
+               t_fail_wall: float,
                status: bool = True) -> None:
         needle = f"{victim.seen_as} stopped answering"
         minion_done = not watcher.paths
@@ -259,13 +270,15 @@ class DrillRun:
         if minion_done:
             self.notes.append("no minion logs known: detection from the minions' view not measured")
         det_min = det_status = None
-        while time.monotonic() - t_fail < self.d.detect_timeout_s and not (minion_done and status_done):
+        while (time.monotonic() - t_fail < self.d.detect_timeout_s
+               and not (minion_done and status_done)):
             if not minion_done:
                 found = watcher.scan(needle)
                 if set(found) >= set(watcher.paths):
                     det_min = max(0.0, max(found.values()) - t_fail_wall)
                     minion_done = True
-                    self.say(f"every minion declared {victim.name} dead after {det_min:.2f} s (minion logs)")
+                    self.say(f"every minion declared {victim.name} dead after "
+                             f"{det_min:.2f} s (minion logs)")
             if not status_done:
                 try:
                     alive, _ = survivor.status_of(victim.name)
@@ -274,17 +287,20 @@ class DrillRun:
                 if alive is False:
                     det_status = time.monotonic() - t_fail
                     status_done = True
-                    self.say(f"cluster.status on {survivor.name} shows {victim.name} not alive after {det_status:.2f} s")
+                    self.say(f"cluster.status on {survivor.name} shows {victim.name} not alive "
+                             f"after {det_status:.2f} s")
             time.sleep(0.1)
         if watcher.paths:
             self.measured["detect_minions_s"] = round(det_min, 3) if det_min is not None else None
             if det_min is None:
                 missing = sorted(set(watcher.paths) - set(watcher.found))
-                self.notes.append(f"minions that never logged '{needle}' within {self.d.detect_timeout_s:.0f} s: "
-                                  f"{', '.join(missing)}")
+                self.notes.append(f"minions that never logged '{needle}' within "
+                                  f"{self.d.detect_timeout_s:.0f} s: {', '.join(missing)}")
         if status:
-            self.measured["detect_status_s"] = round(det_status, 3) if det_status is not None else None
-        views = [v for k, v in self.measured.items() if k in ("detect_minions_s", "detect_status_s")]
+            self.measured["detect_status_s"] = (round(det_status, 3) if det_status is not None
+                                                else None)
+        views = [
+            v for k, v in self.measured.items() if k in ("detect_minions_s", "detect_status_s")]
         self.measured["detect_s"] = None if (not views or None in views) else round(max(views), 3)
 
     def hold(self) -> None:
@@ -295,8 +311,10 @@ class DrillRun:
     def recover(self, api: MasterApi) -> None:
         took = time_until_all_answer(api, self.ids, self.d.recovery_timeout_s, ping_timeout=0.5)
         self.measured["recovery_s"] = round(took, 3) if took is not None else None
-        self.say(f"every minion answers through {api.name} {took:.2f} s after it returned" if took is not None
-                 else f"NOT every minion answers through {api.name} within {self.d.recovery_timeout_s:.0f} s")
+        self.say(f"every minion answers through {api.name} {took:.2f} s after it returned"
+                 if took is not None
+                 else f"NOT every minion answers through {api.name} within "
+                      f"{self.d.recovery_timeout_s:.0f} s")
 
     # -- scenarios --------------------------------------------------------------------------------
 
@@ -373,10 +391,11 @@ class DrillRun:
         if errs:
             self.measured["store_error_samples"] = errs[:20]
             bad = sorted({e["master"] for e in errs})
-            self.say(f"{len(errs)} cluster.status samples with store_ok not true on {', '.join(bad)}, "
+            self.say(f"{len(errs)} cluster.status samples with store_ok not true on "
+                     f"{', '.join(bad)}, "
                      "which should have kept the store")
-            self.notes.append(f"store_ok was not true on {', '.join(bad)} from {errs[0]['t']:.1f} s to "
-                              f"{errs[-1]['t']:.1f} s after the loss ({len(errs)} samples)")
+            self.notes.append(f"store_ok was not true on {', '.join(bad)} from {errs[0]['t']:.1f} "
+                              f"s to {errs[-1]['t']:.1f} s after the loss ({len(errs)} samples)")
         elif steady:
             self.say(f"store_ok stayed true on {', '.join(sorted(steady))} "
                      f"({sum(1 for x in sampler.taken() if x['master'] in steady)} samples)")
@@ -386,7 +405,8 @@ class DrillRun:
         self.say("backend restored")
         rec: float | None = 0.0
         for api in apis:
-            _, took = wait_for(lambda a=api: a.status_of(a.name)[1] is True, self.d.recovery_timeout_s)
+            _, took = wait_for(lambda a=api: a.status_of(a.name)[1] is True,
+                               self.d.recovery_timeout_s)
             if took is None:
                 rec = None
                 break
@@ -395,7 +415,8 @@ class DrillRun:
             took = time_until_all_answer(apis[0], self.ids, self.d.recovery_timeout_s)
             rec = None if took is None else max(rec, time.monotonic() - t_back)
         self.measured["recovery_s"] = round(rec, 3) if rec is not None else None
-        self.say(f"every master reports store_ok: true and serves every minion {rec:.2f} s after the backend returned"
+        self.say(f"every master reports store_ok: true and serves every minion {rec:.2f} s after "
+                 f"the backend returned"
                  if rec is not None else "the masters did NOT recover the store")
         if d.expect_key_change and self.kid:
             if d.expect_key_change == "refused":
@@ -430,7 +451,8 @@ class DrillRun:
             self.say(f"{who} store_ok: false after {worst:.2f} s")
 
     def _key_change_via(self) -> MasterApi:
-        """Through whom backend-loss changes a key: a degraded master if only some are, else the last."""
+        """Through whom backend-loss changes a key: a degraded master if only some are, else the
+        last."""
         names = [m.name for m in self.d.masters]
         down = self.d.store_down_on
         if down and len(down) < len(names):
@@ -447,10 +469,12 @@ class DrillRun:
         self.measured["key_change_made"] = made
         self.measured["key_change_s"] = round(took, 3)
         if made:
-            self.say(f"key change during the loss: accepted {self.kid} through {via.name} in {took:.2f} s")
+            self.say(f"key change during the loss: accepted {self.kid} through "
+                     f"{via.name} in {took:.2f} s")
             if self.d.expect_key_change == "refused":
                 self.measured["key_change_refused"] = False
-                self.notes.append("the key change went through although the store was expected to refuse it")
+                self.notes.append("the key change went through although the store was "
+                                  "expected to refuse it")
             return
         lines = [ln for ln in (res.stderr or res.stdout or "").splitlines() if ln.strip()]
         err = lines[-1].strip() if lines else f"exit {res.returncode}, no message"
@@ -468,21 +492,25 @@ class DrillRun:
         lines = [ln for ln in (res.stderr or "").splitlines() if "not confirmed" in ln]
         msg = lines[-1].strip() if lines else "not confirmed by every live master"
         self.measured["key_change_unconfirmed"] = msg
-        self.notes.append(f"key change through {via.name} stored but not confirmed everywhere: {msg}")
+        self.notes.append(f"key change through {via.name} stored but not confirmed "
+                          f"everywhere: {msg}")
 
     def _converge_key(self, via: MasterApi, apis: list[MasterApi]) -> None:
-        """After a refused key change: the key converges, or is accepted again, once the store is back."""
+        """After a refused key change: the key converges, or is accepted again, once the store is
+        back."""
         assert self.kid
         if self._key_in_state(via, self.kid, "acc"):
             self.measured["key_change_landed_late"] = True
             self.measured["key_change_made"] = True
-            self.say(f"{self.kid} is accepted after all: the timed-out write was committed when the store returned")
+            self.say(f"{self.kid} is accepted after all: the timed-out write was committed when "
+                     f"the store returned")
         else:
             self.measured["key_change_landed_late"] = False
             res = via.key("-a", self.kid, "-y")
             self.measured["key_change_made"] = res.returncode == 0
             self.say(f"key change retried through {via.name} after the store returned: "
-                     + ("accepted" if res.returncode == 0 else f"FAILED: {(res.stderr or res.stdout).strip()[-300:]}"))
+                     + ("accepted" if res.returncode == 0
+                        else f"FAILED: {(res.stderr or res.stdout).strip()[-300:]}"))
         self.key_visible(apis)
 
     def sc_minion_storm(self) -> None:
@@ -499,15 +527,18 @@ class DrillRun:
         self.say(f"started all {len(self.ids)} minions at once")
         per: dict[str, float | None] = {}
         for api in apis:
-            took = time_until_all_answer(api, self.ids, max(0.0, self.d.recovery_timeout_s - (time.monotonic() - t_back)),
-                                         ping_timeout=0.5)
+            took = time_until_all_answer(
+                api, self.ids, max(0.0, self.d.recovery_timeout_s - (time.monotonic() - t_back)),
+                ping_timeout=0.5)
             per[api.name] = None if took is None else round(time.monotonic() - t_back, 3)
         self.measured["recovery_by_master"] = per
         self.measured["recovery_s"] = None if None in per.values() else max(per.values())
-        self.say(f"every minion answers through every master {self.measured['recovery_s']} s after the restart")
+        self.say(f"every minion answers through every master {self.measured['recovery_s']} "
+                 f"s after the restart")
         pinger.pause(False)
         n = len(pinger.rounds)
-        wait_for(lambda: len(pinger.rounds) >= n + 2 * len(apis) and time.monotonic() - t_back > self.d.hold_s, 30)
+        wait_for(lambda: (len(pinger.rounds) >= n + 2 * len(apis)
+                          and time.monotonic() - t_back > self.d.hold_s), 30)
         self.measured["failed_pings_before_storm"] = before
         self.key_visible(apis)
 
@@ -523,10 +554,11 @@ class DrillRun:
                 self.key_change(self.apis[self.d.masters[1].name])
             self.actions.restore(undo)
             self.say(f"{m.name} restarted")
-            took = time_until_all_answer(self.apis[m.name], self.ids, self.d.recovery_timeout_s, ping_timeout=0.5)
+            took = time_until_all_answer(self.apis[m.name], self.ids,
+                                         self.d.recovery_timeout_s, ping_timeout=0.5)
             per[m.name] = round(took, 3) if took is not None else None
-            self.say(f"every minion answers through {m.name} {took:.2f} s after its restart" if took is not None
-                     else f"NOT every minion answers through {m.name}")
+            self.say(f"every minion answers through {m.name} {took:.2f} s after its restart"
+                     if took is not None else f"NOT every minion answers through {m.name}")
             pinger.include(m.name)
         self.measured["recovery_by_master"] = per
         self.measured["recovery_s"] = None if None in per.values() else max(per.values())
@@ -558,8 +590,9 @@ class DrillRun:
 
         found, _ = wait_for(ask, self.d.preflight_timeout_s, interval=0.2)
         if not found:
-            raise DrillError("no master holds the leader lease (cluster.status shows no leader): the leader "
-                             "drills need a lease (ha_backend etcd or fs) and a healthy cluster")
+            raise DrillError("no master holds the leader lease (cluster.status shows no "
+                             "leader): the leader drills need a lease (ha_backend etcd or "
+                             "fs) and a healthy cluster")
         name, epoch = found
         if name not in self.apis:
             raise DrillError(f"the leader is {name}, which is not a master of this drill "
@@ -624,9 +657,10 @@ class DrillRun:
             raise DrillError(f"could not publish event.send to {minion}: {firer.errors[-1:]}")
         got = self._wait_reactions(s_api, minion, nonce, {first}, 20)
         if first not in got:
-            raise DrillError(f"no reaction to {tag} (n={first}) on {minion} within 20 s: is the drill reactor "
-                             f"configured on every master (reactor: - '{EVENT_PREFIX}/*': [<drill sls>]) and "
-                             f"does it append to {d.reaction_file}? See docs/drills.md (Leader drills)")
+            raise DrillError(f"no reaction to {tag} (n={first}) on {minion} within 20 s: is the "
+                             f"drill reactor configured on every master (reactor: - "
+                             f"'{EVENT_PREFIX}/*': [<drill sls>]) and does it append to "
+                             f"{d.reaction_file}? See docs/drills.md (Leader drills)")
         self.say(f"firing {tag} events at {minion} every {d.event_interval_s:g} s through "
                  f"{', '.join(a.name for a in survivors)}")
         firer.start()
@@ -649,7 +683,8 @@ class DrillRun:
         self.measured["leader_failover_s"] = round(failover, 3) if failover is not None else None
         if failover is not None:
             self.measured["leader_after"] = {"master": new[0], "epoch": new[1]}
-            self.say(f"{s_api.name} sees {new[0]} hold the lease (epoch {new[1]}) {failover:.2f} s after "
+            self.say(f"{s_api.name} sees {new[0]} hold the lease (epoch {new[1]}) "
+                     f"{failover:.2f} s after "
                      "the failure")
         else:
             self.say(f"NO new leader seen through {s_api.name} within {d.detect_timeout_s:.0f} s")
@@ -666,7 +701,8 @@ class DrillRun:
         self.measured["events_fired"] = len(fired)
         if firer.errors:
             self.measured["event_publish_errors"] = len(firer.errors)
-            self.notes.append(f"{len(firer.errors)} event.send publishes failed, e.g. {firer.errors[0]}")
+            self.notes.append(f"{len(firer.errors)} event.send publishes failed, e.g. "
+                              f"{firer.errors[0]}")
         self.say(f"fired {len(fired)} events; waiting for their reactions on {minion}")
         t_last = time.monotonic()
         seen = self._wait_reactions(s_api, minion, nonce, fired, d.recovery_timeout_s)
@@ -684,11 +720,14 @@ class DrillRun:
             self.measured["duplicate_ns"] = dups[:50]
         if missed:
             self.measured["missed_ns"] = missed[:50]
-        self.say(f"reactions: {len(seen)} for {len(fired)} events, {len(dups)} duplicated, {len(missed)} missed")
+        self.say(f"reactions: {len(seen)} for {len(fired)} events, {len(dups)} duplicated, "
+                 f"{len(missed)} missed")
         if want_schedule:
-            self._count_schedule(s_api, SCHEDULE_MARKER, SCHEDULE_SECONDS, t_start_wall, t_back_wall)
+            self._count_schedule(s_api, SCHEDULE_MARKER, SCHEDULE_SECONDS,
+                                 t_start_wall, t_back_wall)
 
-    def _count_schedule(self, api: MasterApi, marker: str, every: int, since: float, back: float) -> None:
+    def _count_schedule(self, api: MasterApi, marker: str, every: int,
+                        since: float, back: float) -> None:
         """Slots of the drill schedule with more than one jid in the job cache, from ``since`` to
         the first slot run after ``back`` (the victim restored; waited for, up to 3 slots)."""
         def resumed() -> dict[int, list[str]] | None:
@@ -698,8 +737,8 @@ class DrillRun:
         slots, took = wait_for(resumed, 3 * every + 5, interval=0.5)
         self.measured["schedule_resumed"] = took is not None
         if took is None:
-            self.notes.append(f"no run of the drill schedule found in {api.name}'s job cache for a slot "
-                              f"after the restore within {3 * every + 5} s")
+            self.notes.append(f"no run of the drill schedule found in {api.name}'s job cache for a "
+                              f"slot after the restore within {3 * every + 5} s")
             until = time.time() - every
             slots = schedule_jids(api, marker, since, until)
         else:
@@ -711,7 +750,8 @@ class DrillRun:
         self.measured["schedule_slots_missed"] = max(0, span - len(slots))
         self.measured["duplicate_schedule_runs"] = len(dup)
         if dup:
-            self.measured["duplicate_schedule_jids"] = {str(s): j for s, j in list(dup.items())[:20]}
+            self.measured["duplicate_schedule_jids"] = {str(s): j
+                                                        for s, j in list(dup.items())[:20]}
         self.say(f"schedule: {len(slots)} of {span} slots ran, {len(dup)} with more than one jid")
 
     # -- result -----------------------------------------------------------------------------------
@@ -728,7 +768,8 @@ class DrillRun:
                 met = value is not None and value <= limit
             checks.append({"objective": name, "limit": limit, "value": value, "met": met})
         if "healthy_after" in self.measured:
-            checks.append({"objective": "healthy_after", "limit": True, "value": self.measured["healthy_after"],
+            checks.append({"objective": "healthy_after", "limit": True,
+                           "value": self.measured["healthy_after"],
                            "met": self.measured["healthy_after"] is True})
         if problems:
             checks.append({"objective": "restored", "limit": True, "value": False, "met": False})
@@ -737,8 +778,10 @@ class DrillRun:
             "drill": self.d.name,
             "file": self.d.path,
             "scenario": self.d.scenario,
-            "victim": (self.d.victim_node.name if self.d.scenario in ("kill", "stop", "freeze", "partition")
-                       or (self.d.scenario in LEADER_SCENARIOS and self.d.victim != LEADER_VICTIM) else None),
+            "victim": (self.d.victim_node.name
+                       if self.d.scenario in ("kill", "stop", "freeze", "partition")
+                       or (self.d.scenario in LEADER_SCENARIOS and self.d.victim != LEADER_VICTIM)
+                       else None),
             "masters": [m.name for m in self.d.masters],
             "minions": self.ids,
             "started": self.started,
@@ -768,7 +811,9 @@ def render_table(res: dict) -> str:
     """The human summary of a drill result."""
     m = res["measured"]
     obj = {c["objective"]: c for c in res["objectives"]}
-    rows = [("failed pings", f"{_fmt(m.get('failed_pings'))} of {_fmt(m.get('pings_sent'))}", "max_failed_pings", ""),
+    rows = [("failed pings",
+             f"{_fmt(m.get('failed_pings'))} of {_fmt(m.get('pings_sent'))}", "max_failed_pings",
+             ""),
             ("detect (minions' view)", _fmt(m.get("detect_minions_s"), " s"), None, ""),
             ("detect (cluster.status)", _fmt(m.get("detect_status_s"), " s"), None, ""),
             ("detect", _fmt(m.get("detect_s"), " s"), "max_detect_s", " s"),
@@ -779,9 +824,11 @@ def render_table(res: dict) -> str:
             ("store errors", _fmt(m.get("store_errors")), "max_store_errors", ""),
             ("leader failover", _fmt(m.get("leader_failover_s"), " s"), "leader_failover_s", " s"),
             ("reactions duplicated", _fmt(m.get("duplicate_reactions")), "duplicate_reactions", ""),
-            ("reactions missed", f"{_fmt(m.get('missed_reactions'))} of {_fmt(m.get('events_fired'))}",
+            ("reactions missed",
+             f"{_fmt(m.get('missed_reactions'))} of {_fmt(m.get('events_fired'))}",
              "missed_reactions", ""),
-            ("schedule slots doubled", _fmt(m.get("duplicate_schedule_runs")), "duplicate_schedule_runs", ""),
+            ("schedule slots doubled", _fmt(m.get("duplicate_schedule_runs")),
+             "duplicate_schedule_runs", ""),
             ("cluster healthy after", _fmt(m.get("healthy_after")), "healthy_after", "")]
     lost = m.get("backend_lost")
     lines = [f"drill {res['drill']!r}: scenario {res['scenario']}"

@@ -65,7 +65,8 @@ def leader_drill_options(sls_path: str, minion: str) -> dict[str, Any]:
 def write_leader_drill_config(base: Path, confdirs: list[str], minion: str,
                               lease_ttl: float | None = None) -> Path:
     """Write the reactor sls under ``base/drill/`` and ``master.d/hamaster-drill.conf`` into every
-    master's confdir (the same on each); ``lease_ttl`` also sets ``ha_lease_ttl``. Returns the sls."""
+    master's confdir (the same on each); ``lease_ttl`` also sets ``ha_lease_ttl``. Returns the
+    sls."""
     sls = base / "drill" / "hamaster-drill-reactor.sls"
     sls.parent.mkdir(parents=True, exist_ok=True)
     sls.write_text(REACTOR_SLS)
@@ -121,7 +122,8 @@ def missing_leader_options(opts: dict, want_schedule: bool) -> list[str]:
         out.append(f"reactor: no entry matches '{EVENT_PREFIX}/<n>' (add - '{REACTOR_GLOB}': "
                    "[<path of the drill reactor sls>])")
     sched = opts.get("schedule") or {}
-    if want_schedule and not (isinstance(sched, dict) and isinstance(sched.get(SCHEDULE_JOB), dict)):
-        out.append(f"schedule: no job {SCHEDULE_JOB!r} (salt.execute test.echo {SCHEDULE_MARKER} every "
-                   f"{SCHEDULE_SECONDS} s)")
+    if want_schedule and not (isinstance(sched, dict)
+                              and isinstance(sched.get(SCHEDULE_JOB), dict)):
+        out.append(f"schedule: no job {SCHEDULE_JOB!r} (salt.execute test.echo {SCHEDULE_MARKER} "
+                   f"every {SCHEDULE_SECONDS} s)")
     return out

@@ -31,8 +31,8 @@ how far it got (``reactor/cursor``) every second; a new leader starts from there
 events the old one had not handled are handled once: their claims are absent, or ``done``
 (skipped), or ``claimed`` by an older epoch (the old leader died mid-reaction): then the
 ``local`` and ``wheel`` actions run again — ``local`` publishes under a jid derived from the
-claim and the action (sls and reaction name), so a minion that already ran it drops the repeat (minions
-de-duplicate jids) — and ``runner`` actions are *not* re-run (at most once; logged).
+claim and the action (sls and reaction name), so a minion that already ran it drops the repeat
+(minions de-duplicate jids) — and ``runner`` actions are *not* re-run (at most once; logged).
 
 A failing render, an unknown action or a runner that raises is logged and counted
 (``hamaster_reactions_total{result="error"}``); the other reactions and the bus go on.

@@ -251,7 +251,8 @@ class BlobServer:
         writer.write(f"OK {size}\n".encode())
         offset = 0
         while offset < size:
-            block = await asyncio.to_thread(self.cache.read, sha, offset, min(_BLOCK, size - offset))
+            block = await asyncio.to_thread(self.cache.read, sha, offset,
+                                            min(_BLOCK, size - offset))
             if not block:
                 raise ConnectionError(f"blob {sha} shrank while being sent")
             writer.write(block)
@@ -280,7 +281,8 @@ async def fetch(address: str, sha: str, priv: rsa.RSAPrivateKey, cache: BlobCach
     try:
         writer.write(make_request(priv, sha))
         await asyncio.wait_for(writer.drain(), timeout)
-        head = (await asyncio.wait_for(reader.readuntil(b"\n"), timeout)).decode("ascii", "replace").strip()
+        head = (await asyncio.wait_for(reader.readuntil(b"\n"), timeout)).decode(
+            "ascii", "replace").strip()
         verb, _, rest = head.partition(" ")
         if verb != "OK":
             raise BlobFetchError(f"{address} refused blob {sha}: {rest or head}")
@@ -288,12 +290,14 @@ async def fetch(address: str, sha: str, priv: rsa.RSAPrivateKey, cache: BlobCach
             raise BlobFetchError(f"{address} sent a malformed header {head!r}")
         size = int(rest)
         if expected_size is not None and size != expected_size:
-            raise BlobFetchError(f"{address} offers {size} bytes for {sha}, manifest says {expected_size}")
+            raise BlobFetchError(f"{address} offers {size} bytes for {sha}, "
+                                 f"manifest says {expected_size}")
         with cache.writer() as w:
             while w.size < size:
                 block = await asyncio.wait_for(reader.read(min(_BLOCK, size - w.size)), timeout)
                 if not block:
-                    raise BlobFetchError(f"{address} closed after {w.size} of {size} bytes of {sha}")
+                    raise BlobFetchError(
+                        f"{address} closed after {w.size} of {size} bytes of {sha}")
                 w.write(block)
             try:
                 w.commit(sha)
@@ -415,7 +419,8 @@ class BlobService:
                 self._loop.call_soon_threadsafe(self._wake.set)
 
     async def sync_once(self) -> dict:
-        """Fetch every large blob the manifest names that the cache lacks: ``{fetched, missing}``."""
+        """Fetch every large blob the manifest names that the cache lacks:
+        ``{fetched, missing}``."""
         entries = await asyncio.to_thread(load_manifest, self.store)
         if time.monotonic() - self._pruned_at > PRUNE_EVERY:
             self._pruned_at = time.monotonic()

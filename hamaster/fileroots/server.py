@@ -17,8 +17,8 @@ Two kinds of roots:
   read through the descriptor that was checked, so a concurrent rename or symlink swap cannot
   make a request read outside the root. Under a store, the ``file_roots/<env>`` components
   must be real directories. A local directory that contains ``pki_dir`` or ``ha_dir`` is not
-  served at all. In an ``FsStore`` names starting with ``.`` are never served (they are its temp files and
-  marker, never keys); a ``ReadOnlyDirStore`` serves dotfiles as Salt does (except a store
+  served at all. In an ``FsStore`` names starting with ``.`` are never served (they are its temp
+  files and marker, never keys); a ``ReadOnlyDirStore`` serves dotfiles as Salt does (except a store
   marker or ``.tmp-`` temp file).
 * **Any other store** (etcd, …) — read through ``store.list``/``store.get``. A value is read whole
   on every request (one ``get`` per chunk and per hash), so such roots suit files up to a few
@@ -185,7 +185,8 @@ _PENDING = "\0pending"
 
 
 class _ManifestRoot(_Root):
-    """``file_manifest/<env>/``: locations are ``file_blobs/<sha>`` (inline) or ``<sha>`` (cache)."""
+    """``file_manifest/<env>/``: locations are ``file_blobs/<sha>`` (inline) or ``<sha>``
+    (cache)."""
 
     def __init__(self, store: Store, env: str, server: FileServer):
         super().__init__(store, f"{MANIFEST_PREFIX}{env}/")
@@ -343,10 +344,12 @@ class FileServer:
         self._manifest = manifest
         self.blob_cache = blob_cache
         self._on_blob_missing: Callable[[str], None] | None = None
-        self._sources = {env: self._manifest_roots(env) + [_Root(store, prefix) for store, prefix in roots]
+        self._sources = {env: self._manifest_roots(env)
+                         + [_Root(store, prefix) for store, prefix in roots]
                          for env, roots in sources.items()}
         self._discover = discover
-        self._discover_prefix = discover_prefix if discover_prefix.endswith("/") else discover_prefix + "/"
+        self._discover_prefix = (discover_prefix if discover_prefix.endswith("/")
+                                 else discover_prefix + "/")
         self._lock = threading.Lock()
         self._hashes: dict[str, tuple[_Sig, str]] = {}
         self._store_down: set[int] = set()

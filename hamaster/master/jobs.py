@@ -154,7 +154,8 @@ class JobTracker:
         return rec
 
     def _evict(self) -> None:
-        while len(self.jobs) > 1 and (len(self.jobs) > RECENT_JOBS or self.returns_held > MAX_RETURNS_IN_MEMORY):
+        while len(self.jobs) > 1 and (len(self.jobs) > RECENT_JOBS
+                                      or self.returns_held > MAX_RETURNS_IN_MEMORY):
             _, old = self.jobs.popitem(last=False)
             self.returns_held -= len(old.returns)
 

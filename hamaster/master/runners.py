@@ -70,7 +70,8 @@ async def jobs_list_jobs(ctx: RunnerContext) -> dict:
     return dict(sorted(jobs.items()))
 
 
-async def jobs_lookup_jid(ctx: RunnerContext, jid: str, ext_source: str | None = None, missing: bool = False) -> dict:
+async def jobs_lookup_jid(ctx: RunnerContext, jid: str,
+                          ext_source: str | None = None, missing: bool = False) -> dict:
     """Returns of job ``jid``: ``{minion_id: return}``, from every master's returns."""
     jid = str(jid)
     rets = await asyncio.to_thread(ctx.job_cache.get_returns, jid)
@@ -189,7 +190,8 @@ async def run_runner(ctx: RunnerContext, fun: str, args: list, kwargs: dict) -> 
     misuse."""
     fn = RUNNERS.get(fun)
     if fn is None:
-        raise RunnerError(f"'{fun}' is not available. Available runners: {', '.join(sorted(RUNNERS))}")
+        raise RunnerError(f"'{fun}' is not available. Available runners: "
+                          f"{', '.join(sorted(RUNNERS))}")
     try:
         inspect.signature(fn).bind(ctx, *args, **kwargs)
     except TypeError as exc:
@@ -209,7 +211,8 @@ async def cluster_status_report(master: Master) -> dict:
     :attr:`RunnerContext.cluster_status` the daemon builds, not a runner."""
     if not master.state.ha:
         return {
-            "masters": {master.master_id: {**master.cluster_record(), "alive": True, "last_seen_s": 0.0}},
+            "masters": {master.master_id: {**master.cluster_record(),
+                                           "alive": True, "last_seen_s": 0.0}},
             "ha": False,
             "drift": {"config": False, "fileroots": False, "master_key": False,
                       "pillar": False},

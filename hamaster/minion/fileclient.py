@@ -24,7 +24,8 @@ def split_salt_url(url: str) -> str:
     return rel.split("?", 1)[0].lstrip("/")
 
 
-async def fetch_file(conns: list[MasterConnection], url: str, saltenv: str = "base") -> bytes | None:
+async def fetch_file(conns: list[MasterConnection],
+                     url: str, saltenv: str = "base") -> bytes | None:
     """Content of ``url`` from the first master that has it, or None."""
     from hamaster.minion.connection import RequestFailed
 
@@ -37,7 +38,8 @@ async def fetch_file(conns: list[MasterConnection], url: str, saltenv: str = "ba
             chunks: list[bytes] = []
             loc = 0
             while True:
-                rep = await conn.request({"cmd": "_serve_file", "path": rel, "loc": loc, "saltenv": saltenv})
+                rep = await conn.request({"cmd": "_serve_file", "path": rel,
+                                          "loc": loc, "saltenv": saltenv})
                 data = rep.get("data") if isinstance(rep, dict) else None
                 if not data:
                     break
@@ -47,7 +49,8 @@ async def fetch_file(conns: list[MasterConnection], url: str, saltenv: str = "ba
             content = b"".join(chunks)
             algo = str(info.get("hash_type", "sha256"))
             if crypto.hexdigest(algo, content) != info["hsum"]:
-                log.warning("hash mismatch fetching %s from %s; trying another master", url, conn.name)
+                log.warning(
+                    "hash mismatch fetching %s from %s; trying another master", url, conn.name)
                 continue
             return content
         except (RequestFailed, ValueError) as exc:

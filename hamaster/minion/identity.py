@@ -65,7 +65,8 @@ class MinionIdentity:
         self.opts = opts
         self.minion_id = minion_id
         self.pki_dir = Path(pki_dir or opts["pki_dir"])
-        self.priv_pem, pub_pem, self.priv = self._load_or_create_keys(int(opts.get("keysize", 2048)))
+        self.priv_pem, pub_pem, self.priv = self._load_or_create_keys(
+            int(opts.get("keysize", 2048)))
         self.pub_text = crypto.normalize_pem(pub_pem)
         self.tok = crypto.x931_sign(self.priv, b"salt")
         self._pinned: str | None = None

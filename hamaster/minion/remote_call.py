@@ -36,8 +36,10 @@ async def _call(opts: dict, fun: str, arg: list) -> ExecResult:
         for c in conns:
             c.start()
         waits = [asyncio.create_task(c.connected_event.wait()) for c in conns]
-        timeout = float(opts.get("auth_timeout", 5)) * 2 + float(opts.get("acceptance_wait_time", 10))
-        done, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        timeout = (float(opts.get("auth_timeout", 5)) * 2
+                   + float(opts.get("acceptance_wait_time", 10)))
+        done, pending = await asyncio.wait(waits, timeout=timeout,
+                                           return_when=asyncio.FIRST_COMPLETED)
         for t in pending:
             t.cancel()
         live = [c for c in conns if c.state == "connected"]
@@ -57,12 +59,14 @@ async def _call(opts: dict, fun: str, arg: list) -> ExecResult:
         loop = asyncio.get_running_loop()
 
         def fetch(path: str, saltenv: str) -> bytes | None:
-            return asyncio.run_coroutine_threadsafe(fetch_file(live, path, saltenv), loop).result(timeout=300)
+            return asyncio.run_coroutine_threadsafe(fetch_file(live, path, saltenv),
+                                                    loop).result(timeout=300)
 
         def request(load: dict) -> object:  # e.g. _file_list for file.recurse
             return asyncio.run_coroutine_threadsafe(live[0].request(load), loop).result(timeout=120)
 
-        ectx = ExecContext(opts=opts, grains=grains, minion_id=mid, jid=None, pillar=pillar, fetch_file=fetch,
+        ectx = ExecContext(opts=opts, grains=grains, minion_id=mid, jid=None, pillar=pillar,
+                           fetch_file=fetch,
                            master_request=request)
         registry = FunctionRegistry()
         ectx.registry = registry

@@ -36,7 +36,8 @@ class SerialMarks:
                 data = json.load(fh)
             if isinstance(data, dict):
                 self._marks = {k: v for k, v in data.items()
-                               if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)}
+                               if isinstance(k, str) and isinstance(v, int)
+                               and not isinstance(v, bool)}
         except FileNotFoundError:
             pass
         except (OSError, ValueError) as exc:

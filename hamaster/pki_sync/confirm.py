@@ -101,7 +101,8 @@ class KeyChangeRequest:
 
     def to_bytes(self) -> bytes:
         """The JSON stored for this request."""
-        return json.dumps({"nonce": self.nonce, "expect": {m: e.value for m, e in self.expect.items()},
+        return json.dumps({"nonce": self.nonce,
+                           "expect": {m: e.value for m, e in self.expect.items()},
                            "origin": self.origin, "created": self.created,
                            "deadline": self.deadline, "masters": list(self.masters)},
                           sort_keys=True).encode()
@@ -203,7 +204,8 @@ def confirm_key_change(store: Store, expect: dict[str, Expect], members: Members
     for mid, rec in sorted(records.items()):
         if mid not in waiting:
             result.skipped[mid] = ("stopped" if rec.get("stopped")
-                                   else f"not alive (last heartbeat {rec.get('last_seen_s', '?')} s ago)")
+                                   else f"not alive (last heartbeat "
+                                        f"{rec.get('last_seen_s', '?')} s ago)")
     result.waited_on = list(waiting)
     if not waiting:
         return result

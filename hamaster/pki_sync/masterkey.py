@@ -1,7 +1,8 @@
 """One master keypair for the cluster on the rsync backend, agreed before any master serves.
 
 fs and etcd have an atomic create-if-absent across masters, so the first master to start creates
-``master.pem`` and every other adopts it (:func:`~hamaster.pki_sync.keys.load_or_create_master_keypair`).
+``master.pem`` and every other adopts it
+(:func:`~hamaster.pki_sync.keys.load_or_create_master_keypair`).
 The rsync backend has no such operation: each master writes its own tree and the trees are
 merged later by newer-wins. Two masters started on empty trees would each create a pair and
 serve it. So on rsync a master whose tree has no ``master.pem``:

@@ -1,9 +1,10 @@
 """The shared-state contract every backend (fs, rsync, etcd) implements, and its change events.
 
-Keys are '/'-separated relative paths that mirror Salt's on-disk layout (``pki/master/minions/web1``,
-``jobs/<jid>/load``); values are bytes. Changes made by any process or master are delivered to
-``watch`` callbacks in batches. Backends keep working (and report ``healthy() is False``) when the
-storage behind them goes away; they never crash their watcher thread.
+Keys are '/'-separated relative paths that mirror Salt's on-disk layout
+(``pki/master/minions/web1``, ``jobs/<jid>/load``); values are bytes. Changes made by any process or
+master are delivered to ``watch`` callbacks in batches. Backends keep working (and report
+``healthy() is False``) when the storage behind them goes away; they never crash their watcher
+thread.
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ Mapping: store key ``k`` is etcd key ``<prefix>/k`` (``prefix`` defaults to ``/h
   :class:`StoreUnavailable` naming the endpoints and the cause, and turns ``healthy()`` False.
   Writes are never queued or dropped silently. A write that timed out has an unknown outcome:
   etcd may still commit it when quorum returns (measured in the contract suite), so callers
-  retry idempotently and watches report it if it lands. Reads are linearizable (never stale), so they
-  fail too without quorum; masters serve from their in-memory views meanwhile.
+  retry idempotently and watches report it if it lands. Reads are linearizable (never stale), so
+  they fail too without quorum; masters serve from their in-memory views meanwhile.
 - Leader lease: ``leases/<name>/holder`` (``{"holder", "epoch"}``) is attached to an etcd
   lease of ``ttl`` seconds that the holder keeps alive; ``leases/<name>/epoch`` counts holders.
   Taking the lease is one transaction: the holder key is absent and the epoch counter is what
@@ -85,7 +85,8 @@ PAGE = 500
 GRPC_MAX_MSG = 64 * 1024 * 1024
 
 
-# Pacing of retries after fast failures (an election, a refused connection): 50 ms doubling to 0.5 s.
+# Pacing of retries after fast failures (an election, a refused connection):
+# 50 ms doubling to 0.5 s.
 RETRY_PAUSE = 0.05
 RETRY_PAUSE_MAX = 0.5
 ATTEMPT_TIMEOUT_MIN = 0.5

@@ -11,11 +11,11 @@ is passed as ``--password-file``) or ``[user@]host:/path`` (rsync over ssh, comm
 ``ha_rsync_ssh``) or a local absolute path.
 
 Transfer: ``rsync -rt --update --modify-window=-1 -p --chmod=D0700,F0600 --backup
---backup-dir=.hm-bak`` of the whole tree (``-t`` keeps modification times with nanoseconds; ``--update`` never overwrites a file that is newer on the
-receiver). No ``--delete``: deletions travel only as tombstones. Filters: the root marker
-``/.hamaster-store`` is never sent; ``/.tomb/`` is sent; every other dot-name is excluded
-(our ``.tmp-*`` write temps and rsync's own ``.NAME.XXXXXX`` receive temps, which
-:class:`FsStore` also never reports as keys).
+--backup-dir=.hm-bak`` of the whole tree (``-t`` keeps modification times with nanoseconds;
+``--update`` never overwrites a file that is newer on the receiver). No ``--delete``: deletions
+travel only as tombstones. Filters: the root marker ``/.hamaster-store`` is never sent; ``/.tomb/``
+is sent; every other dot-name is excluded (our ``.tmp-*`` write temps and rsync's own
+``.NAME.XXXXXX`` receive temps, which :class:`FsStore` also never reports as keys).
 
 Conflict rule: the newer change wins, by modification time in nanoseconds (the write time on
 the master that made the change, kept by ``rsync -t``). rsync's own ``--update`` is coarse
@@ -433,7 +433,8 @@ class RsyncStore(FsStore):
         argv = [
             # --omit-dir-times: let the receiver's directory mtimes move when files land, so its
             # poller (which re-lists a directory only when its mtime changes) sees them at once.
-            self.rsync, "-rt", "--omit-dir-times", "--update", "--modify-window=-1", "-p", "--chmod=D0700,F0600",
+            self.rsync, "-rt", "--omit-dir-times", "--update", "--modify-window=-1", "-p",
+            "--chmod=D0700,F0600",
             "--backup", f"--backup-dir={BACKUP_DIR}", f"--timeout={self.io_timeout}",
             f"--exclude=/{MARKER_NAME}", f"--include=/{TOMB_DIR}/", "--exclude=.*",
         ]

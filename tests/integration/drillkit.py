@@ -40,15 +40,18 @@ def run_drill(path: Path, timeout: float = 150) -> tuple[int, dict, str]:
     try:
         doc = json.loads(res.stdout)
     except json.JSONDecodeError:
-        raise AssertionError(f"no JSON from hamaster-drill (rc {res.returncode}):\n{res.stdout}\n{res.stderr}") from None
+        raise AssertionError(f"no JSON from hamaster-drill (rc "
+                             f"{res.returncode}):\n{res.stdout}\n{res.stderr}") from None
     return res.returncode, doc, res.stderr
 
 
 def assert_drill_passed(rc: int, doc: dict, err: str) -> dict:
     """Fail with every objective, note, ping failure and the drill's log unless the drill passed,
-    the cluster was healthy afterwards and everything it touched was restored; returns the figures."""
+    the cluster was healthy afterwards and everything it touched was restored; returns the
+    figures."""
     m = doc["measured"]
-    assert rc == 0 and doc["ok"], (f"rc {rc}\n{json.dumps(doc['objectives'], indent=1)}\n{doc['notes']}\n"
-                                   f"ping failures: {m.get('ping_failures')}\n{err}")
+    assert rc == 0 and doc["ok"], (f"rc {rc}\n{json.dumps(doc['objectives'], indent=1)}\n"
+                                   f"{doc['notes']}\nping failures: {m.get('ping_failures')}\n"
+                                   f"{err}")
     assert m["healthy_after"] is True and not doc["restore_problems"], doc["restore_problems"]
     return m

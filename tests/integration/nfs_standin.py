@@ -42,12 +42,14 @@ def sshfs_mounts(export: Path, count: int, dir_cache: bool = False) -> Iterator[
     mounts: list[Path] = []
     try:
         for name in ("host_key", "client_key"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(work / name)], check=True)
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(work / name)], check=True)
         (work / "authorized_keys").write_text((work / "client_key.pub").read_text())
         port = free_port()
         (work / "sshd_config").write_text(
-            f"Port {port}\nListenAddress 127.0.0.1\nHostKey {work / 'host_key'}\nPidFile {work / 'sshd.pid'}\n"
-            f"AuthorizedKeysFile {work / 'authorized_keys'}\nStrictModes no\nUsePAM no\n"
+            f"Port {port}\nListenAddress 127.0.0.1\nHostKey {work / 'host_key'}\nPidFile "
+            f"{work / 'sshd.pid'}\nAuthorizedKeysFile "
+            f"{work / 'authorized_keys'}\nStrictModes no\nUsePAM no\n"
             "PasswordAuthentication no\nPermitRootLogin yes\nSubsystem sftp internal-sftp\n"
         )
         Path("/run/sshd").mkdir(exist_ok=True)
@@ -58,11 +60,14 @@ def sshfs_mounts(export: Path, count: int, dir_cache: bool = False) -> Iterator[
         for i in range(count):
             mp = work / f"mnt{i}"
             mp.mkdir()
-            opts = f"IdentityFile={work / 'client_key'},StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,BatchMode=yes"
+            opts = (f"IdentityFile={work / 'client_key'},StrictHostKeyChecking=no,"
+                    "UserKnownHostsFile=/dev/null,BatchMode=yes")
             if not dir_cache:
                 opts += ",dir_cache=no"
             def mount(mp: Path = mp, opts: str = opts) -> bool:
-                res = subprocess.run(["sshfs", "-p", str(port), "-o", opts, f"root@127.0.0.1:{export}", str(mp)], capture_output=True)
+                res = subprocess.run(
+                    ["sshfs", "-p", str(port), "-o", opts, f"root@127.0.0.1:{export}", str(mp)],
+                    capture_output=True)
                 return res.returncode == 0
             wait_until(mount, 15, interval=0.2, what=f"sshfs mount {i}")
             mounts.append(mp)
@@ -70,7 +75,8 @@ def sshfs_mounts(export: Path, count: int, dir_cache: bool = False) -> Iterator[
     finally:
         for mp in mounts:
             for _ in range(20):
-                if subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True).returncode == 0:
+                if subprocess.run(["fusermount3", "-u", str(mp)],
+                                  capture_output=True).returncode == 0:
                     break
                 subprocess.run(["fusermount3", "-uz", str(mp)], capture_output=True)
                 time.sleep(0.1)

@@ -78,7 +78,8 @@ class EtcdMember:
         """Start (or restart, keeping its data dir) this member."""
         if self.proc is not None and self.proc.poll() is None:
             return
-        self.proc = cs.spawn(cs.etcd_argv(need_binary("etcd"), self.name, self.data_dir, self.client_port,
+        self.proc = cs.spawn(cs.etcd_argv(need_binary("etcd"), self.name, self.data_dir,
+                                          self.client_port,
                                           self.peer_port, self.initial_cluster, self.heartbeat_ms,
                                           self.election_ms), self.log_path)
         self._started_once = True
@@ -134,7 +135,8 @@ class EtcdCluster:
 
 
 @contextmanager
-def etcd_cluster(n: int = 3, heartbeat_ms: int = 50, election_ms: int = 500) -> Iterator[EtcdCluster]:
+def etcd_cluster(n: int = 3,
+                 heartbeat_ms: int = 50, election_ms: int = 500) -> Iterator[EtcdCluster]:
     """An ``n``-member etcd cluster on loopback ports, data on /dev/shm; stopped at exit."""
     need_binary("etcd")
     need_binary("etcdctl")
@@ -193,7 +195,8 @@ class RsyncDaemon:
         if self.proc is not None and self.proc.poll() is None:
             return
         log = self.workdir / "rsyncd.log"
-        proc = self.proc = cs.spawn(cs.rsyncd_argv(need_binary("rsync"), self.workdir / "rsyncd.conf", self.port), log)
+        proc = self.proc = cs.spawn(
+            cs.rsyncd_argv(need_binary("rsync"), self.workdir / "rsyncd.conf", self.port), log)
         cs.wait_port(lambda: proc.poll() is None, self.port, timeout, "rsync daemon", log)
 
     def stop(self) -> None:

@@ -48,7 +48,8 @@ class SpyMinion:
         frame, token = messages.auth_request(self.minion_id, self.pub_text, nonce, pinned)
         reply = self.roundtrip(frame)
         res = messages.parse_auth_reply(
-            reply, minion_priv=self.priv, nonce=nonce, token_plain=token, pinned_master_pub=self.master_pub_text
+            reply, minion_priv=self.priv, nonce=nonce, token_plain=token,
+            pinned_master_pub=self.master_pub_text
         )
         if res.status == "accepted":
             self.result = res

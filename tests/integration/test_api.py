@@ -297,8 +297,10 @@ def test_bad_input_answers_4xx_and_is_counted(api: dict) -> None:
     url = api["urls"][0]
     tok = login(url)
     assert call(url, "/", [{"client": "local", "tgt": "*", "fun": "test.ping"}])[0] == 401
-    assert call(url, "/", [{"client": "local", "tgt": "*", "fun": "test.ping"}], "ab" * 20)[0] == 401
-    assert call(url, "/", [{"client": "local", "tgt": "*", "fun": "test.ping"}], "zz-not-hex")[0] == 401
+    assert call(url, "/", [{"client": "local", "tgt": "*", "fun": "test.ping"}],
+                "ab" * 20)[0] == 401
+    assert call(url, "/", [{"client": "local", "tgt": "*", "fun": "test.ping"}],
+                "zz-not-hex")[0] == 401
     assert call(url, "/", raw=b"[{not json", token=tok)[0] == 400
     assert call(url, "/", raw=b"\xff\xfe", token=tok)[0] == 400
     assert call(url, "/", 42, tok)[0] == 400

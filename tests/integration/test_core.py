@@ -40,11 +40,13 @@ def test_accept_keys_and_run_commands(cluster: Cluster) -> None:
     assert "fine" in res.stdout
 
     # --out json --static: exactly one JSON object
-    res = cluster.run("hamaster", "--out", "json", "--static", "*", "test.echo", "hello", check=True)
+    res = cluster.run("hamaster", "--out", "json", "--static", "*",
+                      "test.echo", "hello", check=True)
     assert json.loads(res.stdout) == {"web1": "hello", "db1": "hello"}
 
     # keyword arguments travel as __kwarg__
-    res = cluster.run("hamaster", "--out", "json", "--static", "db1", "test.arg", "1", "two", "key=val", check=True)
+    res = cluster.run("hamaster", "--out", "json", "--static", "db1", "test.arg", "1",
+                      "two", "key=val", check=True)
     ret = json.loads(res.stdout)["db1"]
     assert ret["args"] == [1, "two"] and ret["kwargs"]["key"] == "val"
 
@@ -60,13 +62,16 @@ def test_accept_keys_and_run_commands(cluster: Cluster) -> None:
     jid = res.stdout.strip().split()[-1]
     assert len(jid) == 20 and jid.isdigit()
     wait_until(
-        lambda: json.loads(cluster.run("hamaster-run", "--out", "json", "jobs.lookup_jid", jid, check=True).stdout)
+        lambda: json.loads(cluster.run("hamaster-run", "--out", "json", "jobs.lookup_jid", jid,
+                                       check=True).stdout)
         == {"web1": "later", "db1": "later"},
         15, what="lookup_jid",
     )
-    jobs = json.loads(cluster.run("hamaster-run", "--out", "json", "jobs.list_jobs", check=True).stdout)
+    jobs = json.loads(
+        cluster.run("hamaster-run", "--out", "json", "jobs.list_jobs", check=True).stdout)
     assert jid in jobs and jobs[jid]["Function"] == "test.echo"
-    status = json.loads(cluster.run("hamaster-run", "--out", "json", "manage.status", check=True).stdout)
+    status = json.loads(
+        cluster.run("hamaster-run", "--out", "json", "manage.status", check=True).stdout)
     assert status == {"up": ["db1", "web1"], "down": []}
 
 
@@ -92,7 +97,9 @@ def test_pending_key_runs_nothing(cluster: Cluster) -> None:
         assert spy.auth().status == "pending"
         # a pending minion has no session: any aes request it forges is refused
         fake = Crypticle(generate_key_string())
-        body = messages.stamp_load({"cmd": "_return", "jid": "20260101000000000000", "return": True}, "spy-pending", spy.tok, messages.new_nonce())
+        body = messages.stamp_load(
+            {"cmd": "_return", "jid": "20260101000000000000", "return": True}, "spy-pending",
+            spy.tok, messages.new_nonce())
         reply = spy.roundtrip(messages.aes_request("spy-pending", fake, body))
         assert codec.loads(reply) == "bad load"
     finally:
@@ -125,14 +132,18 @@ def test_deleted_key_cannot_decrypt_new_publications(cluster: Cluster) -> None:
     cluster.wait_all_answer(["keep1"])
     spy = SpyMinion("127.0.0.1", info["conf"]["ret_port"], "spy-del")
     try:
-        res = wait_until(lambda: spy.auth() if spy.auth().status == "accepted" else None, 10, what="spy accepted")
+        res = wait_until(
+            lambda: spy.auth() if spy.auth().status == "accepted" else None, 10,
+            what="spy accepted")
         old_key = res.aes_key
         spy.subscribe(info["conf"]["publish_port"])
         # while accepted, the spy can read publications
         def readable() -> bool:
             cluster.run("hamaster", "keep1", "test.ping")
             frame = spy.next_publication(2)
-            return frame is not None and messages.open_publication(frame, Crypticle(old_key), crypto.load_public_key(spy.master_pub_text))["fun"] == "test.ping"
+            return frame is not None and messages.open_publication(
+                frame, Crypticle(old_key),
+                crypto.load_public_key(spy.master_pub_text))["fun"] == "test.ping"
         wait_until(readable, 20, interval=0.1, what="spy reads a publication")
         cluster.run("hamaster-key", "-d", "spy-del", "-y", check=True)
         # the master rotates its publish key; the next publication is unreadable with the old key
@@ -189,7 +200,8 @@ def test_master_survives_bad_input(cluster: Cluster) -> None:
             msgpack.packb({"enc": "aes", "load": 5, "version": 3}),
             msgpack.packb({"enc": "clear", "load": "x", "version": 3}),
             msgpack.packb({"enc": "clear", "load": {"cmd": "_auth"}, "version": 3}),
-            msgpack.packb({"enc": "clear", "load": {"cmd": "publish", "fun": "cmd.run"}, "version": 3}),
+            msgpack.packb({"enc": "clear",
+                           "load": {"cmd": "publish", "fun": "cmd.run"}, "version": 3}),
             msgpack.packb({"enc": "aes", "load": b"x" * 100, "version": 3, "id": "b1"}),
             msgpack.packb({"enc": "aes", "load": b"x" * 100, "version": 2, "id": "b1"}),
             msgpack.packb({"enc": "weird", "load": {}, "version": 3}),
@@ -214,19 +226,24 @@ def test_master_survives_bad_input(cluster: Cluster) -> None:
         assert spy.request({"cmd": "_no_such_cmd"}) == {}
         # a replayed request (same nonce) is refused
         session = Crypticle(spy.result.session_key)
-        body = messages.stamp_load({"cmd": "_minion_event", "tag": "x", "data": {}}, "spy-bad", spy.tok, messages.new_nonce())
+        body = messages.stamp_load({"cmd": "_minion_event", "tag": "x", "data": {}}, "spy-bad",
+                                   spy.tok, messages.new_nonce())
         frame = messages.aes_request("spy-bad", session, body)
         first = spy.roundtrip(frame)
         assert messages.parse_aes_reply(first, session, body["nonce"]) is None
         assert codec.loads(spy.roundtrip(frame)) == "bad load"
         # a forged tok (signed by another key) is refused
         other = SpyMinion("127.0.0.1", info["conf"]["ret_port"], "spy-bad")
-        body = messages.stamp_load({"cmd": "_minion_event", "tag": "x"}, "spy-bad", other.tok, messages.new_nonce())
-        assert codec.loads(spy.roundtrip(messages.aes_request("spy-bad", session, body))) == "bad load"
+        body = messages.stamp_load({"cmd": "_minion_event", "tag": "x"}, "spy-bad",
+                                   other.tok, messages.new_nonce())
+        assert codec.loads(spy.roundtrip(messages.aes_request("spy-bad", session,
+                                                              body))) == "bad load"
         other.close()
         # envelope id differing from the load id is refused
-        body = messages.stamp_load({"cmd": "_minion_event", "tag": "x", "id": "b1"}, "b1", spy.tok, messages.new_nonce())
-        assert codec.loads(spy.roundtrip(messages.aes_request("spy-bad", session, body))) == "bad load"
+        body = messages.stamp_load({"cmd": "_minion_event", "tag": "x", "id": "b1"}, "b1",
+                                   spy.tok, messages.new_nonce())
+        assert codec.loads(spy.roundtrip(messages.aes_request("spy-bad", session,
+                                                              body))) == "bad load"
     finally:
         spy.close()
         ctx.term()
@@ -260,15 +277,19 @@ def test_master_finger_and_call(cluster: Cluster) -> None:
     assert cluster.ping("fing1", timeout=2).get("fing1") is not True
     # hamaster-call through the minion's master(s) (not --local): authenticates first
     conf = good.confdir
-    res = subprocess.run([str(BIN / "hamaster-call"), "-c", str(conf), "test.echo", "via-master"], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([str(BIN / "hamaster-call"), "-c", str(conf), "test.echo", "via-master"],
+                         capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "via-master" in res.stdout, res.stderr
-    res = subprocess.run([str(BIN / "hamaster-call"), "-c", str(conf), "--local", "grains.get", "id"], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [str(BIN / "hamaster-call"), "-c", str(conf), "--local", "grains.get", "id"],
+        capture_output=True, text=True, timeout=60)
     assert "fing2" in res.stdout
     assert finger.startswith("Local Keys:\nmaster.pub:")
 
 
 def test_every_command_has_help() -> None:
-    for cmd in ("hamaster-master", "hamaster-minion", "hamaster", "hamaster-key", "hamaster-run", "hamaster-call", "hamaster-cluster"):
+    for cmd in ("hamaster-master", "hamaster-minion", "hamaster", "hamaster-key", "hamaster-run",
+                "hamaster-call", "hamaster-cluster"):
         res = subprocess.run([str(BIN / cmd), "--help"], capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, cmd
         assert "usage:" in res.stdout and len(res.stdout) > 200, cmd

@@ -24,8 +24,10 @@ def test_demo_passes_and_cleans_up() -> None:
         assert re.search(r"ping through master2 with master1 dead: 3/3 in", out), out
         assert re.search(r"ping through master1 again: 3/3", out), out
         state = json.loads((base / "cluster.json").read_text())
-        for entry in state.get("services", []) + state.get("masters", []) + state.get("minions", []):
+        for entry in (state.get("services", []) + state.get("masters", [])
+                      + state.get("minions", [])):
             assert not entry.get("pid"), f"{entry['name']} still recorded as running after the demo"
     finally:
-        subprocess.run([str(BIN / "hamaster-cluster"), "down", "--dir", str(base)], capture_output=True, timeout=90)
+        subprocess.run([str(BIN / "hamaster-cluster"), "down", "--dir", str(base)],
+                       capture_output=True, timeout=90)
         shutil.rmtree(base, ignore_errors=True)

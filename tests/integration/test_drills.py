@@ -29,12 +29,14 @@ TARGETS = {"max_failed_pings": 0, "max_detect_s": 10, "max_recovery_s": 5, "max_
 def cluster_dir() -> Iterator[Path]:
     base = Path(tempfile.mkdtemp(prefix="hmdr-", dir="/tmp"))
     try:
-        res = subprocess.run([str(BIN / "hamaster-cluster"), "up", "--dir", str(base), "--masters", "2", "--minions", "3"],
+        res = subprocess.run([str(BIN / "hamaster-cluster"), "up", "--dir", str(base),
+                              "--masters", "2", "--minions", "3"],
                              capture_output=True, text=True, timeout=90)
         assert res.returncode == 0, res.stdout + res.stderr
         yield base
     finally:
-        subprocess.run([str(BIN / "hamaster-cluster"), "down", "--dir", str(base)], capture_output=True, timeout=90)
+        subprocess.run([str(BIN / "hamaster-cluster"), "down", "--dir", str(base)],
+                       capture_output=True, timeout=90)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -48,14 +50,17 @@ def _run(path: Path, timeout: float = 120) -> tuple[int, dict, str]:
 
 def _assert_passed(rc: int, doc: dict, err: str) -> dict:
     m = doc["measured"]
-    print(json.dumps({k: m.get(k) for k in ("failed_pings", "pings_sent", "detect_minions_s", "detect_status_s",
-                                             "detect_s", "recovery_s", "lost_results", "key_change_visible")}))
+    print(json.dumps({k: m.get(k) for k in ("failed_pings", "pings_sent", "detect_minions_s",
+                                            "detect_status_s",
+                                             "detect_s", "recovery_s", "lost_results",
+                                            "key_change_visible")}))
     return assert_drill_passed(rc, doc, err)
 
 
 @pytest.mark.parametrize("scenario", ["kill", "stop", "freeze"])
 def test_master_failure_meets_targets(cluster_dir: Path, scenario: str) -> None:
-    rc, doc, err = _run(_drill_file(cluster_dir, scenario, objectives={**TARGETS, "key_change_visible": True}))
+    rc, doc, err = _run(_drill_file(cluster_dir, scenario,
+                                    objectives={**TARGETS, "key_change_visible": True}))
     m = _assert_passed(rc, doc, err)
     assert m["failed_pings"] == 0 and m["pings_sent"] > 0
     assert m["detect_minions_s"] is not None and m["detect_minions_s"] <= 10
@@ -64,9 +69,11 @@ def test_master_failure_meets_targets(cluster_dir: Path, scenario: str) -> None:
     assert m["key_change_visible"] is True
 
 
-@pytest.mark.skipif(shutil.which("iptables") is None or os.geteuid() != 0, reason="needs iptables and root")
+@pytest.mark.skipif(shutil.which("iptables") is None or os.geteuid() != 0,
+                    reason="needs iptables and root")
 def test_partition_meets_targets(cluster_dir: Path) -> None:
-    rc, doc, err = _run(_drill_file(cluster_dir, "partition", objectives={**TARGETS, "key_change_visible": True}))
+    rc, doc, err = _run(_drill_file(cluster_dir, "partition",
+                                    objectives={**TARGETS, "key_change_visible": True}))
     m = _assert_passed(rc, doc, err)
     assert m["detect_minions_s"] <= 10 and m["recovery_s"] <= 5 and m["lost_results"] == 0
     assert "detect_status_s" not in m  # the victim keeps its fs heartbeat: said so, not faked
@@ -96,7 +103,8 @@ def test_rolling_restart_no_failed_ping(cluster_dir: Path) -> None:
 
 
 def test_impossible_objective_fails_the_drill(cluster_dir: Path) -> None:
-    rc, doc, _ = _run(_drill_file(cluster_dir, "backend-loss", hold_s=0, objectives={"max_recovery_s": 0}))
+    rc, doc, _ = _run(_drill_file(cluster_dir, "backend-loss", hold_s=0,
+                                  objectives={"max_recovery_s": 0}))
     assert rc == 1 and doc["ok"] is False
     assert [c["objective"] for c in doc["objectives"] if not c["met"]] == ["max_recovery_s"]
 
@@ -108,7 +116,8 @@ def test_ctrl_c_restores_the_victim(cluster_dir: Path) -> None:
         proc = subprocess.Popen([str(BIN / "hamaster-drill"), "run", str(path), "--out", "json"],
                                 stdout=subprocess.PIPE, stderr=err, text=True)
     try:
-        wait_until(lambda: "is down for the drill" in err_path.read_text(), 30, what="victim killed")
+        wait_until(lambda: "is down for the drill" in err_path.read_text(),
+                   30, what="victim killed")
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     finally:
@@ -126,13 +135,18 @@ def test_ctrl_c_restores_the_victim(cluster_dir: Path) -> None:
 def test_bad_drill_file_is_explained(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("scenario: explode\ncluster_dir: /nonexistent\n")
-    res = subprocess.run([str(BIN / "hamaster-drill"), "run", str(bad)], capture_output=True, text=True)
+    res = subprocess.run([str(BIN / "hamaster-drill"), "run", str(bad)],
+                         capture_output=True, text=True)
     assert res.returncode == 2 and "scenario" in res.stderr and "kill" in res.stderr
-    bad.write_text("scenario: minion-storm\ncluster_dir: /nonexistent\nobjectives: {max_detect_s: 5}\n")
-    res = subprocess.run([str(BIN / "hamaster-drill"), "check", str(bad)], capture_output=True, text=True)
+    bad.write_text("scenario: minion-storm\ncluster_dir: /nonexistent\nobjectives: "
+                   "{max_detect_s: 5}\n")
+    res = subprocess.run([str(BIN / "hamaster-drill"), "check", str(bad)],
+                         capture_output=True, text=True)
     assert res.returncode == 2 and "cluster.json" in res.stderr
-    out = subprocess.run([str(BIN / "hamaster-drill"), "list"], capture_output=True, text=True).stdout
-    for s in ("kill", "stop", "freeze", "partition", "backend-loss", "minion-storm", "rolling-restart"):
+    out = subprocess.run([str(BIN / "hamaster-drill"), "list"], capture_output=True,
+                         text=True).stdout
+    for s in ("kill", "stop", "freeze", "partition", "backend-loss",
+              "minion-storm", "rolling-restart"):
         assert s in out
 
 

@@ -30,8 +30,10 @@ from tests.integration.harness import BIN
 from tests.kit import wait_until
 
 TARGETS = {"max_failed_pings": 0, "max_detect_s": 10, "max_recovery_s": 5, "max_lost_results": 0}
-FIGURES = ("failed_pings", "pings_sent", "detect_minions_s", "detect_status_s", "recovery_s", "lost_results",
-           "key_change_s", "key_change_refused", "key_change_visible", "key_visible_s", "store_errors",
+FIGURES = ("failed_pings", "pings_sent", "detect_minions_s", "detect_status_s", "recovery_s",
+           "lost_results",
+           "key_change_s", "key_change_refused", "key_change_visible", "key_visible_s",
+           "store_errors",
            "lookup_errors", "backend_lost")
 
 
@@ -44,14 +46,17 @@ def _need(*names: str) -> None:
 def _cluster(backend: str, *extra: str) -> Iterator[Path]:
     base = Path(tempfile.mkdtemp(prefix=f"hmdr-{backend}-", dir="/tmp"))
     try:
-        res = subprocess.run([str(BIN / "hamaster-cluster"), "up", "--dir", str(base), "--masters", "2",
+        res = subprocess.run([str(BIN / "hamaster-cluster"), "up", "--dir", str(base), "--masters",
+                              "2",
                               "--minions", "3", "--backend", backend, *extra],
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stdout + res.stderr
         yield base
     finally:
-        subprocess.run([str(BIN / "hamaster-cluster"), "down", "--dir", str(base)], capture_output=True, timeout=120)
-        state = json.loads((base / "cluster.json").read_text()) if (base / "cluster.json").exists() else {}
+        subprocess.run([str(BIN / "hamaster-cluster"), "down", "--dir", str(base)],
+                       capture_output=True, timeout=120)
+        state = (json.loads((base / "cluster.json").read_text())
+                 if (base / "cluster.json").exists() else {})
         shutil.rmtree(base, ignore_errors=True)
         for e in state.get("services", []) + state.get("masters", []) + state.get("minions", []):
             assert not e.get("pid"), f"{e['name']} still recorded as running after down"
@@ -97,20 +102,23 @@ class TestEtcd:
         yield from _cluster("etcd", "--etcd-members", "3")
 
     def test_kill_master(self, etcd_dir: Path) -> None:
-        rc, doc, err = _run(_drill_file(etcd_dir, "kill", objectives={**TARGETS, "key_change_visible": True}))
+        rc, doc, err = _run(_drill_file(etcd_dir, "kill",
+                                        objectives={**TARGETS, "key_change_visible": True}))
         m = _passed(rc, doc, err)
         assert m["failed_pings"] == 0 and m["lost_results"] == 0 and m["key_change_visible"] is True
         assert m["detect_status_s"] <= 10 and m["detect_minions_s"] <= 10 and m["recovery_s"] <= 5
 
     def test_follower_loss_is_invisible(self, etcd_dir: Path) -> None:
-        rc, doc, err = _run(_drill_file(etcd_dir, "etcd-member-loss", backend={"etcd_members": ["follower"]}))
+        rc, doc, err = _run(_drill_file(etcd_dir, "etcd-member-loss",
+                                        backend={"etcd_members": ["follower"]}))
         m = _passed(rc, doc, err)
         assert m["failed_pings"] == 0 and m["lost_results"] == 0 and m["store_errors"] == 0
         assert m["key_change_visible"] is True and "lookup_errors" not in m
         assert all(_running(e["pid"]) for e in _services(etcd_dir).values())  # restarted
 
     def test_leader_loss(self, etcd_dir: Path) -> None:
-        strict = {"max_failed_pings": 0, "max_lost_results": 0, "key_change_visible": True, "max_recovery_s": 5,
+        strict = {"max_failed_pings": 0, "max_lost_results": 0, "key_change_visible": True,
+                  "max_recovery_s": 5,
                   "max_store_errors": 0}
         rc, doc, err = _run(_drill_file(etcd_dir, "etcd-member-loss", objectives=strict))
         m = _passed(rc, doc, err)
@@ -139,7 +147,8 @@ class TestRsync:
         yield from _cluster("rsync")
 
     def test_kill_master(self, rsync_dir: Path) -> None:
-        rc, doc, err = _run(_drill_file(rsync_dir, "kill", objectives={**TARGETS, "key_change_visible": True}))
+        rc, doc, err = _run(_drill_file(rsync_dir, "kill",
+                                        objectives={**TARGETS, "key_change_visible": True}))
         m = _passed(rc, doc, err)
         assert m["failed_pings"] == 0 and m["lost_results"] == 0 and m["key_change_visible"] is True
         assert m["detect_status_s"] <= 10 and m["recovery_s"] <= 5
@@ -150,17 +159,20 @@ class TestRsync:
         assert m["backend_lost"] == ["rsyncd-master2"]
         assert m["failed_pings"] == 0 and m["store_errors"] == 0  # master2 kept its store
         assert m["detect_s"] <= 10 and m["recovery_s"] <= 5
-        assert m["key_change_visible"] is True and m["lost_results"] == 0  # reached master2 afterwards
+        # reached master2 afterwards
+        assert m["key_change_visible"] is True and m["lost_results"] == 0
         assert _running(_services(rsync_dir)["rsyncd-master2"]["pid"])
 
     def test_ctrl_c_restarts_the_daemon(self, rsync_dir: Path) -> None:
         path = _drill_file(rsync_dir, "rsync-peer-loss", hold_s=60)
         err_path = rsync_dir / "ctrl-c.err"
         with open(err_path, "w") as err:
-            proc = subprocess.Popen([str(BIN / "hamaster-drill"), "run", str(path), "--out", "json"],
+            proc = subprocess.Popen([str(BIN / "hamaster-drill"), "run",
+                                     str(path), "--out", "json"],
                                     stdout=subprocess.PIPE, stderr=err, text=True)
         try:
-            wait_until(lambda: "holding the failure" in err_path.read_text(), 30, what="daemon stopped")
+            wait_until(lambda: "holding the failure" in err_path.read_text(),
+                       30, what="daemon stopped")
             assert not _running(_services(rsync_dir)["rsyncd-master2"]["pid"])
             proc.send_signal(signal.SIGINT)
             out, _ = proc.communicate(timeout=60)

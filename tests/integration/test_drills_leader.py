@@ -31,23 +31,27 @@ OBJECTIVES = {"duplicate_reactions": 0, "missed_reactions": 0, "duplicate_schedu
 def leader_cluster() -> Iterator[Path]:
     base = Path(tempfile.mkdtemp(prefix="hmld-", dir="/tmp"))
     try:
-        res = subprocess.run([str(BIN / "hamaster-cluster"), "up", "--dir", str(base), "--masters", "3",
+        res = subprocess.run([str(BIN / "hamaster-cluster"), "up", "--dir", str(base), "--masters",
+                              "3",
                               "--minions", "1", "--leader-drills", "--lease-ttl", str(TTL)],
                              capture_output=True, text=True, timeout=90)
         assert res.returncode == 0, res.stdout + res.stderr
         yield base
     finally:
-        subprocess.run([str(BIN / "hamaster-cluster"), "down", "--dir", str(base)], capture_output=True,
+        subprocess.run([str(BIN / "hamaster-cluster"), "down", "--dir", str(base)],
+                       capture_output=True,
                        timeout=90)
         shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.parametrize("scenario", ["leader-kill", "leader-freeze"])
 def test_leader_failure_reacts_once_and_fails_over(leader_cluster: Path, scenario: str) -> None:
-    rc, doc, err = run_drill(drill_file(leader_cluster, scenario, objectives=OBJECTIVES), timeout=120)
+    rc, doc, err = run_drill(
+        drill_file(leader_cluster, scenario, objectives=OBJECTIVES), timeout=120)
     m = assert_drill_passed(rc, doc, err)
     print(json.dumps({k: m.get(k) for k in ("leader_failover_s", "events_fired", "reactions",
-                                             "duplicate_reactions", "missed_reactions", "schedule_runs",
+                                             "duplicate_reactions", "missed_reactions",
+                                            "schedule_runs",
                                              "schedule_slots", "schedule_slots_missed",
                                              "duplicate_schedule_runs")}))
     before, after = m["leader_before"], m["leader_after"]
@@ -60,4 +64,5 @@ def test_leader_failure_reacts_once_and_fails_over(leader_cluster: Path, scenari
     assert m["schedule_resumed"] is True and m["schedule_runs"] >= 1
     assert m["duplicate_schedule_runs"] == 0
     victim = before["master"]
-    assert (f"kill -9 {victim}" if scenario == "leader-kill" else f"freeze {victim} (SIGSTOP") in err
+    assert (f"kill -9 {victim}" if scenario == "leader-kill"
+            else f"freeze {victim} (SIGSTOP") in err

@@ -91,5 +91,6 @@ def test_large_file_moves_between_masters_by_hash(cluster: Cluster, etcd: EtcdCl
     assert set(blobs) == {BLOBS_PREFIX + hashlib.sha256(small).hexdigest()}
     assert max(len(v) for v in everything.values()) <= INLINE_MAX
     # both masters report the same file_roots hash (no drift) once B has the blob
-    wait_until(lambda: _run_json(cluster, "cluster.status", master=1)["drift"]["fileroots"] is False,  # type: ignore[index]
+    wait_until(lambda: _run_json(cluster, "cluster.status",  # type: ignore[index]
+                                 master=1)["drift"]["fileroots"] is False,
                30, 0.5, "no file_roots drift")

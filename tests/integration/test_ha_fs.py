@@ -28,11 +28,13 @@ def test_key_accepted_on_a_works_on_b_and_reject_on_b_refuses_on_a(cluster: Clus
     _ha_cluster(cluster)
     cluster.add_minion("h1")
     cluster.add_minion("h2")
-    wait_until(lambda: set(_keys(cluster, 0)["minions_pre"]) >= {"h1", "h2"}, 20, what="pending on A")
+    wait_until(
+        lambda: set(_keys(cluster, 0)["minions_pre"]) >= {"h1", "h2"}, 20, what="pending on A")
     assert set(_keys(cluster, 1)["minions_pre"]) >= {"h1", "h2"}  # same store, same view
     t0 = time.monotonic()
     cluster.run("hamaster-key", "-a", "h1", "-y", master=0, check=True)
-    wait_until(lambda: cluster.ping("h1", master=1, timeout=2) == {"h1": True}, 20, interval=0.1, what="h1 via B")
+    wait_until(lambda: cluster.ping("h1", master=1, timeout=2) == {"h1": True}, 20,
+               interval=0.1, what="h1 via B")
     lag = time.monotonic() - t0
     assert lag < 10, lag
     cluster.run("hamaster-key", "-a", "h2", "-y", master=1, check=True)
@@ -57,24 +59,30 @@ def test_files_jobs_and_returns_shared(cluster: Cluster) -> None:
     target.mkdir(parents=True)
     (target / "motd.txt").write_text("shared file\n")
     dest = cluster.base / "dest-motd.txt"
-    res = cluster.run("hamaster", "--out", "json", "--static", "f1", "cp.get_file", "salt://dir/motd.txt", str(dest), master=1, check=True)
+    res = cluster.run("hamaster", "--out", "json", "--static", "f1", "cp.get_file",
+                      "salt://dir/motd.txt", str(dest), master=1, check=True)
     assert json.loads(res.stdout) == {"f1": str(dest)}
     assert dest.read_text() == "shared file\n"
     # traversal is refused
-    res = cluster.run("hamaster", "--out", "json", "--static", "f1", "cp.get_file", "salt://../../etc/passwd", str(cluster.base / "x"), master=1)
+    res = cluster.run("hamaster", "--out", "json", "--static", "f1", "cp.get_file",
+                      "salt://../../etc/passwd", str(cluster.base / "x"), master=1)
     assert json.loads(res.stdout)["f1"] in ("", False)
     assert not (cluster.base / "x").exists()
     # a job through A is looked up on B
     res = cluster.run("hamaster", "--async", "f1", "test.echo", "shared-job", master=0, check=True)
     jid = res.stdout.split()[-1]
     wait_until(
-        lambda: json.loads(cluster.run("hamaster-run", "--out", "json", "jobs.lookup_jid", jid, master=1).stdout or "{}") == {"f1": "shared-job"},
+        lambda: json.loads(cluster.run("hamaster-run", "--out", "json", "jobs.lookup_jid", jid,
+                                       master=1).stdout or "{}") == {"f1": "shared-job"},
         15, what="lookup on B",
     )
-    jobs_a = json.loads(cluster.run("hamaster-run", "--out", "json", "jobs.list_jobs", master=0, check=True).stdout)
-    jobs_b = json.loads(cluster.run("hamaster-run", "--out", "json", "jobs.list_jobs", master=1, check=True).stdout)
+    jobs_a = json.loads(
+        cluster.run("hamaster-run", "--out", "json", "jobs.list_jobs", master=0, check=True).stdout)
+    jobs_b = json.loads(
+        cluster.run("hamaster-run", "--out", "json", "jobs.list_jobs", master=1, check=True).stdout)
     assert jid in jobs_a and jid in jobs_b
-    status = json.loads(cluster.run("hamaster-run", "--out", "json", "cluster.status", master=1, check=True).stdout)
+    status = json.loads(
+        cluster.run("hamaster-run", "--out", "json", "cluster.status", master=1, check=True).stdout)
     assert set(status["masters"]) == {"master0", "master1"}
     assert all(m["alive"] for m in status["masters"].values())
     assert status["drift"] == {"config": False, "fileroots": False, "master_key": False,
@@ -90,7 +98,8 @@ def test_origin_master_killed_mid_job_return_survives(cluster: Cluster) -> None:
     jid = res.stdout.split()[-1]
     cluster.masters[0]["proc"].kill()
     wait_until(
-        lambda: json.loads(cluster.run("hamaster-run", "--out", "json", "jobs.lookup_jid", jid, master=1).stdout or "{}") == {"k1": True},
+        lambda: json.loads(cluster.run("hamaster-run", "--out", "json", "jobs.lookup_jid", jid,
+                                       master=1).stdout or "{}") == {"k1": True},
         30, interval=0.25, what="return of the orphaned job on the survivor",
     )
     # and pings keep working through the survivor
@@ -108,7 +117,8 @@ def test_store_unreachable_masters_keep_serving(cluster: Cluster) -> None:
         for i in (0, 1):
             assert cluster.ping("s1", master=i) == {"s1": True}
         def reports_down() -> bool:
-            st = json.loads(cluster.run("hamaster-run", "--out", "json", "cluster.status", master=0).stdout or "{}")
+            st = json.loads(cluster.run("hamaster-run", "--out", "json", "cluster.status",
+                                        master=0).stdout or "{}")
             return st.get("store_ok") is False
         wait_until(reports_down, 15, what="store reported down")
     finally:
@@ -126,7 +136,8 @@ def test_concurrent_accepts_on_two_masters(cluster: Cluster) -> None:
     results = {}
     def accept(mid: str, master: int) -> None:
         results[mid] = cluster.run("hamaster-key", "-a", mid, "-y", master=master).returncode
-    threads = [threading.Thread(target=accept, args=("c1", 0)), threading.Thread(target=accept, args=("c2", 1))]
+    threads = [threading.Thread(target=accept, args=("c1", 0)),
+               threading.Thread(target=accept, args=("c2", 1))]
     for t in threads:
         t.start()
     for t in threads:
@@ -170,7 +181,8 @@ def test_same_jid_from_two_masters_runs_once(cluster: Cluster) -> None:
     for i in (0, 1):
         sock_dir = str(Path(cluster.masters[i]["conf"]["root_dir"]) / "var/run/hamaster/master")
         with LocalClient(sock_dir) as c:
-            c.send({"cmd": "publish", "tgt": "once1", "fun": "cmd.run", "arg": [f"echo run >> {marker}"], "jid": jid, "timeout": 5})
+            c.send({"cmd": "publish", "tgt": "once1", "fun": "cmd.run",
+                    "arg": [f"echo run >> {marker}"], "jid": jid, "timeout": 5})
             assert c.recv()["jid"] == jid
             for _ in c.stream():
                 pass
@@ -182,7 +194,8 @@ def test_frozen_master_detected_and_survivor_serves(cluster: Cluster) -> None:
     import signal as sig
 
     _ha_cluster(cluster, extra={"auto_accept": True})
-    m = cluster.add_minion("fz1", extra={"master_heartbeat_interval": 1.0, "master_dead_after": 6.0})
+    m = cluster.add_minion("fz1",
+                           extra={"master_heartbeat_interval": 1.0, "master_dead_after": 6.0})
     cluster.wait_all_answer(["fz1"], master=0)
     cluster.wait_all_answer(["fz1"], master=1)
     victim = cluster.masters[0]
@@ -193,7 +206,8 @@ def test_frozen_master_detected_and_survivor_serves(cluster: Cluster) -> None:
         for _ in range(3):
             assert cluster.ping("fz1", master=1) == {"fz1": True}
         port = victim["conf"]["ret_port"]
-        wait_until(lambda: f"127.0.0.1:{port} stopped answering" in m.log_text(), 15, what="frozen master noticed")
+        wait_until(lambda: f"127.0.0.1:{port} stopped answering" in m.log_text(), 15,
+                   what="frozen master noticed")
         assert time.monotonic() - t0 <= 10.5
     finally:
         victim["proc"].signal(sig.SIGCONT)
@@ -213,7 +227,8 @@ def test_failover_master_type(cluster: Cluster) -> None:
 def test_shared_config_fragment_and_drift(cluster: Cluster) -> None:
     shared = cluster.base / "shared"
     (shared / "config" / "master.d").mkdir(parents=True)
-    (shared / "config" / "master.d" / "10-accept.conf").write_text("auto_accept: true\npublish_port: 1\n")
+    (shared / "config" / "master.d" / "10-accept.conf").write_text(
+        "auto_accept: true\npublish_port: 1\n")
     cluster.add_master({"ha_dir": str(shared)})
     cluster.add_master({"ha_dir": str(shared)})
     # the fragment applies to both masters: the minion is accepted with no operator action
@@ -222,9 +237,13 @@ def test_shared_config_fragment_and_drift(cluster: Cluster) -> None:
     cluster.wait_all_answer(["cf1"], master=1)
     assert "per-host option 'publish_port'" in cluster.masters[0]["proc"].log_text()
     def status() -> dict:
-        return json.loads(cluster.run("hamaster-run", "--out", "json", "cluster.status", master=0).stdout or "{}")
-    wait_until(lambda: len([m for m in status().get("masters", {}).values() if m.get("alive")]) == 2, 15, what="2 masters alive")
+        return json.loads(cluster.run("hamaster-run", "--out", "json", "cluster.status",
+                                      master=0).stdout or "{}")
+    wait_until(
+        lambda: len([m for m in status().get("masters", {}).values() if m.get("alive")]) == 2, 15,
+        what="2 masters alive")
     assert status()["drift"]["config"] is False
     # a third master with a different local setting shows up as config drift
     cluster.add_master({"ha_dir": str(shared), "keep_jobs": 1})
-    wait_until(lambda: status().get("drift", {}).get("config") is True, 15, what="config drift shown")
+    wait_until(lambda: status().get("drift", {}).get("config") is True, 15,
+               what="config drift shown")

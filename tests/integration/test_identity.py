@@ -98,7 +98,8 @@ def test_fs_master_pem_replaced_under_a_running_cluster(cluster: Cluster) -> Non
     minion, pinned to the old key, refuses every master (it never trusts a second key)."""
     ports = [free_port(), free_port()]
     with backend_confs("fs", cluster, 2) as confs:
-        start_masters(cluster, [{**c, "metrics_port": p} for c, p in zip(confs, ports, strict=True)], 0.0)
+        start_masters(cluster,
+                      [{**c, "metrics_port": p} for c, p in zip(confs, ports, strict=True)], 0.0)
         old, _ = wait_one_key(cluster)
         for m in cluster.masters:
             cluster.wait_master_ready(m)
@@ -156,7 +157,8 @@ def test_rsync_trees_seeded_with_two_pairs_end_on_one(cluster: Cluster) -> None:
             (pki / "master.pem").write_bytes(priv)
             (pki / "master.pem").chmod(0o600)
         fingers = [pem_finger_of_private(p) for p in pairs]
-        start_masters(cluster, [{**c, "metrics_port": p} for c, p in zip(confs, ports, strict=True)], 0.0)
+        start_masters(cluster,
+                      [{**c, "metrics_port": p} for c, p in zip(confs, ports, strict=True)], 0.0)
         minion = cluster.add_minion("id1")
         for m in cluster.masters:
             cluster.wait_master_ready(m)
@@ -271,7 +273,8 @@ def test_fs_invalid_master_pem_in_the_store_keeps_the_key_and_reports(cluster: C
         cluster.wait_all_answer(["inv1"])
         pem = Path(confs[0]["ha_dir"]) / "pki/master/master.pem"
         good = pem.read_bytes()
-        pem.write_bytes(b"-----BEGIN RSA PRIVATE KEY-----\nnot a key\n-----END RSA PRIVATE KEY-----\n")
+        pem.write_bytes(b"-----BEGIN RSA PRIVATE KEY-----\nnot a key\n-----END RSA "
+                        b"PRIVATE KEY-----\n")
         wait_until(lambda: _metric(port, "hamaster_master_key_mismatch") == 1.0, 10,
                    what="mismatch gauge")
         assert "is not a valid private key" in cluster.masters[0]["proc"].log_text()

@@ -38,7 +38,8 @@ def _status(c: Cluster, master: int = 0) -> dict[str, Any]:
 
 
 def _alive(c: Cluster, master: int = 0) -> dict[str, bool]:
-    return {mid: bool(rec.get("alive")) for mid, rec in _status(c, master).get("masters", {}).items()
+    return {mid: bool(rec.get("alive"))
+            for mid, rec in _status(c, master).get("masters", {}).items()
             if not mid.startswith("_")}
 
 

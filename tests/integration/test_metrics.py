@@ -61,7 +61,8 @@ def scrape(port: int) -> str:
 
 def samples(body: str) -> list[tuple[str, dict, float]]:
     """Every sample of an exposition as (name, labels, value)."""
-    return [(s.name, s.labels, s.value) for fam in text_string_to_metric_families(body) for s in fam.samples]
+    return [(s.name, s.labels, s.value)
+            for fam in text_string_to_metric_families(body) for s in fam.samples]
 
 
 def value(body: str, name: str, **labels: str) -> float | None:
@@ -73,8 +74,10 @@ def value(body: str, name: str, **labels: str) -> float | None:
 
 
 def promtool_check(body: str) -> None:
-    res = subprocess.run([PROMTOOL, "check", "metrics"], input=body, capture_output=True, text=True, timeout=30)
-    assert res.returncode == 0, f"promtool check metrics failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+    res = subprocess.run([PROMTOOL, "check", "metrics"], input=body,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, (f"promtool check metrics failed ({res.returncode}):\n"
+                                 f"{res.stdout}\n{res.stderr}")
 
 
 def send_garbage(port: int) -> bytes:
@@ -108,7 +111,8 @@ def ha_masters(c: Cluster, n: int = 2, extra: dict | None = None) -> list[int]:
 # -- one master: exposition, promtool, values --------------------------------------------------
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: apt-get install --no-install-recommends prometheus")
+@pytest.mark.skipif(PROMTOOL is None,
+                    reason="promtool missing: apt-get install --no-install-recommends prometheus")
 def test_metrics_exposition_and_values_move(cluster: Cluster) -> None:
     port = free_port()
     m = cluster.add_master({"metrics_port": port, "auto_accept": True})
@@ -125,31 +129,37 @@ def test_metrics_exposition_and_values_move(cluster: Cluster) -> None:
         if n.startswith("hamaster_"):
             assert lab.get("master_id") == "master0", (n, lab)
     # key counts are refreshed by the housekeeping pass (every 2 s), not on every key event
-    wait_until(lambda: value(scrape(port), "hamaster_keys", state="minions") == 1, 10, 0.2, "1 accepted key")
+    wait_until(lambda: value(scrape(port), "hamaster_keys", state="minions") == 1,
+               10, 0.2, "1 accepted key")
     body = scrape(port)
     assert value(body, "hamaster_keys", state="minions_pre") == 0
     assert value(body, "hamaster_auth_requests_total", result="accepted") >= 1
     assert value(body, "hamaster_store_up") == 1
     assert value(body, "hamaster_config_info") == 1
-    wait_until(lambda: value(scrape(port), "hamaster_minions_connected") == 1, 10, 0.2, "minions_connected == 1")
+    wait_until(lambda: value(scrape(port), "hamaster_minions_connected") == 1, 10, 0.2,
+               "minions_connected == 1")
 
     # a ping: one job published, one return received, one latency observation
     before = scrape(port)
     assert cluster.ping("mx1") == {"mx1": True}
     after = scrape(port)
-    assert value(after, "hamaster_jobs_published_total") == value(before, "hamaster_jobs_published_total") + 1
-    assert value(after, "hamaster_returns_received_total") == value(before, "hamaster_returns_received_total") + 1
+    assert (value(after, "hamaster_jobs_published_total")
+            == value(before, "hamaster_jobs_published_total") + 1)
+    assert (value(after, "hamaster_returns_received_total")
+            == value(before, "hamaster_returns_received_total") + 1)
     assert (
         value(after, "hamaster_job_return_latency_seconds_count")
         == value(before, "hamaster_job_return_latency_seconds_count") + 1
     )
-    assert value(after, "hamaster_job_return_latency_seconds_sum") > value(before, "hamaster_job_return_latency_seconds_sum")
+    assert (value(after, "hamaster_job_return_latency_seconds_sum")
+            > value(before, "hamaster_job_return_latency_seconds_sum"))
 
     # a garbage frame on ret_port: refused and counted as malformed
     rejected = value(after, "hamaster_requests_rejected_total", reason="malformed") or 0
     send_garbage(m["conf"]["ret_port"])
     wait_until(
-        lambda: (value(scrape(port), "hamaster_requests_rejected_total", reason="malformed") or 0) == rejected + 1,
+        lambda: (value(scrape(port), "hamaster_requests_rejected_total", reason="malformed")
+                 or 0) == rejected + 1,
         5, 0.1, "malformed rejection counted",
     )
     promtool_check(scrape(port))
@@ -164,7 +174,8 @@ def test_metrics_port_zero_disables(cluster: Cluster) -> None:
 # -- two HA masters: store, watch, sync lag, drift info ----------------------------------------
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: apt-get install --no-install-recommends prometheus")
+@pytest.mark.skipif(PROMTOOL is None,
+                    reason="promtool missing: apt-get install --no-install-recommends prometheus")
 def test_ha_store_and_cluster_metrics(cluster: Cluster) -> None:
     ports = ha_masters(cluster, 2, {"auto_accept": True})
     cluster.add_minion("hs1")
@@ -210,7 +221,8 @@ class Prometheus:
         self.dir = Path(tempfile.mkdtemp(prefix="prom-", dir=base))
         self.port = free_port()
         conf = {
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s",
+                       "evaluation_interval": "1s"},
             "scrape_configs": [{"job_name": "hamaster", "static_configs": [{"targets": targets}]}],
         }
         (self.dir / "prometheus.yml").write_text(yaml.safe_dump(conf))
@@ -231,7 +243,8 @@ class Prometheus:
 
     def query(self, promql: str) -> dict[str, float]:
         """Instant query; returns ``{instance or master_id: value}`` (empty on any error)."""
-        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        url = (f"http://127.0.0.1:{self.port}/api/v1/query?"
+               + urllib.parse.urlencode({"query": promql}))
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:
                 data = json.load(resp)
@@ -256,13 +269,15 @@ class Prometheus:
         self.log.close()
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus missing: apt-get install --no-install-recommends prometheus")
+@pytest.mark.skipif(PROMETHEUS is None,
+                    reason="prometheus missing: apt-get install --no-install-recommends prometheus")
 def test_real_prometheus_scrapes_two_ha_masters(cluster: Cluster) -> None:
     ports = ha_masters(cluster, 2, {"auto_accept": False})
     inst = {f"127.0.0.1:{p}": f"master{i}" for i, p in enumerate(ports)}
     for mid in ("p1", "p2"):
         cluster.add_minion(mid)
-    wait_until(lambda: set(cluster.keys(0)["minions_pre"]) >= {"p1", "p2"}, 20, 0.2, "p1, p2 pending")
+    wait_until(lambda: set(cluster.keys(0)["minions_pre"]) >= {"p1", "p2"},
+               20, 0.2, "p1, p2 pending")
     cluster.run("hamaster-key", "-a", "p1", "-y", master=0, check=True)
     cluster.run("hamaster-key", "-a", "p2", "-y", master=1, check=True)
     cluster.wait_all_answer(["p1", "p2"], master=0)
@@ -274,7 +289,8 @@ def test_real_prometheus_scrapes_two_ha_masters(cluster: Cluster) -> None:
         both = {"master0", "master1"}
 
         # the first scrape takes ~6 s to show up
-        up = wait_until(lambda: (lambda r: r if len(r) == 2 and all(r.values()) else None)(q('up{job="hamaster"}')),
+        up = wait_until(lambda: (lambda r: r if len(r) == 2 and all(r.values()) else None)(
+                            q('up{job="hamaster"}')),
                         40, 0.5, "both masters up in Prometheus")
         assert set(up) == set(inst)
         wait_until(lambda: q("hamaster_minions_connected") == dict.fromkeys(both, 2.0), 30, 0.5,
@@ -284,7 +300,8 @@ def test_real_prometheus_scrapes_two_ha_masters(cluster: Cluster) -> None:
 
         # one more minion: pending on both, then accepted through master0, counted on both
         cluster.add_minion("p3")
-        wait_until(lambda: q('hamaster_keys{state="minions_pre"}') == dict.fromkeys(both, 1.0), 30, 0.5,
+        wait_until(lambda: q('hamaster_keys{state="minions_pre"}') == dict.fromkeys(both, 1.0), 30,
+                   0.5,
                    "p3 pending on both masters")
         cluster.run("hamaster-key", "-a", "p3", "-y", master=0, check=True)
         wait_until(lambda: q('hamaster_keys{state="minions"}') == dict.fromkeys(both, 3.0), 30, 0.5,
@@ -298,7 +315,8 @@ def test_real_prometheus_scrapes_two_ha_masters(cluster: Cluster) -> None:
         dead = f"127.0.0.1:{ports[1]}"
         alive = f"127.0.0.1:{ports[0]}"
         cluster.masters[1]["proc"].kill()
-        wait_until(lambda: q('up{job="hamaster"}') == {dead: 0.0, alive: 1.0}, 30, 0.5, "up == 0 for the killed master")
+        wait_until(lambda: q('up{job="hamaster"}') == {dead: 0.0, alive: 1.0}, 30, 0.5,
+                   "up == 0 for the killed master")
         wait_until(lambda: q("hamaster_cluster_masters_alive") == {"master0": 1.0}, 30, 0.5,
                    "master0 sees one master alive")
         assert q("hamaster_minions_connected") == {"master0": 3.0}

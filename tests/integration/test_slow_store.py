@@ -29,9 +29,11 @@ def etcd() -> Iterator[EtcdCluster]:
         yield srv
 
 
-def test_new_minion_auth_on_a_frozen_store_does_not_stall_pings(etcd: EtcdCluster, cluster: Cluster) -> None:
+def test_new_minion_auth_on_a_frozen_store_does_not_stall_pings(etcd: EtcdCluster,
+                                                                cluster: Cluster) -> None:
     # etcd first: set up before the masters and torn down after they have stopped.
-    cluster.add_master({"ha_backend": "etcd", "ha_etcd_endpoints": etcd.endpoints, "ha_etcd_prefix": "/hm-slow",
+    cluster.add_master({"ha_backend": "etcd", "ha_etcd_endpoints": etcd.endpoints,
+                        "ha_etcd_prefix": "/hm-slow",
                         "ha_etcd_timeout": STORE_TIMEOUT, "auto_accept": True})
     cluster.add_minion("steady")
     cluster.add_minion("reader")
@@ -46,7 +48,8 @@ def test_new_minion_auth_on_a_frozen_store_does_not_stall_pings(etcd: EtcdCluste
         # And another minion asks for a file: with file_roots in etcd that read hangs too. Its
         # own ping returns must not queue behind that request (the minion keeps several
         # request sockets per master).
-        res = cluster.run("hamaster", "--async", "reader", "cp.hash_file", "salt://top.sls", check=True)
+        res = cluster.run("hamaster", "--async", "reader", "cp.hash_file",
+                          "salt://top.sls", check=True)
         assert res.stdout.strip()
         results: list[tuple[float, bool]] = []
         t0 = time.monotonic()
@@ -55,12 +58,15 @@ def test_new_minion_auth_on_a_frozen_store_does_not_stall_pings(etcd: EtcdCluste
                 break
             started = time.monotonic()
             got = cluster.ping("steady,reader", timeout=3, extra=("-L",))
-            results.append((round(started - t0, 2), got.get("steady") is True and got.get("reader") is True))
+            results.append((round(started - t0, 2),
+                            got.get("steady") is True and got.get("reader") is True))
         failed = [t for t, ok in results if not ok]
         assert len(results) >= 3 and not failed, f"pings failed at {failed} s (of {len(results)})"
         # The newcomer's decision did hit the frozen store (then fell back to memory: pending).
-        wait_until(lambda: "auth of newcomer decided from memory" in cluster.masters[0]["proc"].log_text(),
-                   STORE_TIMEOUT + 10, 0.2, what="the newcomer's key decision to give up on the store")
+        wait_until(lambda: ("auth of newcomer decided from memory"
+                            in cluster.masters[0]["proc"].log_text()),
+                   STORE_TIMEOUT + 10, 0.2,
+                   what="the newcomer's key decision to give up on the store")
     finally:
         os.kill(member.proc.pid, signal.SIGCONT)
     # Once the store answers again the newcomer is accepted (auto_accept) and answers too.

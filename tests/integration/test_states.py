@@ -356,7 +356,8 @@ def test_state_apply_through_either_master(state_cluster: dict[str, Any],
     ret = json.loads(res.stdout)["local"]
     site = ret[f"file_|-site_|-{out}/site_|-recurse"]  # listed through the master
     assert site["result"] is None and f"{out}/site/sub/a.txt" in site["changes"], site
-    assert ret["module_|-echo-it_|-echo-it_|-run"]["comment"] == "Function test.echo to be executed."
+    assert (ret["module_|-echo-it_|-echo-it_|-run"]["comment"]
+            == "Function test.echo to be executed.")
     # file.recurse lists salt://site through the master's _file_list
     ret, rc = _apply(cluster, 0, "extras")
     assert rc == 0 and all(r["result"] is True for r in ret.values()), ret

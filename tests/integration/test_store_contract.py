@@ -74,7 +74,8 @@ class FsBackend(Backend):
 
     def open(self) -> tuple[Store, Store]:
         self.root = self.tmp / "shared"
-        self.stores = [FsStore(self.root, poll_interval=POLL), FsStore(self.root, poll_interval=POLL)]
+        self.stores = [FsStore(self.root, poll_interval=POLL),
+                       FsStore(self.root, poll_interval=POLL)]
         return self.stores[0], self.stores[1]
 
     def break_backend(self, victim: Store) -> None:

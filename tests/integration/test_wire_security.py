@@ -115,9 +115,9 @@ def test_big_nested_frame_refused_at_once_and_pings_keep_answering(cluster: Clus
         t.join(70)
         ctx.term()
     hwm_growth_mib = (_status_kib(pid, "VmHWM") - hwm_before) / 1024
-    print(f"\nbig frame: {len(reply_times)} refusals, reply time max {max(reply_times or [0]):.3f} s, "
-          f"master peak RSS +{hwm_growth_mib:.0f} MiB; {len(ping_times)} pings meanwhile, "
-          f"max {max(ping_times):.2f} s")
+    print(f"\nbig frame: {len(reply_times)} refusals, reply time max {max(reply_times or [0]):.3f} "
+          f"s, master peak RSS +{hwm_growth_mib:.0f} MiB; {len(ping_times)} pings meanwhile, max "
+          f"{max(ping_times):.2f} s")
     assert not errors, errors
     assert len(reply_times) >= 5
     assert max(reply_times) < 1.0, reply_times
@@ -271,7 +271,8 @@ def _port_free_on_both() -> int:
         return port
 
 
-def test_publication_replayed_after_minion_restart_is_refused(cluster: Cluster, tmp_path: Path) -> None:
+def test_publication_replayed_after_minion_restart_is_refused(cluster: Cluster,
+                                                              tmp_path: Path) -> None:
     ret_port, pub_port = _port_free_on_both(), _port_free_on_both()
     cluster.add_master({"auto_accept": True, "ret_port": ret_port, "publish_port": pub_port},
                        host="127.0.0.2")
@@ -342,10 +343,12 @@ def test_forged_auth_never_drops_the_accepted_session(cluster: Cluster) -> None:
         t.join(30)
         forger.close()
     reauths = _metric(port, "hamaster_auth_requests_total", result="accepted") - accepted_before
-    no_session = _metric(port, "hamaster_requests_rejected_total", reason="no_session") - no_session_before
+    no_session = (_metric(port, "hamaster_requests_rejected_total", reason="no_session")
+                  - no_session_before)
     heartbeats = _metric(port, "hamaster_requests_total", cmd="_hamaster_ping")
     print(f"\nforged _auth: {forged} sent in 5 s; real minion re-authentications {reauths:.0f}, "
-          f"no_session refusals {no_session:.0f}; {len(answers)} pings, heartbeats {heartbeats:.0f}")
+          f"no_session refusals {no_session:.0f}; {len(answers)} pings, "
+          f"heartbeats {heartbeats:.0f}")
     assert forged >= 30
     assert reauths == 0
     assert no_session == 0
@@ -381,7 +384,8 @@ def test_new_id_flood_bounded(cluster: Cluster) -> None:
     elapsed = time.monotonic() - t0
     pending = cluster.keys().get("minions_pre", [])
     throttled = _metric(port, "hamaster_keys_throttled_total")
-    print(f"\nflood: 60 new ids in {elapsed:.2f} s -> {len(pending)} pending, {throttled:.0f} throttled")
+    print(f"\nflood: 60 new ids in {elapsed:.2f} s -> {len(pending)} pending, "
+          f"{throttled:.0f} throttled")
     assert len(pending) <= min(12, 5 + 5 * elapsed + 1)
     assert len(pending) + throttled == 60
     assert throttled > 0

@@ -60,7 +60,8 @@ def test_progress_bar_line() -> None:
     assert bar.line().startswith("  0% |" + " " * 30 + "| Elapsed Time: 0:00:00 Returns: [0/4]")
     bar.count = 2
     bar.draw()
-    assert out.getvalue() == "\r\033[K 50% |" + "#" * 15 + " " * 15 + "| Elapsed Time: 0:00:00 Returns: [2/4]"
+    assert out.getvalue() == ("\r\033[K 50% |" + "#" * 15 + " " * 15
+                              + "| Elapsed Time: 0:00:00 Returns: [2/4]")
     bar.count = 4
     bar.finish()
     assert out.getvalue().endswith("100% |" + "#" * 30 + "| Elapsed Time: 0:00:00 Returns: [4/4]\n")

@@ -25,7 +25,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "drills"
 
 def _cluster(tmp_path: Path, backend: str = "fs") -> Path:
     masters = [{"name": f"master{i}", "confdir": str(tmp_path / f"m{i}"), "pid": None,
-                "conf": {"interface": "127.0.0.1", "ret_port": 4506 + 10 * i, "publish_port": 4505 + 10 * i}}
+                "conf": {"interface": "127.0.0.1", "ret_port": 4506 + 10 * i,
+                         "publish_port": 4505 + 10 * i}}
                for i in (1, 2, 3)]
     state = {"backend": backend, "masters": masters, "services": [],
              "minions": [{"name": "minion1", "confdir": str(tmp_path / "n1"), "pid": None}]}
@@ -33,7 +34,8 @@ def _cluster(tmp_path: Path, backend: str = "fs") -> Path:
     return tmp_path
 
 
-def _doc(tmp_path: Path, scenario: str = "leader-kill", backend: str = "fs", **extra: object) -> dict:
+def _doc(tmp_path: Path, scenario: str = "leader-kill",
+         backend: str = "fs", **extra: object) -> dict:
     return {"scenario": scenario, "cluster_dir": str(_cluster(tmp_path, backend)), **extra}
 
 
@@ -64,9 +66,11 @@ def test_leader_drill_refuses_a_named_victim(tmp_path: Path) -> None:
 
 
 def test_leader_objectives_only_on_leader_scenarios(tmp_path: Path) -> None:
-    with pytest.raises(DrillError, match=r"objectives.duplicate_reactions: scenario kill does not measure"):
+    with pytest.raises(DrillError,
+                       match=r"objectives.duplicate_reactions: scenario kill does not measure"):
         parse_drill(_doc(tmp_path, "kill", objectives={"duplicate_reactions": 0}))
-    with pytest.raises(DrillError, match=r"objectives.max_failed_pings: scenario leader-kill does not"):
+    with pytest.raises(DrillError,
+                       match=r"objectives.max_failed_pings: scenario leader-kill does not"):
         parse_drill(_doc(tmp_path, objectives={"max_failed_pings": 0}))
     with pytest.raises(DrillError, match=r"objectives.missed_reactions: must be a whole number"):
         parse_drill(_doc(tmp_path, objectives={"missed_reactions": 0.5}))
@@ -75,7 +79,8 @@ def test_leader_objectives_only_on_leader_scenarios(tmp_path: Path) -> None:
 
 
 def test_leader_partition_needs_etcd_locally(tmp_path: Path) -> None:
-    with pytest.raises(DrillError, match=r"scenario: leader-partition cannot cut the fs store.*etcd"):
+    with pytest.raises(DrillError,
+                       match=r"scenario: leader-partition cannot cut the fs store.*etcd"):
         parse_drill(_doc(tmp_path, "leader-partition"))
     d = parse_drill(_doc(tmp_path, "leader-partition", backend="etcd"))
     assert d.scenario == "leader-partition" and d.victim == "leader"
@@ -100,7 +105,8 @@ def test_remote_leader_drill_needs_commands_on_every_master() -> None:
                {"name": "m2", "ret_port": 4506, "confdir": "/etc/hamaster", "exec": "ssh m2"}]
     doc = {"scenario": "leader-kill", "masters": masters, "minions": [{"name": "web1"}]}
     # Any master may hold the lease: m2 has no way to be killed and started again.
-    with pytest.raises(DrillError, match=r"master m2.commands.kill: is needed for scenario leader-kill"):
+    with pytest.raises(DrillError,
+                       match=r"master m2.commands.kill: is needed for scenario leader-kill"):
         parse_drill(doc)
     masters[1]["commands"] = {"kill": "k", "start": "s"}
     assert parse_drill(doc).victim == "leader"
@@ -125,10 +131,12 @@ def test_missing_configuration_names_the_options(tmp_path: Path) -> None:
     assert missing[1].startswith("schedule:") and SCHEDULE_JOB in missing[1]
     assert missing_leader_options({}, want_schedule=False) == [missing[0]]
     assert missing_leader_options({"reactor": [{"other/*": ["/x.sls"]}]}, False) == [missing[0]]
-    assert missing_leader_options({"reactor": "nonsense"}, False)[0].startswith("reactor: reactor must be")
+    assert missing_leader_options({"reactor": "nonsense"}, False)[0].startswith(
+        "reactor: reactor must be")
     assert missing_leader_options(leader_drill_options("/x.sls", "minion1"), True) == []
 
-    sls = write_leader_drill_config(tmp_path, [str(tmp_path / "c1"), str(tmp_path / "c2")], "minion1", 2.0)
+    sls = write_leader_drill_config(tmp_path,
+                                    [str(tmp_path / "c1"), str(tmp_path / "c2")], "minion1", 2.0)
     from hamaster.config import load_master_config
 
     for c in ("c1", "c2"):
@@ -152,7 +160,8 @@ def test_drill_reactor_sls_puts_only_numbers_into_the_shell() -> None:
     assert action[1]["arg"][0].startswith("echo 1234 7 >> /")
     hostile = render_jinja_yaml(REACTOR_SLS, {"tag": "hamaster/drill/$(reboot)", "data": {
         "id": "minion1", "data": {"n": "1; reboot"}}})
-    assert hostile["hamaster_drill_reaction"]["local.cmd.run"][1]["arg"][0].startswith("echo 0 0 >> /")
+    assert hostile["hamaster_drill_reaction"]["local.cmd.run"][1]["arg"][0].startswith(
+        "echo 0 0 >> /")
 
 
 def test_configuration_in_the_shared_store_counts(tmp_path: Path) -> None:
@@ -163,7 +172,8 @@ def test_configuration_in_the_shared_store_counts(tmp_path: Path) -> None:
     ha = tmp_path / "ha"
     conf = tmp_path / "conf"
     conf.mkdir()
-    (conf / "master").write_text(yaml.safe_dump({"master_id": "m1", "ha_backend": "fs", "ha_dir": str(ha),
+    (conf / "master").write_text(yaml.safe_dump({"master_id": "m1", "ha_backend": "fs",
+                                                 "ha_dir": str(ha),
                                                  "root_dir": str(tmp_path / "root")}))
     assert len(missing_leader_options(effective_master_options(str(conf)), True)) == 2
     (ha / "config" / "master.d").mkdir(parents=True)

@@ -61,7 +61,8 @@ def fetch(fs: FileServer, path: str, env: str = "base") -> bytes | None:
 def test_entry_round_trip_and_malformed():
     e = Entry("a" * 64, 10, 0o644, True)
     assert Entry.from_json(e.to_json()) == e
-    assert json.loads(e.to_json()) == {"sha256": "a" * 64, "size": 10, "mode": 0o644, "inline": True}
+    assert json.loads(e.to_json()) == {"sha256": "a" * 64, "size": 10,
+                                       "mode": 0o644, "inline": True}
     for bad in (None, b"", b"[]", b"{", b'{"sha256": "xyz", "size": 1}',
                 json.dumps({"sha256": "A" * 64, "size": 1}).encode(),
                 json.dumps({"sha256": "a" * 64, "size": -1}).encode(),
@@ -128,13 +129,15 @@ def test_republish_updates_removes_and_collects_inline(tmp_path, tree):
     (tree / "new.sls").write_bytes(b"new")
     (tree / "big.bin").unlink()
     again = publish(store, cache, tree)
-    assert (again["added"], again["updated"], again["removed"]) == (["new.sls"], ["dir/small.txt"], ["big.bin"])
+    assert (again["added"], again["updated"], again["removed"]) == (["new.sls"], ["dir/small.txt"],
+                                                                    ["big.bin"])
     assert store.get(manifest_key("base", "big.bin")) is None
     assert store.get(blob_key(old_small)) is None  # no entry names it any more
     assert fetch(fs, "dir/small.txt") == b"changed"
     assert fs.manifest_hash() != h1
     # an unchanged tree writes nothing
-    assert publish(store, cache, tree)["added"] == [] and publish(store, cache, tree)["updated"] == []
+    assert (publish(store, cache, tree)["added"] == []
+            and publish(store, cache, tree)["updated"] == [])
     # another env sharing a blob keeps it alive
     publish(store, cache, tree, "dev")
     (tree / "new.sls").unlink()
@@ -301,7 +304,8 @@ def test_prune_keeps_named_and_recent_blobs(tmp_path: Path) -> None:
     stale_tmp.write_bytes(b"half a download")
     (cache.root / "not-a-blob.txt").write_bytes(b"someone else's file")
     now = time.time()
-    for path in (cache.path(named), cache.path(old_unnamed), stale_tmp, cache.root / "not-a-blob.txt"):
+    for path in (cache.path(named), cache.path(old_unnamed), stale_tmp,
+                 cache.root / "not-a-blob.txt"):
         os.utime(path, (now - 7200, now - 7200))
 
     removed = cache.prune({named}, older_than=3600, now=now)

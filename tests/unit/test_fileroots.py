@@ -166,7 +166,8 @@ def test_list_hash_serve_round_trip(served):
     assert fs.serve_file({"path": "top.sls", "loc": 50, "saltenv": "base"}) == {
         "data": b"", "dest": "top.sls"}
     # An empty file exists: a hash and a first (empty) chunk with dest, as Salt minions expect.
-    assert fs.file_hash({"path": "empty.txt", "saltenv": "base"})["hsum"] == hashlib.sha256().hexdigest()
+    assert (fs.file_hash({"path": "empty.txt", "saltenv": "base"})["hsum"]
+            == hashlib.sha256().hexdigest())
     assert fs.serve_file({"path": "empty.txt", "loc": 0, "saltenv": "base"}) == {
         "data": b"", "dest": "empty.txt"}
     assert fetch(fs, "empty.txt") == b""
@@ -177,7 +178,8 @@ def test_missing_and_defaults(served):
     assert fs.file_hash({"path": "nope.sls", "saltenv": "base"}) == ""
     assert fs.file_hash_and_stat({"path": "nope.sls", "saltenv": "base"}) == ("", None)
     assert fs.file_find({"path": "nope.sls", "saltenv": "base"}) == {}
-    assert fs.serve_file({"path": "nope.sls", "loc": 0, "saltenv": "base"}) == {"data": b"", "dest": ""}
+    assert fs.serve_file({"path": "nope.sls", "loc": 0, "saltenv": "base"}) == {"data": b"",
+                                                                                "dest": ""}
     assert fs.file_hash({"path": "web", "saltenv": "base"}) == ""  # a directory is not a file
     assert fs.file_hash({"path": "top.sls", "saltenv": "dev"}) == ""
     assert fs.file_list({"saltenv": "dev"}) == []
@@ -331,7 +333,8 @@ def assert_refused(fs: FileServer, load: dict) -> None:
 
 
 @pytest.mark.parametrize("path", [
-    "../secret.txt", "salt://../secret.txt", "sub/../../secret.txt", "salt://sub/../../../secret.txt",
+    "../secret.txt", "salt://../secret.txt", "sub/../../secret.txt",
+    "salt://sub/../../../secret.txt",
     "..", "salt://..", "/etc/passwd", "salt:///etc/passwd", "//etc/passwd",
     "ok.sls\0", "ok\0.sls", "salt://ok.sls\0/../x",
     "..\\secret.txt", "sub\\..\\..\\secret.txt", "salt://..\\..\\secret.txt", "ok.sls\\",
@@ -475,7 +478,8 @@ def test_manifest_hash(tmp_path):
     assert one.manifest_hash() not in (h, h2)
     os.rename(tmp_path / "one/top2.sls", tmp_path / "one/top.sls")
     assert one.manifest_hash() == h
-    assert FileServer.from_opts({"file_roots": {"dev": [str(tmp_path / "one")]}}).manifest_hash() != h
+    assert FileServer.from_opts(
+        {"file_roots": {"dev": [str(tmp_path / "one")]}}).manifest_hash() != h
 
 
 def test_concurrent_serving(tmp_path):
@@ -523,7 +527,8 @@ def test_in_root_symlinks_resolved_beneath_the_root(jail, caplog):
     assert fetch(fs, "dotted") == b"real"
     assert fetch(fs, "chain3") == b"real"
     with caplog.at_level(logging.WARNING, logger="hamaster.fileroots.server"):
-        for path in ["loop_a", "loop_b", "sub/via_parent", f"chain{server_mod.beneath.MAX_HOPS + 1}"]:
+        for path in ["loop_a", "loop_b", "sub/via_parent",
+                     f"chain{server_mod.beneath.MAX_HOPS + 1}"]:
             assert_refused(fs, {"path": path})
     files = fs.file_list({})
     assert "abs_inside" in files and "abs_dir/real.txt" in files and "dotted" in files

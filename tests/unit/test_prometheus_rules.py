@@ -1,4 +1,5 @@
-"""ops/prometheus: the alert rules pass ``promtool check/test rules``; dashboard and docs cover every metric."""
+"""ops/prometheus: the alert rules pass ``promtool check/test rules``; dashboard and docs cover
+every metric."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ OPS = ROOT / "ops" / "prometheus"
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None,
-    reason="promtool not installed (Debian: apt-get install --no-install-recommends prometheus; CI installs it)",
+    reason="promtool not installed (Debian: apt-get install --no-install-recommends "
+           "prometheus; CI installs it)",
 )
 
 
@@ -78,8 +80,10 @@ def test_every_alert_is_tested_firing_and_not_firing() -> None:
             (fires if t.get("exp_alerts") else quiet).add(t["alertname"])
     names = set(alert_names())
     assert names >= {
-        "HamasterMasterDown", "HamasterMinionsDisconnected", "HamasterStoreDown", "HamasterSyncLagHigh",
-        "HamasterConfigDrift", "HamasterFileRootsDrift", "HamasterAuthFailuresSpike", "HamasterJobReturnsMissing",
+        "HamasterMasterDown", "HamasterMinionsDisconnected", "HamasterStoreDown",
+        "HamasterSyncLagHigh",
+        "HamasterConfigDrift", "HamasterFileRootsDrift", "HamasterAuthFailuresSpike",
+        "HamasterJobReturnsMissing",
     }
     assert names - fires == set(), "alerts never tested firing"
     assert names - quiet == set(), "alerts never tested not firing"
@@ -106,12 +110,15 @@ def test_dashboard_has_a_panel_for_every_metric() -> None:
 
 @needs_promtool
 def test_dashboard_queries_parse(tmp_path: Path) -> None:
-    """Each panel query, with Grafana's variables filled in, is valid PromQL (promtool parses it)."""
+    """Each panel query, with Grafana's variables filled in, is valid PromQL (promtool parses
+    it)."""
     rules = [
-        {"record": f"dashboard:expr_{i}", "expr": e.replace("$__rate_interval", "5m").replace("$master", ".*")}
+        {"record": f"dashboard:expr_{i}",
+         "expr": e.replace("$__rate_interval", "5m").replace("$master", ".*")}
         for i, e in enumerate(dashboard_exprs())
     ]
-    (tmp_path / "dash.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    (tmp_path / "dash.yml").write_text(
+        yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     res = promtool("check", "rules", "dash.yml", cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
 

@@ -96,7 +96,8 @@ def test_registry_holds_back_new_keys_without_recording_them(tmp_path) -> None:
     assert decisions == [AuthDecision.PENDING] * 6
     assert len(reg.list_keys()[KeyState.PENDING]) == 3
     # auto_accept is not bounded (the operator accepts whoever asks)
-    auto = KeyRegistry(FsStore(tmp_path / "pki2"), "", auto_accept=True, throttle=NewKeyThrottle(0, 1))
+    auto = KeyRegistry(FsStore(tmp_path / "pki2"), "", auto_accept=True,
+                       throttle=NewKeyThrottle(0, 1))
     auto.load()
     assert all(auto.authorize(f"a{i}", pub.decode()) is AuthDecision.ACCEPTED for i in range(3))
 
@@ -140,12 +141,14 @@ def test_handler_window_refuses_an_old_request_even_when_its_nonce_was_forgotten
     assert len(rig.handler.sessions[MINION_ID].replay) == 1  # the captured nonce is forgotten
     assert _answer(rig, frame) == "bad load"
     # a minion clock 200 s behind is inside the tolerance
-    assert isinstance(_answer(rig, rig.aes_frame({"cmd": "_minion_event"}, now=now[0] - 200)), bytes)
+    assert isinstance(_answer(rig, rig.aes_frame({"cmd": "_minion_event"}, now=now[0] - 200)),
+                      bytes)
 
 
 def test_handler_requires_a_nonce(rig: Rig) -> None:
     body = {"cmd": "_minion_event", "id": MINION_ID, "ts": int(time.time()), "tok": rig.tok}
-    frame = codec.dumps({"enc": "aes", "load": rig.session.dumps(body), "version": 3, "id": MINION_ID})
+    frame = codec.dumps({"enc": "aes", "load": rig.session.dumps(body),
+                         "version": 3, "id": MINION_ID})
     assert _answer(rig, frame) == "bad load"
 
 
@@ -173,7 +176,8 @@ def test_large_request_is_decrypted_off_the_loop(rig: Rig) -> None:
 
 
 def _nonce_of(rig: Rig, frame: bytes) -> str:
-    return Crypticle(rig.session.key_string).loads(codec.to_bytes(codec.loads(frame)["load"]))["nonce"]
+    return Crypticle(rig.session.key_string).loads(
+        codec.to_bytes(codec.loads(frame)["load"]))["nonce"]
 
 
 def test_auth_reply_carries_the_publish_serial(rig: Rig) -> None:

@@ -64,7 +64,8 @@ def test_hostile_envelopes(rig: Rig, env: dict) -> None:
 @FAST
 @given(load=st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), values, max_size=8),
        cmd=st.sampled_from(CMDS) | values, stamp=st.booleans(), good_tok=st.booleans())
-def test_hostile_clear_loads(rig: Rig, load: dict, cmd: object, stamp: bool, good_tok: bool) -> None:
+def test_hostile_clear_loads(rig: Rig, load: dict, cmd: object,
+                             stamp: bool, good_tok: bool) -> None:
     load["cmd"] = cmd
     if stamp:
         load.setdefault("id", MINION_ID)
@@ -82,7 +83,8 @@ def test_hostile_loads_under_a_real_session(rig: Rig, load: dict, cmd: object, s
         load.update({"id": MINION_ID, "nonce": messages.new_nonce(), "ts": int(time.time())})
     if good_tok:
         load["tok"] = rig.tok
-    frame = codec.dumps({"enc": "aes", "load": rig.session.dumps(load), "version": 3, "id": MINION_ID})
+    frame = codec.dumps({"enc": "aes", "load": rig.session.dumps(load),
+                         "version": 3, "id": MINION_ID})
     check(rig, frame)
 
 

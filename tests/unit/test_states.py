@@ -291,7 +291,8 @@ def test_a_second_concurrent_state_run_is_refused(tmp_path: Path) -> None:
     out.mkdir()
     fifo = out / "gate"
     os.mkfifo(fifo)
-    files = {"slow.sls": f"wait:\n  cmd.run:\n    - name: cat {fifo}\n", "t.sls": "t:\n  test.nop\n"}
+    files = {"slow.sls": f"wait:\n  cmd.run:\n    - name: cat {fifo}\n",
+             "t.sls": "t:\n  test.nop\n"}
     sys1 = _system(tmp_path, files)
     ctx = sys1.ctx
     ctx.jid = "20261206000000000001"

@@ -182,8 +182,10 @@ def errors(text: str, allow: Iterable[str] = ()) -> list[str]:
 
 
 def hm_json(c: Cluster, *args: str, master: int = 0, timeout: float = 10) -> tuple[Any, Any]:
-    """``hamaster --out json --static -t TIMEOUT *args``: (parsed output or None, CompletedProcess)."""
-    res = c.run("hamaster", "--out", "json", "--static", "-t", str(timeout), *args, master=master, timeout=timeout + 60)
+    """``hamaster --out json --static -t TIMEOUT *args``: (parsed output or None,
+    CompletedProcess)."""
+    res = c.run("hamaster", "--out", "json", "--static", "-t", str(timeout), *args,
+                master=master, timeout=timeout + 60)
     try:
         data = json.loads(res.stdout) if res.stdout.strip() else None
     except json.JSONDecodeError:
@@ -196,8 +198,10 @@ def hm_ping(c: Cluster, target: str, *flags: str, master: int = 0, timeout: floa
     return data if isinstance(data, dict) else {}
 
 
-def wait_answers(c: Cluster, ids: Iterable[str], *, master: int = 0, timeout: float = 90, target: str | None = None) -> float:
-    """Paced ``test.ping`` until every id answers True through ``master``; returns the seconds taken."""
+def wait_answers(c: Cluster, ids: Iterable[str], *, master: int = 0, timeout: float = 90,
+                 target: str | None = None) -> float:
+    """Paced ``test.ping`` until every id answers True through ``master``; returns the seconds
+    taken."""
     want = set(ids)
     t0 = time.monotonic()
     tgt = target or (",".join(sorted(want)))
@@ -286,7 +290,8 @@ class StockFleet:
     master: dict
     minions: dict[str, saltenv.SaltMinionProc]  # version -> minion
     witness: str = "hm-witness"
-    answered_at: dict[str, int] = field(default_factory=dict)  # version -> log offset at first answer
+    # version -> log offset at first answer
+    answered_at: dict[str, int] = field(default_factory=dict)
     steady: dict[str, str] | None = None
     restart: dict[str, float] = field(default_factory=dict)
 
@@ -369,7 +374,8 @@ class TestStockMinionOnHamaster:
         mn = f.minion(version)
         mid = mn.minion_id
         try:
-            wait_until(lambda: mid in key_lists(f.c).get("minions_pre", []), 90, 0.5, f"{mid} pending")
+            wait_until(lambda: mid in key_lists(f.c).get("minions_pre", []),
+                       90, 0.5, f"{mid} pending")
         except AssertionError as exc:
             pytest.fail(f"{exc}\n{f.diag(version)}")
         text = f.c.run("hamaster-key", "-L", check=True).stdout
@@ -444,7 +450,8 @@ class TestStockMinionOnHamaster:
         if version not in f.answered_at:
             pytest.skip("the command test did not get this minion answering")
         dest = mn.root_dir / "cp-motd.txt"
-        data, res = hm_json(f.c, mid, "cp.get_file", "salt://interop/motd.txt", str(dest), timeout=20)
+        data, res = hm_json(f.c, mid, "cp.get_file",
+                            "salt://interop/motd.txt", str(dest), timeout=20)
         assert data == {mid: str(dest)}, (res.stdout, res.stderr)
         assert dest.read_text() == "served by hamaster\n"
         data, res = hm_json(f.c, mid, "cp.list_master", timeout=20)
@@ -454,7 +461,8 @@ class TestStockMinionOnHamaster:
         data, res = hm_json(f.c, mid, "mine.get", "*", "test.ping", timeout=20)
         assert data == {mid: {}}, res.stdout  # the mine is not kept: _mine_get answers {}
         managed = mn.root_dir / "state-motd.txt"
-        data, res = hm_json(f.c, mid, "state.apply", "probe", f"pillar={{\"dest\": \"{managed}\"}}", timeout=60)
+        data, res = hm_json(f.c, mid, "state.apply", "probe",
+                            f"pillar={{\"dest\": \"{managed}\"}}", timeout=60)
         states = (data or {}).get(mid)
         assert isinstance(states, dict) and len(states) == 2, (res.stdout, res.stderr)
         assert all(st["result"] is True for st in states.values()), states
@@ -498,7 +506,8 @@ class TestStockMinionOnHamaster:
         assert loud == [], loud
         # 3007.17's "failed to return" warnings: every one of those returns did reach the master
         for jid in sorted(set(FAILED_RETURN.findall(working + window))):
-            out = f.c.run("hamaster-run", "--out", "json", "jobs.lookup_jid", jid, check=True).stdout
+            out = f.c.run("hamaster-run", "--out", "json", "jobs.lookup_jid", jid,
+                          check=True).stdout
             assert mn.minion_id in json.loads(out), (jid, out)
         # the whole life of the minion: exactly one accepted authentication per master connection
         # start-up; the pending retries before acceptance are the only other _auth requests
@@ -552,7 +561,8 @@ class TestStockMinionOnHamaster:
         took = time.monotonic() - f.restart["killed_at"]
         after = mn.log_text()[int(f.restart[f"offset-{version}"]):]
         auths = auth_requests(after)
-        print(f"{mn.minion_id}: answering {took:.1f} s after the master was killed ({len(auths)} _auth)")
+        print(f"{mn.minion_id}: answering {took:.1f} s after the master was killed "
+              f"({len(auths)} _auth)")
         assert mn.running
         # it re-authenticated because the new master has new keys, and then stopped
         assert 1 <= len(auths) <= 3, auths
@@ -567,20 +577,23 @@ class TestStockMinionOnHamaster:
         assert mid not in key_lists(c)["minions"]
         # The master learns of the deletion at its next store poll (ha_poll_interval, 0.2 s here);
         # two CLI runs can take less than that, so the first targeting may still match.
-        res = wait_until(lambda: (r := c.run("hamaster", "-t", "3", mid, "test.ping")).returncode == 2
-                         and r, 10, 0.2, f"{mid} no longer targeted")
+        res = wait_until(lambda: (r := c.run("hamaster", "-t", "3", mid,
+                                             "test.ping")).returncode == 2 and r,
+                         10, 0.2, f"{mid} no longer targeted")
         assert "No minions matched" in res.stderr, (res.stdout, res.stderr)
         # The deletion rotated the publish key: a job for everyone is not readable by it any more
         # (it fails to decrypt, re-authenticates, and is told its key is pending again).
         before = len(mn.log_text())
         marker = f"after-delete-{version}"
         data, res = hm_json(c, "*", "test.echo", marker, timeout=8)
-        assert data and data.get("hm-witness") == marker and mid not in data, (res.stdout, res.stderr)
+        assert data and data.get("hm-witness") == marker and mid not in data, (res.stdout,
+                                                                               res.stderr)
         time.sleep(3)
         after = mn.log_text()[before:]
         assert "Executing command test.echo" not in after and marker not in after, tail(after)
         # its key comes back as pending (it re-authenticated with it), never as accepted
-        wait_until(lambda: mid in key_lists(c).get("minions_pre", []), 30, 0.5, f"{mid} pending again")
+        wait_until(lambda: mid in key_lists(c).get("minions_pre", []), 30,
+                   0.5, f"{mid} pending again")
         assert mid not in key_lists(c)["minions"]
 
 
@@ -596,7 +609,8 @@ class HaFleet:
     hm_ids: list[str]
 
     def diag(self) -> str:
-        parts = [f"--- {m['proc'].name} ---\n{tail(m['proc'].log_text(), 2000)}" for m in self.c.masters]
+        parts = [
+            f"--- {m['proc'].name} ---\n{tail(m['proc'].log_text(), 2000)}" for m in self.c.masters]
         parts += [mn.describe() for mn in self.stock.values()]
         return "\n".join(parts)
 
@@ -615,11 +629,14 @@ def ha_fleet() -> Any:
         # both on the same ports, as two hosts would be.
         pub, ret = free_ports_on(2, ["127.0.0.1", "127.0.0.2"])
         for host in ("127.0.0.1", "127.0.0.2"):
-            c.add_master({"ha_dir": str(shared), "timeout": 10, "publish_port": pub, "ret_port": ret}, host=host)
+            c.add_master(
+                {"ha_dir": str(shared), "timeout": 10, "publish_port": pub, "ret_port": ret},
+                host=host)
         addrs = [f"{m['host']}:{m['conf']['ret_port']}" for m in c.masters]
         for v, b in bins.items():
             stock[v] = saltenv.SaltMinionProc(
-                b, c.base / f"s{v}", minion_id_for(v, "multi"), addrs, extra=stock_minion_config(v, pub)
+                b, c.base / f"s{v}", minion_id_for(v, "multi"), addrs,
+                extra=stock_minion_config(v, pub)
             )
         for mn in stock.values():
             mn.start()
@@ -627,8 +644,10 @@ def ha_fleet() -> Any:
         for mid in hm_ids:
             c.add_minion(mid)
         want = {mn.minion_id for mn in stock.values()} | set(hm_ids)
-        wait_until(lambda: set(key_lists(c, 1).get("minions_pre", [])) >= want, 90, 0.5, "all keys pending")
-        c.run("hamaster-key", "-A", "-y", master=1, check=True)  # accepted through B, used through A
+        wait_until(lambda: set(key_lists(c, 1).get("minions_pre", [])) >= want,
+                   90, 0.5, "all keys pending")
+        # accepted through B, used through A
+        c.run("hamaster-key", "-A", "-y", master=1, check=True)
         yield HaFleet(c, stock, hm_ids)
     finally:
         stop_all(stock.values())
@@ -637,7 +656,8 @@ def ha_fleet() -> Any:
 
 class TestHaFleet:
     @pytest.mark.parametrize("version", SALT_VERSIONS)
-    def test_multi_master_stock_minion_answers_through_either(self, ha_fleet: HaFleet, version: str) -> None:
+    def test_multi_master_stock_minion_answers_through_either(self, ha_fleet: HaFleet,
+                                                             version: str) -> None:
         mn = ha_fleet.stock.get(version)
         if mn is None:
             salt_bin(version)  # skips with the build error
@@ -670,7 +690,9 @@ class TestHaFleet:
         for mn in ha_fleet.stock.values():
             text = mn.log_text()
             accepted = text.rfind("Minion is ready to receive requests")
-            known = [*KNOWN_SALT_JOB_NOISE.get(mn.config["grains"]["salt_release"], []), MULTI_MASTER_NOISE]
+            known = [
+                *KNOWN_SALT_JOB_NOISE.get(mn.config["grains"]["salt_release"], []),
+                MULTI_MASTER_NOISE]
             assert errors(text[accepted:], allow=known) == [], errors(text[accepted:], allow=known)
             assert auth_requests(text[accepted:]) == [], auth_requests(text[accepted:])
 
@@ -691,11 +713,13 @@ class OnSaltMaster:
 
     def diag(self) -> str:
         stock = self.stock.describe() if self.stock else ""
-        return f"{self.sm.describe()}\n--- hamaster minion ---\n{tail(self.minion.log_text())}\n{stock}"
+        return (f"{self.sm.describe()}\n--- hamaster minion ---\n"
+                f"{tail(self.minion.log_text())}\n{stock}")
 
 
 #: 3008.5 is the release the issue names; the older two are covered too (it costs ~30 s each).
-SALT_MASTER_VERSIONS = [SALT_MASTER_VERSION] + [v for v in SALT_VERSIONS if v != SALT_MASTER_VERSION]
+SALT_MASTER_VERSIONS = [SALT_MASTER_VERSION] + [v for v in SALT_VERSIONS
+                                                if v != SALT_MASTER_VERSION]
 
 # "2026-11-26 00:11:15,762 [hamaster.master.daemon:330][DEBUG] message"
 _HM_LOG_LEVEL = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ \[[^\]]*\]\[(\w+)\] (.*)$")
@@ -720,13 +744,16 @@ def salt_masters() -> Any:
     try:
         for v, b in bins.items():
             # two workers instead of five: three masters boot at once on a small machine
-            sm = saltenv.SaltMasterProc(b, c.base / f"sm{v}", interface="127.0.0.1", extra={"worker_threads": 2})
+            sm = saltenv.SaltMasterProc(b, c.base / f"sm{v}", interface="127.0.0.1",
+                                        extra={"worker_threads": 2})
             sm.start()
-            envs[v] = OnSaltMaster(v, sm, c, None, f"hm-on-salt-{v.replace('.', '-')}")  # type: ignore[arg-type]
+            envs[v] = OnSaltMaster(v, sm, c, None,  # type: ignore[arg-type]
+                                   f"hm-on-salt-{v.replace('.', '-')}")
         for e in envs.values():
             e.sm.wait_ready(120)
             fake = {"host": "127.0.0.1", "conf": {"ret_port": e.sm.ret_port}}
-            e.minion = c.add_minion(e.mid, masters=[fake], extra={"grains": {"role": "hamaster-minion"}})
+            e.minion = c.add_minion(e.mid, masters=[fake],
+                                    extra={"grains": {"role": "hamaster-minion"}})
         if SALT_MASTER_VERSION in envs:  # the Salt fleet that the migration test moves
             e = envs[SALT_MASTER_VERSION]
             e.stock = saltenv.SaltMinionProc(
@@ -779,7 +806,8 @@ class TestWithSaltMaster:
         assert data == {mid: "hm-42"}, (r.stdout, r.stderr)
         data, r = sm.run_job(mid, "test.arg", "x", "k=v")
         ret = (data or {}).get(mid) or {}
-        assert ret.get("args") == ["x"] and ret.get("kwargs", {}).get("k") == "v", (r.stdout, r.stderr)
+        assert ret.get("args") == ["x"] and ret.get("kwargs", {}).get("k") == "v", (r.stdout,
+                                                                                    r.stderr)
         # grain targeting: the salt-master matches on the grains our minion sent with _pillar
         data, r = sm.run_job("role:hamaster-minion", "test.ping", tgt_type="grain")
         assert data == {mid: True}, (r.stdout, r.stderr)
@@ -826,7 +854,8 @@ class TestWithSaltMaster:
         assert hamaster_loud(text[since:]) == [], hamaster_loud(text[since:])
 
 
-    def test_migrate_salt_fleet_to_hamaster_masters(self, salt_masters: dict[str, OnSaltMaster]) -> None:
+    def test_migrate_salt_fleet_to_hamaster_masters(self,
+                                                    salt_masters: dict[str, OnSaltMaster]) -> None:
         """The documented migration: copy salt-master's keypair and accepted keys into
         ``ha_dir/pki/master/``, start two hamaster masters on it, point the minions at both.
         Nobody re-accepts a key and no minion re-pins a master key."""
@@ -860,14 +889,17 @@ class TestWithSaltMaster:
         pub, ret = free_ports_on(2, ["127.0.0.1", "127.0.0.2"])
         first = len(e.c.masters)
         for host in ("127.0.0.1", "127.0.0.2"):
-            e.c.add_master({"ha_dir": str(shared), "timeout": 10, "publish_port": pub, "ret_port": ret}, host=host)
+            e.c.add_master(
+                {"ha_dir": str(shared), "timeout": 10, "publish_port": pub, "ret_port": ret},
+                host=host)
         for i in (first, first + 1):
             keys = key_lists(e.c, i)
             assert {stock_id, e.mid} <= set(keys["minions"]) and not keys["minions_pre"], keys
         # `hamaster-key -F` prints the fingerprint a minion's `master_finger` must hold; the
         # stock minion below is restarted with it and checks the hamaster masters against it.
         # (salt-key 3008.5 -F hashes the whole PEM text instead: a different value.)
-        hm_fp = json.loads(e.c.run("hamaster-key", "-F", "--out", "json", master=first, check=True).stdout)
+        hm_fp = json.loads(
+            e.c.run("hamaster-key", "-F", "--out", "json", master=first, check=True).stdout)
         master_finger = hm_fp["local"]["master.pub"]
         # 3. point the minions at both masters and restart them
         pinned = (e.stock.pki_dir / "minion_master.pub").read_text()
@@ -890,7 +922,8 @@ class TestWithSaltMaster:
                 pytest.fail(f"{exc}\n{e.diag()}")
         assert (e.stock.pki_dir / "minion_master.pub").read_text() == pinned
         after = e.stock.log_text()[offset:]
-        assert errors(after, allow=[*KNOWN_SALT_JOB_NOISE[SALT_MASTER_VERSION], MULTI_MASTER_NOISE]) == []
+        assert errors(after, allow=[*KNOWN_SALT_JOB_NOISE[SALT_MASTER_VERSION],
+                                    MULTI_MASTER_NOISE]) == []
         assert "has cached the public key" not in after  # never pending: its key came along
         assert "refusing master" not in e.minion.log_text()
 
@@ -911,14 +944,17 @@ class TestBadInput:
             # an old minion opens a new connection for each _auth: four sockets, four routing ids
             frames = []
             for _ in range(3):
-                load = {"cmd": "_auth", "id": "old-minion", "pub": spy.pub_text, "nonce": messages.new_nonce()}
+                load = {"cmd": "_auth", "id": "old-minion", "pub": spy.pub_text,
+                        "nonce": messages.new_nonce()}
                 frames.append(msgpack.packb({"enc": "clear", "load": load, "version": 2}))
-            body = messages.stamp_load({"cmd": "_minion_event", "tag": "x", "data": {}}, "old-minion", spy.tok, messages.new_nonce())
+            body = messages.stamp_load({"cmd": "_minion_event", "tag": "x", "data": {}},
+                                       "old-minion", spy.tok, messages.new_nonce())
             frames.append(messages.aes_request("old-minion", session, body, version=2))
             for frame in frames:
                 assert spy.roundtrip(frame) == BAD_LOAD_FRAME
             # the same request as version 3 is served
-            body = messages.stamp_load({"cmd": "_minion_event", "tag": "x", "data": {}}, "old-minion", spy.tok, messages.new_nonce())
+            body = messages.stamp_load({"cmd": "_minion_event", "tag": "x", "data": {}},
+                                       "old-minion", spy.tok, messages.new_nonce())
             reply = spy.roundtrip(messages.aes_request("old-minion", session, body))
             assert messages.parse_aes_reply(reply, session, body["nonce"]) is None
         finally:
@@ -934,7 +970,8 @@ class TestBadInput:
         a = cluster.add_master({"auto_accept": True}, host="127.0.0.1")
         b = cluster.add_master({"auto_accept": True}, host="127.0.0.2")
         proc = cluster.add_minion("pinned1", masters=[a])
-        wait_until(lambda: cluster.ping("pinned1", master=0, timeout=3) == {"pinned1": True}, 30, 0.2, "pinned1 via A")
+        wait_until(lambda: cluster.ping("pinned1", master=0, timeout=3) == {"pinned1": True},
+                   30, 0.2, "pinned1 via A")
         pinned = (Path(cluster.base) / "minion-pinned1").rglob("minion_master.pub")
         pinned_path = next(iter(pinned))
         pinned_before = pinned_path.read_text()
