@@ -302,15 +302,26 @@ def test_a_second_concurrent_state_run_is_refused(tmp_path: Path) -> None:
     try:
         from tests.kit import wait_until
 
-        wait_until(lambda: state_mod._RUN_LOCK.locked(), 10, what="first run holding the lock")
+        wait_until(lambda: state_mod._RUNNING.get("jid") == ctx.jid, 30,
+                   what="the first run holding the lock")
         ctx2 = _system(tmp_path, files).ctx
         ret = state_mod.apply(ctx2, "t")
         assert ctx2.retcode == 1 and isinstance(ret, list)
         assert ret[0].startswith('The function "state.apply" is running as PID')
         assert "with jid 20261206000000000001" in ret[0]
     finally:
-        with open(fifo, "w") as fh:
-            fh.write("done\n")
+        # Open the fifo once the first run's cat reads it (non-blocking, with a deadline: if
+        # that run never started its cat, nothing ever will, and a blocking open would hang).
+        fd = None
+        deadline = time.monotonic() + 30
+        while fd is None and th.is_alive() and time.monotonic() < deadline:
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.05)
+        if fd is not None:
+            os.write(fd, b"done\n")
+            os.close(fd)
         th.join(60)
     assert isinstance(results[0], dict) and ctx.retcode == 0
     ret = state_mod.apply(_system(tmp_path, files).ctx, "t")
