@@ -271,6 +271,11 @@ MINION_DEFAULTS: dict[str, Any] = {
     "master_heartbeat_interval": 2.0,
     "master_dead_after": 6.0,
     "master_retry_max": 2.0,
+    # Salt's names and meanings; shorter defaults than Salt's 1000/10000 ms (HA: a master that
+    # comes back is used again within seconds; recon_randomize spreads the fleet).
+    "recon_default": 200,
+    "recon_max": 1000,
+    "recon_randomize": True,
     "return_retry_timer": 5,
     "metrics_port": 0,
     "user": "root",
@@ -312,6 +317,9 @@ MINION_TYPES: dict[str, _Spec] = {
     "master_heartbeat_interval": FLOAT,
     "master_dead_after": FLOAT,
     "master_retry_max": FLOAT,
+    "recon_default": INT,
+    "recon_max": INT,
+    "recon_randomize": BOOL,
     "return_retry_timer": FLOAT,
     "metrics_port": INT,
     "user": STR,
