@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import glob
+import socket
 import time
 from pathlib import Path
 
+from hamaster.localapi import pack
 from tests.integration.harness import Cluster, wait_until
 
 
@@ -37,3 +39,20 @@ def test_return_after_origin_killed_reaches_survivor_within_1s_of_job_end(cluste
     assert log.count(f"returned job {jid} through") == 1
     assert "Task exception was never retrieved" not in log
 
+
+def test_cli_client_going_away_is_one_debug_line(cluster: Cluster) -> None:
+    """A local client that leaves before its answer is written: no ERROR traceback on the
+    master (it was ``local client failed … ConnectionResetError``), and the master serves on."""
+    info = cluster.add_master()
+    sock_path = Path(info["conf"]["root_dir"]) / "var/run/hamaster/master/master.sock"
+    for _ in range(5):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(sock_path))
+            s.sendall(pack({"cmd": "runner", "fun": "manage.status", "arg": []}))
+        # closed before the answer: the master's write or drain fails
+    proc = info["proc"]
+    wait_until(lambda: proc.log_text().count("local client") >= 5, 20,
+               what="the master noticing the clients left")
+    text = proc.log_text()
+    assert "local client failed" not in text and "Traceback" not in text
+    assert cluster.run("hamaster-run", "manage.status", check=True).returncode == 0
