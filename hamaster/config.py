@@ -173,6 +173,8 @@ MASTER_TYPES: dict[str, _Spec] = {
     "log_level_logfile": LOG_LEVEL_OR_NONE,
     "keysize": INT,
     "auto_accept": BOOL,
+    "auth_queue_max": INT,           # master/authqueue.py
+    "auth_queue_max_age": FLOAT,
     "autosign_file": STR_OR_NONE,
     "autoreject_file": STR_OR_NONE,
     "open_mode": BOOL,
