@@ -5,10 +5,15 @@ from __future__ import annotations
 import glob
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from hamaster.localapi import pack
-from tests.integration.harness import Cluster, wait_until
+from tests.integration.harness import Cluster, free_port, wait_until
+from tests.integration.services import EtcdCluster, etcd_server
+from tests.integration.stormkit import run_storm
 
 
 def test_return_after_origin_killed_reaches_survivor_within_1s_of_job_end(cluster: Cluster) -> None:
@@ -56,3 +61,34 @@ def test_cli_client_going_away_is_one_debug_line(cluster: Cluster) -> None:
     text = proc.log_text()
     assert "local client failed" not in text and "Traceback" not in text
     assert cluster.run("hamaster-run", "manage.status", check=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdCluster]:
+    """One etcd node for the module."""
+    with etcd_server() as srv:
+        yield srv
+
+
+def test_storm_of_300_new_minions_on_etcd_converges_without_collapse(
+        cluster: Cluster, etcd: EtcdCluster) -> None:
+    """300 unknown identities (3 swarm processes) start at once against 2 masters on etcd with
+    auto_accept. The masters' auth queues are kept small so that they must shed: the shedding
+    is counted, every identity still ends up answering through both masters, and the number
+    answering through each master never falls from one sample to the next."""
+    ports = [free_port(), free_port()]
+    for port in ports:
+        cluster.add_master({"ha_backend": "etcd", "ha_etcd_endpoints": etcd.endpoints,
+                            "ha_etcd_prefix": "/hm-storm", "auto_accept": True,
+                            "metrics_port": port, "log_level": "info", "auth_queue_max": 40})
+    res = run_storm(cluster, 300, 3, cluster.base / "storm-pki", ports, deadline_s=50,
+                    swarm_extra={"keysize": 1024})   # 1024-bit: key generation in CI time
+    print(res.table(), res.shed, res.master_cpu_s, res.master_rss_mib)
+    assert res.converged_s is not None, f"not converged:\n{res.table()}"
+    for i in range(len(cluster.masters)):
+        column = [row[1 + i] for row in res.curve]
+        assert column == sorted(column), f"answering fell through master{i}:\n{res.table()}"
+    assert res.shed.get("full", 0) > 0, res.shed
+    for bad in ("Task exception was never retrieved", "wake-up", "Too many open files",
+                "does not verify"):
+        assert bad not in res.swarm_log, bad
