@@ -61,3 +61,4 @@ def test_auth_frames_are_recognised_and_nothing_else() -> None:
     assert auth_minion_id(codec.dumps({"enc": "clear", "load": {"cmd": "_auth"}})) is None
     for junk in (b"", b"\xc1", b"\x00" * 10, codec.dumps([1, 2]), b"x" * 100_000):
         assert auth_minion_id(junk) is None
+
