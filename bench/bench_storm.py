@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--restart", action="store_true", help="then restart master 0 and time recovery")
     p.add_argument("--queue-max", type=int, default=0, help="masters' auth_queue_max")
     p.add_argument("--pki", default=None, help="swarm key directory (default: kept per keysize)")
+    p.add_argument("--swarm-log-level", default="info")
     p.add_argument("--keep", action="store_true", help="keep the cluster directory (logs)")
     args = p.parse_args()
     pki = Path(args.pki or f"/var/cache/hamaster-bench/storm-pki-{args.keysize}")
@@ -62,7 +63,8 @@ def main() -> None:
             c.add_master({**backend, "auto_accept": True, "metrics_port": port,
                           "log_level": "info",
                           **({"auth_queue_max": args.queue_max} if args.queue_max else {})})
-        swarm = start_swarm(c, args.n, args.procs, pki, "st-", {"keysize": args.keysize})
+        swarm = start_swarm(c, args.n, args.procs, pki, "st-", {"keysize": args.keysize,
+                                                         "log_level": args.swarm_log_level})
         # key generation (first run only) is not part of the storm: wait for the keys on disk
         while sum(1 for _ in pki.glob("swarm/st-*/minion.pub")) < args.n:
             time.sleep(1)
@@ -76,6 +78,7 @@ def main() -> None:
             "master_cpu_s": [round(x, 1) for x in res.master_cpu_s],
             "master_cpu_s_per_1000_auths": round(res.cpu_s_per_1000_auths() or 0, 2),
             "master_rss_mib": res.master_rss_mib,
+            "master_fds": res.master_fds,
             "swarm_log_counts": {k: res.swarm_log.count(k) for k in (
                 "not answering auth", "unreachable", "stopped answering", "wake-up",
                 "never retrieved", "Too many open files", "does not verify")},

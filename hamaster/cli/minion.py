@@ -53,10 +53,10 @@ async def _serve(opts: dict, swarm: int, prefix: str | None, first: int = 0,
 
     ctx = zmq.asyncio.Context()
     if swarm > 0:
-        # per identity and master: one SUB and one REQ socket (a second REQ only while requests
-        # overlap, a third briefly while authenticating)
+        # per identity and master: one SUB and one REQ socket (more REQs only while requests
+        # overlap or an auth runs; closed sockets count until ZeroMQ's reaper frees them)
         n_masters = len(opts.get("master_list") or [1])
-        ctx.max_sockets = max(1024, swarm * n_masters * 3 + 64)
+        ctx.max_sockets = max(1024, swarm * n_masters * 8 + 256)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=int(opts.get("worker_threads_minion", 32)), thread_name_prefix="job")
     registry = FunctionRegistry()
     base_id = resolve_minion_id(opts)

@@ -215,6 +215,32 @@ class MasterConnection:
             if own:
                 s.close(0)
 
+    async def _pooled_roundtrip(self, frame: bytes, what: str, timeout: float | None = None,
+                                connect_wait: float | None = None) -> bytes:
+        """One exchange on a pooled REQ socket (kept for the next request when it got its reply).
+
+        Raises :class:`RequestFailed` for timeouts and socket errors (EMFILE included)."""
+        async with self._req_slots:
+            try:
+                sock = self._idle_reqs.pop() if self._idle_reqs else self._new_req()
+            except zmq.ZMQError as exc:  # e.g. EMFILE: fail over like any other failure
+                raise RequestFailed(f"{what} to {self.name}: {exc}") from None
+            try:
+                reply = await self._roundtrip(frame, timeout or self.request_timeout, sock, connect_wait)
+            except BaseException as exc:
+                sock.close(0)  # a REQ socket that missed its reply cannot be reused
+                task = asyncio.current_task()
+                if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+                    raise  # we are being cancelled, not the socket
+                if not isinstance(exc, TimeoutError | zmq.ZMQError | asyncio.CancelledError):
+                    raise
+                raise RequestFailed(f"{what} to {self.name} failed: {exc or 'timeout'}") from None
+            if self._stop.is_set():
+                sock.close(0)
+            else:
+                self._idle_reqs.append(sock)
+            return reply
+
     async def request(self, load: dict, timeout: float | None = None, retry_auth: bool = True,
                       connect_wait: float | None = None) -> Any:
         """Send an aes request and return the decrypted reply; re-authenticates on ``bad load``.
@@ -229,25 +255,7 @@ class MasterConnection:
             nonce = messages.new_nonce()
             body = messages.stamp_load(dict(load), self.ident.minion_id, self.ident.tok, nonce)
             frame = messages.aes_request(self.ident.minion_id, session, body)
-            async with self._req_slots:
-                try:
-                    sock = self._idle_reqs.pop() if self._idle_reqs else self._new_req()
-                except zmq.ZMQError as exc:  # e.g. EMFILE: fail over like any other failure
-                    raise RequestFailed(f"{load.get('cmd')} to {self.name}: {exc}") from None
-                try:
-                    reply = await self._roundtrip(frame, timeout or self.request_timeout, sock, connect_wait)
-                except BaseException as exc:
-                    sock.close(0)  # a REQ socket that missed its reply cannot be reused
-                    task = asyncio.current_task()
-                    if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
-                        raise  # we are being cancelled, not the socket
-                    if not isinstance(exc, TimeoutError | zmq.ZMQError | asyncio.CancelledError):
-                        raise
-                    raise RequestFailed(f"{load.get('cmd')} to {self.name} failed: {exc or 'timeout'}") from None
-                if self._stop.is_set():
-                    sock.close(0)
-                else:
-                    self._idle_reqs.append(sock)
+            reply = await self._pooled_roundtrip(frame, str(load.get("cmd")), timeout, connect_wait)
             try:
                 result = messages.parse_aes_reply(reply, session, nonce)
             except messages.BadLoadReply as exc:
@@ -276,7 +284,8 @@ class MasterConnection:
             "cmd": "_pillar",
         }
         body = messages.stamp_load(load, self.ident.minion_id, self.ident.tok, nonce)
-        reply = await self._roundtrip(messages.aes_request(self.ident.minion_id, self.session, body), self.request_timeout)
+        frame = messages.aes_request(self.ident.minion_id, self.session, body)
+        reply = await self._pooled_roundtrip(frame, "_pillar")
         return messages.parse_pillar_reply(
             reply, minion_priv=self.ident.priv, master_pub=self.master_pub, nonce=nonce
         )

@@ -82,6 +82,7 @@ class StormResult:
     auths_accepted: float = 0.0
     master_cpu_s: list[float] = field(default_factory=list)
     master_rss_mib: list[float] = field(default_factory=list)
+    master_fds: list[int] = field(default_factory=list)
     swarm_log: str = ""
 
     def table(self) -> str:
@@ -100,7 +101,7 @@ class StormResult:
 def start_swarm(c: Cluster, n: int, procs: int, pki: Path, prefix: str, extra: dict | None = None) -> Proc:
     """``hamaster-minion --swarm n --procs procs`` against every master of ``c``."""
     conf = {
-        "log_level": "warning",
+        "log_level": "info",        # run_storm's clock starts at each process's "started" line
         # a load generator: liveness pings at a realistic fleet rate, not the test rate
         "master_heartbeat_interval": 5.0, "master_dead_after": 20.0,
         "acceptance_wait_time": 2, "auth_timeout": 5, "random_reauth_delay": 5,
@@ -126,9 +127,18 @@ def run_storm(c: Cluster, n: int, procs: int, pki: Path, metrics_ports: list[int
     pids = [m["proc"].popen.pid for m in c.masters]
     cpu0 = [cpu_seconds(p) for p in pids]
     acc0 = sum(_accepted(port) for port in metrics_ports)
-    t0 = time.monotonic()
     if swarm is None:
         swarm = start_swarm(c, n, procs, pki, prefix, swarm_extra)
+    # The storm starts when every swarm process has loaded its identities (key generation and
+    # loading is the load generator's cost, not the masters'): their "started" log lines.
+    log = c.base / f"{prefix}swarm.log"
+    t_wait = time.monotonic()
+    while time.monotonic() - t_wait < 600 and swarm.running():
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if text.count(f"minion {prefix}swarm started (") >= min(procs, n):
+            break
+        time.sleep(0.1)
+    t0 = time.monotonic()
     next_sample = t0
     while time.monotonic() - t0 < deadline_s:
         # pacing of the samples (a ping finds nobody and returns at once before any auth)
@@ -143,6 +153,7 @@ def run_storm(c: Cluster, n: int, procs: int, pki: Path, metrics_ports: list[int
             break
     res.master_cpu_s = [cpu_seconds(p) - c0 for p, c0 in zip(pids, cpu0, strict=True)]
     res.master_rss_mib = [round(rss_mib(p), 1) for p in pids]
+    res.master_fds = [len(os.listdir(f"/proc/{p}/fd")) for p in pids]
     for port in metrics_ports:
         for labels, v in metric_sum(port, "hamaster_auth_shed_total").items():
             why = re.search(r'reason="([^"]+)"', labels)
@@ -150,6 +161,5 @@ def run_storm(c: Cluster, n: int, procs: int, pki: Path, metrics_ports: list[int
                 res.shed[why.group(1)] = res.shed.get(why.group(1), 0) + v
         res.auths_accepted += _accepted(port)
     res.auths_accepted -= acc0
-    log = c.base / f"{prefix}swarm.log"
     res.swarm_log = log.read_text(errors="replace") if log.exists() else ""
     return res
