@@ -231,6 +231,8 @@ class Minion:
         """
         deadline = time.monotonic() + RETURN_RETRY_WINDOW
         failed: list[str] = []
+        first_error = ""
+        warned = False
         while True:
             others = [c for c in self.connections
                       if c is not origin and c.alive and c.is_hamaster and c.session is not None]
@@ -242,8 +244,7 @@ class Minion:
                     await self._request_unless_dead(conn, ret, fail_fast=bool(others) and conn is origin)
                 except RequestFailed as exc:
                     if not failed:
-                        log.warning("%s: return of job %s via %s failed (%s); trying the other "
-                                    "masters", self.minion_id, ret["jid"], conn.name, exc)
+                        first_error = f"via {conn.name}: {exc}"
                     failed.append(conn.name)
                     continue
                 if conn is not origin:
@@ -251,6 +252,10 @@ class Minion:
                              ret["jid"], conn.name, origin.name,
                              "dead" if origin.dead.is_set() else "unreachable")
                 return
+            if failed and not warned:
+                warned = True       # once per return; the retries go on quietly
+                log.warning("%s: return of job %s not delivered yet (%s); retrying", self.minion_id,
+                            ret["jid"], first_error)
             if time.monotonic() > deadline:
                 log.error("%s: could not deliver the return of job %s to any master (tried %s)",
                           self.minion_id, ret["jid"], ", ".join(dict.fromkeys(failed)) or "none")
