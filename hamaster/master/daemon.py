@@ -647,16 +647,33 @@ class Master:
             return
         mid = auth_minion_id(payload)
         if mid is not None:
-            self.auth_queue.offer(mid, (ident, envelope, payload))
+            self.auth_queue.offer(mid, (ident, envelope, payload, time.monotonic()))
             return
         self._reply_to(sock, ident, envelope, payload)
 
-    def _reply_to(self, sock: zmq.Socket, ident: bytes, envelope: list[bytes], payload: bytes) -> None:
+    def _reply_to(self, sock: zmq.Socket, ident: bytes, envelope: list[bytes], payload: bytes,
+                  arrived: float | None = None) -> None:
         reply = self.handler.handle(payload, peer=ident.hex(), allow_defer=True)
         if isinstance(reply, Deferred):
+            if arrived is not None and reply.finish is None:
+                reply = self._unless_stale(reply, arrived)
             self._run_deferred(sock, ident, envelope, reply)
             return
         self._send_reply(sock, ident, envelope, reply)
+
+    def _unless_stale(self, work: Deferred, arrived: float) -> Deferred:
+        """A queued ``_auth`` that needs the store: skipped (no reply, counted ``stale``) if it
+        has waited past ``auth_queue_max_age`` by the time a store thread gets to it: with a slow
+        store, the work of a storm's new keys otherwise outlives the minions' wait for it."""
+        max_age = self.auth_queue.max_age
+
+        def run() -> bytes | None:
+            if time.monotonic() - arrived > max_age:
+                self.metrics.auth_shed.labels(self.master_id, "stale").inc()
+                return None
+            return work.run()
+
+        return Deferred(run, kind=work.kind)
 
     @staticmethod
     def _send_reply(sock: zmq.Socket, ident: bytes, envelope: list[bytes], reply: bytes) -> None:
@@ -685,7 +702,7 @@ class Master:
             if f.cancelled() or f.exception() is not None:
                 log.error("deferred request from %s failed: %r", ident.hex(), None if f.cancelled() else f.exception())
                 return
-            if not self._stop.is_set():
+            if not self._stop.is_set() and f.result() is not None:  # None: shed as stale
                 self._send_reply(sock, ident, envelope, f.result())
 
         fut.add_done_callback(done)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -13,7 +15,7 @@ import pytest
 from hamaster.localapi import pack
 from tests.integration.harness import Cluster, free_port, wait_until
 from tests.integration.services import EtcdCluster, etcd_server
-from tests.integration.stormkit import run_storm
+from tests.integration.stormkit import answering, metric_sum, run_storm, start_swarm
 
 
 def test_return_after_origin_killed_reaches_survivor_within_1s_of_job_end(cluster: Cluster) -> None:
@@ -94,3 +96,29 @@ def test_storm_of_300_new_minions_on_etcd_converges_without_collapse(
     for bad in ("Task exception was never retrieved", "wake-up", "Too many open files",
                 "does not verify"):
         assert bad not in res.swarm_log, bad
+
+
+def test_auth_work_that_outlived_its_minion_is_shed_as_stale(
+        cluster: Cluster, etcd: EtcdCluster) -> None:
+    """New keys need the store: with etcd frozen, their queued ``_auth`` work waits for a store
+    thread longer than ``auth_queue_max_age``; it is then dropped (counted ``stale``) instead of
+    being done for minions that gave up on it, and everyone converges once the store is back."""
+    port = free_port()
+    cluster.add_master({"ha_backend": "etcd", "ha_etcd_endpoints": etcd.endpoints,
+                        "ha_etcd_prefix": "/hm-stale", "ha_etcd_timeout": 3.0,
+                        "auto_accept": True, "metrics_port": port, "auth_queue_max_age": 1.0})
+    member = etcd.members[0]
+    assert member.proc is not None
+
+    def stale() -> float:
+        return metric_sum(port, "hamaster_auth_shed_total").get(
+            f'{{master_id="{cluster.masters[0]["conf"]["master_id"]}",reason="stale"}}', 0.0)
+
+    os.kill(member.proc.pid, signal.SIGSTOP)
+    try:
+        start_swarm(cluster, 30, 1, cluster.base / "stale-pki", "fz-", {"keysize": 1024})
+        wait_until(lambda: stale() > 0, 40, 0.2, what="auth work shed as stale")
+    finally:
+        os.kill(member.proc.pid, signal.SIGCONT)
+    wait_until(lambda: len(answering(cluster.masters[0], "fz-*", 4.0)) == 30, 90, 0.5,
+               what="all 30 answering once the store is back")
