@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--queue-max", type=int, default=0, help="masters' auth_queue_max")
     p.add_argument("--pki", default=None, help="swarm key directory (default: kept per keysize)")
     p.add_argument("--swarm-log-level", default="info")
+    p.add_argument("--ping-timeout", type=float, default=4.0, help="a sample's test.ping timeout")
     p.add_argument("--keep", action="store_true", help="keep the cluster directory (logs)")
     args = p.parse_args()
     pki = Path(args.pki or f"/var/cache/hamaster-bench/storm-pki-{args.keysize}")
@@ -68,7 +69,8 @@ def main() -> None:
         # key generation (first run only) is not part of the storm: wait for the keys on disk
         while sum(1 for _ in pki.glob("swarm/st-*/minion.pub")) < args.n:
             time.sleep(1)
-        res = run_storm(c, args.n, args.procs, pki, ports, deadline_s=args.deadline, swarm=swarm)
+        res = run_storm(c, args.n, args.procs, pki, ports, deadline_s=args.deadline, swarm=swarm,
+                        ping_timeout=args.ping_timeout)
         print(f"# {args.n} new identities, {args.procs} swarm processes, 2 masters on "
               f"{args.backend}; load average before {load[0]:.1f}, cores {os.cpu_count()}")
         print(res.table())

@@ -413,7 +413,7 @@ class Master:
     def _save_grains(self, mid: str, grains: dict) -> None:
         path = os.path.join(self._grains_path(), mid, "grains")
         try:
-            crypto.write_secret_file(path, codec.dumps(grains))
+            crypto.write_secret_file(path, codec.dumps(grains), durable=False)  # a cache
         except OSError as exc:
             log.warning("cannot cache grains of %s: %s", mid, exc)
 
