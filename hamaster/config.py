@@ -173,6 +173,7 @@ MASTER_TYPES: dict[str, _Spec] = {
     "log_level_logfile": LOG_LEVEL_OR_NONE,
     "keysize": INT,
     "auto_accept": BOOL,
+    "zmq_backlog": INT,              # listen queue of the request and publish ports (1000)
     "auth_queue_max": INT,           # master/authqueue.py
     "auth_queue_max_age": FLOAT,
     "autosign_file": STR_OR_NONE,

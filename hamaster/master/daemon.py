@@ -569,6 +569,10 @@ class Master:
         self.pub_sock.setsockopt(zmq.SNDHWM, 100000)
         self.pub_sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
         self.pub_sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+        # Salt's zmq_backlog (default 1000; ZeroMQ's own is 100): the listen queue a fleet's
+        # reconnect storm lands in (the kernel caps it at net.core.somaxconn).
+        backlog = int(self.opts.get("zmq_backlog") or 1000)
+        self.pub_sock.setsockopt(zmq.BACKLOG, backlog)
         if ":" in iface:
             self.pub_sock.setsockopt(zmq.IPV6, 1)
         self.pub_sock.bind(f"tcp://{host}:{self.opts['publish_port']}")
@@ -580,6 +584,7 @@ class Master:
         self.router.setsockopt(zmq.SNDHWM, 100000)
         self.router.setsockopt(zmq.HEARTBEAT_IVL, 5000)
         self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+        self.router.setsockopt(zmq.BACKLOG, backlog)
         if ":" in iface:
             self.router.setsockopt(zmq.IPV6, 1)
         self.router.bind(f"tcp://{host}:{self.opts['ret_port']}")
