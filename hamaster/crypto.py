@@ -247,8 +247,11 @@ def new_aes_key_string() -> str:
     return base64.b64encode(secrets.token_bytes(56)).decode()
 
 
-def write_secret_file(path: str | Path, data: bytes, mode: int = 0o600) -> None:
-    """Atomically write ``data`` to ``path`` with ``mode`` (never world-readable in between)."""
+def write_secret_file(path: str | Path, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
+    """Atomically write ``data`` to ``path`` with ``mode`` (never world-readable in between).
+
+    ``durable=False`` skips the fsync: for caches that can be rebuilt (a per-minion grains cache
+    written for every new minion of a storm: the fsyncs held the pillar threads)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
@@ -257,7 +260,8 @@ def write_secret_file(path: str | Path, data: bytes, mode: int = 0o600) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -123,6 +123,7 @@ class LocalCluster:
                 "root_dir": str(self.base / mid),
                 "master": [f"127.0.0.1:{m['conf']['ret_port']}" for m in masters],
                 "acceptance_wait_time": 1,
+                "random_reauth_delay": 0,
                 "log_level": "info",
                 "master_heartbeat_interval": 1.0,
                 "master_dead_after": 4.0,

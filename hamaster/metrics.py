@@ -63,6 +63,14 @@ class MasterMetrics:
             "max_pending_keys (cap)",
             labels + ["reason"], registry=r,
         )
+        self.auth_shed = Counter(
+            "hamaster_auth_shed_total",
+            "_auth requests dropped unanswered by the auth queue (hamaster/master/authqueue.py): "
+            "duplicate (a newer one from the same minion came), full (oldest dropped), "
+            "stale (waited longer than its minion waits)",
+            labels + ["reason"], registry=r)
+        self.auth_queue = Gauge("hamaster_auth_queue_length",
+                                "_auth requests waiting for the master's CPU", labels, registry=r)
         self.requests = Counter("hamaster_requests_total", "Requests served, by command", labels + ["cmd"], registry=r)
         self.store_up = Gauge("hamaster_store_up", "1 when the shared-state backend answers", labels, registry=r)
         self.store_op_latency = Histogram(
@@ -146,6 +154,9 @@ class MasterMetrics:
             self.auth_requests.labels(master_id, result)
         for reason in ("rate", "cap"):
             self.keys_throttled.labels(master_id, reason)
+        for reason in ("duplicate", "full", "stale"):
+            self.auth_shed.labels(master_id, reason)
+        self.auth_queue.labels(master_id)
         for state in KEY_STATES:
             self.keys.labels(master_id, state)
 

@@ -32,10 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swarm", type=int, default=0, metavar="N",
                    help="run N minion identities in this process (each with its own keys and connections)")
     p.add_argument("--swarm-prefix", default=None, help="id prefix for swarm identities (default: <id>-)")
+    p.add_argument("--procs", type=int, default=1, metavar="P",
+                   help="with --swarm: spread the N identities over P processes (one command; "
+                   "each process runs its share on its own event loop and core)")
+    p.add_argument("--swarm-first", type=int, default=0, metavar="I", help=argparse.SUPPRESS)
+    p.add_argument("--swarm-forget-master", action="store_true",
+                   help="with --swarm: forget the master key each identity pinned in an earlier run "
+                   "(a new test cluster has a new key); the identities' own keys are kept and reused")
     return p
 
 
-async def _serve(opts: dict, swarm: int, prefix: str | None) -> None:
+async def _serve(opts: dict, swarm: int, prefix: str | None, first: int = 0,
+                 forget_master: bool = False) -> None:
     import zmq.asyncio
 
     from hamaster.minion.daemon import Minion
@@ -45,7 +53,10 @@ async def _serve(opts: dict, swarm: int, prefix: str | None) -> None:
 
     ctx = zmq.asyncio.Context()
     if swarm > 0:
-        ctx.max_sockets = max(1024, swarm * 4 + 64)
+        # per identity and master: one SUB and one REQ socket (more REQs only while requests
+        # overlap or an auth runs; closed sockets count until ZeroMQ's reaper frees them)
+        n_masters = len(opts.get("master_list") or [1])
+        ctx.max_sockets = max(1024, swarm * n_masters * 8 + 256)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=int(opts.get("worker_threads_minion", 32)), thread_name_prefix="job")
     registry = FunctionRegistry()
     base_id = resolve_minion_id(opts)
@@ -53,9 +64,12 @@ async def _serve(opts: dict, swarm: int, prefix: str | None) -> None:
     if swarm > 0:
         pfx = prefix if prefix is not None else f"{base_id}-"
         base_grains = collect_grains(dict(opts, id=base_id))
-        for i in range(swarm):
+        for i in range(first, first + swarm):
             mid = f"{pfx}{i:05d}"
             ident = MinionIdentity(opts, mid, os.path.join(opts["pki_dir"], "swarm", mid))
+            if forget_master:
+                ident.pinned_path.unlink(missing_ok=True)
+                ident._pinned = None
             minions.append(Minion(opts, ident, ctx, pool, registry, dict(base_grains)))
     else:
         ident = MinionIdentity(opts, base_id)
@@ -81,6 +95,34 @@ def _limit_malloc_arenas() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX = 2
     except (OSError, AttributeError):
         pass
+
+
+def _run_procs(args: argparse.Namespace, swarm: int, argv: list[str] | None) -> int:
+    """``--swarm N --procs P``: P child processes with consecutive shares of the N identities
+    (the ids are those of one ``--swarm N`` process); SIGTERM/SIGINT are passed on to them."""
+    import subprocess
+    import sys
+
+    base = list(sys.argv[1:] if argv is None else argv)
+    procs = min(args.procs, swarm)
+    children: list[subprocess.Popen] = []
+    start = 0
+    for k in range(procs):
+        share = swarm // procs + (1 if k < swarm % procs else 0)
+        cmd = [sys.executable, "-m", "hamaster.cli.minion", *base, "--procs", "1",
+               "--swarm", str(share), "--swarm-first", str(args.swarm_first + start)]
+        children.append(subprocess.Popen(cmd))
+        start += share
+
+    def forward(signum: int, _frame: object) -> None:
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    codes = [c.wait() for c in children]
+    return max(codes, key=abs) if codes else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
                    "valid `id` in the minion config (at most 240 bytes, printable, no '/', '\\', "
                    "'..' or leading '.')")
     swarm = args.swarm or int(opts.get("swarm_count") or 0)
+    if swarm > 0 and args.procs > 1:
+        return _run_procs(args, swarm, argv)
     try:
-        asyncio.run(_serve(opts, swarm, args.swarm_prefix))
+        asyncio.run(_serve(opts, swarm, args.swarm_prefix, args.swarm_first,
+                           args.swarm_forget_master))
     except Exception as exc:  # noqa: BLE001
         log.exception("minion failed")
         return die(f"minion failed: {exc}", 1)

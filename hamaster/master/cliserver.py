@@ -103,6 +103,9 @@ class CliServer:
                 else:
                     writer.write(pack({"error": f"unknown local command {cmd!r}"}))
                     await writer.drain()
+        except (ConnectionError, OSError) as exc:
+            # A client going away (Ctrl-C, a timeout on its side) is normal: one debug line.
+            log.debug("local client left: %r", exc)
         except Exception:
             log.exception("local client failed")
         finally:

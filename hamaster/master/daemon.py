@@ -24,6 +24,7 @@ import zmq.asyncio
 from hamaster import __version__, crypto, ids
 from hamaster.bus import codec, messages
 from hamaster.jobs.jid import gen_jid
+from hamaster.master.authqueue import AuthQueue, auth_minion_id
 from hamaster.master.jobs import JobTracker, JobWriter
 from hamaster.master.membership import DEFAULT_TTL, Membership, alive_count
 from hamaster.master.pubkey import PublishKey
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 STORE_WORKERS = 4      # threads for requests that need the store (_auth of unknown keys, files)
 PILLAR_WORKERS = 2     # threads compiling pillar (CPU-bound: more would only crowd the loop)
+AUTH_SLICE_S = 0.05    # time per loop pass for queued _auth requests (master/authqueue.py)
 MAX_DEFERRED = 5000    # requests waiting on the store pool at once; more are dropped (minions retry)
 # File-server commands: with file_roots in the shared store they read it, so they run in the
 # store pool too (a hung NFS mount or a frozen etcd must not stall the loop).
@@ -147,6 +149,9 @@ class Master:
         self.last_cluster_view: dict[str, dict] = {}
         self.metrics.config_info.labels(self.master_id).info({"hash": self.config_hash})
         self.ready = asyncio.Event()
+        # _auth requests wait here and get the time other requests leave (authqueue.py)
+        self.auth_queue = AuthQueue.from_opts(
+            opts, lambda why: self.metrics.auth_shed.labels(self.master_id, why).inc())
         # Requests that need the store (_auth of new, pending or changed keys; files from the
         # shared store) are answered here, so a slow store or a mass registration never stalls
         # the event loop that answers everyone else.
@@ -423,7 +428,7 @@ class Master:
     def _save_grains(self, mid: str, grains: dict) -> None:
         path = os.path.join(self._grains_path(), mid, "grains")
         try:
-            crypto.write_secret_file(path, codec.dumps(grains))
+            crypto.write_secret_file(path, codec.dumps(grains), durable=False)  # a cache
         except OSError as exc:
             log.warning("cannot cache grains of %s: %s", mid, exc)
 
@@ -579,6 +584,10 @@ class Master:
         self.pub_sock.setsockopt(zmq.SNDHWM, 100000)
         self.pub_sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
         self.pub_sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+        # Salt's zmq_backlog (default 1000; ZeroMQ's own is 100): the listen queue a fleet's
+        # reconnect storm lands in (the kernel caps it at net.core.somaxconn).
+        backlog = int(self.opts.get("zmq_backlog") or 1000)
+        self.pub_sock.setsockopt(zmq.BACKLOG, backlog)
         if ":" in iface:
             self.pub_sock.setsockopt(zmq.IPV6, 1)
         self.pub_sock.bind(f"tcp://{host}:{self.opts['publish_port']}")
@@ -590,6 +599,7 @@ class Master:
         self.router.setsockopt(zmq.SNDHWM, 100000)
         self.router.setsockopt(zmq.HEARTBEAT_IVL, 5000)
         self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+        self.router.setsockopt(zmq.BACKLOG, backlog)
         if ":" in iface:
             self.router.setsockopt(zmq.IPV6, 1)
         self.router.bind(f"tcp://{host}:{self.opts['ret_port']}")
@@ -608,8 +618,11 @@ class Master:
         router = self.router
         sync = zmq.Socket.shadow(router.underlying)
         while not self._stop.is_set():
+            # queued auths and room in the store pool for them: look at the socket, don't wait
+            auths = bool(self.auth_queue) and self._deferred_in_flight < MAX_DEFERRED
             try:
-                await router.poll(timeout=1000, flags=zmq.POLLIN)
+                await router.poll(timeout=0 if auths else 10 if self.auth_queue else 1000,
+                                  flags=zmq.POLLIN)
             except zmq.ZMQError as exc:
                 if self._stop.is_set():
                     return
@@ -626,7 +639,19 @@ class Master:
                     log.warning("ROUTER receive error: %s", exc)
                     break
                 self._answer(sync, frames)
+            if self.auth_queue:
+                self._answer_queued_auths(sync)
+            self.metrics.auth_queue.labels(self.master_id).set(len(self.auth_queue))
             await asyncio.sleep(0)  # let the other tasks run between bursts
+
+    def _answer_queued_auths(self, sock: zmq.Socket) -> None:
+        """Answer queued ``_auth`` requests for one time slice (everything else went first)."""
+        end = time.monotonic() + AUTH_SLICE_S
+        while time.monotonic() < end and self._deferred_in_flight < MAX_DEFERRED:
+            item = self.auth_queue.take()
+            if item is None:
+                return
+            self._reply_to(sock, *item)
 
     def _answer(self, sock: zmq.Socket, frames: list[bytes]) -> None:
         """Handle one ROUTER message and send the reply (never blocks: ROUTER drops at HWM)."""
@@ -640,11 +665,35 @@ class Master:
             self.metrics.reject("malformed")
             self.handler.ratelog.warn("frames", ident.hex(), "dropped a request with %d frames from %s", len(frames), ident.hex())
             return
+        mid = auth_minion_id(payload)
+        if mid is not None:
+            self.auth_queue.offer(mid, (ident, envelope, payload, time.monotonic()))
+            return
+        self._reply_to(sock, ident, envelope, payload)
+
+    def _reply_to(self, sock: zmq.Socket, ident: bytes, envelope: list[bytes], payload: bytes,
+                  arrived: float | None = None) -> None:
         reply = self.handler.handle(payload, peer=ident.hex(), allow_defer=True)
         if isinstance(reply, Deferred):
+            if arrived is not None and reply.finish is None:
+                reply = self._unless_stale(reply, arrived)
             self._run_deferred(sock, ident, envelope, reply)
             return
         self._send_reply(sock, ident, envelope, reply)
+
+    def _unless_stale(self, work: Deferred, arrived: float) -> Deferred:
+        """A queued ``_auth`` that needs the store: skipped (no reply, counted ``stale``) if it
+        has waited past ``auth_queue_max_age`` by the time a store thread gets to it: with a slow
+        store, the work of a storm's new keys otherwise outlives the minions' wait for it."""
+        max_age = self.auth_queue.max_age
+
+        def run() -> bytes | None:
+            if time.monotonic() - arrived > max_age:
+                self.metrics.auth_shed.labels(self.master_id, "stale").inc()
+                return None
+            return work.run()
+
+        return Deferred(run, kind=work.kind)
 
     @staticmethod
     def _send_reply(sock: zmq.Socket, ident: bytes, envelope: list[bytes], reply: bytes) -> None:
@@ -673,7 +722,7 @@ class Master:
             if f.cancelled() or f.exception() is not None:
                 log.error("deferred request from %s failed: %r", ident.hex(), None if f.cancelled() else f.exception())
                 return
-            if not self._stop.is_set():
+            if not self._stop.is_set() and f.result() is not None:  # None: shed as stale
                 self._send_reply(sock, ident, envelope, f.result())
 
         fut.add_done_callback(done)

@@ -48,10 +48,20 @@ class PublishKey:
             self._set(generate_key_string())
         log.info("rotated the publish key (%s)", reason)
 
-    def snapshot(self) -> tuple[str, bytes, int]:
-        """``(key, signature, serial)`` read together (a rotation may run in another thread)."""
+    def snapshot(self, signer: rsa.RSAPrivateKey | None = None) -> tuple[str, bytes, int]:
+        """``(key, signature, serial)`` read together (a rotation may run in another thread).
+
+        With ``signer`` (the master key the caller signs its reply with), the signature is
+        made with that key if the cached one was not: while a master adopts the cluster's new
+        keypair, an ``_auth`` answered in a worker thread could otherwise sign its reply with
+        the new key and carry the publish key's signature by the old one, which the minion
+        refuses ("publish key signature (X9.31 sig) does not verify").
+        """
         with self._lock:
-            return self.key, self.signature, self.serial
+            key, sig, serial, priv = self.key, self.signature, self.serial, self._priv
+        if signer is not None and signer is not priv:
+            sig = aes_key_signature(signer, key)
+        return key, sig, serial
 
     def next_serial(self) -> int:
         """The serial for the next publication under the current key."""

@@ -290,10 +290,11 @@ class RequestHandler:
         sess.last_seen = time.time()
         if token_plain is not None or areq.token is None:
             self.metrics.auth("accepted")
-        pub_key, pub_sig, serial = self.publish_key.snapshot()
+        master_priv, master_pub_text = self.master_priv, self.master_pub_text  # one identity
+        pub_key, pub_sig, serial = self.publish_key.snapshot(signer=master_priv)
         return messages.auth_accepted_reply(
-            self.master_priv,
-            self.master_pub_text,
+            master_priv,
+            master_pub_text,
             minion_pub,
             aes_key=pub_key,
             session_key=sess.session.key_string,

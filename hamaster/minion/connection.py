@@ -41,12 +41,17 @@ CONNECT_TIMEOUT_MS = 1000
 REFUSED_RETRY_MAX = 60.0
 # A connection that held this long resets the reconnect back-off.
 STABLE_CONNECTION_S = 30.0
-# Requests in flight to one master at once (each on its own REQ socket).
+# Requests in flight to one master at once (each on its own REQ socket; one socket is kept per
+# master while requests come one at a time, so a swarm costs one request socket per identity).
 MAX_PARALLEL_REQUESTS = 4
-# While a reply is awaited, the socket's own readiness is re-checked this often. ZeroMQ wakes
-# event loops through an edge-triggered descriptor, and a wake-up that is lost leaves a reply
-# sitting unread until the request times out; the check reads it at once and logs that it did.
-REPLY_RECHECK_S = 0.5
+# Defaults of Salt's ``recon_default`` / ``recon_max`` (milliseconds) when the config has none:
+# shorter than Salt's 1000 / 10000 so that a master that comes back is used again within seconds.
+RECON_DEFAULT_MS = 200
+RECON_MAX_MS = 1000
+
+
+class Unreachable(TimeoutError):
+    """The request could not even be handed to the master: no connection to it."""
 
 # Publications already verified and decrypted in this process: (frame digest, publish key,
 # pinned master key) → load. Only ever filled after a successful signature check.
@@ -96,12 +101,25 @@ class MasterConnection:
         self._req_slots = asyncio.Semaphore(MAX_PARALLEL_REQUESTS)
         self._sub: zmq.asyncio.Socket | None = None
         self._stop = asyncio.Event()
+        # Held for every _auth this connection sends: never more than one in flight per master.
         self._reauth_lock = asyncio.Lock()
+        #: Incremented by every successful auth: a caller that saw generation g and finds a
+        #: larger one after taking the lock knows the re-auth it wanted has already happened.
+        self.auth_generation = 0
+        #: Set while the master is known dead (heartbeat gave up), cleared when connected again.
+        self.dead = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.hb_interval = float(self.opts.get("master_heartbeat_interval", 2.0))
         self.dead_after = float(self.opts.get("master_dead_after", 6.0))
         self.retry_max = float(self.opts.get("master_retry_max", BACKOFF_MAX))
         self.request_timeout = float(self.opts.get("auth_timeout", 5))
+        recon = int(self.opts.get("recon_default") or RECON_DEFAULT_MS)
+        self.recon_max = max(int(self.opts.get("recon_max") or RECON_MAX_MS), recon)
+        if self.opts.get("recon_randomize", True):
+            # Salt's meaning: a wait drawn once, between recon_default and recon_default +
+            # recon_max, so that a fleet does not reconnect in step.
+            recon = random.randint(recon, recon + self.recon_max)
+        self.recon_ivl = recon
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -131,16 +149,24 @@ class MasterConnection:
     def _set_connect_options(self, sock: zmq.asyncio.Socket) -> None:
         """Options every socket towards this master shares: fast reconnects, bounded connects."""
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RECONNECT_IVL, 200)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.setsockopt(zmq.RECONNECT_IVL, self.recon_ivl)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(self.recon_max, self.recon_ivl))
         sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
         if ":" in self.host:
             sock.setsockopt(zmq.IPV6, 1)
 
     def _new_req(self) -> zmq.asyncio.Socket:
+        """A REQ socket to this master. ``IMMEDIATE``: a request is only queued on a live
+        connection, so a send that does not complete means "not connected" (:class:`Unreachable`),
+        told apart from a connected master that does not answer in time (busy)."""
         sock = self.ctx.socket(zmq.REQ)
-        self._set_connect_options(sock)
-        sock.connect(self._endpoint(self.port))
+        try:
+            self._set_connect_options(sock)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.connect(self._endpoint(self.port))
+        except BaseException:
+            sock.close(0)
+            raise
         return sock
 
     def _close_sockets(self) -> None:
@@ -154,65 +180,88 @@ class MasterConnection:
 
     # -- one request/reply --------------------------------------------------------------------------
 
-    async def _roundtrip(self, frame: bytes, timeout: float, sock: zmq.asyncio.Socket | None = None) -> bytes:
+    async def _roundtrip(self, frame: bytes, timeout: float, sock: zmq.asyncio.Socket | None = None,
+                         connect_wait: float | None = None) -> bytes:
         """Send one frame on a REQ socket and wait for the reply; a fresh socket if none given.
 
-        ``timeout`` bounds the whole exchange (a REQ socket blocks on send while no peer is
-        connected). Raises :class:`TimeoutError` when it runs out.
+        ``timeout`` bounds the whole exchange, ``connect_wait`` (if shorter) the send. Raises :class:`Unreachable` when the frame could
+        not be sent (no connection: REQ sockets here are ``IMMEDIATE``), :class:`TimeoutError`
+        when the reply did not come in time.
+
+        The reply is awaited in one piece: slicing the wait (the old 0.5 s re-check) made the
+        slice's timer race pyzmq's reader callback whenever the event loop ran late (a swarm
+        doing RSA work, a loaded machine): both became due in the same loop iteration, the timer
+        ran first, and a reply that had just arrived was reported "waiting unread (missed
+        event-loop wake-up)" although no wake-up was missed. At the deadline the socket is still
+        read once without waiting, so a reply that arrived during a late iteration is not lost.
         """
         own = sock is None
         s = sock or self._new_req()
         deadline = time.monotonic() + timeout
         try:
-            await asyncio.wait_for(s.send(frame), timeout=timeout)
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError
-                try:
-                    return await asyncio.wait_for(s.recv(), timeout=min(left, REPLY_RECHECK_S))
-                except TimeoutError:
-                    # zmq.asyncio's get(EVENTS) (not the getsockopt alias, which bypasses it)
-                    # also re-arms pyzmq's wake-up for whatever is pending.
-                    if s.get(zmq.EVENTS) & zmq.POLLIN:
-                        log.warning("%s: a reply from %s was waiting unread (missed event-loop "
-                                    "wake-up); reading it now", self.ident.minion_id, self.name)
-                        return await asyncio.wait_for(s.recv(), timeout=max(left, 0.1))
+            try:
+                await asyncio.wait_for(s.send(frame), timeout=min(timeout, connect_wait or timeout))
+            except TimeoutError:
+                raise Unreachable(f"no connection to {self.name}") from None
+            try:
+                return await asyncio.wait_for(s.recv(), timeout=max(deadline - time.monotonic(), 0.01))
+            except TimeoutError:
+                if s.get(zmq.EVENTS) & zmq.POLLIN:
+                    log.debug("%s: reply from %s read at its deadline (event loop running late)",
+                              self.ident.minion_id, self.name)
+                    return s.recv(zmq.NOBLOCK).result()
+                raise
         finally:
             if own:
                 s.close(0)
 
-    async def request(self, load: dict, timeout: float | None = None, retry_auth: bool = True) -> Any:
-        """Send an aes request and return the decrypted reply; re-authenticates on ``bad load``."""
+    async def _pooled_roundtrip(self, frame: bytes, what: str, timeout: float | None = None,
+                                connect_wait: float | None = None) -> bytes:
+        """One exchange on a pooled REQ socket (kept for the next request when it got its reply).
+
+        Raises :class:`RequestFailed` for timeouts and socket errors (EMFILE included)."""
+        async with self._req_slots:
+            try:
+                sock = self._idle_reqs.pop() if self._idle_reqs else self._new_req()
+            except zmq.ZMQError as exc:  # e.g. EMFILE: fail over like any other failure
+                raise RequestFailed(f"{what} to {self.name}: {exc}") from None
+            try:
+                reply = await self._roundtrip(frame, timeout or self.request_timeout, sock, connect_wait)
+            except BaseException as exc:
+                sock.close(0)  # a REQ socket that missed its reply cannot be reused
+                task = asyncio.current_task()
+                if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+                    raise  # we are being cancelled, not the socket
+                if not isinstance(exc, TimeoutError | zmq.ZMQError | asyncio.CancelledError):
+                    raise
+                raise RequestFailed(f"{what} to {self.name} failed: {exc or 'timeout'}") from None
+            if self._stop.is_set():
+                sock.close(0)
+            else:
+                self._idle_reqs.append(sock)
+            return reply
+
+    async def request(self, load: dict, timeout: float | None = None, retry_auth: bool = True,
+                      connect_wait: float | None = None) -> Any:
+        """Send an aes request and return the decrypted reply; re-authenticates on ``bad load``.
+
+        ``connect_wait``: fail at once when the frame cannot be sent within that many seconds
+        (no connection to this master), rather than after the whole timeout."""
         for attempt in (0, 1):
             if self.session is None:
                 raise RequestFailed(f"not authenticated with {self.name}")
             session = self.session
+            generation = self.auth_generation
             nonce = messages.new_nonce()
             body = messages.stamp_load(dict(load), self.ident.minion_id, self.ident.tok, nonce)
             frame = messages.aes_request(self.ident.minion_id, session, body)
-            async with self._req_slots:
-                sock = self._idle_reqs.pop() if self._idle_reqs else self._new_req()
-                try:
-                    reply = await self._roundtrip(frame, timeout or self.request_timeout, sock)
-                except BaseException as exc:
-                    sock.close(0)  # a REQ socket that missed its reply cannot be reused
-                    task = asyncio.current_task()
-                    if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
-                        raise  # we are being cancelled, not the socket
-                    if not isinstance(exc, TimeoutError | zmq.ZMQError | asyncio.CancelledError):
-                        raise
-                    raise RequestFailed(f"{load.get('cmd')} to {self.name} failed: {exc or 'timeout'}") from None
-                if self._stop.is_set():
-                    sock.close(0)
-                else:
-                    self._idle_reqs.append(sock)
+            reply = await self._pooled_roundtrip(frame, str(load.get("cmd")), timeout, connect_wait)
             try:
                 result = messages.parse_aes_reply(reply, session, nonce)
             except messages.BadLoadReply as exc:
                 if attempt == 0 and retry_auth:
                     log.info("%s: master %s answered %s; re-authenticating", self.ident.minion_id, self.name, exc)
-                    await self.reauthenticate()
+                    await self.reauthenticate(generation)
                     continue
                 raise RequestFailed(f"{load.get('cmd')} refused by {self.name}: {exc}") from None
             self.last_ok = time.monotonic()
@@ -235,7 +284,8 @@ class MasterConnection:
             "cmd": "_pillar",
         }
         body = messages.stamp_load(load, self.ident.minion_id, self.ident.tok, nonce)
-        reply = await self._roundtrip(messages.aes_request(self.ident.minion_id, self.session, body), self.request_timeout)
+        frame = messages.aes_request(self.ident.minion_id, self.session, body)
+        reply = await self._pooled_roundtrip(frame, "_pillar")
         return messages.parse_pillar_reply(
             reply, minion_priv=self.ident.priv, master_pub=self.master_pub, nonce=nonce
         )
@@ -247,7 +297,17 @@ class MasterConnection:
         pinned_key = crypto.load_public_key(pinned) if pinned else None
         nonce = messages.new_nonce()
         frame, token = messages.auth_request(self.ident.minion_id, self.ident.pub_text, nonce, pinned_key)
-        reply = await self._roundtrip(frame, float(self.opts.get("auth_timeout", 5)))
+        assert self._reauth_lock.locked(), "an _auth is only sent holding the auth lock"
+        sock = self._new_req()
+        try:
+            reply = await self._roundtrip(frame, float(self.opts.get("auth_timeout", 5)), sock)
+        except BaseException:
+            sock.close(0)
+            raise
+        if self._idle_reqs or self._stop.is_set():
+            sock.close(0)
+        else:
+            self._idle_reqs.append(sock)  # a REQ socket that got its reply: reused for requests
         result = messages.parse_auth_reply(
             reply,
             minion_priv=self.ident.priv,
@@ -274,9 +334,16 @@ class MasterConnection:
                 self.is_hamaster = False
         return result
 
-    async def reauthenticate(self) -> bool:
-        """Authenticate again now (rotated publish key or lost session); True on success."""
+    async def reauthenticate(self, seen_generation: int | None = None) -> bool:
+        """Authenticate again now (rotated publish key or lost session); True on success.
+
+        Callers pass the :attr:`auth_generation` their failed request was made under: when an
+        auth has succeeded since (another request, the heartbeat or a publication asked first),
+        nothing is sent. So N requests that all find the session gone cost one ``_auth``.
+        """
         async with self._reauth_lock:
+            if seen_generation is not None and self.auth_generation != seen_generation:
+                return self.state == "connected"
             try:
                 result = await self._auth_once()
             except (TimeoutError, zmq.ZMQError, messages.AuthReplyError, crypto.CryptoError) as exc:
@@ -308,17 +375,38 @@ class MasterConnection:
         self.master_pub = crypto.load_public_key(result.master_pub_text or "")
         self.state = "connected"
         self.last_ok = time.monotonic()
+        self.auth_generation += 1
+
+    def _acceptance_waits(self) -> Any:
+        """Salt's ``acceptance_wait_time`` schedule: the wait between auth tries, growing by
+        ``acceptance_wait_time`` per try up to ``acceptance_wait_time_max`` when that is set."""
+        step = float(self.opts.get("acceptance_wait_time", 10))
+        cap = float(self.opts.get("acceptance_wait_time_max", 0) or 0)
+        wait = step
+        while True:
+            yield wait
+            if cap and wait < cap:
+                wait = min(wait + step, cap)
 
     async def _authenticate(self) -> bool:
-        """Authenticate, waiting ``acceptance_wait_time`` between tries while pending."""
-        wait = float(self.opts.get("acceptance_wait_time", 10))
-        wait_max = float(self.opts.get("acceptance_wait_time_max", 0) or 0)
+        """Authenticate; between tries wait as Salt's minion does, with jitter.
+
+        - key pending, or the master is connected but does not answer in ``auth_timeout`` (it is
+          busy: shedding auths in a storm): ``acceptance_wait_time`` (growing up to
+          ``acceptance_wait_time_max``), drawn between half and all of it so a fleet spreads out;
+        - no connection at all (master down): a short jittered back-off capped at
+          ``master_retry_max``, since a down master costs nothing to retry and must be used again
+          within seconds of coming back;
+        - refused answer (not the pinned key…): doubling up to a minute.
+        """
+        waits = self._acceptance_waits()
         logged: str | None = None
         backoff = 0.5
         refused_wait = 0.0
         while not self._stop.is_set():
             try:
-                result = await self._auth_once()
+                async with self._reauth_lock:
+                    result = await self._auth_once()
             except messages.AuthReplyError as exc:
                 msg = f"refusing master {self.name}: {exc}"
                 if isinstance(exc, messages.MasterKeyMismatch):
@@ -332,15 +420,24 @@ class MasterConnection:
                 # Nothing changes until an operator acts: retry ever more slowly (up to a
                 # minute), so a fleet with a stale pinned key does not flood the master with
                 # RSA work it can only refuse.
+                wait = float(self.opts.get("acceptance_wait_time", 10))
                 refused_wait = min(max(refused_wait * 2, wait, 1.0), REFUSED_RETRY_MAX)
                 await self._sleep(refused_wait * (0.5 + random.random() / 2))
                 continue
-            except (TimeoutError, zmq.ZMQError, crypto.CryptoError) as exc:
+            except Unreachable as exc:
                 if logged != "down":
-                    log.warning("%s: master %s not answering auth (%s); retrying", self.ident.minion_id, self.name, exc or "timeout")
+                    log.warning("%s: master %s unreachable (%s); retrying", self.ident.minion_id, self.name, exc)
                     logged = "down"
                 await self._sleep(backoff * (0.5 + random.random() / 2))
                 backoff = min(backoff * 2, self.retry_max)
+                continue
+            except (TimeoutError, zmq.ZMQError, crypto.CryptoError) as exc:
+                if logged != "busy":
+                    log.warning("%s: master %s not answering auth (%s); retrying after "
+                                "acceptance_wait_time", self.ident.minion_id, self.name,
+                                exc or "timeout")
+                    logged = "busy"
+                await self._sleep(next(waits) * (0.5 + random.random() / 2))
                 continue
             if result.status == "accepted":
                 self._apply(result)
@@ -356,9 +453,7 @@ class MasterConnection:
                 else:
                     log.error("%s: master %s rejected our key", self.ident.minion_id, self.name)
                 logged = result.status
-            await self._sleep(wait)
-            if wait_max and wait < wait_max:
-                wait = min(wait + float(self.opts.get("acceptance_wait_time", 10)), wait_max)
+            await self._sleep(next(waits))
         return False
 
     async def _sleep(self, seconds: float) -> None:
@@ -413,13 +508,17 @@ class MasterConnection:
             load = self._open(frame)
         except CrypticleError:
             after_reauth = True
-            generation = self.aes
-            async with self._reauth_lock:
-                pass
-            if self.aes is generation:
-                log.info("%s: publication from %s does not decrypt; re-authenticating", self.ident.minion_id, self.name)
-                if not await self.reauthenticate():
-                    return
+            generation = self.auth_generation
+            if not self._reauth_lock.locked():
+                # The publish key changed (rotation, master restart): Salt's random_reauth_delay
+                # spreads the fleet's re-auths instead of all of them hitting the master at once.
+                delay = random.uniform(0, float(self.opts.get("random_reauth_delay", 10) or 0))
+                if delay > 0:
+                    log.info("%s: publication from %s does not decrypt; re-authenticating in "
+                             "%.1f s (random_reauth_delay)", self.ident.minion_id, self.name, delay)
+                    await self._sleep(delay)
+            if not await self.reauthenticate(generation):
+                return
             try:
                 load = self._open(frame)
             except (CrypticleError, messages.PublicationError) as exc:
@@ -428,6 +527,7 @@ class MasterConnection:
         except messages.PublicationError as exc:
             log.warning("%s: dropping publication from %s: %s", self.ident.minion_id, self.name, exc)
             return
+        assert self.aes is not None
         if not self.serials.accept(self.aes.key_string, load.get("serial"), ignore_floor=after_reauth):
             log.warning("%s: dropping replayed publication (serial %r) from %s", self.ident.minion_id, load.get("serial"), self.name)
             return
@@ -438,60 +538,61 @@ class MasterConnection:
 
     # -- heartbeat ----------------------------------------------------------------------------------
 
+    def _ping_load(self) -> dict:
+        if self.is_hamaster:
+            return {"cmd": "_hamaster_ping", "id": self.ident.minion_id}
+        return {"cmd": "_file_envs", "id": self.ident.minion_id}
+
     async def _heartbeat_loop(self) -> None:
-        """Ping the master; return when it has not answered for ``master_dead_after`` seconds."""
-        hb_sock: zmq.asyncio.Socket | None = None
+        """Ping the master; return when it has not answered for ``master_dead_after`` seconds.
+
+        The ping shares the request sockets (one REQ socket per master while requests come one
+        at a time); a ``bad load`` answer re-authenticates through :meth:`request`.
+        """
+        while not self._stop.is_set():
+            await self._sleep(self.hb_interval)
+            if self._stop.is_set() or self.session is None:
+                return
+            try:
+                info = await asyncio.wait_for(
+                    self.request(self._ping_load(), timeout=self.dead_after), self.dead_after + 1)
+            except (RequestFailed, TimeoutError):
+                if time.monotonic() - self.last_ok >= self.dead_after:
+                    return
+                continue
+            if isinstance(info, dict) and "master_id" in info:
+                new_id = info["master_id"]
+                if self.master_id is not None and new_id != self.master_id:
+                    log.info("%s: master at %s is now %s", self.ident.minion_id, self.name, new_id)
+                self.master_id = new_id
+
+    async def _resume(self) -> bool:
+        """After the heartbeat gave up: True when the master still knows our session (it was
+        frozen, partitioned or too busy, not restarted), so no new ``_auth`` is needed. A
+        restarted master answers ``bad load``; then the caller authenticates."""
+        if self.session is None:
+            return False
         try:
-            while not self._stop.is_set():
-                await self._sleep(self.hb_interval)
-                if self._stop.is_set():
-                    return
-                if self.is_hamaster:
-                    load: dict = {"cmd": "_hamaster_ping", "id": self.ident.minion_id}
-                else:
-                    load = {"cmd": "_file_envs", "id": self.ident.minion_id}
-                if self.session is None:
-                    return
-                nonce = messages.new_nonce()
-                body = messages.stamp_load(load, self.ident.minion_id, self.ident.tok, nonce)
-                frame = messages.aes_request(self.ident.minion_id, self.session, body)
-                if hb_sock is None:
-                    hb_sock = self._new_req()
-                try:
-                    reply = await self._roundtrip(frame, self.dead_after, hb_sock)
-                except (TimeoutError, zmq.ZMQError):
-                    hb_sock.close(0)
-                    hb_sock = None
-                    if time.monotonic() - self.last_ok >= self.dead_after:
-                        return
-                    continue
-                try:
-                    info = messages.parse_aes_reply(reply, self.session, nonce)
-                except messages.BadLoadReply:
-                    if not await self.reauthenticate():
-                        return
-                    continue
-                self.last_ok = time.monotonic()
-                if isinstance(info, dict) and "master_id" in info:
-                    new_id = info["master_id"]
-                    if self.master_id is not None and new_id != self.master_id:
-                        log.info("%s: master at %s is now %s", self.ident.minion_id, self.name, new_id)
-                    self.master_id = new_id
-        finally:
-            if hb_sock is not None:
-                hb_sock.close(0)
+            await self.request(self._ping_load(), retry_auth=False)
+        except RequestFailed:
+            return False
+        self.state = "connected"
+        return True
 
     # -- main loop ----------------------------------------------------------------------------------
 
     async def _run(self) -> None:
         backoff = 0.5
         while not self._stop.is_set():
-            ok = await self._authenticate()
-            if not ok:
+            resumed = await self._resume()
+            if not resumed and not await self._authenticate():
                 return
+            if resumed:
+                log.info("%s: master %s answers again (session kept)", self.ident.minion_id, self.name)
+            self.dead.clear()
             self._connect_sub()
             self.connected_event.set()
-            if self.on_connected is not None:
+            if self.on_connected is not None and not resumed:
                 asyncio.create_task(self._safe_on_connected())
             connected_at = time.monotonic()
             sub_task = asyncio.create_task(self._sub_loop())
@@ -508,6 +609,7 @@ class MasterConnection:
             if self._stop.is_set():
                 return
             self.state = "disconnected"
+            self.dead.set()
             log.warning(
                 "%s: master %s stopped answering (no reply for %.0f s); reconnecting",
                 self.ident.minion_id, self.name, self.dead_after,

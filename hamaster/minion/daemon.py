@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import random
 import time
 from collections import OrderedDict
 from typing import Any
@@ -39,6 +40,9 @@ INLINE_FUNCTIONS = frozenset({
     "saltutil.find_job", "saltutil.running",
 })
 RETURN_RETRY_WINDOW = 60.0
+# A return is handed to another master when its origin takes longer than this to accept the
+# frame at all (no connection: the origin was killed or is unreachable).
+RETURN_CONNECT_WAIT = 1.0
 
 
 class Minion:
@@ -95,8 +99,14 @@ class Minion:
     def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        """Forget a finished task and log its exception once (never "never retrieved")."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: task %s failed: %r", self.minion_id, task.get_name(), task.exception())
 
     async def _failover_loop(self) -> None:
         """Use one master at a time, in order; move on when it stops answering."""
@@ -212,26 +222,64 @@ class Minion:
         await self._send_return(origin, ret)
 
     async def _send_return(self, origin: MasterConnection, ret: dict) -> None:
-        """Return through the origin master; if it is gone, through any other live master."""
+        """Return through the origin master; when it is known dead, or dies while we wait on
+        it, through another live hamaster master at once (the return keeps the origin
+        ``master_id``). A stock salt-master only knows the jobs it published itself.
+
+        Failures are logged once per return; retries go on quietly with jitter until one master
+        takes it or ``RETURN_RETRY_WINDOW`` runs out.
+        """
         deadline = time.monotonic() + RETURN_RETRY_WINDOW
+        failed: list[str] = []
+        first_error = ""
+        warned = False
         while True:
-            candidates = [origin] + [c for c in self.connections if c is not origin and c.alive]
+            others = [c for c in self.connections
+                      if c is not origin and c.alive and c.is_hamaster and c.session is not None]
+            candidates = ([origin] if origin.alive else []) + others
+            if not origin.alive and not others and origin.session is not None:
+                candidates = [origin]  # nobody else: keep trying the origin
             for conn in candidates:
-                if conn is not origin and not conn.is_hamaster:
-                    continue  # a stock salt-master only knows jobs it published
-                if conn.session is None:
-                    continue
                 try:
-                    await conn.request(ret)
-                    if conn is not origin:
-                        log.info("%s: returned job %s through %s (origin %s unreachable)", self.minion_id, ret["jid"], conn.name, origin.name)
-                    return
+                    await self._request_unless_dead(conn, ret, fail_fast=bool(others) and conn is origin)
                 except RequestFailed as exc:
-                    log.warning("%s: return of %s via %s failed: %s", self.minion_id, ret["jid"], conn.name, exc)
-            if time.monotonic() > deadline:
-                log.error("%s: could not deliver the return of job %s to any master", self.minion_id, ret["jid"])
+                    if not failed:
+                        first_error = f"via {conn.name}: {exc}"
+                    failed.append(conn.name)
+                    continue
+                if conn is not origin:
+                    log.info("%s: returned job %s through %s (origin %s %s)", self.minion_id,
+                             ret["jid"], conn.name, origin.name,
+                             "dead" if origin.dead.is_set() else "unreachable")
                 return
-            await asyncio.sleep(1.0)
+            if failed and not warned:
+                warned = True       # once per return; the retries go on quietly
+                log.warning("%s: return of job %s not delivered yet (%s); retrying", self.minion_id,
+                            ret["jid"], first_error)
+            if time.monotonic() > deadline:
+                log.error("%s: could not deliver the return of job %s to any master (tried %s)",
+                          self.minion_id, ret["jid"], ", ".join(dict.fromkeys(failed)) or "none")
+                return
+            await asyncio.sleep(0.5 + random.random())
+
+    @staticmethod
+    async def _request_unless_dead(conn: MasterConnection, load: dict, fail_fast: bool) -> Any:
+        """``conn.request(load)``, abandoned as soon as ``conn``'s heartbeat declares it dead.
+
+        With ``fail_fast`` (another master could take it), also abandoned when the request cannot
+        even be sent within ``RETURN_CONNECT_WAIT`` (no connection to the master: it was killed).
+        """
+        req = asyncio.ensure_future(conn.request(load, connect_wait=RETURN_CONNECT_WAIT if fail_fast else None))
+        death = asyncio.ensure_future(conn.dead.wait())
+        try:
+            await asyncio.wait({req, death}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            death.cancel()
+        if req.done():
+            return req.result()
+        req.cancel()
+        await asyncio.gather(req, return_exceptions=True)
+        raise RequestFailed(f"{conn.name} declared dead while the request was in flight")
 
     def _fetch_file_sync(self, path: str, saltenv: str) -> bytes | None:
         """File client for cp.*: ask a live master for ``salt://`` content (called from a worker thread)."""

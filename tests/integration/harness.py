@@ -147,6 +147,7 @@ class Cluster:
             "id": mid,
             "master": [f"{m['host']}:{m['conf']['ret_port']}" for m in masters],
             "acceptance_wait_time": 0.5,
+            "random_reauth_delay": 0,      # re-auth at once after a publish-key rotation
             "log_level": "debug",
             "master_heartbeat_interval": 1.0,
             "master_dead_after": 4.0,

@@ -1,0 +1,165 @@
+"""Auth storms against real masters (issue 12): used by tests/integration/test_storm.py and
+bench/bench_storm.py.
+
+N swarm identities (``hamaster-minion --swarm N --procs P``, keys kept between runs, pinned
+master keys forgotten) start at once against the cluster's masters; every ``sample_s`` the
+number answering ``test.ping`` through each master is counted (over the master's CLI socket),
+with the masters' RSS, CPU seconds and ``hamaster_auth_*`` counters.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hamaster.localapi import LocalClient
+from tests.integration.harness import Cluster, Proc
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` (from /proc)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of ``pid`` in MiB."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def metric_sum(port: int, name: str) -> dict[str, float]:
+    """``name``'s samples on a master's /metrics, by their label set text."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for m in re.finditer(rf"^{name}(\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M):
+        out[m.group(1) or ""] = float(m.group(2))
+    return out
+
+
+def answering(master: dict, tgt: str, timeout: float) -> set[str]:
+    """Ids that return ``test.ping`` through ``master`` within ``timeout``."""
+    sock_dir = master["conf"].get("sock_dir") or str(
+        Path(master["conf"]["root_dir"]) / "var/run/hamaster/master")
+    got: set[str] = set()
+    with LocalClient(sock_dir, timeout=timeout + 30) as client:
+        client.send({"cmd": "publish", "tgt": tgt, "tgt_type": "glob", "fun": "test.ping",
+                     "arg": [], "timeout": timeout})
+        for frame in client.stream():
+            if "minions" in frame and not (frame.get("jid") and frame["minions"]):
+                break               # no minion matched (none accepted yet): no job, no stream
+            for mid, ret in (frame.get("ret") or {}).items():
+                if ret.get("return") is True if isinstance(ret, dict) else ret is True:
+                    got.add(mid)
+    return got
+
+
+def _accepted(port: int) -> float:
+    return sum(v for k, v in metric_sum(port, "hamaster_auth_requests_total").items()
+               if 'result="accepted"' in k)
+
+
+@dataclass
+class StormResult:
+    """What a storm did: the curve and the masters' costs."""
+
+    n: int
+    converged_s: float | None = None
+    #: (seconds since start, answering through master 0, through master 1, …)
+    curve: list[tuple[float, ...]] = field(default_factory=list)
+    shed: dict[str, float] = field(default_factory=dict)
+    auths_accepted: float = 0.0
+    master_cpu_s: list[float] = field(default_factory=list)
+    master_rss_mib: list[float] = field(default_factory=list)
+    master_fds: list[int] = field(default_factory=list)
+    swarm_log: str = ""
+
+    def table(self) -> str:
+        """The "answering over time" table."""
+        heads = "".join(f"  master{i}" for i in range(len(self.curve[0]) - 1)) if self.curve else ""
+        lines = [f"    t(s){heads}"]
+        for row in self.curve:
+            lines.append(f"{row[0]:8.1f}" + "".join(f"{v:9d}" for v in row[1:]))
+        return "\n".join(lines)
+
+    def cpu_s_per_1000_auths(self) -> float | None:
+        """Masters' CPU seconds (all masters) per 1,000 accepted auths."""
+        return 1000 * sum(self.master_cpu_s) / self.auths_accepted if self.auths_accepted else None
+
+
+def start_swarm(c: Cluster, n: int, procs: int, pki: Path, prefix: str, extra: dict | None = None) -> Proc:
+    """``hamaster-minion --swarm n --procs procs`` against every master of ``c``."""
+    conf = {
+        "log_level": "info",        # run_storm's clock starts at each process's "started" line
+        # a load generator: liveness pings at a realistic fleet rate, not the test rate
+        "master_heartbeat_interval": 5.0, "master_dead_after": 20.0,
+        "acceptance_wait_time": 2, "auth_timeout": 5, "random_reauth_delay": 5,
+        "keysize": 2048,
+        "root_dir": "/",            # pki_dir is kept between runs (key generation is slow)
+        "pki_dir": str(pki),
+        "cachedir": str(c.base / f"{prefix}cache"),
+        "sock_dir": str(c.base / f"{prefix}sock"),
+        "log_file": str(c.base / f"{prefix}swarm.log"),
+        **(extra or {}),
+    }
+    return c.add_minion(f"{prefix}swarm", extra=conf, args=[
+        "--swarm", str(n), "--procs", str(procs), "--swarm-prefix", prefix,
+        "--swarm-forget-master"])
+
+
+def run_storm(c: Cluster, n: int, procs: int, pki: Path, metrics_ports: list[int], *,
+              prefix: str = "st-", deadline_s: float = 60.0, ping_timeout: float = 4.0,
+              sample_s: float = 1.0,
+              swarm_extra: dict | None = None, swarm: Proc | None = None) -> StormResult:
+    """Start the swarm (unless given) and sample until all ``n`` answer through every master."""
+    res = StormResult(n)
+    pids = [m["proc"].popen.pid for m in c.masters]
+    cpu0 = [cpu_seconds(p) for p in pids]
+    acc0 = sum(_accepted(port) for port in metrics_ports)
+    if swarm is None:
+        swarm = start_swarm(c, n, procs, pki, prefix, swarm_extra)
+    # The storm starts when every swarm process has loaded its identities (key generation and
+    # loading is the load generator's cost, not the masters'): their "started" log lines.
+    log = c.base / f"{prefix}swarm.log"
+    t_wait = time.monotonic()
+    while time.monotonic() - t_wait < 600 and swarm.running():
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if text.count(f"minion {prefix}swarm started (") >= min(procs, n):
+            break
+        time.sleep(0.1)
+    t0 = time.monotonic()
+    next_sample = t0
+    while time.monotonic() - t0 < deadline_s:
+        # pacing of the samples (a ping finds nobody and returns at once before any auth)
+        time.sleep(max(0.0, next_sample - time.monotonic()))
+        next_sample = time.monotonic() + sample_s
+        counts = [len(answering(m, f"{prefix}*", ping_timeout)) for m in c.masters]
+        res.curve.append((round(time.monotonic() - t0, 1), *counts))
+        if all(k == n for k in counts):
+            res.converged_s = res.curve[-1][0]
+            break
+        if not swarm.running():
+            break
+    res.master_cpu_s = [cpu_seconds(p) - c0 for p, c0 in zip(pids, cpu0, strict=True)]
+    res.master_rss_mib = [round(rss_mib(p), 1) for p in pids]
+    res.master_fds = [len(os.listdir(f"/proc/{p}/fd")) for p in pids]
+    for port in metrics_ports:
+        for labels, v in metric_sum(port, "hamaster_auth_shed_total").items():
+            why = re.search(r'reason="([^"]+)"', labels)
+            if why:
+                res.shed[why.group(1)] = res.shed.get(why.group(1), 0) + v
+        res.auths_accepted += _accepted(port)
+    res.auths_accepted -= acc0
+    res.swarm_log = log.read_text(errors="replace") if log.exists() else ""
+    return res
