@@ -66,7 +66,8 @@ def load_private_key(pem: bytes | str, own: bool = False) -> rsa.RSAPrivateKey:
     """
     data = pem.encode() if isinstance(pem, str) else pem
     try:
-        key = serialization.load_pem_private_key(data, password=None, unsafe_skip_rsa_key_validation=own)
+        key = serialization.load_pem_private_key(data, password=None,
+                                                 unsafe_skip_rsa_key_validation=own)
     except (ValueError, TypeError) as exc:
         raise CryptoError(f"not a usable RSA private key: {exc}") from exc
     if not isinstance(key, rsa.RSAPrivateKey):
@@ -247,7 +248,8 @@ def new_aes_key_string() -> str:
     return base64.b64encode(secrets.token_bytes(56)).decode()
 
 
-def write_secret_file(path: str | Path, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
+def write_secret_file(path: str | Path, data: bytes,
+                      mode: int = 0o600, durable: bool = True) -> None:
     """Atomically write ``data`` to ``path`` with ``mode`` (never world-readable in between).
 
     ``durable=False`` skips the fsync: for caches that can be rebuilt (a per-minion grains cache

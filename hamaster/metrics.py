@@ -22,7 +22,8 @@ KNOWN_REJECT_REASONS = (
     "unknown_minion", "no_session", "bad_key", "bad_jid", "unknown_clear_cmd", "internal", "busy",
     "too_large", "no_nonce", "stale_return",
 )
-KNOWN_AUTH_RESULTS = ("accepted", "pending", "rejected", "denied", "bad_key", "bad_token", "bad_algo")
+KNOWN_AUTH_RESULTS = ("accepted", "pending", "rejected", "denied",
+                      "bad_key", "bad_token", "bad_algo")
 KEY_STATES = ("minions", "minions_pre", "minions_rejected", "minions_denied")
 STORE_OPS = ("get", "put", "delete", "list", "compare_and_put")
 
@@ -37,15 +38,19 @@ class MasterMetrics:
         r = self.registry
         ProcessCollector(registry=r)
         self.minions_connected = Gauge(
-            "hamaster_minions_connected", "Minions seen on this master within the liveness window", labels, registry=r
+            "hamaster_minions_connected", "Minions seen on this master within the liveness window",
+            labels, registry=r
         )
         self.keys = Gauge("hamaster_keys", "Minion keys by state", labels + ["state"], registry=r)
         self.auth_requests = Counter(
-            "hamaster_auth_requests_total", "Minion _auth requests by result", labels + ["result"], registry=r
+            "hamaster_auth_requests_total", "Minion _auth requests by result", labels + ["result"],
+            registry=r
         )
-        self.jobs_published = Counter("hamaster_jobs_published_total", "Jobs published", labels, registry=r)
+        self.jobs_published = Counter("hamaster_jobs_published_total",
+                                      "Jobs published", labels, registry=r)
         self.returns_received = Counter(
-            "hamaster_returns_received_total", "Job returns received from minions", labels, registry=r
+            "hamaster_returns_received_total", "Job returns received from minions", labels,
+            registry=r
         )
         self.return_latency = Histogram(
             "hamaster_job_return_latency_seconds",
@@ -55,7 +60,8 @@ class MasterMetrics:
             registry=r,
         )
         self.requests_rejected = Counter(
-            "hamaster_requests_rejected_total", "Requests refused, by reason", labels + ["reason"], registry=r
+            "hamaster_requests_rejected_total", "Requests refused, by reason", labels + ["reason"],
+            registry=r
         )
         self.keys_throttled = Counter(
             "hamaster_keys_throttled_total",
@@ -71,13 +77,17 @@ class MasterMetrics:
             labels + ["reason"], registry=r)
         self.auth_queue = Gauge("hamaster_auth_queue_length",
                                 "_auth requests waiting for the master's CPU", labels, registry=r)
-        self.requests = Counter("hamaster_requests_total", "Requests served, by command", labels + ["cmd"], registry=r)
-        self.store_up = Gauge("hamaster_store_up", "1 when the shared-state backend answers", labels, registry=r)
+        self.requests = Counter("hamaster_requests_total", "Requests served, by command",
+                                labels + ["cmd"], registry=r)
+        self.store_up = Gauge("hamaster_store_up",
+                              "1 when the shared-state backend answers", labels, registry=r)
         self.store_op_latency = Histogram(
-            "hamaster_store_operation_seconds", "Latency of shared-state operations", labels + ["op"], registry=r
+            "hamaster_store_operation_seconds", "Latency of shared-state operations",
+            labels + ["op"], registry=r
         )
         self.watch_events = Counter(
-            "hamaster_store_watch_events_total", "Changes received from the store watch", labels, registry=r
+            "hamaster_store_watch_events_total", "Changes received from the store watch", labels,
+            registry=r
         )
         self.sync_lag = Histogram(
             "hamaster_sync_lag_seconds",
@@ -86,12 +96,16 @@ class MasterMetrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
             registry=r,
         )
-        self.masters_alive = Gauge("hamaster_cluster_masters_alive", "Masters alive in the cluster", labels, registry=r)
+        self.masters_alive = Gauge("hamaster_cluster_masters_alive",
+                                   "Masters alive in the cluster", labels, registry=r)
         self.file_bytes_served = Counter(
-            "hamaster_fileserver_bytes_served_total", "Bytes served by the file server", labels, registry=r
+            "hamaster_fileserver_bytes_served_total", "Bytes served by the file server", labels,
+            registry=r
         )
-        self.config_info = Info("hamaster_config", "Hash of the effective master configuration", labels, registry=r)
-        self.fileroots_info = Info("hamaster_fileroots", "Hash of the file_roots view", labels, registry=r)
+        self.config_info = Info("hamaster_config",
+                                "Hash of the effective master configuration", labels, registry=r)
+        self.fileroots_info = Info("hamaster_fileroots",
+                                   "Hash of the file_roots view", labels, registry=r)
         # -- cluster identity (the master keypair: hamaster/master/daemon.py, "identity") --
         self.master_key_mismatch = Gauge(
             "hamaster_master_key_mismatch",
@@ -127,7 +141,8 @@ class MasterMetrics:
             "Copies of one minion event (sent to several masters) merged away", labels,
             registry=r)
         self.events_dropped = Counter("hamaster_events_dropped_total",
-                                      "Events dropped (writer queue full, or a batch the store refused)", labels, registry=r)
+                                      "Events dropped (writer queue full, or a "
+                                      "batch the store refused)", labels, registry=r)
         self.reactions = Counter("hamaster_reactions_total", "Reactor actions, by result",
                                  labels + ["result"], registry=r)
         self.schedule_runs = Counter("hamaster_schedule_runs_total",

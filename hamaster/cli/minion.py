@@ -30,15 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(p)
     p.add_argument("--swarm", type=int, default=0, metavar="N",
-                   help="run N minion identities in this process (each with its own keys and connections)")
-    p.add_argument("--swarm-prefix", default=None, help="id prefix for swarm identities (default: <id>-)")
+                   help="run N minion identities in this process (each with its own keys "
+                        "and connections)")
+    p.add_argument("--swarm-prefix", default=None,
+                   help="id prefix for swarm identities (default: <id>-)")
     p.add_argument("--procs", type=int, default=1, metavar="P",
                    help="with --swarm: spread the N identities over P processes (one command; "
                    "each process runs its share on its own event loop and core)")
     p.add_argument("--swarm-first", type=int, default=0, metavar="I", help=argparse.SUPPRESS)
     p.add_argument("--swarm-forget-master", action="store_true",
-                   help="with --swarm: forget the master key each identity pinned in an earlier run "
-                   "(a new test cluster has a new key); the identities' own keys are kept and reused")
+                   help="with --swarm: forget the master key each identity pinned in an "
+                   "earlier run (a new test cluster has a new key); the identities' own "
+                   "keys are kept and reused")
     return p
 
 
@@ -57,7 +60,8 @@ async def _serve(opts: dict, swarm: int, prefix: str | None, first: int = 0,
         # overlap or an auth runs; closed sockets count until ZeroMQ's reaper frees them)
         n_masters = len(opts.get("master_list") or [1])
         ctx.max_sockets = max(1024, swarm * n_masters * 8 + 256)
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=int(opts.get("worker_threads_minion", 32)), thread_name_prefix="job")
+    pool = concurrent.futures.ThreadPoolExecutor(
+        max_workers=int(opts.get("worker_threads_minion", 32)), thread_name_prefix="job")
     registry = FunctionRegistry()
     base_id = resolve_minion_id(opts)
     minions: list[Minion] = []
@@ -80,7 +84,8 @@ async def _serve(opts: dict, swarm: int, prefix: str | None, first: int = 0,
         loop.add_signal_handler(sig, stop.set)
     for m in minions:
         m.start()
-    log.info("minion %s started (%d identities, masters %s)", base_id, len(minions), opts.get("master_list"))
+    log.info("minion %s started (%d identities, masters %s)", base_id,
+             len(minions), opts.get("master_list"))
     await stop.wait()
     await asyncio.gather(*(m.stop() for m in minions), return_exceptions=True)
     pool.shutdown(wait=False, cancel_futures=True)

@@ -2,8 +2,9 @@
 
 Who may connect is decided by file permissions: the directory is 0700 and the socket 0600.
 Requests: ``{"cmd": "publish", ...}`` streams the job's returns as they arrive, waiting
-``timeout``, or as Salt's CLI does with ``gather_job_timeout`` (:mod:`hamaster.master.waiting`), then a final ``{"done": True, "missing": [...],
-"not_returned": {id: reason}}``; with ``batch`` it runs the job in batches;
+``timeout``, or as Salt's CLI does with ``gather_job_timeout`` (:mod:`hamaster.master.waiting`),
+then a final ``{"done": True, "missing": [...], "not_returned": {id: reason}}``; with ``batch``
+it runs the job in batches;
 ``{"cmd": "runner", "fun", "arg"}`` answers once.
 """
 

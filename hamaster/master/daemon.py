@@ -49,11 +49,13 @@ log = logging.getLogger(__name__)
 STORE_WORKERS = 4      # threads for requests that need the store (_auth of unknown keys, files)
 PILLAR_WORKERS = 2     # threads compiling pillar (CPU-bound: more would only crowd the loop)
 AUTH_SLICE_S = 0.05    # time per loop pass for queued _auth requests (master/authqueue.py)
-MAX_DEFERRED = 5000    # requests waiting on the store pool at once; more are dropped (minions retry)
+# requests waiting on the store pool at once; more are dropped (minions retry)
+MAX_DEFERRED = 5000
 # File-server commands: with file_roots in the shared store they read it, so they run in the
 # store pool too (a hung NFS mount or a frozen etcd must not stall the loop).
 FILE_COMMANDS = frozenset({
-    "_master_opts", "_file_list", "_file_list_emptydirs", "_dir_list", "_symlink_list", "_file_hash",
+    "_master_opts", "_file_list", "_file_list_emptydirs", "_dir_list", "_symlink_list",
+    "_file_hash",
     "_file_hash_and_stat", "_file_find", "_file_envs", "_serve_file",
 })
 
@@ -285,7 +287,8 @@ class Master:
     def _restore_store_identity(self) -> None:
         pem_key, _ = master_key_names(self.keys.prefix)
         if self.keys.store.compare_and_put(pem_key, None, self._master_priv_pem):
-            write_master_pub(self.keys.store, self.keys.prefix, public_pem_of(self._master_priv_pem))
+            write_master_pub(self.keys.store, self.keys.prefix,
+                             public_pem_of(self._master_priv_pem))
 
     def _adopt_identity(self, priv_pem: bytes, pub_pem: bytes) -> None:
         """Serve the store's keypair from now on (on the event loop): new signing key, new
@@ -391,7 +394,8 @@ class Master:
         if old is KeyState.ACCEPTED and new is not KeyState.ACCEPTED:
             self.handler.forget(mid)
             if self.opts.get("rotate_aes_key", True):
-                self.publish_key.rotate(f"key of {mid} left the accepted state ({new.value if new else 'deleted'})")
+                self.publish_key.rotate(f"key of {mid} left the accepted state "
+                                        f"({new.value if new else 'deleted'})")
         if new is None and old is not None:
             self.data_cache.forget(mid)  # as salt-key -d clears the minion's cached data
         # Counting keys costs O(keys); a bulk accept fires one event per key. Recount at most
@@ -464,7 +468,8 @@ class Master:
                 self.metrics.reject("bad_jid")
             return None
         ts = load.get("ts")
-        if self.tracker.is_stale_return(jid, mid, float(ts) if isinstance(ts, int | float) else None):
+        if self.tracker.is_stale_return(jid, mid,
+                                        float(ts) if isinstance(ts, int | float) else None):
             log.warning("return from %s for job %s is older than the one already received; dropped",
                         ids.shown(mid), jid)
             self.metrics.reject("stale_return")
@@ -501,9 +506,10 @@ class Master:
         sess = self.handler.sessions.get(load["id"])
         if sess is not None:
             sess.hamaster = True
-        return {"master_id": self.master_id, "version": __version__, "aes_generation": self.publish_key.generation}
+        return {"master_id": self.master_id, "version": __version__,
+                "aes_generation": self.publish_key.generation}
 
-    # -- publishing ---------------------------------------------------------------------------------
+    # -- publishing --------------------------------------------------------------------------------
 
     def resolve_targets(self, tgt: Any, tgt_type: str) -> list[str]:
         """Accepted minions matching the target, judged on cached grains and pillar
@@ -531,7 +537,9 @@ class Master:
         except ValueError as exc:
             return {"jid": None, "minions": [], "error": f"invalid target: {exc}"}
         if not minions:
-            return {"jid": None, "minions": [], "error": "No minions matched the target. No command was sent, no jid was assigned."}
+            return {"jid": None, "minions": [],
+                    "error": "No minions matched the target. No command was sent, "
+                             "no jid was assigned."}
         if jid and not ids.valid_jid(jid):
             return {"jid": None, "minions": [], "error": f"invalid jid {ids.shown(jid)}: expected "
                     "20 digits YYYYMMDDhhmmssffffff that are a real time"}
@@ -572,7 +580,7 @@ class Master:
         else:
             self.pub_sock.send(frame)
 
-    # -- sockets ------------------------------------------------------------------------------------
+    # -- sockets -----------------------------------------------------------------------------------
 
     def _bind(self) -> None:
         self.ctx = zmq.asyncio.Context()
@@ -663,7 +671,9 @@ class Master:
         envelope = frames[1:-1]
         if envelope and envelope != [b""]:
             self.metrics.reject("malformed")
-            self.handler.ratelog.warn("frames", ident.hex(), "dropped a request with %d frames from %s", len(frames), ident.hex())
+            self.handler.ratelog.warn("frames", ident.hex(),
+                                      "dropped a request with %d frames from %s", len(frames),
+                                      ident.hex())
             return
         mid = auth_minion_id(payload)
         if mid is not None:
@@ -702,7 +712,8 @@ class Master:
         except zmq.ZMQError as exc:
             log.debug("reply to %s not delivered: %s", ident.hex(), exc)
 
-    def _run_deferred(self, sock: zmq.Socket, ident: bytes, envelope: list[bytes], work: Deferred) -> None:
+    def _run_deferred(self, sock: zmq.Socket, ident: bytes,
+                      envelope: list[bytes], work: Deferred) -> None:
         """Decide ``work`` in the store pool; the reply is sent from the loop thread when done."""
         if work.finish is not None:
             self._run_decode(sock, ident, envelope, work)
@@ -711,7 +722,8 @@ class Master:
             # The minion retries after its request timeout; nothing is lost by not queueing more.
             self.metrics.reject("busy")
             self.handler.ratelog.warn("busy", "store-pool", "%d requests waiting on the store; "
-                                      "dropped a request from %s (the minion retries)", MAX_DEFERRED, ident.hex())
+                                      "dropped a request from %s (the minion retries)",
+                                      MAX_DEFERRED, ident.hex())
             return
         self._deferred_in_flight += 1
         pool = self._pillar_pool if work.kind == "pillar" else self._store_pool
@@ -720,14 +732,16 @@ class Master:
         def done(f: asyncio.Future) -> None:
             self._deferred_in_flight -= 1
             if f.cancelled() or f.exception() is not None:
-                log.error("deferred request from %s failed: %r", ident.hex(), None if f.cancelled() else f.exception())
+                log.error("deferred request from %s failed: %r", ident.hex(),
+                          None if f.cancelled() else f.exception())
                 return
             if not self._stop.is_set() and f.result() is not None:  # None: shed as stale
                 self._send_reply(sock, ident, envelope, f.result())
 
         fut.add_done_callback(done)
 
-    def _run_decode(self, sock: zmq.Socket, ident: bytes, envelope: list[bytes], work: Deferred) -> None:
+    def _run_decode(self, sock: zmq.Socket, ident: bytes,
+                    envelope: list[bytes], work: Deferred) -> None:
         """Decrypt a large aes request in the decode pool, then finish it on the loop thread."""
         if self._decode_bytes + work.size > DECODE_BUDGET:
             self.metrics.reject("busy")
@@ -914,8 +928,11 @@ class Master:
             return None
         from prometheus_client import start_http_server
 
-        server, _thread = start_http_server(port, addr=self.opts.get("metrics_interface", "127.0.0.1"), registry=self.metrics.registry)
-        log.info("metrics on http://%s:%s/metrics", self.opts.get("metrics_interface", "127.0.0.1"), port)
+        server, _thread = start_http_server(port,
+                                            addr=self.opts.get("metrics_interface", "127.0.0.1"),
+                                            registry=self.metrics.registry)
+        log.info("metrics on http://%s:%s/metrics",
+                 self.opts.get("metrics_interface", "127.0.0.1"), port)
         return server
 
     async def run(self) -> None:
@@ -955,7 +972,8 @@ class Master:
             await blob_service.start()
             self.files.set_blob_missing(blob_service.request_sync)
             self.blob_address = blob_service.address
-            tasks.append(asyncio.create_task(blob_service.sync_forever(self._stop), name="file-blobs"))
+            tasks.append(
+                asyncio.create_task(blob_service.sync_forever(self._stop), name="file-blobs"))
         # -- end file blobs --
         await self.events.start()  # event bus, leader lease, reactor, schedule
         # -- REST API (hamaster/api): its own thread and event loop --

@@ -50,7 +50,8 @@ class MinionSession:
     verified_tok: bytes | None = None
     last_seen: float = 0.0
     created: float = field(default_factory=time.time)  # first accepted _auth of this key
-    replay: RequestReplayGuard = field(default_factory=lambda: RequestReplayGuard(REQUEST_TTL_DEFAULT))
+    replay: RequestReplayGuard = field(
+        default_factory=lambda: RequestReplayGuard(REQUEST_TTL_DEFAULT))
     hamaster: bool = False
 
 

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 # ``master_retry_max``.
 BACKOFF_MAX = 2.0
 # A TCP connect that gets no answer (a blackholed or partitioned master) is abandoned and retried
-# by ZeroMQ after this many milliseconds, instead of waiting on the kernel's SYN back-off (1, 3, 7 s …).
+# by ZeroMQ after this many milliseconds, instead of waiting on the kernel's SYN
+# back-off (1, 3, 7 s …).
 CONNECT_TIMEOUT_MS = 1000
 # Longest wait between tries to a master whose answer this minion refuses (e.g. not the pinned key).
 REFUSED_RETRY_MAX = 60.0
@@ -125,7 +126,8 @@ class MasterConnection:
 
     def start(self) -> None:
         """Start the connection's background task."""
-        self._task = asyncio.create_task(self._run(), name=f"conn-{self.ident.minion_id}-{self.name}")
+        self._task = asyncio.create_task(self._run(),
+                                         name=f"conn-{self.ident.minion_id}-{self.name}")
 
     async def stop(self) -> None:
         """Stop and close every socket."""
@@ -178,15 +180,15 @@ class MasterConnection:
                 sock.close(0)
                 setattr(self, attr, None)
 
-    # -- one request/reply --------------------------------------------------------------------------
+    # -- one request/reply -------------------------------------------------------------------------
 
     async def _roundtrip(self, frame: bytes, timeout: float, sock: zmq.asyncio.Socket | None = None,
                          connect_wait: float | None = None) -> bytes:
         """Send one frame on a REQ socket and wait for the reply; a fresh socket if none given.
 
-        ``timeout`` bounds the whole exchange, ``connect_wait`` (if shorter) the send. Raises :class:`Unreachable` when the frame could
-        not be sent (no connection: REQ sockets here are ``IMMEDIATE``), :class:`TimeoutError`
-        when the reply did not come in time.
+        ``timeout`` bounds the whole exchange, ``connect_wait`` (if shorter) the send. Raises
+        :class:`Unreachable` when the frame could not be sent (no connection: REQ sockets here
+        are ``IMMEDIATE``), :class:`TimeoutError` when the reply did not come in time.
 
         The reply is awaited in one piece: slicing the wait (the old 0.5 s re-check) made the
         slice's timer race pyzmq's reader callback whenever the event loop ran late (a swarm
@@ -204,7 +206,8 @@ class MasterConnection:
             except TimeoutError:
                 raise Unreachable(f"no connection to {self.name}") from None
             try:
-                return await asyncio.wait_for(s.recv(), timeout=max(deadline - time.monotonic(), 0.01))
+                return await asyncio.wait_for(s.recv(),
+                                              timeout=max(deadline - time.monotonic(), 0.01))
             except TimeoutError:
                 if s.get(zmq.EVENTS) & zmq.POLLIN:
                     log.debug("%s: reply from %s read at its deadline (event loop running late)",
@@ -226,11 +229,13 @@ class MasterConnection:
             except zmq.ZMQError as exc:  # e.g. EMFILE: fail over like any other failure
                 raise RequestFailed(f"{what} to {self.name}: {exc}") from None
             try:
-                reply = await self._roundtrip(frame, timeout or self.request_timeout, sock, connect_wait)
+                reply = await self._roundtrip(frame,
+                                              timeout or self.request_timeout, sock, connect_wait)
             except BaseException as exc:
                 sock.close(0)  # a REQ socket that missed its reply cannot be reused
                 task = asyncio.current_task()
-                if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+                if (isinstance(exc, asyncio.CancelledError) and task is not None
+                        and task.cancelling()):
                     raise  # we are being cancelled, not the socket
                 if not isinstance(exc, TimeoutError | zmq.ZMQError | asyncio.CancelledError):
                     raise
@@ -260,7 +265,8 @@ class MasterConnection:
                 result = messages.parse_aes_reply(reply, session, nonce)
             except messages.BadLoadReply as exc:
                 if attempt == 0 and retry_auth:
-                    log.info("%s: master %s answered %s; re-authenticating", self.ident.minion_id, self.name, exc)
+                    log.info("%s: master %s answered %s; re-authenticating",
+                             self.ident.minion_id, self.name, exc)
                     await self.reauthenticate(generation)
                     continue
                 raise RequestFailed(f"{load.get('cmd')} refused by {self.name}: {exc}") from None
@@ -290,13 +296,14 @@ class MasterConnection:
             reply, minion_priv=self.ident.priv, master_pub=self.master_pub, nonce=nonce
         )
 
-    # -- auth ---------------------------------------------------------------------------------------
+    # -- auth --------------------------------------------------------------------------------------
 
     async def _auth_once(self) -> messages.AuthResult:
         pinned = self.ident.pinned_master_pub()
         pinned_key = crypto.load_public_key(pinned) if pinned else None
         nonce = messages.new_nonce()
-        frame, token = messages.auth_request(self.ident.minion_id, self.ident.pub_text, nonce, pinned_key)
+        frame, token = messages.auth_request(self.ident.minion_id,
+                                             self.ident.pub_text, nonce, pinned_key)
         assert self._reauth_lock.locked(), "an _auth is only sent holding the auth lock"
         sock = self._new_req()
         try:
@@ -347,10 +354,12 @@ class MasterConnection:
             try:
                 result = await self._auth_once()
             except (TimeoutError, zmq.ZMQError, messages.AuthReplyError, crypto.CryptoError) as exc:
-                log.warning("%s: re-authentication with %s failed: %s", self.ident.minion_id, self.name, exc)
+                log.warning("%s: re-authentication with %s failed: %s",
+                            self.ident.minion_id, self.name, exc)
                 return False
             if result.status != "accepted":
-                log.warning("%s: master %s now says our key is %s", self.ident.minion_id, self.name, result.status)
+                log.warning("%s: master %s now says our key is %s", self.ident.minion_id,
+                            self.name, result.status)
                 self.state = result.status
                 return False
             self._apply(result)
@@ -412,7 +421,8 @@ class MasterConnection:
                 if isinstance(exc, messages.MasterKeyMismatch):
                     msg += (
                         f"; the trusted master key is pinned in {self.ident.pinned_path} (if the "
-                        "master key was replaced on purpose, remove that file and restart the minion)"
+                        "master key was replaced on purpose, remove that file and "
+                        "restart the minion)"
                     )
                 if logged != msg:
                     log.error("%s: %s", self.ident.minion_id, msg)
@@ -426,7 +436,8 @@ class MasterConnection:
                 continue
             except Unreachable as exc:
                 if logged != "down":
-                    log.warning("%s: master %s unreachable (%s); retrying", self.ident.minion_id, self.name, exc)
+                    log.warning("%s: master %s unreachable (%s); retrying",
+                                self.ident.minion_id, self.name, exc)
                     logged = "down"
                 await self._sleep(backoff * (0.5 + random.random() / 2))
                 backoff = min(backoff * 2, self.retry_max)
@@ -462,7 +473,7 @@ class MasterConnection:
         except TimeoutError:
             pass
 
-    # -- publications -------------------------------------------------------------------------------
+    # -- publications ------------------------------------------------------------------------------
 
     def _connect_sub(self) -> None:
         sub = self.ctx.socket(zmq.SUB)
@@ -470,7 +481,8 @@ class MasterConnection:
         self._set_connect_options(sub)
         if self.opts.get("zmq_filtering"):
             sub.setsockopt(zmq.SUBSCRIBE, b"broadcast")
-            sub.setsockopt(zmq.SUBSCRIBE, hashlib.sha1(self.ident.minion_id.encode()).hexdigest().encode())
+            sub.setsockopt(zmq.SUBSCRIBE,
+                           hashlib.sha1(self.ident.minion_id.encode()).hexdigest().encode())
         else:
             sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(self._endpoint(self.publish_port or 4505))
@@ -522,21 +534,25 @@ class MasterConnection:
             try:
                 load = self._open(frame)
             except (CrypticleError, messages.PublicationError) as exc:
-                log.debug("%s: dropping publication from %s: %s", self.ident.minion_id, self.name, exc)
+                log.debug("%s: dropping publication from %s: %s",
+                          self.ident.minion_id, self.name, exc)
                 return
         except messages.PublicationError as exc:
-            log.warning("%s: dropping publication from %s: %s", self.ident.minion_id, self.name, exc)
+            log.warning("%s: dropping publication from %s: %s",
+                        self.ident.minion_id, self.name, exc)
             return
         assert self.aes is not None
-        if not self.serials.accept(self.aes.key_string, load.get("serial"), ignore_floor=after_reauth):
-            log.warning("%s: dropping replayed publication (serial %r) from %s", self.ident.minion_id, load.get("serial"), self.name)
+        if not self.serials.accept(self.aes.key_string, load.get("serial"),
+                                   ignore_floor=after_reauth):
+            log.warning("%s: dropping replayed publication (serial %r) from %s",
+                        self.ident.minion_id, load.get("serial"), self.name)
             return
         if self._saved_marks is not None:
             self._saved_marks.record(self.aes.key_string, load["serial"])
         self.last_ok = time.monotonic()
         self.on_publication(self, load)
 
-    # -- heartbeat ----------------------------------------------------------------------------------
+    # -- heartbeat ---------------------------------------------------------------------------------
 
     def _ping_load(self) -> dict:
         if self.is_hamaster:
@@ -579,7 +595,7 @@ class MasterConnection:
         self.state = "connected"
         return True
 
-    # -- main loop ----------------------------------------------------------------------------------
+    # -- main loop ---------------------------------------------------------------------------------
 
     async def _run(self) -> None:
         backoff = 0.5
@@ -588,7 +604,8 @@ class MasterConnection:
             if not resumed and not await self._authenticate():
                 return
             if resumed:
-                log.info("%s: master %s answers again (session kept)", self.ident.minion_id, self.name)
+                log.info("%s: master %s answers again (session kept)",
+                         self.ident.minion_id, self.name)
             self.dead.clear()
             self._connect_sub()
             self.connected_event.set()
@@ -603,7 +620,8 @@ class MasterConnection:
             await asyncio.gather(sub_task, hb_task, return_exceptions=True)
             for t in done:
                 if not t.cancelled() and t.exception() is not None:
-                    log.error("%s: connection task for %s failed: %r", self.ident.minion_id, self.name, t.exception())
+                    log.error("%s: connection task for %s failed: %r", self.ident.minion_id,
+                              self.name, t.exception())
             self.connected_event.clear()
             self._close_sockets()
             if self._stop.is_set():

@@ -33,7 +33,8 @@ SEEN_JIDS = 10000
 # Functions that return at once and touch nothing: run on the event loop, no thread hop.
 INLINE_FUNCTIONS = frozenset({
     "test.ping", "test.echo", "test.version", "test.arg", "test.kwarg", "test.true", "test.false",
-    "grains.items", "grains.get", "grains.item", "grains.ls", "sys.list_functions", "sys.list_modules",
+    "grains.items", "grains.get", "grains.item", "grains.ls", "sys.list_functions",
+    "sys.list_modules",
     "pillar.get", "pillar.item", "pillar.raw", "pillar.ls",
     # Salt's CLI probes a long job with saltutil.find_job (modules/saltutil.py): answered at
     # once from ``self.running``, and never listed there themselves.
@@ -62,16 +63,19 @@ class Minion:
         self.ctx = ctx
         self.pool = pool
         self.registry = registry or FunctionRegistry()
-        self.grains = grains if grains is not None else collect_grains(dict(opts, id=ident.minion_id))
+        self.grains = grains if grains is not None else collect_grains(
+            dict(opts, id=ident.minion_id))
         self.grains["id"] = ident.minion_id
         self.seen: OrderedDict[str, float] = OrderedDict()
         self.running: dict[str, dict] = {}  # jid -> job data, as saltutil.find_job shows it
         self.pillar: dict = {}
         self._mine_task: asyncio.Task | None = None  # mine.update at start and every mine_interval
         self.connections: list[MasterConnection] = []
-        for host, port in opts.get("master_list") or [(opts.get("master", "salt"), int(opts.get("master_port", 4506)))]:
+        for host, port in opts.get("master_list") or [(opts.get("master", "salt"),
+                                                       int(opts.get("master_port", 4506)))]:
             self.connections.append(
-                MasterConnection(ident, ctx, host, int(port), self._on_publication, self._on_connected)
+                MasterConnection(ident, ctx, host, int(port),
+                                 self._on_publication, self._on_connected)
             )
         self.failover = opts.get("master_type") == "failover"
         self._tasks: set[asyncio.Task] = set()
@@ -110,14 +114,16 @@ class Minion:
 
     async def _failover_loop(self) -> None:
         """Use one master at a time, in order; move on when it stops answering."""
-        interval = float(self.opts.get("master_alive_interval") or 0) or float(self.opts.get("master_heartbeat_interval", 2))
+        interval = (float(self.opts.get("master_alive_interval") or 0)
+                    or float(self.opts.get("master_heartbeat_interval", 2)))
         idx = 0
         while True:
             conn = self.connections[idx % len(self.connections)]
             conn._stop.clear()
             conn.start()
             try:
-                await asyncio.wait_for(conn.connected_event.wait(), timeout=max(float(self.opts.get("auth_timeout", 5)) * 2, 5))
+                await asyncio.wait_for(conn.connected_event.wait(),
+                                       timeout=max(float(self.opts.get("auth_timeout", 5)) * 2, 5))
             except TimeoutError:
                 await conn.stop()
                 idx += 1
@@ -126,11 +132,12 @@ class Minion:
                 await asyncio.sleep(interval)
                 if not conn.alive:
                     break
-            log.warning("%s: failover: master %s is gone, trying the next one", self.minion_id, conn.name)
+            log.warning("%s: failover: master %s is gone, trying the next one",
+                        self.minion_id, conn.name)
             await conn.stop()
             idx += 1
 
-    # -- start-up calls ---------------------------------------------------------------------------------
+    # -- start-up calls ----------------------------------------------------------------------------
 
     async def _on_connected(self, conn: MasterConnection) -> None:
         try:
@@ -155,7 +162,7 @@ class Minion:
                 log.debug("%s: start event to %s failed: %s", self.minion_id, conn.name, exc)
                 break
 
-    # -- jobs -------------------------------------------------------------------------------------------
+    # -- jobs --------------------------------------------------------------------------------------
 
     def _on_publication(self, conn: MasterConnection, load: dict) -> None:
         jid = str(load.get("jid"))
@@ -193,13 +200,15 @@ class Minion:
             result = execute(self.registry, ctx, fun, list(arg), load)
         else:
             self.running[jid] = {
-                **{k: load[k] for k in ("fun", "arg", "tgt", "tgt_type", "user", "ret") if k in load},
+                **{k: load[k] for k in ("fun", "arg", "tgt", "tgt_type", "user", "ret")
+                   if k in load},
                 "jid": jid,
                 "pid": os.getpid(),
             }
             loop = asyncio.get_running_loop()
             try:
-                result = await loop.run_in_executor(self.pool, execute, self.registry, ctx, fun, list(arg), load)
+                result = await loop.run_in_executor(self.pool, execute, self.registry,
+                                                    ctx, fun, list(arg), load)
             finally:
                 self.running.pop(jid, None)
         ret = {
@@ -241,7 +250,8 @@ class Minion:
                 candidates = [origin]  # nobody else: keep trying the origin
             for conn in candidates:
                 try:
-                    await self._request_unless_dead(conn, ret, fail_fast=bool(others) and conn is origin)
+                    await self._request_unless_dead(conn, ret,
+                                                    fail_fast=bool(others) and conn is origin)
                 except RequestFailed as exc:
                     if not failed:
                         first_error = f"via {conn.name}: {exc}"
@@ -269,7 +279,8 @@ class Minion:
         With ``fail_fast`` (another master could take it), also abandoned when the request cannot
         even be sent within ``RETURN_CONNECT_WAIT`` (no connection to the master: it was killed).
         """
-        req = asyncio.ensure_future(conn.request(load, connect_wait=RETURN_CONNECT_WAIT if fail_fast else None))
+        wait = RETURN_CONNECT_WAIT if fail_fast else None
+        req = asyncio.ensure_future(conn.request(load, connect_wait=wait))
         death = asyncio.ensure_future(conn.dead.wait())
         try:
             await asyncio.wait({req, death}, return_when=asyncio.FIRST_COMPLETED)
@@ -282,7 +293,8 @@ class Minion:
         raise RequestFailed(f"{conn.name} declared dead while the request was in flight")
 
     def _fetch_file_sync(self, path: str, saltenv: str) -> bytes | None:
-        """File client for cp.*: ask a live master for ``salt://`` content (called from a worker thread)."""
+        """File client for cp.*: ask a live master for ``salt://`` content (called from a
+        worker thread)."""
         from hamaster.minion.fileclient import fetch_file
 
         conns = [c for c in self.connections if c.alive]
@@ -323,11 +335,13 @@ class Minion:
 
     def _master_request_sync(self, load: dict) -> Any:
         """``master_request`` for module functions (called from a worker thread)."""
-        return asyncio.run_coroutine_threadsafe(self.master_request(load), self._loop).result(timeout=120)
+        return asyncio.run_coroutine_threadsafe(self.master_request(load),
+                                                self._loop).result(timeout=120)
 
     def _refresh_pillar_sync(self) -> dict:
         """``refresh_pillar`` for module functions (called from a worker thread)."""
-        return asyncio.run_coroutine_threadsafe(self.refresh_pillar(), self._loop).result(timeout=120)
+        return asyncio.run_coroutine_threadsafe(self.refresh_pillar(),
+                                                self._loop).result(timeout=120)
 
     async def _mine_loop(self) -> None:
         """``mine.update`` at start, then every ``mine_interval`` minutes (Salt's default 60)."""
@@ -338,7 +352,8 @@ class Minion:
                               pillar=self.pillar, registry=self.registry)
             ctx.master_request = self._master_request_sync
             ctx.fetch_file = self._fetch_file_sync
-            res = await loop.run_in_executor(self.pool, execute, self.registry, ctx, "mine.update", [])
+            res = await loop.run_in_executor(self.pool, execute,
+                                             self.registry, ctx, "mine.update", [])
             if not res.success:
                 log.warning("%s: mine.update failed: %s", self.minion_id, res.ret)
             await asyncio.sleep(interval)

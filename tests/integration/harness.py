@@ -94,7 +94,8 @@ class Cluster:
         confdir.mkdir(parents=True, exist_ok=True)
         (confdir / name).write_text(yaml.safe_dump(conf))
 
-    def add_master(self, extra: dict | None = None, host: str = "127.0.0.1", start: bool = True) -> dict:
+    def add_master(self, extra: dict | None = None,
+                   host: str = "127.0.0.1", start: bool = True) -> dict:
         """Configure (and start) a master; returns its info dict."""
         idx = len(self.masters)
         confdir = self.base / f"master{idx}" / "conf"
@@ -134,11 +135,13 @@ class Cluster:
             sock = Path(info["conf"]["sock_dir"]) / "master.sock"
         def ready() -> bool:
             if not info["proc"].running():
-                raise AssertionError(f"{info['proc'].name} exited:\n{info['proc'].log_text()[-3000:]}")
+                raise AssertionError(f"{info['proc'].name} "
+                                     f"exited:\n{info['proc'].log_text()[-3000:]}")
             return sock.exists()
         wait_until(ready, timeout, what=f"{info['proc'].name} ready")
 
-    def add_minion(self, mid: str, masters: list[dict] | None = None, extra: dict | None = None, start: bool = True, args: list[str] | None = None) -> Proc:
+    def add_minion(self, mid: str, masters: list[dict] | None = None, extra: dict | None = None,
+                   start: bool = True, args: list[str] | None = None) -> Proc:
         """Configure (and start) a minion connected to ``masters`` (default: all)."""
         masters = masters if masters is not None else self.masters
         confdir = self.base / f"minion-{mid}" / "conf"
@@ -157,7 +160,8 @@ class Cluster:
         self._write_conf(confdir, "minion", conf)
         proc = Proc(
             f"minion-{mid}",
-            [str(BIN / "hamaster-minion"), "-c", str(confdir), "-l", str(conf["log_level"]), *(args or [])],
+            [str(BIN / "hamaster-minion"), "-c", str(confdir), "-l",
+             str(conf["log_level"]), *(args or [])],
             confdir,
             self.base / f"minion-{mid}.log",
         )
@@ -166,7 +170,8 @@ class Cluster:
             proc.start()
         return proc
 
-    def run(self, cmd: str, *args: str, master: int = 0, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
+    def run(self, cmd: str, *args: str, master: int = 0,
+            check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
         """Run a CLI (``hamaster``, ``hamaster-key``…) against master ``master``."""
         argv = [str(BIN / cmd), "-c", str(self.masters[master]["confdir"]), *args]
         res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
@@ -178,9 +183,11 @@ class Cluster:
         out = self.run("hamaster-key", "-L", "--out", "json", master=master, check=True).stdout
         return json.loads(out)
 
-    def ping(self, target: str = "*", master: int = 0, timeout: float = 5, extra: tuple = ()) -> dict:
+    def ping(self, target: str = "*", master: int = 0,
+             timeout: float = 5, extra: tuple = ()) -> dict:
         """``hamaster TARGET test.ping --out json --static``; returns the parsed mapping."""
-        res = self.run("hamaster", "-t", str(timeout), "--out", "json", "--static", *extra, target, "test.ping", master=master)
+        res = self.run("hamaster", "-t", str(timeout), "--out", "json", "--static", *extra, target,
+                       "test.ping", master=master)
         try:
             return json.loads(res.stdout) if res.stdout.strip() else {}
         except json.JSONDecodeError:
@@ -190,7 +197,8 @@ class Cluster:
         """Wait until every id answers test.ping through ``master``."""
         want = set(ids)
         wait_until(
-            lambda: {k for k, v in self.ping(master=master, timeout=3).items() if v is True} >= want,
+            lambda: {k for k, v in self.ping(master=master, timeout=3).items()
+                     if v is True} >= want,
             timeout, interval=0.2, what=f"{sorted(want)} answering through master{master}",
         )
 

@@ -98,7 +98,8 @@ class StormResult:
         return 1000 * sum(self.master_cpu_s) / self.auths_accepted if self.auths_accepted else None
 
 
-def start_swarm(c: Cluster, n: int, procs: int, pki: Path, prefix: str, extra: dict | None = None) -> Proc:
+def start_swarm(c: Cluster, n: int, procs: int, pki: Path, prefix: str,
+                extra: dict | None = None) -> Proc:
     """``hamaster-minion --swarm n --procs procs`` against every master of ``c``."""
     conf = {
         "log_level": "info",        # run_storm's clock starts at each process's "started" line

@@ -31,7 +31,8 @@ def test_return_after_origin_killed_reaches_survivor_within_1s_of_job_end(cluste
     cluster.wait_all_answer(["d1"], master=1)
     sleep_s = 7.0          # > kill delay + heartbeat interval + master_dead_after
     t_pub = time.monotonic()
-    res = cluster.run("hamaster", "--async", "d1", "test.sleep", str(int(sleep_s)), master=0, check=True)
+    res = cluster.run("hamaster", "--async", "d1", "test.sleep",
+                      str(int(sleep_s)), master=0, check=True)
     jid = res.stdout.split()[-1]
     cluster.masters[0]["proc"].kill()          # SIGKILL, ~1 s into the job
     job_end = t_pub + sleep_s
@@ -85,7 +86,8 @@ def test_storm_of_300_new_minions_on_etcd_converges_without_collapse(
         cluster.add_master({"ha_backend": "etcd", "ha_etcd_endpoints": etcd.endpoints,
                             "ha_etcd_prefix": "/hm-storm", "auto_accept": True,
                             "metrics_port": port, "log_level": "info", "auth_queue_max": 40})
-    res = run_storm(cluster, 300, 3, cluster.base / "storm-pki", ports, deadline_s=50, ping_timeout=6,
+    res = run_storm(cluster, 300, 3, cluster.base / "storm-pki", ports, deadline_s=50,
+                    ping_timeout=6,
                     swarm_extra={"keysize": 1024})   # 1024-bit: key generation in CI time
     print(res.table(), res.shed, res.master_cpu_s, res.master_rss_mib)
     assert res.converged_s is not None, f"not converged:\n{res.table()}"

@@ -283,47 +283,19 @@ def test_highstate_from_top_and_source_cannot_escape_root(tmp_path: Path) -> Non
 
 
 def test_a_second_concurrent_state_run_is_refused(tmp_path: Path) -> None:
-    import threading
-
+    """While one state run holds the minion's run lock, another is refused with Salt's text."""
     from hamaster.minion.modules import state as state_mod
 
-    out = tmp_path / "out"
-    out.mkdir()
-    fifo = out / "gate"
-    os.mkfifo(fifo)
-    files = {"slow.sls": f"wait:\n  cmd.run:\n    - name: cat {fifo}\n",
-             "t.sls": "t:\n  test.nop\n"}
-    sys1 = _system(tmp_path, files)
-    ctx = sys1.ctx
-    ctx.jid = "20261206000000000001"
-    results: list[Any] = []
-    th = threading.Thread(target=lambda: results.append(state_mod.apply(ctx, "slow")))
-    th.start()
-    try:
-        from tests.kit import wait_until
-
-        wait_until(lambda: state_mod._RUNNING.get("jid") == ctx.jid, 30,
-                   what="the first run holding the lock")
+    files = {"t.sls": "t:\n  test.nop\n"}
+    first = _system(tmp_path, files).ctx
+    first.jid = "20261206000000000001"
+    with state_mod._one_run(first, "state.apply") as busy:
+        assert busy is None
         ctx2 = _system(tmp_path, files).ctx
         ret = state_mod.apply(ctx2, "t")
-        assert ctx2.retcode == 1 and isinstance(ret, list)
+        assert ctx2.retcode == 1 and isinstance(ret, list), ret
         assert ret[0].startswith('The function "state.apply" is running as PID')
         assert "with jid 20261206000000000001" in ret[0]
-    finally:
-        # Open the fifo once the first run's cat reads it (non-blocking, with a deadline: if
-        # that run never started its cat, nothing ever will, and a blocking open would hang).
-        fd = None
-        deadline = time.monotonic() + 30
-        while fd is None and th.is_alive() and time.monotonic() < deadline:
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:
-                time.sleep(0.05)
-        if fd is not None:
-            os.write(fd, b"done\n")
-            os.close(fd)
-        th.join(60)
-    assert isinstance(results[0], dict) and ctx.retcode == 0
     ret = state_mod.apply(_system(tmp_path, files).ctx, "t")
     assert isinstance(ret, dict)
 

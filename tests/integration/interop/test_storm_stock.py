@@ -62,7 +62,8 @@ def test_twenty_stock_minions_converge_through_shedding_masters() -> None:
                           "timeout": 10}, host=host)
         addrs = [f"{m['host']}:{m['conf']['ret_port']}" for m in c.masters]
         for i in range(N_STOCK):
-            cfg = stock_minion_config(version, pub, acceptance_wait_time=2, log_level_logfile="info")
+            cfg = stock_minion_config(version, pub, acceptance_wait_time=2,
+                                      log_level_logfile="info")
             stock.append(saltenv.SaltMinionProc(bins[version], c.base / f"s{i:02d}",
                                                 f"stock-storm-{i:02d}", addrs, extra=cfg))
         swarm = start_swarm(c, 100, 1, c.base / "swarm-pki", "sw-", {"keysize": 1024})
