@@ -32,8 +32,15 @@ def _accept(c: Cluster, ids: list[str], master: int = 0) -> None:
     c.run("hamaster-key", "-A", "-y", master=master, check=True)
 
 
+def _default_sigint() -> None:
+    """In the child before exec: Ctrl-C as at a terminal. A test run started in the background
+    by a non-interactive shell inherits SIGINT ignored, and so would the CLI."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(c: Cluster, *args: str, master: int = 0, **kw: object) -> subprocess.Popen:
     argv = [str(BIN / "hamaster"), "-c", str(c.masters[master]["confdir"]), *args]
+    kw.setdefault("preexec_fn", _default_sigint)
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **kw)  # type: ignore[call-overload]
 

@@ -282,8 +282,8 @@ def test_pillar_on_etcd_push_and_mine(cluster: Cluster) -> None:
         local0.mkdir()
         (local0 / "extra.sls").write_text("extra: 1\n")
         # Same ports on two loopback addresses: a stock minion has one publish_port for all
-        pub = saltenv.free_port("127.0.0.1")
-        ret = saltenv.free_port("127.0.0.1")
+        pub = free_port()
+        ret = free_port()
         for local, host in ((local0, "127.0.0.1"), (cluster.base / "no-local", "127.0.0.2")):
             cluster.add_master({"ha_backend": "etcd", "ha_etcd_endpoints": etcd.endpoints,
                                 "ha_etcd_prefix": "/hm-pillar", "auto_accept": True,
