@@ -115,12 +115,15 @@ class Job:
         return out
 
 
-#: The job options this schedule honours; any other is refused by name (Salt's ``when``,
-#: ``range``, ``once``, ``until``, ``after``, ``returner`` … are not supported: a job that
-#: silently ignored one would run at times the operator did not ask for).
+#: The job options this schedule honours, plus Salt's bookkeeping ones that change nothing
+#: here (``name``, ``jid_include``, ``return_job``, ``persist``, ``metadata``); any other is
+#: refused by name (Salt's ``when``, ``range``, ``once``, ``until``, ``after``, ``returner`` …
+#: are not supported: a job that silently ignored one would run at times the operator did not
+#: ask for).
 JOB_KEYS = frozenset({"function", "args", "arg", "kwargs", "kwarg", "seconds", "minutes",
                       "hours", "days", "cron", "splay", "run_on_start", "maxrunning",
-                      "catch_up", "enabled", "name", "jid_include"})
+                      "catch_up", "enabled", "name", "jid_include", "return_job", "persist",
+                      "metadata"})
 
 
 def _number(name: str, key: str, raw: Any) -> float:
