@@ -44,13 +44,7 @@ print(best(lambda: hashlib.sha256(data).digest()), best(lambda: crypto.hexdigest
       "_hashlib" in sys.modules, "ssl" in sys.modules)
 """
 
-def rss_mib(pid: int) -> float:
-    """Resident set size of ``pid`` in MiB (from /proc)."""
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+from bench.bench_core import rss_mib  # noqa: E402  (one copy of the /proc reader)
 
 
 def cpu_s(pid: int) -> float:
