@@ -238,13 +238,13 @@ def _confirm(reg: KeyRegistry, opts: dict[str, Any], args: argparse.Namespace,
     def members() -> dict[str, dict]:
         return read_masters(store)
 
-    after_write = None
-    push = getattr(store, "push_now", None)
-    local = opts.get("master_id") or os.uname().nodename
-    if push is not None and not members().get(local, {}).get("alive"):
-        # rsync: no running master here pushes this tree; send the change and the request.
-        def after_write() -> None:
-            push()
+    # rsync: the CLI sends the change and the request itself, whether or not a master runs on
+    # this host. Asking whether the local master is alive is no guide: a peer's push can put an
+    # older "alive" record of a master that has just stopped back into this tree (rsync's
+    # coarse --update; the stopped master is no longer there to restore its newer record), and
+    # a tree nobody pushes leaves every other master waiting until the deadline. A second push
+    # beside a running master's own is harmless.
+    after_write = getattr(store, "push_now", None)
 
     # One request per CONFIRM_CHUNK ids (a request is one store value; etcd caps those at
     # 1 MiB), one after another within the one wait.

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 PREFIX = "minion_data/"
 KINDS = ("grains", "pillar", "mine")
 DEFAULT_MAX_RECORD = 512 * 1024
+#: Most records the writer sends in one batch.
+WRITE_BATCH = 256
 MINE_ACL_ID = "__saltmine_acl__"
 MINE_ACL_DATA = "__data__"
 
@@ -201,24 +203,54 @@ class MinionDataCache:
             self._queue.put((key, None))
 
     def _writer(self) -> None:
+        """Write queued records: whatever is waiting goes out as one batch (``put_many``: one
+        etcd transaction per ``TXN_MAX_OPS`` keys), so a storm of new minions costs the store a
+        round trip per batch, not one per record."""
         assert self.store is not None
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            key = item[0]
-            with self._lock:
-                raw = self._pending.pop(key, None) if key in self._pending else item[1]
-            for attempt in range(3):
+            items = [item]
+            stop = False
+            while len(items) < WRITE_BATCH:
                 try:
-                    if raw is None:
-                        self.store.delete(key)
-                    else:
-                        self.store.put(key, raw)
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
                     break
-                except StoreError as exc:
-                    if attempt == 2:
-                        log.warning("minion data cache: cannot write %s: %s", key, exc)
+                if nxt is None:
+                    stop = True
+                    break
+                items.append(nxt)
+            puts: list[tuple[str, bytes]] = []
+            deletes: list[str] = []
+            with self._lock:
+                for key, queued in items:
+                    raw = self._pending.pop(key, None) if key in self._pending else queued
+                    if raw is None:
+                        deletes.append(key)
+                    else:
+                        puts.append((key, raw))
+            self._write(puts, deletes)
+            if stop:
+                return
+
+    def _write(self, puts: list[tuple[str, bytes]], deletes: list[str]) -> None:
+        assert self.store is not None
+        for attempt in range(3):
+            try:
+                if puts:
+                    self.store.put_many(puts)
+                    puts = []
+                while deletes:
+                    self.store.delete(deletes[0])
+                    deletes.pop(0)
+                return
+            except StoreError as exc:
+                if attempt == 2:
+                    log.warning("minion data cache: cannot write %d records (%s): %s",
+                                len(puts) + len(deletes), (puts[0][0] if puts else deletes[0]),
+                                exc)
 
     def forget(self, mid: str) -> None:
         """Drop everything cached for ``mid`` (its key was deleted)."""
