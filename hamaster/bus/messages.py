@@ -58,24 +58,6 @@ class BadLoadReply(Exception):
     """The master answered ``"bad load"``: re-authenticate and retry."""
 
 
-class StaleReply(Exception):
-    """A reply that answers another, earlier request, not the one being waited for.
-
-    A minion keeps its request connection after a request times out (closing and reconnecting
-    on every timeout is what turns a busy master into an unreachable one), so the late reply
-    to the timed-out request can still arrive: it carries another nonce, another session's
-    HMAC, or is the reply to another kind of request. The waiter drops it and keeps waiting.
-    """
-
-
-class StaleAuthReply(StaleReply, AuthReplyError):
-    """A reply, received while waiting for an ``_auth`` reply, that is not the one awaited."""
-
-
-class StaleAesReply(StaleReply, BadLoadReply):
-    """A reply, received while waiting for an aes reply, that is not the one awaited."""
-
-
 def new_nonce() -> str:
     """A fresh 32-character hex nonce (uuid4), as Salt uses."""
     return uuid.uuid4().hex
@@ -526,12 +508,7 @@ def parse_auth_reply(
     except codec.DecodeError as exc:
         raise AuthReplyError(f"undecodable auth reply: {exc}") from None
     if isinstance(env, str):
-        if env == BAD_LOAD:
-            # answers an aes request that timed out earlier (never sent for a sound _auth)
-            raise StaleAuthReply(f"master answered {env!r}")
         raise AuthReplyError(f"master answered {env!r}")
-    if isinstance(env, bytes) or (isinstance(env, dict) and "pillar" in env and "key" in env):
-        raise StaleAuthReply("an aes or pillar reply, not an auth reply")
     if not isinstance(env, dict) or "load" not in env:
         raise AuthReplyError("auth reply is not an envelope")
     if "sig" not in env:
@@ -555,7 +532,7 @@ def parse_auth_reply(
         # First contact and not accepted: there is no key to check the signature with yet,
         # and a pending/rejected status grants nothing, so it is taken at face value.
         if inner.get("nonce") != nonce:
-            raise StaleAuthReply("auth reply nonce does not match ours (a late or replayed reply)")
+            raise AuthReplyError("auth reply nonce does not match ours (replayed reply?)")
         return AuthResult(status="pending" if inner["ret"] is True else "rejected")
     else:
         raise AuthReplyError("no master key to verify the auth reply with")
@@ -574,7 +551,7 @@ def parse_auth_reply(
             )
         raise AuthReplyError("auth reply signature does not verify with the master key")
     if inner.get("nonce") != nonce:
-        raise StaleAuthReply("auth reply nonce does not match ours (a late or replayed reply)")
+        raise AuthReplyError("auth reply nonce does not match ours (replayed reply?)")
     if "ret" in inner and "aes" not in inner:
         return AuthResult(status="pending" if inner["ret"] is True else "rejected")
     if pinned_master_pub is not None and (
@@ -656,16 +633,12 @@ def parse_aes_reply(frame: bytes, session: Crypticle, nonce: str) -> Any:
     if isinstance(obj, str):
         # A bare string such as "bad load" (ciphertext is never valid UTF-8 in practice).
         raise BadLoadReply(obj)
-    if isinstance(obj, dict) and ("load" in obj or ("key" in obj and "pillar" in obj)):
-        raise StaleAesReply("an auth or pillar reply, not an aes reply")
     if not isinstance(obj, bytes):
         raise BadLoadReply(f"unexpected {type(obj).__name__} reply")
     try:
         return session.loads(obj, nonce=nonce)
     except CrypticleError as exc:
-        # Under our session key with our nonce, or it answers another request: one made under
-        # an earlier session (the HMAC fails) or an earlier request of this one (the nonce).
-        raise StaleAesReply(str(exc)) from None
+        raise BadLoadReply(str(exc)) from None
 
 
 def parse_pillar_reply(
@@ -684,8 +657,6 @@ def parse_pillar_reply(
         raise AuthReplyError(f"undecodable pillar reply: {exc}") from None
     if isinstance(env, str):
         raise BadLoadReply(env)
-    if isinstance(env, bytes) or (isinstance(env, dict) and "load" in env):
-        raise StaleAuthReply("an aes or auth reply, not a pillar reply")
     if not isinstance(env, dict) or "key" not in env or "pillar" not in env:
         raise AuthReplyError("pillar reply is not {key, pillar}")
     try:
@@ -704,10 +675,8 @@ def parse_pillar_reply(
     if not crypto.verify(master_pub, data, pillar_sig, sig_algo):
         raise AuthReplyError("pillar signature does not verify with the master key")
     inner = codec.loads(data)
-    if not isinstance(inner, dict):
-        raise AuthReplyError("pillar payload is not a map")
-    if inner.get("nonce") != nonce:
-        raise StaleAuthReply("pillar nonce does not match our request (a late or replayed reply)")
+    if not isinstance(inner, dict) or inner.get("nonce") != nonce:
+        raise AuthReplyError("pillar nonce does not match our request")
     if codec.to_bytes(inner.get("key", b"")) != outer_key:
         raise AuthReplyError("pillar key binding mismatch")
     pillar = inner.get("pillar")

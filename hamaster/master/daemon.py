@@ -24,6 +24,7 @@ import zmq.asyncio
 from hamaster import __version__, crypto, ids
 from hamaster.bus import codec, messages
 from hamaster.jobs.jid import gen_jid
+from hamaster.keepalive import apply_tcp_keepalive
 from hamaster.master.authqueue import AuthQueue, auth_minion_id
 from hamaster.master.jobs import JobTracker, JobWriter
 from hamaster.master.membership import DEFAULT_TTL, Membership, alive_count
@@ -51,6 +52,8 @@ PILLAR_WORKERS = 2     # threads compiling pillar (CPU-bound: more would only cr
 AUTH_SLICE_S = 0.05    # time per loop pass for queued _auth requests (master/authqueue.py)
 # requests waiting on the store pool at once; more are dropped (minions retry)
 MAX_DEFERRED = 5000
+#: ZeroMQ (ZMTP) heartbeat of the publish and request sockets, milliseconds.
+ZMQ_HEARTBEAT_IVL_MS = 5000
 # File-server commands: with file_roots in the shared store they read it, so they run in the
 # store pool too (a hung NFS mount or a frozen etcd must not stall the loop).
 FILE_COMMANDS = frozenset({
@@ -590,8 +593,14 @@ class Master:
         self.pub_sock = self.ctx.socket(zmq.PUB)
         self.pub_sock.setsockopt(zmq.LINGER, 0)
         self.pub_sock.setsockopt(zmq.SNDHWM, 100000)
-        self.pub_sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
-        self.pub_sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+        # ZeroMQ heartbeats drop a peer that stopped answering within 15 s, with what it had
+        # queued: a minion that gave up on a request and closed its socket costs the master
+        # nothing more. They are not free: with 10,000 connections the I/O thread spends about
+        # a third of a core on them (docs/scaling.md). TCP keepalive (Salt's tcp_keepalive*
+        # options) also finds peers that vanished without a word, at no cost to the process.
+        self.pub_sock.setsockopt(zmq.HEARTBEAT_IVL, ZMQ_HEARTBEAT_IVL_MS)
+        self.pub_sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ZMQ_HEARTBEAT_IVL_MS)
+        apply_tcp_keepalive(self.pub_sock, self.opts)
         # Salt's zmq_backlog (default 1000; ZeroMQ's own is 100): the listen queue a fleet's
         # reconnect storm lands in (the kernel caps it at net.core.somaxconn).
         backlog = int(self.opts.get("zmq_backlog") or 1000)
@@ -605,8 +614,9 @@ class Master:
         self.router.setsockopt(zmq.MAXMSGSIZE, self.handler.max_request + 1024)
         self.router.setsockopt(zmq.RCVHWM, 100000)
         self.router.setsockopt(zmq.SNDHWM, 100000)
-        self.router.setsockopt(zmq.HEARTBEAT_IVL, 5000)
-        self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+        self.router.setsockopt(zmq.HEARTBEAT_IVL, ZMQ_HEARTBEAT_IVL_MS)
+        self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ZMQ_HEARTBEAT_IVL_MS)
+        apply_tcp_keepalive(self.router, self.opts)
         self.router.setsockopt(zmq.BACKLOG, backlog)
         if ":" in iface:
             self.router.setsockopt(zmq.IPV6, 1)

@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.asyncio
@@ -22,14 +22,13 @@ import zmq.asyncio
 from hamaster import crypto
 from hamaster.bus import codec, messages
 from hamaster.bus.crypticle import Crypticle, CrypticleError, SerialGuard
+from hamaster.keepalive import apply_tcp_keepalive
 from hamaster.minion.serialmarks import SerialMarks
 
 if TYPE_CHECKING:
     from hamaster.minion.identity import MinionIdentity
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # Retry pacing while a master is unreachable. The cap is short on purpose: a master that comes
 # back must be in use again within seconds (the HA recovery target is 5 s), and a retry against a
@@ -62,13 +61,7 @@ _OPENED: dict[tuple[bytes, str, str | None], dict] = {}
 
 
 class RequestFailed(Exception):
-    """A request to this master timed out or was refused.
-
-    ``unreachable``: the request could not even be sent (no connection to the master)."""
-
-    def __init__(self, msg: str, unreachable: bool = False) -> None:
-        super().__init__(msg)
-        self.unreachable = unreachable
+    """A request to this master timed out or was refused."""
 
 
 class MasterConnection:
@@ -162,25 +155,15 @@ class MasterConnection:
         sock.setsockopt(zmq.RECONNECT_IVL, self.recon_ivl)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(self.recon_max, self.recon_ivl))
         sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
+        apply_tcp_keepalive(sock, self.opts)
         if ":" in self.host:
             sock.setsockopt(zmq.IPV6, 1)
 
     def _new_req(self) -> zmq.asyncio.Socket:
-        """A request channel to this master: a DEALER socket speaking REQ's framing
-        (``[b"", frame]``: the master's ROUTER sees exactly what a REQ socket sends).
-
-        A channel is kept for the life of the connection, also after a request times out: a REQ
-        socket that misses its reply is stuck and must be closed, and closing it costs a new TCP
-        connection for the next request. In a storm every minion timing out on a busy master
-        then reconnects at once, the master's listen queue fills, and requests start failing
-        with "no connection": a busy master turned into an unreachable one. A late reply on a
-        kept channel is recognised (another nonce or session) and dropped (:class:`StaleReply
-        <hamaster.bus.messages.StaleReply>`).
-
-        ``IMMEDIATE``: a request is only queued on a live connection, so a send that does not
-        complete means "not connected" (:class:`Unreachable`), told apart from a connected
-        master that does not answer in time (busy)."""
-        sock = self.ctx.socket(zmq.DEALER)
+        """A REQ socket to this master. ``IMMEDIATE``: a request is only queued on a live
+        connection, so a send that does not complete means "not connected" (:class:`Unreachable`),
+        told apart from a connected master that does not answer in time (busy)."""
+        sock = self.ctx.socket(zmq.REQ)
         try:
             self._set_connect_options(sock)
             sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -191,7 +174,7 @@ class MasterConnection:
         return sock
 
     def _close_sockets(self) -> None:
-        # The request channels are left to request(): closing one under an in-flight request
+        # The request socket is left to request(): closing it under an in-flight request
         # would cancel that request's future instead of failing it over to another master.
         for attr in ("_sub",):
             sock = getattr(self, attr)
@@ -201,60 +184,45 @@ class MasterConnection:
 
     # -- one request/reply -------------------------------------------------------------------------
 
-    async def _roundtrip(self, frame: bytes, accept: Callable[[bytes], T], timeout: float,
-                         sock: zmq.asyncio.Socket, connect_wait: float | None = None) -> T:
-        """Send one frame on the channel ``sock`` and return ``accept(reply)``.
+    async def _roundtrip(self, frame: bytes, timeout: float, sock: zmq.asyncio.Socket | None = None,
+                         connect_wait: float | None = None) -> bytes:
+        """Send one frame on a REQ socket and wait for the reply; a fresh socket if none given.
 
-        ``accept`` parses the reply; when it raises :class:`~hamaster.bus.messages.StaleReply`
-        the reply answered an earlier request (one that timed out) and the wait goes on.
         ``timeout`` bounds the whole exchange, ``connect_wait`` (if shorter) the send. Raises
-        :class:`Unreachable` when the frame could not be sent (no connection: channels are
-        ``IMMEDIATE``), :class:`TimeoutError` when the reply did not come in time.
+        :class:`Unreachable` when the frame could not be sent (no connection: REQ sockets here
+        are ``IMMEDIATE``), :class:`TimeoutError` when the reply did not come in time.
 
-        The reply is awaited in one piece (a sliced wait raced pyzmq's reader callback when the
-        event loop ran late). At the deadline the socket is still read once without waiting, so
-        a reply that arrived during a late loop iteration is not lost.
+        The reply is awaited in one piece: slicing the wait (the old 0.5 s re-check) made the
+        slice's timer race pyzmq's reader callback whenever the event loop ran late (a swarm
+        doing RSA work, a loaded machine): both became due in the same loop iteration, the timer
+        ran first, and a reply that had just arrived was reported "waiting unread (missed
+        event-loop wake-up)" although no wake-up was missed. At the deadline the socket is still
+        read once without waiting, so a reply that arrived during a late iteration is not lost.
         """
+        own = sock is None
+        s = sock or self._new_req()
         deadline = time.monotonic() + timeout
-        self._drop_stale(sock)
         try:
-            await asyncio.wait_for(sock.send_multipart([b"", frame]),
-                                   timeout=min(timeout, connect_wait or timeout))
-        except TimeoutError:
-            raise Unreachable(f"no connection to {self.name}") from None
-        while True:
             try:
-                parts = await asyncio.wait_for(sock.recv_multipart(),
-                                               timeout=max(deadline - time.monotonic(), 0.01))
+                await asyncio.wait_for(s.send(frame), timeout=min(timeout, connect_wait or timeout))
             except TimeoutError:
-                if not sock.get(zmq.EVENTS) & zmq.POLLIN:
-                    raise
-                log.debug("%s: reply from %s read at its deadline (event loop running late)",
-                          self.ident.minion_id, self.name)
-                parts = sock.recv_multipart(zmq.NOBLOCK).result()
+                raise Unreachable(f"no connection to {self.name}") from None
             try:
-                return accept(parts[-1])
-            except messages.StaleReply as exc:
-                log.debug("%s: dropped a late reply from %s (%s)", self.ident.minion_id,
-                          self.name, exc)
-                if time.monotonic() >= deadline:
-                    raise TimeoutError from None
+                return await asyncio.wait_for(s.recv(),
+                                              timeout=max(deadline - time.monotonic(), 0.01))
+            except TimeoutError:
+                if s.get(zmq.EVENTS) & zmq.POLLIN:
+                    log.debug("%s: reply from %s read at its deadline (event loop running late)",
+                              self.ident.minion_id, self.name)
+                    return s.recv(zmq.NOBLOCK).result()
+                raise
+        finally:
+            if own:
+                s.close(0)
 
-    def _drop_stale(self, sock: zmq.asyncio.Socket) -> None:
-        """Discard replies already waiting on a kept channel: they answer requests given up on."""
-        while sock.get(zmq.EVENTS) & zmq.POLLIN:
-            try:
-                sock.recv_multipart(zmq.NOBLOCK).result()
-            except zmq.ZMQError:
-                return
-            log.debug("%s: dropped a late reply from %s", self.ident.minion_id, self.name)
-
-    async def _pooled_roundtrip(self, frame: bytes, what: str, accept: Callable[[bytes], T],
-                                timeout: float | None = None,
-                                connect_wait: float | None = None) -> T:
-        """One exchange on a pooled channel; the channel is kept for the next request, also
-        after a timeout (see :meth:`_new_req`). Several channels exist only while requests to
-        this master run concurrently (at most ``MAX_PARALLEL_REQUESTS``).
+    async def _pooled_roundtrip(self, frame: bytes, what: str, timeout: float | None = None,
+                                connect_wait: float | None = None) -> bytes:
+        """One exchange on a pooled REQ socket (kept for the next request when it got its reply).
 
         Raises :class:`RequestFailed` for timeouts and socket errors (EMFILE included)."""
         async with self._req_slots:
@@ -262,26 +230,23 @@ class MasterConnection:
                 sock = self._idle_reqs.pop() if self._idle_reqs else self._new_req()
             except zmq.ZMQError as exc:  # e.g. EMFILE: fail over like any other failure
                 raise RequestFailed(f"{what} to {self.name}: {exc}") from None
-            keep = True
             try:
-                return await self._roundtrip(frame, accept, timeout or self.request_timeout,
-                                             sock, connect_wait)
+                reply = await self._roundtrip(frame,
+                                              timeout or self.request_timeout, sock, connect_wait)
             except BaseException as exc:
-                if isinstance(exc, zmq.ZMQError):
-                    keep = False       # a broken socket (context terminated, EMFILE…)
+                sock.close(0)  # a REQ socket that missed its reply cannot be reused
                 task = asyncio.current_task()
                 if (isinstance(exc, asyncio.CancelledError) and task is not None
                         and task.cancelling()):
                     raise  # we are being cancelled, not the socket
                 if not isinstance(exc, TimeoutError | zmq.ZMQError | asyncio.CancelledError):
                     raise
-                raise RequestFailed(f"{what} to {self.name} failed: {exc or 'timeout'}",
-                                    unreachable=isinstance(exc, Unreachable)) from None
-            finally:
-                if keep and not self._stop.is_set():
-                    self._idle_reqs.append(sock)
-                else:
-                    sock.close(0)
+                raise RequestFailed(f"{what} to {self.name} failed: {exc or 'timeout'}") from None
+            if self._stop.is_set():
+                sock.close(0)
+            else:
+                self._idle_reqs.append(sock)
+            return reply
 
     async def request(self, load: dict, timeout: float | None = None, retry_auth: bool = True,
                       connect_wait: float | None = None) -> Any:
@@ -297,12 +262,9 @@ class MasterConnection:
             nonce = messages.new_nonce()
             body = messages.stamp_load(dict(load), self.ident.minion_id, self.ident.tok, nonce)
             frame = messages.aes_request(self.ident.minion_id, session, body)
+            reply = await self._pooled_roundtrip(frame, str(load.get("cmd")), timeout, connect_wait)
             try:
-                result = await self._pooled_roundtrip(
-                    frame, str(load.get("cmd")),
-                    lambda reply, session=session, nonce=nonce: messages.parse_aes_reply(
-                        reply, session, nonce),
-                    timeout, connect_wait)
+                result = messages.parse_aes_reply(reply, session, nonce)
             except messages.BadLoadReply as exc:
                 if attempt == 0 and retry_auth:
                     log.info("%s: master %s answered %s; re-authenticating",
@@ -331,9 +293,10 @@ class MasterConnection:
         }
         body = messages.stamp_load(load, self.ident.minion_id, self.ident.tok, nonce)
         frame = messages.aes_request(self.ident.minion_id, self.session, body)
-        return await self._pooled_roundtrip(frame, "_pillar", lambda reply: (
-            messages.parse_pillar_reply(reply, minion_priv=self.ident.priv,
-                                        master_pub=self.master_pub, nonce=nonce)))
+        reply = await self._pooled_roundtrip(frame, "_pillar")
+        return messages.parse_pillar_reply(
+            reply, minion_priv=self.ident.priv, master_pub=self.master_pub, nonce=nonce
+        )
 
     # -- auth --------------------------------------------------------------------------------------
 
@@ -344,29 +307,24 @@ class MasterConnection:
         frame, token = messages.auth_request(self.ident.minion_id,
                                              self.ident.pub_text, nonce, pinned_key)
         assert self._reauth_lock.locked(), "an _auth is only sent holding the auth lock"
-        replies: list[bytes] = []
-
-        def accept(reply: bytes) -> messages.AuthResult:
-            res = messages.parse_auth_reply(
-                reply,
-                minion_priv=self.ident.priv,
-                nonce=nonce,
-                token_plain=token,
-                pinned_master_pub=pinned,
-                master_finger=str(self.opts.get("master_finger") or ""),
-            )
-            replies.append(reply)
-            return res
-
+        sock = self._new_req()
         try:
-            result = await self._pooled_roundtrip(frame, "_auth", accept,
-                                                  float(self.opts.get("auth_timeout", 5)))
-        except RequestFailed as exc:
-            # the caller tells "no connection" from "connected but no answer" (busy master)
-            if exc.unreachable:
-                raise Unreachable(str(exc)) from None
-            raise TimeoutError(str(exc)) from None
-        reply = replies[0]
+            reply = await self._roundtrip(frame, float(self.opts.get("auth_timeout", 5)), sock)
+        except BaseException:
+            sock.close(0)
+            raise
+        if self._idle_reqs or self._stop.is_set():
+            sock.close(0)
+        else:
+            self._idle_reqs.append(sock)  # a REQ socket that got its reply: reused for requests
+        result = messages.parse_auth_reply(
+            reply,
+            minion_priv=self.ident.priv,
+            nonce=nonce,
+            token_plain=token,
+            pinned_master_pub=pinned,
+            master_finger=str(self.opts.get("master_finger") or ""),
+        )
         if result.status == "accepted":
             if not pinned and result.master_pub_text:
                 # Trust on first use happens once per minion, not once per connection: another

@@ -192,7 +192,8 @@ def confirm_key_change(store: Store, expect: dict[str, Expect], members: Members
 
     ``members()`` returns every master's ``cluster/masters/<id>`` record with ``alive`` (and
     ``stopped`` after a graceful stop), as :func:`hamaster.master.membership.read_masters` does.
-    ``after_write`` runs once the request is stored (the rsync CLI pushes its tree with it). Raises :class:`StoreError` if the request cannot be written.
+    ``after_write`` runs once the request is stored (the rsync CLI pushes its tree with it).
+    Raises :class:`StoreError` if the request cannot be written.
     """
     t0 = time.monotonic()
     result = BarrierResult()

@@ -18,23 +18,13 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from hamaster.bus import messages
-from hamaster.minion.connection import MasterConnection, RequestFailed, Unreachable
+from hamaster.minion.connection import MasterConnection, Unreachable
 from tests.integration.harness import free_port
 
 
 def _conn(ctx: zmq.asyncio.Context, port: int) -> MasterConnection:
     ident = SimpleNamespace(opts={}, minion_id="m1")
     return MasterConnection(ident, ctx, "127.0.0.1", port, on_publication=lambda c, load: None)  # type: ignore[arg-type]
-
-
-async def _roundtrip(conn: MasterConnection, frame: bytes, timeout: float) -> bytes:
-    """One exchange on a fresh channel of ``conn``, every reply accepted."""
-    sock = conn._new_req()
-    try:
-        return await conn._roundtrip(frame, lambda reply: reply, timeout, sock)
-    finally:
-        sock.close(0)
 
 
 async def _exchange(reply_after: float | None, timeout: float, busy: float = 0.0,
@@ -74,7 +64,7 @@ async def _exchange(reply_after: float | None, timeout: float, busy: float = 0.0
     t0 = time.monotonic()
     outcome, got = "ok", None
     try:
-        got = await _roundtrip(conn, b"hello", timeout)
+        got = await conn._roundtrip(b"hello", timeout)
     except TimeoutError:
         outcome = "timeout"
     finally:
@@ -112,7 +102,7 @@ def test_no_master_is_unreachable_not_busy() -> None:
         ctx = zmq.asyncio.Context()
         conn = _conn(ctx, free_port())
         try:
-            await _roundtrip(conn, b"hello", 0.6)
+            await conn._roundtrip(b"hello", 0.6)
         except TimeoutError as exc:
             return exc
         finally:
@@ -139,58 +129,3 @@ def test_reply_that_came_during_the_last_late_iteration_is_read() -> None:
     deadline takes it instead of reporting a timeout."""
     got, _, outcome = asyncio.run(_exchange(reply_after=0.1, timeout=0.35, busy=0.4))
     assert outcome == "ok" and got == b"re:hello"
-
-
-def test_a_timed_out_request_keeps_its_connection_and_its_late_reply_is_dropped() -> None:
-    """A master answers the first request only after the minion gave up on it: the second
-    request goes out on the same connection (the ROUTER sees one peer, no reconnect), and the
-    late reply to the first, arriving while the second is awaited, is not taken for its reply."""
-
-    async def run() -> tuple[list[bytes], list[bytes], BaseException | None, bytes]:
-        ctx = zmq.asyncio.Context()
-        router = zmq.Context.instance().socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.RCVTIMEO, 10000)
-        port = router.bind_to_random_port("tcp://127.0.0.1")
-        peers: list[bytes] = []
-        bodies: list[bytes] = []
-
-        def master() -> None:
-            ident, empty, first = router.recv_multipart()
-            peers.append(ident)
-            bodies.append(first)
-            ident2, empty2, second = router.recv_multipart()   # the retry, first unanswered
-            peers.append(ident2)
-            bodies.append(second)
-            router.send_multipart([ident, empty, b"re:" + first])     # late, then the answer
-            router.send_multipart([ident2, empty2, b"re:" + second])
-
-        def accept(want: bytes):
-            def check(reply: bytes) -> bytes:
-                if reply != b"re:" + want:
-                    raise messages.StaleReply(f"reply {reply!r} is not for {want!r}")
-                return reply
-            return check
-
-        thread = threading.Thread(target=master, daemon=True)
-        thread.start()
-        conn = _conn(ctx, port)
-        first_exc: BaseException | None = None
-        try:
-            try:
-                await conn._pooled_roundtrip(b"one", "test", accept(b"one"), timeout=0.5)
-            except RequestFailed as exc:
-                first_exc = exc
-            got = await conn._pooled_roundtrip(b"two", "test", accept(b"two"), timeout=5.0)
-        finally:
-            await asyncio.to_thread(thread.join, 15)
-            await conn.stop()
-            router.close(0)
-            ctx.term()
-        return peers, bodies, first_exc, got
-
-    peers, bodies, first_exc, got = asyncio.run(run())
-    assert isinstance(first_exc, RequestFailed) and not first_exc.unreachable
-    assert bodies == [b"one", b"two"]
-    assert peers[0] == peers[1], "the retry came over a new connection"
-    assert got == b"re:two"

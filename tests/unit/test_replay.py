@@ -10,7 +10,7 @@ import pytest
 
 from hamaster import crypto
 from hamaster.bus import codec, messages
-from hamaster.bus.crypticle import Crypticle, SerialGuard, generate_key_string
+from hamaster.bus.crypticle import Crypticle, SerialGuard
 from hamaster.bus.replay import RequestReplayGuard
 from hamaster.master.jobs import JobTracker
 from hamaster.pki_sync.keys import AuthDecision, KeyRegistry, KeyState, NewKeyThrottle
@@ -211,38 +211,3 @@ def test_serial_marks_survive_a_restart(tmp_path) -> None:
     assert not guard.accept("K", 5) and guard.accept("K", 6)
     path.write_text("{not json")
     assert SerialMarks(str(tmp_path / "cache")).get("K") is None
-
-
-# -- late replies on a kept request channel -------------------------------------------------------
-
-
-def test_a_late_reply_to_another_request_is_told_stale_not_bad(rig: Rig) -> None:
-    """A minion keeps its request channel after a timeout, so the late reply to an earlier
-    request can reach the waiter of the next one: it is recognised (another nonce, another
-    session, another kind of reply) and dropped, while a real "bad load" still means re-auth."""
-    first = rig.aes_frame({"cmd": "_hamaster_ping"})
-    late = resolve(rig.handler.handle(first))
-    with pytest.raises(messages.StaleReply):               # the nonce is the earlier request's
-        messages.parse_aes_reply(late, rig.session, messages.new_nonce())
-    assert messages.parse_aes_reply(late, rig.session, _nonce_of(rig, first)) is not None
-    with pytest.raises(messages.StaleReply):               # made under an earlier session
-        messages.parse_aes_reply(late, Crypticle(generate_key_string()),
-                                 _nonce_of(rig, first))
-    nonce = messages.new_nonce()
-    auth_frame, token = messages.auth_request(MINION_ID, rig.minion_pub_text, nonce,
-                                              rig.master_pub)
-    auth_reply = resolve(rig.handler.handle(auth_frame))
-    with pytest.raises(messages.StaleReply):               # an auth reply awaited as aes
-        messages.parse_aes_reply(auth_reply, rig.session, _nonce_of(rig, first))
-    for wrong in (late, codec.dumps("bad load")):          # aes replies awaited as auth
-        with pytest.raises(messages.StaleReply):
-            messages.parse_auth_reply(wrong, minion_priv=rig.minion_priv, nonce=nonce,
-                                      token_plain=token,
-                                      pinned_master_pub=rig.handler.master_pub_text)
-    with pytest.raises(messages.StaleReply):               # an earlier auth's reply
-        messages.parse_auth_reply(auth_reply, minion_priv=rig.minion_priv,
-                                  nonce=messages.new_nonce(), token_plain=token,
-                                  pinned_master_pub=rig.handler.master_pub_text)
-    with pytest.raises(messages.BadLoadReply) as bad:      # the master lost our session
-        messages.parse_aes_reply(codec.dumps("bad load"), rig.session, nonce)
-    assert not isinstance(bad.value, messages.StaleReply)
