@@ -235,7 +235,13 @@ def _confirm(reg: KeyRegistry, opts: dict[str, Any], args: argparse.Namespace,
         return _confirm_single(opts, ids, timeout)
     store = reg.store
 
+    restore = getattr(store, "restore_newer", None)
+
     def members() -> dict[str, dict]:
+        if restore is not None:
+            # rsync: a running peer's push can replace a stopped master's newer "stopped"
+            # record in this tree with an older "alive" copy; its backup is put back first.
+            restore()
         return read_masters(store)
 
     # rsync: the CLI sends the change and the request itself, whether or not a master runs on

@@ -332,6 +332,17 @@ class RsyncStore(FsStore):
                     _unlink_quiet(bak)
         return restored
 
+    def restore_newer(self) -> int:
+        """Put back the local values a peer's push replaced with older ones, as every watch
+        pass does first; for a reader with no watch running (``hamaster-key`` beside a stopped
+        master, whose own newer records a running peer's push may just have replaced).
+        Returns how many were put back (they are pushed with the next push)."""
+        with self._reconcile_lock:
+            restored = self._restore_backups()
+            if restored:
+                self._changed()
+            return restored
+
     def _reconcile(self) -> None:
         """Reconcile what changed since the last pass (tombstones and live keys)."""
         with self._reconcile_lock:

@@ -627,6 +627,24 @@ def test_rsync_newer_value_restored_over_a_stale_push_goes_back_out(tmp_path: Pa
         assert b.get("pki/master/minions/web1") == b"PUB1-new\n"
 
 
+def test_rsync_restore_newer_without_a_watch(tmp_path: Path) -> None:
+    """A reader with no watch running (``hamaster-key`` beside a stopped master) gets the
+    newer local value back from rsync's backup with ``restore_newer``, and it goes out."""
+    with _manual_rsync_pair(tmp_path) as (a, b):
+        a.put("cluster/masters/m0", b"alive")
+        assert a.push_now(force=True)
+        b.poll_now()
+        time.sleep(0.01)                    # a later mtime (file timestamps are coarse), not a wait
+        a.put("cluster/masters/m0", b"stopped")
+        assert b.push_now(force=True)       # B's older copy replaces A's newer one
+        assert (tmp_path / "a/cluster/masters/m0").read_bytes() == b"alive"
+        assert a.restore_newer() == 1
+        assert a.get("cluster/masters/m0") == b"stopped"
+        assert a.push_now()                 # queued for B without a force
+        b.poll_now()
+        assert b.get("cluster/masters/m0") == b"stopped"
+
+
 # ------------------------------------------------------------------------------ etcd only
 
 
