@@ -3,7 +3,9 @@
 Run: ``python bench/bench_pillar_serving.py [--minions 50] [--burst 1000] [--repeat 5]``.
 Prints figures, asserts nothing. Targets (pillar issue #13): ``hamaster '*' pillar.items`` at
 N=50 ≤ 0.5 s; N minions' ``_pillar`` requests at once with the master's event loop never
-blocked: ``test.ping`` of another minion through the same master ≤ 0.2 s meanwhile.
+blocked: ``test.ping`` of another minion through the same master ≤ 0.2 s meanwhile. The master's
+own ``hamaster_event_loop_lag_seconds`` over the burst is printed too (``loop_lag_over_s``: how
+many 0.1 s ticks ran later than each bound), which tells a held loop from a slow probe minion.
 
 One master with ``ha_dir`` (the clustered layout: the tree in ``ha_dir/pillar_roots/base/``, 50
 files; compiles run in the store pool), a swarm minion process with N identities (1024-bit keys
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import threading
@@ -27,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_pillar import make_tree  # noqa: E402
 from hamaster.localapi import LocalClient  # noqa: E402
 from tests.integration.harness import Cluster  # noqa: E402
-from tests.kit import wait_until  # noqa: E402
+from tests.integration.stormkit import metric_sum  # noqa: E402
+from tests.kit import free_port, wait_until  # noqa: E402
 
 SWARM_PKI = Path("/var/cache/hamaster-bench/pillar-swarm-pki")
 
@@ -48,6 +52,16 @@ def publish_wait(sock_dir: str, tgt: str, fun: str, timeout: float = 60,
     return time.perf_counter() - t0, rets
 
 
+def _loop_lag(port: int) -> dict[float, float]:
+    """The master's ``hamaster_event_loop_lag_seconds`` histogram: cumulative count per bound."""
+    out: dict[float, float] = {}
+    for labels, v in metric_sum(port, "hamaster_event_loop_lag_seconds_bucket").items():
+        le = re.search(r'le="([^"]+)"', labels)
+        if le:
+            out[float(le.group(1))] = v
+    return out
+
+
 def _complete(rets: dict) -> int:
     """Returns that carry the compiled pillar."""
     return sum(1 for v in rets.values()
@@ -60,8 +74,9 @@ def run(n: int, burst: int, repeat: int) -> dict:
     try:
         shared = c.base / "ha"
         make_tree(shared / "pillar_roots" / "base", 50)
+        metrics_port = free_port()
         m = c.add_master({"ha_dir": str(shared), "auto_accept": True, "log_level": "warning",
-                          "pillar_roots": {"base": []}})
+                          "pillar_roots": {"base": []}, "metrics_port": metrics_port})
         sock_dir = str(Path(m["conf"]["root_dir"]) / "var/run/hamaster/master")
         for pinned in SWARM_PKI.glob("swarm/*/minion_master.pub"):
             pinned.unlink()
@@ -100,10 +115,17 @@ def run(n: int, burst: int, repeat: int) -> dict:
         th = threading.Thread(target=pinger)
         # progress on stderr (e.g. to attach a profiler to the master for the burst only)
         print(f"burst starts: master pid {m['proc'].pid}", file=sys.stderr, flush=True)
+        lag0 = _loop_lag(metrics_port)
         th.start()
         dt, rets = publish_wait(sock_dir, "web-*", "pillar.items", 300)
         done.set()
         th.join()
+        lag1 = _loop_lag(metrics_port)
+        lag = {le: lag1[le] - lag0.get(le, 0) for le in lag1}
+        total = lag.get(float("inf"), 0)
+        out["loop_lag_ticks"] = int(total)
+        out["loop_lag_over_s"] = {str(le): int(total - n) for le, n in sorted(lag.items())
+                                  if le in (0.05, 0.1, 0.2, 0.5)}
         ok = _complete(rets)
         out.update({"burst_minions": burst, "burst_all_pillar_s": round(dt, 2),
                     "burst_complete": ok, "probe_pings": len(lat),

@@ -89,6 +89,13 @@ class MasterMetrics:
             "hamaster_store_watch_events_total", "Changes received from the store watch", labels,
             registry=r
         )
+        self.loop_lag = Histogram(
+            "hamaster_event_loop_lag_seconds",
+            "How late the request loop ran a timer due now (the longest the loop was held)",
+            labels,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            registry=r,
+        )
         self.sync_lag = Histogram(
             "hamaster_sync_lag_seconds",
             "Time from a change written by one master to its application here",

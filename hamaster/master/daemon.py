@@ -49,9 +49,15 @@ log = logging.getLogger(__name__)
 
 STORE_WORKERS = 4      # threads for requests that need the store (_auth of unknown keys, files)
 PILLAR_WORKERS = 2     # threads compiling pillar (CPU-bound: more would only crowd the loop)
+#: Longest the request loop answers requests in one pass before letting other tasks run
+#: (publishing, the CLI's streams, timers): a 1,000-minion burst of large returns otherwise
+#: held the loop for a fifth of a second.
+REQUEST_SLICE_S = 0.02
 AUTH_SLICE_S = 0.05    # time per loop pass for queued _auth requests (master/authqueue.py)
 # requests waiting on the store pool at once; more are dropped (minions retry)
 MAX_DEFERRED = 5000
+#: Period of the event-loop lag probe (hamaster_event_loop_lag_seconds), seconds.
+LOOP_LAG_TICK_S = 0.1
 #: ZeroMQ (ZMTP) heartbeat of the publish and request sockets, milliseconds.
 ZMQ_HEARTBEAT_IVL_MS = 5000
 # File-server commands: with file_roots in the shared store they read it, so they run in the
@@ -648,7 +654,10 @@ class Master:
                 continue
             except asyncio.CancelledError:
                 return
+            end = time.monotonic() + REQUEST_SLICE_S
             for _ in range(2000):
+                if time.monotonic() > end:
+                    break       # the rest waits one pass: the loop's other tasks run first
                 try:
                     frames = sync.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
@@ -774,6 +783,16 @@ class Master:
                 self._send_reply(sock, ident, envelope, reply)
 
         fut.add_done_callback(done)
+
+    async def _watch_loop_lag(self) -> None:
+        """Observe how late the event loop wakes a timer (``hamaster_event_loop_lag_seconds``):
+        anything that holds the loop (CPU work with the GIL, a blocking call) delays every
+        minion's answer by as much."""
+        observe = self.metrics.loop_lag.labels(self.master_id).observe
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            await asyncio.sleep(LOOP_LAG_TICK_S)
+            observe(max(0.0, time.monotonic() - t0 - LOOP_LAG_TICK_S))
 
     async def _housekeeping(self) -> None:
         keep = float(self.opts.get("keep_jobs", 24))
@@ -968,6 +987,7 @@ class Master:
         tasks = [
             asyncio.create_task(self._serve_requests(), name="requests"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
+            asyncio.create_task(self._watch_loop_lag(), name="loop-lag"),
         ]
         if self.state.ha:
             tasks.append(asyncio.create_task(self._cluster_heartbeat(), name="cluster-heartbeat"))

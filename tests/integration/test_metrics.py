@@ -39,6 +39,7 @@ REQUIRED = (
     "hamaster_store_operation_seconds_bucket",
     "hamaster_store_watch_events_total",
     "hamaster_sync_lag_seconds_bucket",
+    "hamaster_event_loop_lag_seconds_bucket",
     "hamaster_cluster_masters_alive",
     "hamaster_config_info",
     "hamaster_fileroots_info",
