@@ -544,3 +544,37 @@ def test_mine_commands_survive_bad_input() -> None:
     for tgt, tgt_type in ((None, "glob"), ({"x": 1}, "compound"), ("*", "nope"), ("(", "compound")):
         assert cache.mine_get("a", tgt, tgt_type, "f", check) in ({}, {"a": 1})
     assert cache.mine_store("../x", {"f": 1}) is True and cache.get("../x", "mine") is None
+
+
+def test_data_cache_writes_a_storm_in_batches(tmp_path) -> None:
+    """Records queued while the writer is busy go out together (``put_many``, one etcd
+    transaction per batch), and every one of them lands in the store."""
+    import threading
+
+    from hamaster.master.datacache import MinionDataCache
+    from hamaster.store.fs import FsStore
+
+    class CountingStore(FsStore):
+        """A real fs store that counts the writer's calls and holds the first one."""
+
+        def __init__(self, root) -> None:
+            super().__init__(root)
+            self.calls: list[int] = []
+            self.gate = threading.Event()
+
+        def put_many(self, items) -> None:
+            self.calls.append(len(items))
+            self.gate.wait(10)          # the first batch is slow: the rest queue behind it
+            super().put_many(items)
+
+    store = CountingStore(tmp_path / "ha")
+    cache = MinionDataCache(store)
+    cache.start()
+    try:
+        for i in range(300):
+            cache.put(f"m{i:03d}", "grains", {"n": i})
+        store.gate.set()
+    finally:
+        cache.stop()
+    assert sum(store.calls) == 300 and len(store.calls) <= 3, store.calls
+    assert all(store.get(f"minion_data/m{i:03d}/grains") for i in (0, 150, 299))
