@@ -19,18 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.integration.harness import BIN, Cluster  # noqa: E402
-from tests.kit import wait_until  # noqa: E402
+from tests.kit import rss_mib, wait_until  # noqa: E402
 
 SWARM_PKI = Path("/var/cache/hamaster-bench/swarm-pki")
-
-
-def rss_mib(pid: int) -> float:
-    """Resident set size of ``pid`` in MiB (from /proc)."""
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def cli_ping(c: Cluster, timeout: float = 10) -> tuple[float, dict]:

@@ -44,7 +44,7 @@ print(best(lambda: hashlib.sha256(data).digest()), best(lambda: crypto.hexdigest
       "_hashlib" in sys.modules, "ssl" in sys.modules)
 """
 
-from bench.bench_core import rss_mib  # noqa: E402  (one copy of the /proc reader)
+from tests.kit import rss_mib  # noqa: E402
 
 
 def cpu_s(pid: int) -> float:

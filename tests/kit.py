@@ -25,8 +25,8 @@ from typing import Any
 
 from hamaster.cluster_services import free_port
 
-__all__ = ["WaitTimeout", "free_port", "free_ports", "group_members", "kill_group", "stop_group",
-           "wait_until"]
+__all__ = ["WaitTimeout", "free_port", "free_ports", "group_members", "kill_group", "rss_mib",
+           "stop_group", "wait_until"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,15 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of ``pid`` in MiB (from /proc)."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def wait_until(cond: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from hamaster.localapi import LocalClient
 from tests.integration.harness import Cluster, Proc
+from tests.kit import rss_mib
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -27,15 +28,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_mib(pid: int) -> float:
-    """Resident set size of ``pid`` in MiB."""
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def metric_sum(port: int, name: str) -> dict[str, float]:
