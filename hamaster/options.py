@@ -69,6 +69,7 @@ def _is_roots(v: Any) -> bool:
 
 
 INT = Spec("an integer", _is_int)
+POS_INT = Spec("a positive integer", lambda v: _is_int(v) and v > 0)
 FLOAT = Spec("a number", _is_float, float)
 BOOL = Spec("a boolean (true/false)", lambda v: isinstance(v, bool))
 STR = Spec("a string", lambda v: isinstance(v, str))
@@ -173,6 +174,8 @@ OPTIONS: tuple[Option, ...] = (
     # -- master: keys
     _m("auto_accept", False, BOOL, "Accept every new minion key."),
     _m("zmq_backlog", 1000, INT, "Listen queue of the request and publish ports."),
+    _m("zmq_io_threads", 4, POS_INT,
+       "ZeroMQ I/O threads: more spread the heartbeat cost of many connections.", HOST),
     _m("auth_queue_max", 5000, INT,
        "_auth requests waiting at most; the oldest is dropped past it (counted)."),
     _m("auth_queue_max_age", 4.0, FLOAT,

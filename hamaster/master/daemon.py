@@ -592,7 +592,11 @@ class Master:
     # -- sockets -----------------------------------------------------------------------------------
 
     def _bind(self) -> None:
-        self.ctx = zmq.asyncio.Context()
+        # Several I/O threads, each with its share of the connections: libzmq cancels a timer
+        # by walking every timer of its thread, and every heartbeat answered cancels one, so
+        # the heartbeat cost grows with the square of one thread's connections
+        # (docs/scaling.md: 0.49 of a core for 10,000 connections on one thread, 0.09 on 4).
+        self.ctx = zmq.asyncio.Context(io_threads=int(self.opts["zmq_io_threads"]))
         self.ctx.max_sockets = 65536
         iface = self.opts["interface"]
         host = f"[{iface}]" if ":" in iface else iface
@@ -601,9 +605,9 @@ class Master:
         self.pub_sock.setsockopt(zmq.SNDHWM, 100000)
         # ZeroMQ heartbeats drop a peer that stopped answering within 15 s, with what it had
         # queued: a minion that gave up on a request and closed its socket costs the master
-        # nothing more. They are not free: with 10,000 connections the I/O thread spends about
-        # a third of a core on them (docs/scaling.md). TCP keepalive (Salt's tcp_keepalive*
-        # options) also finds peers that vanished without a word, at no cost to the process.
+        # nothing more. They are not free (zmq_io_threads above; docs/scaling.md). TCP
+        # keepalive (Salt's tcp_keepalive* options) also finds peers that vanished without a
+        # word, at no cost to the process.
         self.pub_sock.setsockopt(zmq.HEARTBEAT_IVL, ZMQ_HEARTBEAT_IVL_MS)
         self.pub_sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ZMQ_HEARTBEAT_IVL_MS)
         apply_tcp_keepalive(self.pub_sock, self.opts)

@@ -68,6 +68,23 @@ def test_cli_client_going_away_is_one_debug_line(cluster: Cluster) -> None:
     assert cluster.run("hamaster-run", "manage.status", check=True).returncode == 0
 
 
+def _zmq_io_threads(pid: int) -> int:
+    names = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/comm") as fh:
+            names.append(fh.read().strip())
+    return sum(1 for n in names if n.startswith("ZMQbg/IO/"))
+
+
+def test_master_runs_the_configured_zeromq_io_threads(cluster: Cluster) -> None:
+    """``zmq_io_threads`` (default 4) spreads the master's connections over that many ZeroMQ
+    I/O threads: the heartbeat cost of a thread grows with the square of its connections."""
+    default = cluster.add_master()
+    assert _zmq_io_threads(default["proc"].popen.pid) == 4
+    one = cluster.add_master({"zmq_io_threads": 1})
+    assert _zmq_io_threads(one["proc"].popen.pid) == 1
+
+
 @pytest.fixture(scope="module")
 def etcd() -> Iterator[EtcdCluster]:
     """One etcd node for the module."""

@@ -63,6 +63,12 @@ def test_bool_is_not_an_int_and_int_is_a_float(tmp_path):
     assert opts["ha_poll_interval"] == 2.0 and isinstance(opts["ha_poll_interval"], float)
 
 
+def test_a_count_of_threads_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="'zmq_io_threads' must be a positive integer, got 0"):
+        load_master_config(tmp_path, {"zmq_io_threads": 0})
+    assert load_master_config(tmp_path, {"zmq_io_threads": 2})["zmq_io_threads"] == 2
+
+
 def test_overrides_are_type_checked(tmp_path):
     with pytest.raises(ConfigError, match="<overrides>.*auto_accept"):
         load_master_config(tmp_path, {"auto_accept": "yes"})

@@ -150,7 +150,7 @@ def test_per_host_options_are_the_table_host_scope() -> None:
         "__role", "user", "ha_poll_interval", "ha_etcd_prefix", "ha_etcd_timeout",
         "ha_rsync_interval", "ha_rsync_debounce", "ha_rsync_max_backoff",
         "ha_rsync_tombstone_ttl", "ha_rsync_ssh", "file_blob_port", "file_blob_interface",
-        "ha_create_master_key"}
+        "ha_create_master_key", "zmq_io_threads"}
     assert all(config.master_options()[n].scope == HOST for n in PER_HOST_OPTIONS - {"user"})
 
 
