@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--pki", default=None, help="swarm key directory (default: kept per keysize)")
     p.add_argument("--swarm-log-level", default="info")
     p.add_argument("--ping-timeout", type=float, default=4.0, help="a sample's test.ping timeout")
+    p.add_argument("--heartbeat", type=float, default=5.0,
+                   help="the swarm's master_heartbeat_interval (master_dead_after: 4 times it)")
     p.add_argument("--keep", action="store_true", help="keep the cluster directory (logs)")
     args = p.parse_args()
     pki = Path(args.pki or f"/var/cache/hamaster-bench/storm-pki-{args.keysize}")
@@ -64,8 +66,9 @@ def main() -> None:
             c.add_master({**backend, "auto_accept": True, "metrics_port": port,
                           "log_level": "info",
                           **({"auth_queue_max": args.queue_max} if args.queue_max else {})})
-        swarm = start_swarm(c, args.n, args.procs, pki, "st-", {"keysize": args.keysize,
-                                                         "log_level": args.swarm_log_level})
+        swarm = start_swarm(c, args.n, args.procs, pki, "st-", {
+            "keysize": args.keysize, "log_level": args.swarm_log_level,
+            "master_heartbeat_interval": args.heartbeat, "master_dead_after": 4 * args.heartbeat})
         # key generation (first run only) is not part of the storm: wait for the keys on disk
         while sum(1 for _ in pki.glob("swarm/st-*/minion.pub")) < args.n:
             time.sleep(1)

@@ -43,9 +43,13 @@ CONNECT_TIMEOUT_MS = 1000
 REFUSED_RETRY_MAX = 60.0
 # A connection that held this long resets the reconnect back-off.
 STABLE_CONNECTION_S = 30.0
-# Requests in flight to one master at once (each on its own REQ socket; one socket is kept per
-# master while requests come one at a time, so a swarm costs one request socket per identity).
+# Requests in flight to one master at once, each on its own REQ socket.
 MAX_PARALLEL_REQUESTS = 4
+# REQ sockets kept open for the next request once their exchange is done. The others are
+# closed: every connection kept costs the master ZeroMQ heartbeats (more than linearly, see
+# docs/scaling.md), and a minion's start-up requests, which run in parallel, used to leave it
+# with up to four connections to each master for good.
+MAX_IDLE_REQS = 1
 # Defaults of Salt's ``recon_default`` / ``recon_max`` (milliseconds) when the config has none:
 # shorter than Salt's 1000 / 10000 so that a master that comes back is used again within seconds.
 RECON_DEFAULT_MS = 200
@@ -173,6 +177,14 @@ class MasterConnection:
             raise
         return sock
 
+    def _keep_or_close(self, sock: zmq.asyncio.Socket) -> None:
+        """Keep ``sock`` (done with its exchange) for the next request, unless
+        :data:`MAX_IDLE_REQS` are kept already or the connection is stopping."""
+        if len(self._idle_reqs) >= MAX_IDLE_REQS or self._stop.is_set():
+            sock.close(0)
+        else:
+            self._idle_reqs.append(sock)
+
     def _close_sockets(self) -> None:
         # The request socket is left to request(): closing it under an in-flight request
         # would cancel that request's future instead of failing it over to another master.
@@ -242,10 +254,7 @@ class MasterConnection:
                 if not isinstance(exc, TimeoutError | zmq.ZMQError | asyncio.CancelledError):
                     raise
                 raise RequestFailed(f"{what} to {self.name} failed: {exc or 'timeout'}") from None
-            if self._stop.is_set():
-                sock.close(0)
-            else:
-                self._idle_reqs.append(sock)
+            self._keep_or_close(sock)
             return reply
 
     async def request(self, load: dict, timeout: float | None = None, retry_auth: bool = True,
@@ -313,10 +322,7 @@ class MasterConnection:
         except BaseException:
             sock.close(0)
             raise
-        if self._idle_reqs or self._stop.is_set():
-            sock.close(0)
-        else:
-            self._idle_reqs.append(sock)  # a REQ socket that got its reply: reused for requests
+        self._keep_or_close(sock)  # a REQ socket that got its reply: reused for requests
         result = messages.parse_auth_reply(
             reply,
             minion_priv=self.ident.priv,

@@ -129,3 +129,53 @@ def test_reply_that_came_during_the_last_late_iteration_is_read() -> None:
     deadline takes it instead of reporting a timeout."""
     got, _, outcome = asyncio.run(_exchange(reply_after=0.1, timeout=0.35, busy=0.4))
     assert outcome == "ok" and got == b"re:hello"
+
+
+def test_parallel_requests_leave_one_request_socket_open() -> None:
+    """Start-up requests run in parallel, each on its own REQ socket; afterwards one socket is
+    kept (and reused), the others are closed: every connection kept costs the master."""
+
+    async def run() -> tuple[int, list[bytes], set[bytes]]:
+        ctx = zmq.asyncio.Context()
+        router = zmq.Context.instance().socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.RCVTIMEO, 200)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        seen: list[bytes] = []
+        stop = threading.Event()
+
+        def master() -> None:
+            held: list[list[bytes]] = []
+            while not stop.is_set():
+                try:
+                    frames = router.recv_multipart()
+                except zmq.Again:
+                    continue
+                seen.append(frames[0])
+                held.append(frames)
+                if len(held) >= 4 or len(seen) > 4:   # answer the 4 parallel ones together
+                    for ident, empty, body in held:
+                        router.send_multipart([ident, empty, b"re:" + body])
+                    held = []
+
+        thread = threading.Thread(target=master, daemon=True)
+        thread.start()
+        conn = _conn(ctx, port)
+        try:
+            replies = await asyncio.gather(
+                *(conn._pooled_roundtrip(b"r%d" % i, "test", timeout=5.0) for i in range(4)))
+            assert sorted(replies) == [b"re:r0", b"re:r1", b"re:r2", b"re:r3"]
+            kept = len(conn._idle_reqs)
+            assert await conn._pooled_roundtrip(b"again", "test", timeout=5.0) == b"re:again"
+            return kept, seen, set(seen[:4])
+        finally:
+            stop.set()
+            await asyncio.to_thread(thread.join, 15)
+            await conn.stop()
+            router.close(0)
+            ctx.term()
+
+    kept, seen, parallel = asyncio.run(run())
+    assert len(parallel) == 4          # four sockets while the requests overlapped
+    assert kept == 1                   # one kept afterwards …
+    assert seen[4] in parallel         # … and used for the next request
