@@ -808,7 +808,8 @@ class Master:
             if not self.state.ha:
                 self.metrics.masters_alive.labels(self.master_id).set(1)
                 await self._refresh_tree_hashes()
-            self.metrics.minions_connected.labels(self.master_id).set(len(self.handler.connected(CONNECTED_WINDOW)))
+            self.metrics.minions_connected.labels(self.master_id).set(
+                self.handler.connected_count(CONNECTED_WINDOW))
             self.metrics.store_up.labels(self.master_id).set(1 if self.keys.store.healthy() else 0)
             self.handler.ratelog.flush()
             if self.state.ha and self.keys.store.healthy():  # cluster identity: a safety net
@@ -857,7 +858,7 @@ class Master:
             "fileroots_hash": self.fileroots_hash,
             "pillar_hash": self.pillar.tree_hash,
             "store_ok": self.keys.store.healthy(),
-            "minions_connected": len(self.handler.connected(CONNECTED_WINDOW)),
+            "minions_connected": self.handler.connected_count(CONNECTED_WINDOW),
             "address": f"{self.opts['interface']}:{self.opts['ret_port']}",
             "blob_address": getattr(self, "blob_address", ""),  # file blobs (fileroots/blobs.py)
         }
