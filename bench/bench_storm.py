@@ -86,7 +86,8 @@ def main() -> None:
             "master_fds": res.master_fds,
             "swarm_log_counts": {k: res.swarm_log.count(k) for k in (
                 "not answering auth", "unreachable", "stopped answering", "wake-up",
-                "never retrieved", "Too many open files", "does not verify")},
+                "never retrieved", "Too many open files", "does not verify",
+                "not delivered yet")},
         }
         if args.restart and res.converged_s is not None:
             m = c.masters[0]

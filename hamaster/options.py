@@ -174,6 +174,9 @@ OPTIONS: tuple[Option, ...] = (
     # -- master: keys
     _m("auto_accept", False, BOOL, "Accept every new minion key."),
     _m("zmq_backlog", 1000, INT, "Listen queue of the request and publish ports."),
+    _m("max_heartbeats_per_second", 500.0, FLOAT,
+       "Minion heartbeats per second to stay under: with more minions, they are asked to "
+       "space them (0: never)."),
     _m("zmq_io_threads", 4, POS_INT,
        "ZeroMQ I/O threads: more spread the heartbeat cost of many connections.", HOST),
     _m("auth_queue_max", 5000, INT,

@@ -32,6 +32,7 @@ from hamaster.master.pubkey import PublishKey
 from hamaster.master.reqhandler import Deferred, RequestHandler
 from hamaster.master.runners import RunnerContext, cluster_status_report
 from hamaster.master.shared import SharedState, config_hash, open_shared_state
+from hamaster.master.waiting import SILENT_HEARTBEATS
 from hamaster.metrics import MasterMetrics
 from hamaster.options import opt
 from hamaster.pki_sync.keys import (
@@ -160,6 +161,10 @@ class Master:
         self.last_cluster_view: dict[str, dict] = {}
         self.metrics.config_info.labels(self.master_id).info({"hash": self.config_hash})
         self.ready = asyncio.Event()
+        #: Connected minions (refreshed by housekeeping) and the heartbeat interval asked of
+        #: them so that they stay under ``max_heartbeats_per_second`` (0: no hint).
+        self.connected_now = 0
+        self.heartbeat_hint = 0.0
         # _auth requests wait here and get the time other requests leave (authqueue.py)
         self.auth_queue = AuthQueue.from_opts(
             opts, lambda why: self.metrics.auth_shed.labels(self.master_id, why).inc())
@@ -515,8 +520,30 @@ class Master:
         sess = self.handler.sessions.get(load["id"])
         if sess is not None:
             sess.hamaster = True
-        return {"master_id": self.master_id, "version": __version__,
-                "aes_generation": self.publish_key.generation}
+        reply = {"master_id": self.master_id, "version": __version__,
+                 "aes_generation": self.publish_key.generation}
+        if self.heartbeat_hint:
+            reply["heartbeat_interval"] = self.heartbeat_hint
+        return reply
+
+    @property
+    def connected_window(self) -> float:
+        """Seconds since its last request within which a minion counts as connected."""
+        return max(CONNECTED_WINDOW, SILENT_HEARTBEATS * self.heartbeat_hint)
+
+    def _refresh_connected(self) -> None:
+        """Count the connected minions; from that, the heartbeat interval to ask of them.
+
+        With ``max_heartbeats_per_second`` R and N minions connected, minions are asked to
+        heartbeat every N / R seconds (one decimal) when that is longer than 1 s; they keep
+        their own ``master_heartbeat_interval`` when it is longer still. Nomad servers space
+        their clients' heartbeats the same way: a fleet's liveness traffic stays bounded.
+        """
+        self.connected_now = self.handler.connected_count(self.connected_window)
+        self.metrics.minions_connected.labels(self.master_id).set(self.connected_now)
+        rate = float(self.opts["max_heartbeats_per_second"])
+        hint = round(self.connected_now / rate, 1) if rate > 0 else 0.0
+        self.heartbeat_hint = hint if hint > 1.0 else 0.0
 
     # -- publishing --------------------------------------------------------------------------------
 
@@ -808,8 +835,7 @@ class Master:
             if not self.state.ha:
                 self.metrics.masters_alive.labels(self.master_id).set(1)
                 await self._refresh_tree_hashes()
-            self.metrics.minions_connected.labels(self.master_id).set(
-                self.handler.connected_count(CONNECTED_WINDOW))
+            self._refresh_connected()
             self.metrics.store_up.labels(self.master_id).set(1 if self.keys.store.healthy() else 0)
             self.handler.ratelog.flush()
             if self.state.ha and self.keys.store.healthy():  # cluster identity: a safety net
@@ -858,7 +884,7 @@ class Master:
             "fileroots_hash": self.fileroots_hash,
             "pillar_hash": self.pillar.tree_hash,
             "store_ok": self.keys.store.healthy(),
-            "minions_connected": self.handler.connected_count(CONNECTED_WINDOW),
+            "minions_connected": self.handler.connected_count(self.connected_window),
             "address": f"{self.opts['interface']}:{self.opts['ret_port']}",
             "blob_address": getattr(self, "blob_address", ""),  # file blobs (fileroots/blobs.py)
         }

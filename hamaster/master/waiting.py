@@ -31,8 +31,12 @@ log = logging.getLogger(__name__)
 NO_RESPONSE = "No response"
 NOT_CONNECTED = "Not connected"
 #: A hamaster minion heartbeats every ``master_heartbeat_interval`` (2 s); one silent this long
-#: is reported as ``[Not connected]`` rather than ``[No response]``.
+#: (or three of the intervals the master asks for, when longer) is reported as
+#: ``[Not connected]`` rather than ``[No response]``.
 SILENT_AFTER = 10.0
+#: Heartbeat intervals (the master's hint, when it gives one) after which a silent minion no
+#: longer counts as connected (here and in ``hamaster_minions_connected``).
+SILENT_HEARTBEATS = 3
 
 OnReturn = Callable[[str, dict], Awaitable[None]]
 
@@ -42,13 +46,14 @@ def no_return_reason(master: Master, minion_id: str) -> str:
 
     Salt says ``[Not connected]`` for a minion without a connection to the master. Here: no
     session since this master started, or a hamaster minion (which heartbeats) silent for
-    :data:`SILENT_AFTER` seconds. A stock minion sends nothing while idle, so an existing
-    session counts as connected.
+    :data:`SILENT_AFTER` seconds (or :data:`SILENT_HEARTBEATS` hinted heartbeat intervals). A
+    stock minion sends nothing while idle, so an existing session counts as connected.
     """
     sess = master.handler.sessions.get(minion_id)
     if sess is None:
         return NOT_CONNECTED
-    if sess.hamaster and time.time() - sess.last_seen > SILENT_AFTER:
+    silent_after = max(SILENT_AFTER, SILENT_HEARTBEATS * master.heartbeat_hint)
+    if sess.hamaster and time.time() - sess.last_seen > silent_after:
         return NOT_CONNECTED
     return NO_RESPONSE
 

@@ -50,6 +50,9 @@ MAX_PARALLEL_REQUESTS = 4
 # docs/scaling.md), and a minion's start-up requests, which run in parallel, used to leave it
 # with up to four connections to each master for good.
 MAX_IDLE_REQS = 1
+# Longest heartbeat interval a master may ask for (its ``heartbeat_interval`` hint, sent when
+# it has more connected minions than ``max_heartbeats_per_second`` allows at our own interval).
+HEARTBEAT_HINT_MAX = 120.0
 # Defaults of Salt's ``recon_default`` / ``recon_max`` (milliseconds) when the config has none:
 # shorter than Salt's 1000 / 10000 so that a master that comes back is used again within seconds.
 RECON_DEFAULT_MS = 200
@@ -117,6 +120,8 @@ class MasterConnection:
         self._task: asyncio.Task | None = None
         self.hb_interval = float(self.opts.get("master_heartbeat_interval", 2.0))
         self.dead_after = float(self.opts.get("master_dead_after", 6.0))
+        #: The master's ``heartbeat_interval`` hint (0: none); see :attr:`heartbeat_every`.
+        self.hb_hint = 0.0
         self.retry_max = float(self.opts.get("master_retry_max", BACKOFF_MAX))
         self.request_timeout = float(self.opts.get("auth_timeout", 5))
         recon = int(self.opts.get("recon_default") or RECON_DEFAULT_MS)
@@ -147,7 +152,22 @@ class MasterConnection:
     @property
     def alive(self) -> bool:
         """True while authenticated and the last heartbeat is recent."""
-        return self.state == "connected" and time.monotonic() - self.last_ok < self.dead_after
+        return self.state == "connected" and time.monotonic() - self.last_ok < self.dead_window
+
+    @property
+    def heartbeat_every(self) -> float:
+        """Seconds between heartbeats: ``master_heartbeat_interval``, or longer when the master
+        asks for it (a master with many minions spaces their heartbeats so that they stay under
+        its ``max_heartbeats_per_second``, as Nomad servers do with their clients)."""
+        return max(self.hb_interval, self.hb_hint)
+
+    @property
+    def dead_window(self) -> float:
+        """Seconds of silence after which the master is dead: ``master_dead_after``, stretched
+        in proportion when the heartbeat interval is (the same number of missed heartbeats)."""
+        if self.hb_hint <= self.hb_interval or self.hb_interval <= 0:
+            return self.dead_after
+        return self.dead_after * self.hb_hint / self.hb_interval
 
     def _endpoint(self, port: int) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -574,21 +594,37 @@ class MasterConnection:
         at a time); a ``bad load`` answer re-authenticates through :meth:`request`.
         """
         while not self._stop.is_set():
-            await self._sleep(self.hb_interval)
+            # jitter: a fleet that connected together does not heartbeat in step
+            await self._sleep(self.heartbeat_every * random.uniform(0.9, 1.1))
             if self._stop.is_set() or self.session is None:
                 return
+            dead_window = self.dead_window
             try:
                 info = await asyncio.wait_for(
-                    self.request(self._ping_load(), timeout=self.dead_after), self.dead_after + 1)
+                    self.request(self._ping_load(), timeout=dead_window), dead_window + 1)
             except (RequestFailed, TimeoutError):
-                if time.monotonic() - self.last_ok >= self.dead_after:
+                if time.monotonic() - self.last_ok >= self.dead_window:
                     return
                 continue
+            if isinstance(info, dict):
+                self._take_heartbeat_hint(info.get("heartbeat_interval"))
             if isinstance(info, dict) and "master_id" in info:
                 new_id = info["master_id"]
                 if self.master_id is not None and new_id != self.master_id:
                     log.info("%s: master at %s is now %s", self.ident.minion_id, self.name, new_id)
                 self.master_id = new_id
+
+    def _take_heartbeat_hint(self, hint: Any) -> None:
+        """Adopt the master's ``heartbeat_interval`` hint (a number of seconds, capped at
+        :data:`HEARTBEAT_HINT_MAX`); anything else, or none, means our own interval."""
+        before = self.heartbeat_every
+        if isinstance(hint, (int, float)) and not isinstance(hint, bool) and hint > 0:
+            self.hb_hint = min(float(hint), HEARTBEAT_HINT_MAX)
+        else:
+            self.hb_hint = 0.0
+        if abs(self.heartbeat_every - before) >= 1.0:
+            log.info("%s: heartbeat to master %s every %.0f s now (its hint), dead after %.0f s",
+                     self.ident.minion_id, self.name, self.heartbeat_every, self.dead_window)
 
     async def _resume(self) -> bool:
         """After the heartbeat gave up: True when the master still knows our session (it was
@@ -638,7 +674,7 @@ class MasterConnection:
             self.dead.set()
             log.warning(
                 "%s: master %s stopped answering (no reply for %.0f s); reconnecting",
-                self.ident.minion_id, self.name, self.dead_after,
+                self.ident.minion_id, self.name, self.dead_window,
             )
             if time.monotonic() - connected_at > STABLE_CONNECTION_S:
                 backoff = 0.5  # a connection that held for a while: not flapping, retry soon

@@ -85,6 +85,32 @@ def test_master_runs_the_configured_zeromq_io_threads(cluster: Cluster) -> None:
     assert _zmq_io_threads(one["proc"].popen.pid) == 1
 
 
+def test_a_master_with_many_minions_asks_them_to_space_their_heartbeats(
+        cluster: Cluster) -> None:
+    """``max_heartbeats_per_second``: a master with N connected minions asks them (in its
+    heartbeat answers) to heartbeat every N / R seconds; they do, and their dead-master window
+    grows in proportion. Here R = 0.5 and 2 minions: every 4 s instead of every 1 s."""
+    port = free_port()
+    cluster.add_master({"max_heartbeats_per_second": 0.5, "metrics_port": port,
+                        "auto_accept": True})
+    minions = [cluster.add_minion(mid) for mid in ("hb1", "hb2")]   # heartbeat 1 s, dead 4 s
+    cluster.wait_all_answer(["hb1", "hb2"])
+    for m in minions:
+        wait_until(lambda m=m: "every 4 s now (its hint), dead after 16 s" in m.log_text(), 30,
+                   what=f"{m.name} taking the master's heartbeat hint")
+
+    def pings() -> float:
+        return sum(v for k, v in metric_sum(port, "hamaster_requests_total").items()
+                   if 'cmd="_hamaster_ping"' in k)
+
+    before, t0 = pings(), time.monotonic()
+    time.sleep(8.0)     # a measuring window, not a synchronisation
+    rate = (pings() - before) / (time.monotonic() - t0)
+    assert rate <= 0.8, f"{rate:.2f} heartbeats/s from 2 minions asked for one per 4 s each"
+    # still connected and answering at the spaced interval
+    cluster.wait_all_answer(["hb1", "hb2"])
+
+
 @pytest.fixture(scope="module")
 def etcd() -> Iterator[EtcdCluster]:
     """One etcd node for the module."""

@@ -179,3 +179,23 @@ def test_parallel_requests_leave_one_request_socket_open() -> None:
     assert len(parallel) == 4          # four sockets while the requests overlapped
     assert kept == 1                   # one kept afterwards …
     assert seen[4] in parallel         # … and used for the next request
+
+
+def test_heartbeat_hint_spaces_heartbeats_and_stretches_the_dead_window() -> None:
+    """A master's ``heartbeat_interval`` hint: taken when longer than our own interval, capped,
+    the dead-master window stretched in proportion; nonsense and no hint mean our own."""
+    ctx = zmq.asyncio.Context()
+    try:
+        conn = _conn(ctx, 1)      # defaults: heartbeat 2 s, dead after 6 s
+        assert (conn.heartbeat_every, conn.dead_window) == (2.0, 6.0)
+        conn._take_heartbeat_hint(10.0)
+        assert (conn.heartbeat_every, conn.dead_window) == (10.0, 30.0)
+        conn._take_heartbeat_hint(1.5)          # shorter than ours: ours
+        assert (conn.heartbeat_every, conn.dead_window) == (2.0, 6.0)
+        conn._take_heartbeat_hint(10_000)       # capped
+        assert conn.heartbeat_every == 120.0 and conn.dead_window == 360.0
+        for nonsense in (True, "10", -5, None, float("nan")):
+            conn._take_heartbeat_hint(nonsense)
+            assert (conn.heartbeat_every, conn.dead_window) == (2.0, 6.0), nonsense
+    finally:
+        ctx.term()
