@@ -45,11 +45,13 @@ REFUSED_RETRY_MAX = 60.0
 STABLE_CONNECTION_S = 30.0
 # Requests in flight to one master at once, each on its own REQ socket.
 MAX_PARALLEL_REQUESTS = 4
-# REQ sockets kept open for the next request once their exchange is done. The others are
-# closed: every connection kept costs the master ZeroMQ heartbeats (more than linearly, see
-# docs/scaling.md), and a minion's start-up requests, which run in parallel, used to leave it
-# with up to four connections to each master for good.
-MAX_IDLE_REQS = 1
+# REQ sockets done with their exchange are kept for the next request, the most recently used
+# first. Beyond the first, one left unused this long is closed: every connection kept costs the
+# master ZeroMQ heartbeats (more than linearly, see docs/scaling.md), and a minion's start-up
+# requests, which run in parallel, used to leave it with up to four connections to each master
+# for good. Closing them at once instead would trade that for connection churn whenever a
+# return overlaps a heartbeat (a new TCP connection and handshake each time).
+IDLE_REQ_TTL = 30.0
 # Longest heartbeat interval a master may ask for (its ``heartbeat_interval`` hint, sent when
 # it has more connected minions than ``max_heartbeats_per_second`` allows at our own interval).
 HEARTBEAT_HINT_MAX = 120.0
@@ -106,7 +108,8 @@ class MasterConnection:
         self.connected_event = asyncio.Event()
         # REQ sockets carry one request at a time: keep a few, so a slow request (a large file
         # chunk, a master waiting on its store) never holds up a job's return behind it.
-        self._idle_reqs: list[zmq.asyncio.Socket] = []
+        #: (socket, idle since): the most recently used last
+        self._idle_reqs: list[tuple[zmq.asyncio.Socket, float]] = []
         self._req_slots = asyncio.Semaphore(MAX_PARALLEL_REQUESTS)
         self._sub: zmq.asyncio.Socket | None = None
         self._stop = asyncio.Event()
@@ -147,7 +150,7 @@ class MasterConnection:
             await asyncio.gather(self._task, return_exceptions=True)
         self._close_sockets()
         while self._idle_reqs:
-            self._idle_reqs.pop().close(0)
+            self._idle_reqs.pop()[0].close(0)
 
     @property
     def alive(self) -> bool:
@@ -198,12 +201,19 @@ class MasterConnection:
         return sock
 
     def _keep_or_close(self, sock: zmq.asyncio.Socket) -> None:
-        """Keep ``sock`` (done with its exchange) for the next request, unless
-        :data:`MAX_IDLE_REQS` are kept already or the connection is stopping."""
-        if len(self._idle_reqs) >= MAX_IDLE_REQS or self._stop.is_set():
+        """Keep ``sock`` (done with its exchange) for the next request, and close the kept
+        sockets that have been unused for :data:`IDLE_REQ_TTL` (``sock`` stays: one is always
+        kept while the connection runs)."""
+        if self._stop.is_set():
+            sock.close(0)
+            return
+        now = time.monotonic()
+        while self._idle_reqs and now - self._idle_reqs[0][1] > IDLE_REQ_TTL:
+            self._idle_reqs.pop(0)[0].close(0)
+        if len(self._idle_reqs) >= MAX_PARALLEL_REQUESTS:
             sock.close(0)
         else:
-            self._idle_reqs.append(sock)
+            self._idle_reqs.append((sock, now))
 
     def _close_sockets(self) -> None:
         # The request socket is left to request(): closing it under an in-flight request
@@ -259,7 +269,7 @@ class MasterConnection:
         Raises :class:`RequestFailed` for timeouts and socket errors (EMFILE included)."""
         async with self._req_slots:
             try:
-                sock = self._idle_reqs.pop() if self._idle_reqs else self._new_req()
+                sock = self._idle_reqs.pop()[0] if self._idle_reqs else self._new_req()
             except zmq.ZMQError as exc:  # e.g. EMFILE: fail over like any other failure
                 raise RequestFailed(f"{what} to {self.name}: {exc}") from None
             try:
