@@ -1,7 +1,6 @@
 """Auth-storm benchmark (issue 12): N new minion identities start at once against 2 masters.
 
-Run: ``python bench/bench_storm.py [--n 1000] [--procs 4] [--backend etcd|fs] [--restart]
-[--sample all|new]``.
+Run: ``python bench/bench_storm.py [--n 1000] [--procs 4] [--backend etcd|fs] [--restart]``.
 Prints the "answering over time" table (answering ``test.ping`` through each master), the
 shedding counts, the masters' RSS and CPU seconds per 1,000 accepted auths. With
 ``--restart``, after convergence master 0 is restarted and the table of its recovery follows.
@@ -43,9 +42,6 @@ def main() -> None:
     p.add_argument("--ping-timeout", type=float, default=4.0, help="a sample's test.ping timeout")
     p.add_argument("--heartbeat", type=float, default=5.0,
                    help="the swarm's master_heartbeat_interval (master_dead_after: 4 times it)")
-    p.add_argument("--sample", choices=("all", "new"), default="all",
-                   help="ping all identities in every sample, or only those that have not "
-                        "answered yet, then all once at the end")
     p.add_argument("--keep", action="store_true", help="keep the cluster directory (logs)")
     args = p.parse_args()
     pki = Path(args.pki or f"/var/cache/hamaster-bench/storm-pki-{args.keysize}")
@@ -77,16 +73,12 @@ def main() -> None:
         while sum(1 for _ in pki.glob("swarm/st-*/minion.pub")) < args.n:
             time.sleep(1)
         res = run_storm(c, args.n, args.procs, pki, ports, deadline_s=args.deadline, swarm=swarm,
-                        ping_timeout=args.ping_timeout, sample=args.sample)
+                        ping_timeout=args.ping_timeout)
         print(f"# {args.n} new identities, {args.procs} swarm processes, 2 masters on "
-              f"{args.backend}; load average before {load[0]:.1f}, cores {os.cpu_count()}; "
-              + ("every sample pings all" if args.sample == "all" else
-                 "a sample pings those not answered yet (counts: answered so far), then all "
-                 f"once: {res.confirmed}"))
+              f"{args.backend}; load average before {load[0]:.1f}, cores {os.cpu_count()}")
         print(res.table())
         out = {
-            "n": args.n, "backend": args.backend, "sample": args.sample,
-            "converged_s": res.converged_s, "confirmed": res.confirmed,
+            "n": args.n, "backend": args.backend, "converged_s": res.converged_s,
             "shed": res.shed, "auths_accepted": res.auths_accepted,
             "master_cpu_s": [round(x, 1) for x in res.master_cpu_s],
             "master_cpu_s_per_1000_auths": round(res.cpu_s_per_1000_auths() or 0, 2),

@@ -40,15 +40,13 @@ def metric_sum(port: int, name: str) -> dict[str, float]:
     return out
 
 
-def answering(master: dict, tgt: str | list[str], timeout: float) -> set[str]:
-    """Ids that return ``test.ping`` through ``master`` within ``timeout`` (``tgt``: a glob,
-    or a list of ids)."""
+def answering(master: dict, tgt: str, timeout: float) -> set[str]:
+    """Ids that return ``test.ping`` through ``master`` within ``timeout``."""
     sock_dir = master["conf"].get("sock_dir") or str(
         Path(master["conf"]["root_dir"]) / "var/run/hamaster/master")
     got: set[str] = set()
     with LocalClient(sock_dir, timeout=timeout + 30) as client:
-        client.send({"cmd": "publish", "tgt": tgt,
-                     "tgt_type": "list" if isinstance(tgt, list) else "glob", "fun": "test.ping",
+        client.send({"cmd": "publish", "tgt": tgt, "tgt_type": "glob", "fun": "test.ping",
                      "arg": [], "timeout": timeout})
         for frame in client.stream():
             if "minions" in frame and not (frame.get("jid") and frame["minions"]):
@@ -70,12 +68,8 @@ class StormResult:
 
     n: int
     converged_s: float | None = None
-    #: (seconds since start, answering through master 0, through master 1, …); with
-    #: ``sample="new"``: having answered so far
+    #: (seconds since start, answering through master 0, through master 1, …)
     curve: list[tuple[float, ...]] = field(default_factory=list)
-    #: ``sample="new"``: answering one last ping of all ``n`` through each master, after
-    #: convergence (the check that those counted still answer)
-    confirmed: list[int] = field(default_factory=list)
     shed: dict[str, float] = field(default_factory=dict)
     auths_accepted: float = 0.0
     master_cpu_s: list[float] = field(default_factory=list)
@@ -119,18 +113,9 @@ def start_swarm(c: Cluster, n: int, procs: int, pki: Path, prefix: str,
 
 def run_storm(c: Cluster, n: int, procs: int, pki: Path, metrics_ports: list[int], *,
               prefix: str = "st-", deadline_s: float = 60.0, ping_timeout: float = 4.0,
-              sample_s: float = 1.0, sample: str = "all",
+              sample_s: float = 1.0,
               swarm_extra: dict | None = None, swarm: Proc | None = None) -> StormResult:
-    """Start the swarm (unless given) and sample until all ``n`` answer through every master.
-
-    ``sample="all"``: every sample pings all ``n`` through each master (a job to the whole
-    fleet: at thousands of identities on one machine, that load delays the storm it measures).
-    ``sample="new"``: a sample pings only those that have not answered through that master yet;
-    at convergence one ping of all ``n`` through each master confirms they all still answer
-    (:attr:`StormResult.confirmed`).
-    """
-    if sample not in ("all", "new"):
-        raise ValueError(f"sample must be 'all' or 'new', not {sample!r}")
+    """Start the swarm (unless given) and sample until all ``n`` answer through every master."""
     res = StormResult(n)
     pids = [m["proc"].popen.pid for m in c.masters]
     cpu0 = [cpu_seconds(p) for p in pids]
@@ -146,28 +131,16 @@ def run_storm(c: Cluster, n: int, procs: int, pki: Path, metrics_ports: list[int
         if text.count(f"minion {prefix}swarm started (") >= min(procs, n):
             break
         time.sleep(0.1)
-    everyone = [f"{prefix}{i:05d}" for i in range(n)]     # the swarm's naming
-    seen: list[set[str]] = [set() for _ in c.masters]
     t0 = time.monotonic()
     next_sample = t0
     while time.monotonic() - t0 < deadline_s:
         # pacing of the samples (a ping finds nobody and returns at once before any auth)
         time.sleep(max(0.0, next_sample - time.monotonic()))
         next_sample = time.monotonic() + sample_s
-        if sample == "all":
-            counts = [len(answering(m, f"{prefix}*", ping_timeout)) for m in c.masters]
-        else:
-            for i, m in enumerate(c.masters):
-                missing = [x for x in everyone if x not in seen[i]]
-                if missing:
-                    seen[i] |= answering(m, missing, ping_timeout)
-            counts = [len(x) for x in seen]
+        counts = [len(answering(m, f"{prefix}*", ping_timeout)) for m in c.masters]
         res.curve.append((round(time.monotonic() - t0, 1), *counts))
         if all(k == n for k in counts):
             res.converged_s = res.curve[-1][0]
-            if sample == "new":
-                res.confirmed = [len(answering(m, f"{prefix}*", 2 * ping_timeout))
-                                 for m in c.masters]
             break
         if not swarm.running():
             break
