@@ -59,8 +59,12 @@ AUTH_SLICE_S = 0.05    # time per loop pass for queued _auth requests (master/au
 MAX_DEFERRED = 5000
 #: Period of the event-loop lag probe (hamaster_event_loop_lag_seconds), seconds.
 LOOP_LAG_TICK_S = 0.1
-#: ZeroMQ (ZMTP) heartbeat of the publish and request sockets, milliseconds.
+#: ZeroMQ (ZMTP) heartbeat of the request socket, milliseconds.
 ZMQ_HEARTBEAT_IVL_MS = 5000
+#: ZMTP heartbeat of the publish socket, milliseconds: longer, since a subscriber only ever
+#: goes away with its host or process (its minion closes and reopens its request sockets all
+#: the time), and every heartbeat costs the I/O threads a walk of their timers.
+ZMQ_PUB_HEARTBEAT_IVL_MS = 30000
 # File-server commands: with file_roots in the shared store they read it, so they run in the
 # store pool too (a hung NFS mount or a frozen etcd must not stall the loop).
 FILE_COMMANDS = frozenset({
@@ -630,13 +634,13 @@ class Master:
         self.pub_sock = self.ctx.socket(zmq.PUB)
         self.pub_sock.setsockopt(zmq.LINGER, 0)
         self.pub_sock.setsockopt(zmq.SNDHWM, 100000)
-        # ZeroMQ heartbeats drop a peer that stopped answering within 15 s, with what it had
-        # queued: a minion that gave up on a request and closed its socket costs the master
-        # nothing more. They are not free (zmq_io_threads above; docs/scaling.md). TCP
-        # keepalive (Salt's tcp_keepalive* options) also finds peers that vanished without a
-        # word, at no cost to the process.
-        self.pub_sock.setsockopt(zmq.HEARTBEAT_IVL, ZMQ_HEARTBEAT_IVL_MS)
-        self.pub_sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ZMQ_HEARTBEAT_IVL_MS)
+        # ZeroMQ heartbeats drop a peer that stopped answering (within 90 s here, 15 s on the
+        # request socket), with what it had queued: a minion that gave up on a request and
+        # closed its socket costs the master nothing more. They are not free (zmq_io_threads
+        # above; docs/scaling.md). TCP keepalive (Salt's tcp_keepalive* options) also finds
+        # peers that vanished without a word, at no cost to the process.
+        self.pub_sock.setsockopt(zmq.HEARTBEAT_IVL, ZMQ_PUB_HEARTBEAT_IVL_MS)
+        self.pub_sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ZMQ_PUB_HEARTBEAT_IVL_MS)
         apply_tcp_keepalive(self.pub_sock, self.opts)
         # Salt's zmq_backlog (default 1000; ZeroMQ's own is 100): the listen queue a fleet's
         # reconnect storm lands in (the kernel caps it at net.core.somaxconn).
