@@ -165,9 +165,8 @@ class Master:
         self.last_cluster_view: dict[str, dict] = {}
         self.metrics.config_info.labels(self.master_id).info({"hash": self.config_hash})
         self.ready = asyncio.Event()
-        #: Connected minions (refreshed by housekeeping) and the heartbeat interval asked of
-        #: them so that they stay under ``max_heartbeats_per_second`` (0: no hint).
-        self.connected_now = 0
+        #: The heartbeat interval asked of minions so that they stay under
+        #: ``max_heartbeats_per_second`` (0: no hint); refreshed by housekeeping.
         self.heartbeat_hint = 0.0
         # _auth requests wait here and get the time other requests leave (authqueue.py)
         self.auth_queue = AuthQueue.from_opts(
@@ -543,10 +542,10 @@ class Master:
         their own ``master_heartbeat_interval`` when it is longer still. Nomad servers space
         their clients' heartbeats the same way: a fleet's liveness traffic stays bounded.
         """
-        self.connected_now = self.handler.connected_count(self.connected_window)
-        self.metrics.minions_connected.labels(self.master_id).set(self.connected_now)
+        connected = self.handler.connected_count(self.connected_window)
+        self.metrics.minions_connected.labels(self.master_id).set(connected)
         rate = float(self.opts["max_heartbeats_per_second"])
-        hint = round(self.connected_now / rate, 1) if rate > 0 else 0.0
+        hint = round(connected / rate, 1) if rate > 0 else 0.0
         self.heartbeat_hint = hint if hint > 1.0 else 0.0
 
     # -- publishing --------------------------------------------------------------------------------
