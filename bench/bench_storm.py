@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.integration.harness import Cluster, free_port  # noqa: E402
@@ -43,7 +45,15 @@ def main() -> None:
     p.add_argument("--heartbeat", type=float, default=5.0,
                    help="the swarm's master_heartbeat_interval (master_dead_after: 4 times it)")
     p.add_argument("--keep", action="store_true", help="keep the cluster directory (logs)")
+    p.add_argument("--master-opt", action="append", default=[], metavar="NAME=YAML",
+                   help="a master option for both masters (repeatable), e.g. zmq_io_threads=16")
     args = p.parse_args()
+    master_opts = {}
+    for item in args.master_opt:
+        name, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--master-opt {item!r}: expected NAME=VALUE")
+        master_opts[name.strip()] = yaml.safe_load(value)
     pki = Path(args.pki or f"/var/cache/hamaster-bench/storm-pki-{args.keysize}")
     pki.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
@@ -65,7 +75,8 @@ def main() -> None:
         for port in ports:
             c.add_master({**backend, "auto_accept": True, "metrics_port": port,
                           "log_level": "info",
-                          **({"auth_queue_max": args.queue_max} if args.queue_max else {})})
+                          **({"auth_queue_max": args.queue_max} if args.queue_max else {}),
+                          **master_opts})
         swarm = start_swarm(c, args.n, args.procs, pki, "st-", {
             "keysize": args.keysize, "log_level": args.swarm_log_level,
             "master_heartbeat_interval": args.heartbeat, "master_dead_after": 4 * args.heartbeat})
@@ -75,7 +86,8 @@ def main() -> None:
         res = run_storm(c, args.n, args.procs, pki, ports, deadline_s=args.deadline, swarm=swarm,
                         ping_timeout=args.ping_timeout)
         print(f"# {args.n} new identities, {args.procs} swarm processes, 2 masters on "
-              f"{args.backend}; load average before {load[0]:.1f}, cores {os.cpu_count()}")
+              f"{args.backend}; load average before {load[0]:.1f}, cores {os.cpu_count()}"
+              + (f"; master options {master_opts}" if master_opts else ""))
         print(res.table())
         out = {
             "n": args.n, "backend": args.backend, "converged_s": res.converged_s,
@@ -84,6 +96,8 @@ def main() -> None:
             "master_cpu_s_per_1000_auths": round(res.cpu_s_per_1000_auths() or 0, 2),
             "master_rss_mib": res.master_rss_mib,
             "master_fds": res.master_fds,
+            "swarm_cpu_s": res.swarm_cpu_s,
+            "requests": res.requests,
             "swarm_log_counts": {k: res.swarm_log.count(k) for k in (
                 "not answering auth", "unreachable", "stopped answering", "wake-up",
                 "never retrieved", "Too many open files", "does not verify",

@@ -177,7 +177,7 @@ OPTIONS: tuple[Option, ...] = (
     _m("max_heartbeats_per_second", 500.0, FLOAT,
        "Minion heartbeats per second to stay under: with more minions, they are asked to "
        "space them (0: never)."),
-    _m("zmq_io_threads", 4, POS_INT,
+    _m("zmq_io_threads", 16, POS_INT,
        "ZeroMQ I/O threads: more spread the heartbeat cost of many connections.", HOST),
     _m("auth_queue_max", 5000, INT,
        "_auth requests waiting at most; the oldest is dropped past it (counted)."),

@@ -52,6 +52,12 @@ MAX_PARALLEL_REQUESTS = 4
 # for good. Closing them at once instead would trade that for connection churn whenever a
 # return overlaps a heartbeat (a new TCP connection and handshake each time).
 IDLE_REQ_TTL = 30.0
+# A request that finds every kept REQ socket busy waits this long for one to come back before it
+# opens a new one. The exchange in flight is most often a heartbeat, answered within
+# milliseconds; without the wait, every return that overlapped a heartbeat cost the master a new
+# TCP connection and ZMTP handshake, at the moment a fleet-wide job made it busiest (the 5,000
+# storm of docs/scaling.md: hundreds of returns per job failed to connect within their 1 s).
+REQ_REUSE_WAIT = 0.5
 # Longest heartbeat interval a master may ask for (its ``heartbeat_interval`` hint, sent when
 # it has more connected minions than ``max_heartbeats_per_second`` allows at our own interval).
 HEARTBEAT_HINT_MAX = 120.0
@@ -111,6 +117,8 @@ class MasterConnection:
         #: (socket, idle since): the most recently used last
         self._idle_reqs: list[tuple[zmq.asyncio.Socket, float]] = []
         self._req_slots = asyncio.Semaphore(MAX_PARALLEL_REQUESTS)
+        self._reqs_busy = 0                 # kept-or-new REQ sockets inside an exchange
+        self._req_back = asyncio.Event()    # set when an exchange gives its socket back
         self._sub: zmq.asyncio.Socket | None = None
         self._stop = asyncio.Event()
         # Held for every _auth this connection sends: never more than one in flight per master.
@@ -214,6 +222,18 @@ class MasterConnection:
             sock.close(0)
         else:
             self._idle_reqs.append((sock, now))
+            self._req_back.set()
+
+    async def _take_req(self, wait: float) -> zmq.asyncio.Socket:
+        """A kept REQ socket, else (after waiting up to ``wait`` seconds for a busy one to come
+        back, see :data:`REQ_REUSE_WAIT`) a new one."""
+        if not self._idle_reqs and self._reqs_busy and wait > 0:
+            self._req_back.clear()
+            try:
+                await asyncio.wait_for(self._req_back.wait(), wait)
+            except TimeoutError:
+                pass
+        return self._idle_reqs.pop()[0] if self._idle_reqs else self._new_req()
 
     def _close_sockets(self) -> None:
         # The request socket is left to request(): closing it under an in-flight request
@@ -268,14 +288,22 @@ class MasterConnection:
 
         Raises :class:`RequestFailed` for timeouts and socket errors (EMFILE included)."""
         async with self._req_slots:
+            # The reuse wait is part of the connect wait of a caller that must fail fast.
+            start = time.monotonic()
+            reuse_wait = REQ_REUSE_WAIT if connect_wait is None else min(REQ_REUSE_WAIT,
+                                                                         connect_wait / 2)
             try:
-                sock = self._idle_reqs.pop()[0] if self._idle_reqs else self._new_req()
+                sock = await self._take_req(reuse_wait)
             except zmq.ZMQError as exc:  # e.g. EMFILE: fail over like any other failure
                 raise RequestFailed(f"{what} to {self.name}: {exc}") from None
+            if connect_wait is not None:
+                connect_wait = max(connect_wait - (time.monotonic() - start), 0.05)
+            self._reqs_busy += 1
             try:
                 reply = await self._roundtrip(frame,
                                               timeout or self.request_timeout, sock, connect_wait)
             except BaseException as exc:
+                self._reqs_busy -= 1
                 sock.close(0)  # a REQ socket that missed its reply cannot be reused
                 task = asyncio.current_task()
                 if (isinstance(exc, asyncio.CancelledError) and task is not None
@@ -284,6 +312,7 @@ class MasterConnection:
                 if not isinstance(exc, TimeoutError | zmq.ZMQError | asyncio.CancelledError):
                     raise
                 raise RequestFailed(f"{what} to {self.name} failed: {exc or 'timeout'}") from None
+            self._reqs_busy -= 1
             self._keep_or_close(sock)
             return reply
 

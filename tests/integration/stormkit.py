@@ -30,6 +30,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live children (one level: the swarm's processes)."""
+    total = cpu_seconds(pid)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
 def metric_sum(port: int, name: str) -> dict[str, float]:
     """``name``'s samples on a master's /metrics, by their label set text."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
@@ -70,19 +86,30 @@ class StormResult:
     converged_s: float | None = None
     #: (seconds since start, answering through master 0, through master 1, …)
     curve: list[tuple[float, ...]] = field(default_factory=list)
+    #: accepted ``_auth`` requests of each master at each sample (since the storm's start)
+    auth_curve: list[tuple[int, ...]] = field(default_factory=list)
     shed: dict[str, float] = field(default_factory=dict)
     auths_accepted: float = 0.0
     master_cpu_s: list[float] = field(default_factory=list)
     master_rss_mib: list[float] = field(default_factory=list)
     master_fds: list[int] = field(default_factory=list)
+    #: CPU seconds of the load generator (the swarm processes) during the storm
+    swarm_cpu_s: float = 0.0
+    #: requests the masters served during the storm, by command (all masters)
+    requests: dict[str, int] = field(default_factory=dict)
     swarm_log: str = ""
 
     def table(self) -> str:
         """The "answering over time" table."""
-        heads = "".join(f"  master{i}" for i in range(len(self.curve[0]) - 1)) if self.curve else ""
-        lines = [f"    t(s){heads}"]
-        for row in self.curve:
-            lines.append(f"{row[0]:8.1f}" + "".join(f"{v:9d}" for v in row[1:]))
+        k = len(self.curve[0]) - 1 if self.curve else 0
+        heads = "".join(f"  master{i}" for i in range(k))
+        auths = "".join(f"  auths{i}" for i in range(k)) if self.auth_curve else ""
+        lines = [f"    t(s){heads}{auths}"]
+        for i, row in enumerate(self.curve):
+            line = f"{row[0]:8.1f}" + "".join(f"{v:9d}" for v in row[1:])
+            if i < len(self.auth_curve):
+                line += "".join(f"{v:8d}" for v in self.auth_curve[i])
+            lines.append(line)
         return "\n".join(lines)
 
     def cpu_s_per_1000_auths(self) -> float | None:
@@ -119,7 +146,9 @@ def run_storm(c: Cluster, n: int, procs: int, pki: Path, metrics_ports: list[int
     res = StormResult(n)
     pids = [m["proc"].popen.pid for m in c.masters]
     cpu0 = [cpu_seconds(p) for p in pids]
-    acc0 = sum(_accepted(port) for port in metrics_ports)
+    acc0s = [_accepted(port) for port in metrics_ports]
+    req0 = [metric_sum(port, "hamaster_requests_total") for port in metrics_ports]
+    acc0 = sum(acc0s)
     if swarm is None:
         swarm = start_swarm(c, n, procs, pki, prefix, swarm_extra)
     # The storm starts when every swarm process has loaded its identities (key generation and
@@ -131,6 +160,7 @@ def run_storm(c: Cluster, n: int, procs: int, pki: Path, metrics_ports: list[int
         if text.count(f"minion {prefix}swarm started (") >= min(procs, n):
             break
         time.sleep(0.1)
+    swarm_cpu0 = tree_cpu_seconds(swarm.popen.pid)
     t0 = time.monotonic()
     next_sample = t0
     while time.monotonic() - t0 < deadline_s:
@@ -139,6 +169,11 @@ def run_storm(c: Cluster, n: int, procs: int, pki: Path, metrics_ports: list[int
         next_sample = time.monotonic() + sample_s
         counts = [len(answering(m, f"{prefix}*", ping_timeout)) for m in c.masters]
         res.curve.append((round(time.monotonic() - t0, 1), *counts))
+        try:
+            res.auth_curve.append(tuple(int(_accepted(port) - a0)
+                                        for port, a0 in zip(metrics_ports, acc0s, strict=True)))
+        except OSError:  # a master not answering /metrics: no figure for this sample
+            res.auth_curve.append(tuple(-1 for _ in metrics_ports))
         if all(k == n for k in counts):
             res.converged_s = res.curve[-1][0]
             break
@@ -147,12 +182,20 @@ def run_storm(c: Cluster, n: int, procs: int, pki: Path, metrics_ports: list[int
     res.master_cpu_s = [cpu_seconds(p) - c0 for p, c0 in zip(pids, cpu0, strict=True)]
     res.master_rss_mib = [round(rss_mib(p), 1) for p in pids]
     res.master_fds = [len(os.listdir(f"/proc/{p}/fd")) for p in pids]
+    if swarm.running():
+        res.swarm_cpu_s = round(tree_cpu_seconds(swarm.popen.pid) - swarm_cpu0, 1)
     for port in metrics_ports:
         for labels, v in metric_sum(port, "hamaster_auth_shed_total").items():
             why = re.search(r'reason="([^"]+)"', labels)
             if why:
                 res.shed[why.group(1)] = res.shed.get(why.group(1), 0) + v
         res.auths_accepted += _accepted(port)
+    for port, before in zip(metrics_ports, req0, strict=True):
+        for labels, v in metric_sum(port, "hamaster_requests_total").items():
+            cmd = re.search(r'cmd="([^"]+)"', labels)
+            if cmd:
+                name = cmd.group(1)
+                res.requests[name] = res.requests.get(name, 0) + int(v - before.get(labels, 0))
     res.auths_accepted -= acc0
     res.swarm_log = log.read_text(errors="replace") if log.exists() else ""
     return res

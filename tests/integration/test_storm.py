@@ -77,10 +77,10 @@ def _zmq_io_threads(pid: int) -> int:
 
 
 def test_master_runs_the_configured_zeromq_io_threads(cluster: Cluster) -> None:
-    """``zmq_io_threads`` (default 4) spreads the master's connections over that many ZeroMQ
+    """``zmq_io_threads`` (default 16) spreads the master's connections over that many ZeroMQ
     I/O threads: the heartbeat cost of a thread grows with the square of its connections."""
     default = cluster.add_master()
-    assert _zmq_io_threads(default["proc"].popen.pid) == 4
+    assert _zmq_io_threads(default["proc"].popen.pid) == 16
     one = cluster.add_master({"zmq_io_threads": 1})
     assert _zmq_io_threads(one["proc"].popen.pid) == 1
 

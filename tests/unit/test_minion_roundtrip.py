@@ -191,6 +191,74 @@ def test_parallel_requests_reuse_their_sockets_and_idle_extras_are_closed() -> N
     asyncio.run(run())
 
 
+def _answer_after(router: zmq.Socket, delays: dict[bytes, float], seen: list[bytes],
+                  stop: threading.Event) -> None:
+    """A master thread: answers each request after ``delays[body]`` seconds (0 if absent),
+    each on its own timer, and records the connection (ROUTER identity) it came on."""
+    timers: list[threading.Timer] = []
+    lock = threading.Lock()
+
+    def reply(frames: list[bytes]) -> None:
+        with lock:
+            router.send_multipart([frames[0], frames[1], b"re:" + frames[2]])
+
+    while not stop.is_set():
+        try:
+            with lock:
+                frames = router.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            time.sleep(0.002)
+            continue
+        seen.append(frames[0])
+        t = threading.Timer(delays.get(frames[2], 0.0), reply, args=(frames,))
+        timers.append(t)
+        t.start()
+    for t in timers:
+        t.cancel()
+
+
+@pytest.mark.parametrize("first_takes, same_socket", [(0.1, True), (3.0, False)])
+def test_a_request_overlapping_a_short_exchange_waits_for_its_socket(
+        first_takes: float, same_socket: bool) -> None:
+    """A return that overlaps a heartbeat in flight waits (up to ``REQ_REUSE_WAIT``) for that
+    socket instead of opening a second connection to the master; behind a slow exchange it
+    opens its own after that wait and is not held up further."""
+
+    async def run() -> None:
+        ctx = zmq.asyncio.Context()
+        router = zmq.Context.instance().socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        seen: list[bytes] = []
+        stop = threading.Event()
+        thread = threading.Thread(target=_answer_after,
+                                  args=(router, {b"ping": first_takes}, seen, stop), daemon=True)
+        thread.start()
+        conn = _conn(ctx, port)
+        try:
+            assert await conn._pooled_roundtrip(b"hello", "test", timeout=5.0) == b"re:hello"
+            ping = asyncio.ensure_future(conn._pooled_roundtrip(b"ping", "test", timeout=5.0))
+            await asyncio.sleep(0.02)   # the ping is in flight on the only kept socket
+            t0 = time.monotonic()
+            assert await conn._pooled_roundtrip(b"ret", "test", timeout=5.0) == b"re:ret"
+            took = time.monotonic() - t0
+            assert await ping == b"re:ping"
+            assert len(seen) == 3
+            if same_socket:
+                assert len(set(seen)) == 1, "the return opened a second connection"
+            else:
+                assert len(set(seen)) == 2 and seen[2] != seen[1]
+                assert took < first_takes - 1.0, f"the return waited {took:.2f} s"
+        finally:
+            stop.set()
+            await asyncio.to_thread(thread.join, 15)
+            await conn.stop()
+            router.close(0)
+            ctx.term()
+
+    asyncio.run(run())
+
+
 def test_heartbeat_hint_spaces_heartbeats_and_stretches_the_dead_window() -> None:
     """A master's ``heartbeat_interval`` hint: taken when longer than our own interval, capped,
     the dead-master window stretched in proportion; nonsense and no hint mean our own."""
