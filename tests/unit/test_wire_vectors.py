@@ -761,3 +761,24 @@ def test_pem_fingerprint_is_deterministic_and_colon_formatted():
     body = "".join(line + "\n" for line in file_text.strip().splitlines()[1:-1])
     assert fp.replace(":", "") == hashlib.sha256(body.encode()).hexdigest()
     assert re.fullmatch(r"([0-9a-f]{2}:){19}[0-9a-f]{2}", crypto.pem_fingerprint(file_text, "sha1"))
+
+
+def test_auth_queue_recognises_every_salt_auth_request_and_no_aes_request() -> None:
+    """The master's auth queue tells a clear ``_auth`` from everything else before decoding
+    (a byte search, then a msgpack decode): on real salt-minion frames, every ``_auth`` request
+    is queued under its minion id and no encrypted request is taken for one."""
+    from hamaster.master.authqueue import auth_minion_id
+
+    auths = aes = 0
+    for rec in FRAMES.values():
+        if rec["channel"] != "req" or rec["dir"] != "minion->master":
+            continue
+        payload = base64.b64decode(rec["frames_b64"][-1])
+        env = codec.loads(payload)
+        if env.get("enc") == "clear" and env["load"].get("cmd") == "_auth":
+            auths += 1
+            assert auth_minion_id(payload) == env["load"]["id"], rec["seq"]
+        else:
+            aes += 1
+            assert auth_minion_id(payload) is None, rec["seq"]
+    assert auths >= 3 and aes >= 5
