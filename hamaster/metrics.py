@@ -25,7 +25,7 @@ KNOWN_REJECT_REASONS = (
 KNOWN_AUTH_RESULTS = ("accepted", "pending", "rejected", "denied",
                       "bad_key", "bad_token", "bad_algo")
 KEY_STATES = ("minions", "minions_pre", "minions_rejected", "minions_denied")
-STORE_OPS = ("get", "put", "delete", "list", "compare_and_put")
+STORE_OPS = ("get", "get_keys", "put", "delete", "list", "compare_and_put")
 
 
 class MasterMetrics:

@@ -67,6 +67,8 @@ ChangeCallback = Callable[[str, "KeyState | None", "KeyState | None"], None]
 
 #: :meth:`KeyRegistry.refresh` of more ids than this reloads every key at once instead.
 REFRESH_ONE_BY_ONE = 32
+# Operation locks, one per stripe of minion ids (an id always maps to the same one).
+OP_LOCK_STRIPES = 64
 
 # Precedence when one id has files in several states.
 _PRECEDENCE = (KeyState.ACCEPTED, KeyState.REJECTED, KeyState.DENIED, KeyState.PENDING)
@@ -178,11 +180,14 @@ class KeyRegistry:
         self.autosign_file = autosign_file
         self.autoreject_file = autoreject_file
         self.open_mode = open_mode
-        # Two locks: ``_lock`` guards the in-memory view and is only ever held for memory work, so
-        # the request path's lookups never wait on the store; ``_op_lock`` serialises decisions
-        # and transitions (which read and write the store) among themselves.
+        # Two kinds of lock: ``_lock`` guards the in-memory view and is only ever held for memory
+        # work, so the request path's lookups never wait on the store; an id's operation lock
+        # (:meth:`_op_lock`, one of ``OP_LOCK_STRIPES``) serialises the decisions and
+        # transitions of that id (which read and write the store). Different ids proceed in
+        # parallel: a storm of new keys on a remote store (etcd) is paced by the store pool's
+        # threads, not by one round trip after another.
         self._lock = threading.RLock()
-        self._op_lock = threading.RLock()
+        self._op_locks = [threading.RLock() for _ in range(OP_LOCK_STRIPES)]
         self._view: dict[KeyState, dict[str, str]] = {s: {} for s in KeyState}
         self._callbacks: list[ChangeCallback] = []
         self._watching = False
@@ -260,8 +265,8 @@ class KeyRegistry:
             return
         events: list[tuple[str, KeyState | None, KeyState | None]] = []
         try:
-            with self._op_lock:
-                for mid in ids:
+            for mid in ids:
+                with self._op_lock(mid):
                     self._refresh(mid, events)
         finally:
             self._fire(events)
@@ -398,7 +403,7 @@ class KeyRegistry:
             sources.append(KeyState.DENIED)
         events: list[tuple[str, KeyState | None, KeyState | None]] = []
         try:
-            with self._op_lock:
+            with self._op_lock(mid):
                 return self._move(mid, sources, KeyState.ACCEPTED, events)
         finally:
             self._fire(events)
@@ -413,7 +418,7 @@ class KeyRegistry:
             sources.append(KeyState.DENIED)
         events: list[tuple[str, KeyState | None, KeyState | None]] = []
         try:
-            with self._op_lock:
+            with self._op_lock(mid):
                 return self._move(mid, sources, KeyState.REJECTED, events)
         finally:
             self._fire(events)
@@ -424,7 +429,7 @@ class KeyRegistry:
         events: list[tuple[str, KeyState | None, KeyState | None]] = []
         found = False
         try:
-            with self._op_lock:
+            with self._op_lock(mid):
                 for st in states:
                     if self.store.delete(self._key(st, mid)):
                         found = True
@@ -474,19 +479,27 @@ class KeyRegistry:
 
     # ------------------------------------------------------------------ authentication
 
+    def _op_lock(self, mid: str) -> threading.RLock:
+        """The lock that serialises the store operations of ``mid`` (shared with the ids of
+        its stripe)."""
+        return self._op_locks[hash(mid) % OP_LOCK_STRIPES]
+
     def _refresh(self, mid: str,
                  events: list[tuple[str, KeyState | None, KeyState | None]]) -> None:
         """Re-read all states of ``mid`` from the store into memory.
 
-        The reads are not one snapshot, and the watch may apply a change of ``mid`` while they
-        run: then the read is repeated (it is at least as new as that change when it starts
-        after it). If the watch keeps racing, only what the read found present is applied:
-        a stale "absent" never removes a key the watch has just added.
+        The four states are read at once (one snapshot on etcd, not on a directory), and the
+        watch may apply a change of ``mid`` while they run: then the read is repeated (it is at
+        least as new as that change when it starts after it). If the watch keeps racing, only
+        what the read found present is applied: a stale "absent" never removes a key the watch
+        has just added.
         """
         for attempt in range(3):
             with self._lock:
                 seq0 = self._wseq.get(mid, 0)
-            fresh = {s: self.store.get(self._key(s, mid)) for s in KeyState}
+            # one read of the four states (etcd: one transaction, one revision)
+            raw = self.store.get_keys([self._key(s, mid) for s in KeyState])
+            fresh = {s: raw.get(self._key(s, mid)) for s in KeyState}
             with self._lock:
                 raced = self._wseq.get(mid, 0) != seq0
                 if raced and attempt < 2:
@@ -527,7 +540,7 @@ class KeyRegistry:
         pub_n = normalize_pem(pub)
         events: list[tuple[str, KeyState | None, KeyState | None]] = []
         try:
-            with self._op_lock:
+            with self._op_lock(mid):
                 return self._decide(mid, pub_n, events)
         finally:
             self._fire(events)

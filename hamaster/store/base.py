@@ -142,6 +142,11 @@ class Store(ABC):
     def put(self, key: str, value: bytes) -> None:
         """Store ``value`` at ``key``; readers see either the old or the new value, never a mix."""
 
+    def get_keys(self, keys: list[str]) -> dict[str, bytes | None]:
+        """The values of several keys by name (None: absent); backends may read them at once
+        (etcd: one transaction, so the values are of one revision). The default gets each."""
+        return {key: self.get(key) for key in keys}
+
     def get_many(self, prefix: str) -> dict[str, bytes]:
         """Every ``key → value`` under ``prefix``; backends may read them at once (etcd: one range).
 

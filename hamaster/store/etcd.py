@@ -430,6 +430,18 @@ class EtcdStore(Store):
         value, _meta = self._call(f"get {key!r}", lambda c: c.get(ek))
         return value
 
+    def get_keys(self, keys: builtins.list[str]) -> dict[str, bytes | None]:
+        """Several keys in one transaction: one round trip, the values of one revision."""
+        eks = [self._ek(key) for key in keys]
+
+        def run(c: Any) -> Any:
+            return c.transaction(compare=[], success=[c.transactions.get(ek) for ek in eks],
+                                 failure=[])
+
+        _ok, responses = self._call(f"get of {len(keys)} keys", run)
+        return {key: (kvs[0][0] if kvs else None)
+                for key, kvs in zip(keys, responses, strict=True)}
+
     def put(self, key: str, value: bytes) -> None:
         """Write ``key`` (atomic; retried on another endpoint if one fails)."""
         ek = self._ek(key)

@@ -246,6 +246,19 @@ def test_put_many_and_delete_tree(backend: Backend, pair) -> None:
     eventually(lambda: b.list(f"jobs/{jid}") == [], timeout=15, what="tree deleted on B")
 
 
+def test_get_keys_reads_several_keys_at_once(backend: Backend, pair) -> None:
+    """``get_keys``: the values of the keys asked for, by name, None for an absent one (a key
+    state refresh reads a minion's four key states this way: one etcd transaction)."""
+    a, b = pair
+    a.put("pki/master/minions/gk1", b"A\n")
+    a.put("pki/master/minions_pre/gk2", b"P\n")
+    keys = ["pki/master/minions/gk1", "pki/master/minions_pre/gk2",
+            "pki/master/minions_rejected/gk1"]
+    eventually(lambda: b.get_keys(keys) == {keys[0]: b"A\n", keys[1]: b"P\n", keys[2]: None},
+               what="both values and one absent key on B")
+    assert a.get_keys([]) == {}
+
+
 # ------------------------------------------------------------------------------ watch
 
 
