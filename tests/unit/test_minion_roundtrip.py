@@ -9,9 +9,11 @@ no "missed wake-up" (the old 0.5 s re-check raced pyzmq's reader callback and re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +22,7 @@ import zmq.asyncio
 
 from hamaster.minion.connection import MasterConnection, Unreachable
 from tests.integration.harness import free_port
+from tests.kit import wait_until
 
 
 def _conn(ctx: zmq.asyncio.Context, port: int) -> MasterConnection:
@@ -131,22 +134,40 @@ def test_reply_that_came_during_the_last_late_iteration_is_read() -> None:
     assert outcome == "ok" and got == b"re:hello"
 
 
+@contextlib.asynccontextmanager
+async def _pooled_rig(master: Callable[[zmq.Socket, threading.Event], None],
+                      ) -> AsyncIterator[MasterConnection]:
+    """A connection to a ROUTER served by ``master(router, stop)`` in its own thread; the
+    thread, the connection and both sockets are closed on the way out, also on failure."""
+    ctx = zmq.asyncio.Context()
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.RCVTIMEO, 200)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+    thread = threading.Thread(target=master, args=(router, stop), daemon=True)
+    thread.start()
+    conn = _conn(ctx, port)
+    try:
+        yield conn
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join, 15)
+        await conn.stop()
+        router.close(0)
+        ctx.term()
+
+
 def test_parallel_requests_reuse_their_sockets_and_idle_extras_are_closed() -> None:
     """Start-up requests run in parallel, each on its own REQ socket. The sockets are kept for
     the next overlapping requests (no new connections: no churn), and those left unused for
     ``IDLE_REQ_TTL`` are closed, down to one: every connection kept costs the master."""
 
     async def run() -> None:
-        ctx = zmq.asyncio.Context()
-        router = zmq.Context.instance().socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.RCVTIMEO, 200)
-        port = router.bind_to_random_port("tcp://127.0.0.1")
         seen: list[bytes] = []
         batch = [4]               # answer once this many requests are held (they overlap)
-        stop = threading.Event()
 
-        def master() -> None:
+        def master(router: zmq.Socket, stop: threading.Event) -> None:
             held: list[list[bytes]] = []
             while not stop.is_set():
                 try:
@@ -160,16 +181,14 @@ def test_parallel_requests_reuse_their_sockets_and_idle_extras_are_closed() -> N
                         router.send_multipart([ident, empty, b"re:" + body])
                     held = []
 
-        thread = threading.Thread(target=master, daemon=True)
-        thread.start()
-        conn = _conn(ctx, port)
+        async with _pooled_rig(master) as conn:
 
-        async def parallel(tag: bytes) -> None:
-            replies = await asyncio.gather(
-                *(conn._pooled_roundtrip(tag + b"%d" % i, "test", timeout=5.0) for i in range(4)))
-            assert sorted(replies) == sorted(b"re:" + tag + b"%d" % i for i in range(4))
+            async def parallel(tag: bytes) -> None:
+                replies = await asyncio.gather(
+                    *(conn._pooled_roundtrip(tag + b"%d" % i, "test", timeout=5.0)
+                      for i in range(4)))
+                assert sorted(replies) == sorted(b"re:" + tag + b"%d" % i for i in range(4))
 
-        try:
             await parallel(b"a")
             first = set(seen)
             assert len(first) == 4 and len(conn._idle_reqs) == 4
@@ -181,12 +200,6 @@ def test_parallel_requests_reuse_their_sockets_and_idle_extras_are_closed() -> N
             assert await conn._pooled_roundtrip(b"c", "test", timeout=5.0) == b"re:c"
             assert seen[-1] in first               # served on a kept socket …
             assert len(conn._idle_reqs) == 1       # … the only one still open
-        finally:
-            stop.set()
-            await asyncio.to_thread(thread.join, 15)
-            await conn.stop()
-            router.close(0)
-            ctx.term()
 
     asyncio.run(run())
 
@@ -225,20 +238,17 @@ def test_a_request_overlapping_a_short_exchange_waits_for_its_socket(
     opens its own after that wait and is not held up further."""
 
     async def run() -> None:
-        ctx = zmq.asyncio.Context()
-        router = zmq.Context.instance().socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
-        port = router.bind_to_random_port("tcp://127.0.0.1")
         seen: list[bytes] = []
-        stop = threading.Event()
-        thread = threading.Thread(target=_answer_after,
-                                  args=(router, {b"ping": first_takes}, seen, stop), daemon=True)
-        thread.start()
-        conn = _conn(ctx, port)
-        try:
+
+        def master(router: zmq.Socket, stop: threading.Event) -> None:
+            _answer_after(router, {b"ping": first_takes}, seen, stop)
+
+        async with _pooled_rig(master) as conn:
             assert await conn._pooled_roundtrip(b"hello", "test", timeout=5.0) == b"re:hello"
             ping = asyncio.ensure_future(conn._pooled_roundtrip(b"ping", "test", timeout=5.0))
-            await asyncio.sleep(0.02)   # the ping is in flight on the only kept socket
+            # the ping is in flight on the only kept socket once the master has it
+            await asyncio.to_thread(wait_until, lambda: len(seen) == 2, 5, 0.005,
+                                    what="the master receiving the ping")
             t0 = time.monotonic()
             assert await conn._pooled_roundtrip(b"ret", "test", timeout=5.0) == b"re:ret"
             took = time.monotonic() - t0
@@ -249,12 +259,6 @@ def test_a_request_overlapping_a_short_exchange_waits_for_its_socket(
             else:
                 assert len(set(seen)) == 2 and seen[2] != seen[1]
                 assert took < first_takes - 1.0, f"the return waited {took:.2f} s"
-        finally:
-            stop.set()
-            await asyncio.to_thread(thread.join, 15)
-            await conn.stop()
-            router.close(0)
-            ctx.term()
 
     asyncio.run(run())
 
